@@ -1,0 +1,421 @@
+//! The YAML schema (`*Config` types) and loading with located errors.
+//!
+//! These types mirror the file one to one and stay stable for users; the
+//! runtime shapes built from them live next to the code that uses them
+//! (`Edge::from_config`). serde_yaml is only touched here, so replacing it
+//! (it is unmaintained upstream) changes one file.
+
+mod locate;
+pub mod values;
+
+pub use locate::{locate, Seg};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use values::*;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// The homeserver's `server_name`: the part after `:` in user IDs.
+    pub server_name: ServerName,
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub well_known: WellKnownConfig,
+    pub synapse: SynapseConfig,
+    #[serde(default)]
+    pub admin_api: AdminApiConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub process: ProcessConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: ListenAddr,
+    #[serde(default)]
+    pub tls: bool,
+    pub serves: Vec<Role>,
+}
+
+/// What a listener answers. Paths outside its roles get a 404.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// `/.well-known/matrix/{server,client,support}`, answered by the edge.
+    WellKnown,
+    /// `/_matrix/*` and `/_synapse/client/*` (and `/_synapse/admin` from allowed networks).
+    Client,
+    /// `/_matrix/federation/*`, `/_matrix/key/*` and `/_matrix/media/*`.
+    Federation,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::WellKnown => "well_known",
+            Role::Client => "client",
+            Role::Federation => "federation",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM chain + key pairs; the names each serves come from its SANs.
+    #[serde(default)]
+    pub certificates: Vec<CertificateFiles>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// Leaf first, then intermediates (certbot's `fullchain.pem`).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WellKnownConfig {
+    /// `m.server` for `/.well-known/matrix/server`; absent means 404.
+    #[serde(default)]
+    pub server: Option<ServerAddress>,
+    #[serde(default)]
+    pub client: Option<ClientWellKnownConfig>,
+    #[serde(default)]
+    pub support: Option<SupportWellKnownConfig>,
+    /// `Cache-Control: max-age` on every document.
+    #[serde(default = "default_well_known_max_age")]
+    pub max_age: Span,
+}
+
+impl Default for WellKnownConfig {
+    fn default() -> Self {
+        WellKnownConfig {
+            server: None,
+            client: None,
+            support: None,
+            max_age: default_well_known_max_age(),
+        }
+    }
+}
+
+fn default_well_known_max_age() -> Span {
+    Span(std::time::Duration::from_secs(3600))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientWellKnownConfig {
+    /// `m.homeserver.base_url`.
+    pub homeserver: HttpUrl,
+    /// `m.identity_server.base_url`.
+    #[serde(default)]
+    pub identity_server: Option<HttpUrl>,
+    /// Further namespaced keys (`io.element.e2ee`, `org.matrix.msc2965.authentication`...).
+    #[serde(default)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupportWellKnownConfig {
+    #[serde(default)]
+    pub contacts: Vec<SupportContactConfig>,
+    #[serde(default)]
+    pub support_page: Option<HttpUrl>,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupportContactConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matrix_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email_address: Option<String>,
+    pub role: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynapseConfig {
+    /// The main process: `host:port`, `https://host:port` or `unix:/path`.
+    pub main: UpstreamAddr,
+    #[serde(default)]
+    pub timeouts: UpstreamTimeoutsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTimeoutsConfig {
+    pub connect: Span,
+    /// Longest silence while waiting for Synapse: must outlast `/sync`
+    /// long-polls (30 s) and slow initial syncs.
+    pub read: Span,
+    pub write: Span,
+    /// How long an idle pooled connection is kept; below Synapse's ~60 s.
+    pub keepalive_idle: Span,
+}
+
+impl Default for UpstreamTimeoutsConfig {
+    fn default() -> Self {
+        use std::time::Duration;
+        UpstreamTimeoutsConfig {
+            connect: Span(Duration::from_secs(5)),
+            read: Span(Duration::from_secs(600)),
+            write: Span(Duration::from_secs(120)),
+            keepalive_idle: Span(Duration::from_secs(50)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminApiConfig {
+    /// Networks allowed to reach `/_synapse/admin`; empty (the default) means nobody.
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request body, as Synapse's own `max_upload_size`.
+    #[serde(default = "default_max_upload_size")]
+    pub max_upload_size: ByteSize,
+    /// Largest request body under `/_matrix/federation/` (transactions can exceed 50 MB).
+    #[serde(default = "default_federation_max_body")]
+    pub federation_max_body: ByteSize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_upload_size: default_max_upload_size(),
+            federation_max_body: default_federation_max_body(),
+        }
+    }
+}
+
+fn default_max_upload_size() -> ByteSize {
+    ByteSize(50 << 20)
+}
+
+fn default_federation_max_body() -> ByteSize {
+    ByteSize(200 << 20)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// Worker threads per listener; 0 means one per CPU.
+    #[serde(default)]
+    pub threads: usize,
+    /// How long in-flight requests may finish after SIGTERM.
+    #[serde(default = "default_drain")]
+    pub shutdown_drain: Span,
+    /// `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub log_level: LogLevel,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig {
+            threads: 0,
+            shutdown_drain: default_drain(),
+            log_level: default_log_level(),
+        }
+    }
+}
+
+fn default_drain() -> Span {
+    Span(std::time::Duration::from_secs(10))
+}
+
+fn default_log_level() -> LogLevel {
+    LogLevel::Info
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// A configuration problem, with where it is when that is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    /// Dotted key path such as `tls.certificates[0].key`, when known.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let (Some(line), Some(column)) = (self.line, self.column) {
+            write!(f, ":{line}:{column}")?;
+        }
+        match &self.key {
+            Some(key) => write!(f, ": {key}: {}", self.message),
+            None => write!(f, ": {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The text of a config file and where it came from, for locating errors.
+pub struct Source {
+    pub file: PathBuf,
+    pub text: String,
+}
+
+impl Source {
+    pub fn read(file: &Path) -> Result<Source, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: file.to_path_buf(),
+            line: None,
+            column: None,
+            key: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Ok(Source {
+            file: file.to_path_buf(),
+            text,
+        })
+    }
+
+    pub fn parse(&self) -> Result<EdgeConfig, ConfigError> {
+        serde_yaml::from_str(&self.text).map_err(|e| self.yaml_error(&e))
+    }
+
+    fn yaml_error(&self, e: &serde_yaml::Error) -> ConfigError {
+        let location = e.location();
+        // serde_yaml renders "path: message at line L column C"; keep the
+        // message and path but report the position in our own format.
+        let rendered = e.to_string();
+        let without_position = match rendered.rfind(" at line ") {
+            Some(at) => rendered[..at].to_string(),
+            None => rendered,
+        };
+        let (key, message) = match without_position.split_once(": ") {
+            Some((key, message)) if !key.contains(' ') => {
+                (Some(key.to_string()), message.to_string())
+            }
+            _ => (None, without_position),
+        };
+        ConfigError {
+            file: self.file.clone(),
+            line: location.as_ref().map(|l| l.line()),
+            column: location.as_ref().map(|l| l.column()),
+            key,
+            message,
+        }
+    }
+
+    /// An error about the value at `path`, located in the text.
+    pub fn error_at(&self, path: &[Seg], message: impl Into<String>) -> ConfigError {
+        let position = locate(&self.text, path);
+        ConfigError {
+            file: self.file.clone(),
+            line: position.map(|p| p.0),
+            column: position.map(|p| p.1),
+            key: (!path.is_empty()).then(|| render_path(path)),
+            message: message.into(),
+        }
+    }
+}
+
+pub fn render_path(path: &[Seg]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(key) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<EdgeConfig, ConfigError> {
+        Source {
+            file: "test.yaml".into(),
+            text: text.into(),
+        }
+        .parse()
+    }
+
+    const MINIMAL: &str = "server_name: example.com\nlisteners:\n  - { address: \"127.0.0.1:8008\", serves: [client] }\nsynapse:\n  main: 127.0.0.1:8009\n";
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.limits.max_upload_size, ByteSize(50 << 20));
+        assert_eq!(config.well_known.max_age.0.as_secs(), 3600);
+        assert!(config.admin_api.allow.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_position() {
+        let err = parse(&format!("{MINIMAL}limitz: {{}}\n")).unwrap_err();
+        assert_eq!(err.line, Some(6));
+        assert!(err.message.contains("unknown field `limitz`"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_names_key_and_position() {
+        let err = parse(&MINIMAL.replace("127.0.0.1:8008", "127.0.0.1:80800")).unwrap_err();
+        assert!(
+            err.key
+                .as_deref()
+                .is_some_and(|k| k.starts_with("listeners[0]")),
+            "{err}"
+        );
+        assert!(err.message.contains("invalid listen address"), "{err}");
+        assert_eq!(err.line, Some(3));
+        assert!(err.to_string().starts_with("test.yaml:3:"), "{err}");
+    }
+
+    #[test]
+    fn unknown_role_is_rejected() {
+        let err = parse(&MINIMAL.replace("[client]", "[clients]")).unwrap_err();
+        assert!(err.message.contains("unknown variant `clients`"), "{err}");
+    }
+}

@@ -1,0 +1,374 @@
+//! Small validated value types for the YAML schema.
+//!
+//! Each type parses itself through `#[serde(try_from = "String")]`, so a bad
+//! value is reported by serde_yaml with its key path, line and column.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// An address to listen on, such as `[::]:443` or `127.0.0.1:8008`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ListenAddr(pub SocketAddr);
+
+impl TryFrom<String> for ListenAddr {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse::<SocketAddr>().map(ListenAddr).map_err(|_| {
+            format!("invalid listen address {text:?}: expected IP:port, such as \"[::]:443\" or \"127.0.0.1:8448\"")
+        })
+    }
+}
+
+/// A byte count written as `50M`, `200M`, `1G`, `512K` or plain bytes.
+/// Suffixes are binary (K = 1024), as in Synapse's `max_upload_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "serde_yaml::Value")]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Option<u64> {
+        let text = text.trim();
+        let (digits, multiplier) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+            None => (text, 1),
+            Some((split, _)) => {
+                let unit = text[split..].trim().to_ascii_uppercase();
+                let multiplier: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                    "" => 1,
+                    "K" => 1 << 10,
+                    "M" => 1 << 20,
+                    "G" => 1 << 30,
+                    _ => return None,
+                };
+                (&text[..split], multiplier)
+            }
+        };
+        digits.parse::<u64>().ok()?.checked_mul(multiplier)
+    }
+}
+
+impl TryFrom<serde_yaml::Value> for ByteSize {
+    type Error = String;
+    fn try_from(value: serde_yaml::Value) -> Result<Self, String> {
+        let parsed = match &value {
+            serde_yaml::Value::Number(n) => n.as_u64(),
+            serde_yaml::Value::String(s) => ByteSize::parse(s),
+            _ => None,
+        };
+        match parsed {
+            Some(bytes) if bytes > 0 => Ok(ByteSize(bytes)),
+            _ => Err(format!(
+                "invalid size {}: expected a positive size such as 50M, 200M or 1G",
+                describe(&value)
+            )),
+        }
+    }
+}
+
+/// A duration written as `5s`, `1h`, `10m` or `250ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Span(pub Duration);
+
+impl TryFrom<String> for Span {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        humantime::parse_duration(text.trim())
+            .map(Span)
+            .map_err(|e| format!("invalid duration {text:?} ({e}): expected e.g. 5s, 10m, 1h"))
+    }
+}
+
+/// An IP network allowed to reach an API, such as `10.0.0.0/8` or `::1/128`.
+/// A bare address means just that host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Cidr(pub ipnet::IpNet);
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        if let Ok(net) = text.parse::<ipnet::IpNet>() {
+            return Ok(Cidr(net.trunc()));
+        }
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            return Ok(Cidr(ipnet::IpNet::from(ip)));
+        }
+        Err(format!(
+            "invalid network {text:?}: expected CIDR notation such as 127.0.0.1/32 or ::1/128"
+        ))
+    }
+}
+
+/// Where Synapse (or one of its workers) listens.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum UpstreamAddr {
+    /// Plain HTTP over TCP.
+    Tcp(SocketAddr),
+    /// HTTPS over TCP; the name is used for SNI and certificate verification.
+    Tls(SocketAddr, String),
+    /// Plain HTTP over a Unix socket.
+    Unix(PathBuf),
+}
+
+impl TryFrom<String> for UpstreamAddr {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let expected = "expected host:port, https://host:port or unix:/path";
+        if let Some(path) = text.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "invalid upstream {text:?}: a unix socket path must be absolute ({expected})"
+                ));
+            }
+            return Ok(UpstreamAddr::Unix(PathBuf::from(path)));
+        }
+        let (authority, tls) = match text.strip_prefix("https://") {
+            Some(rest) => (rest.trim_end_matches('/'), true),
+            None => (
+                text.strip_prefix("http://")
+                    .unwrap_or(&text)
+                    .trim_end_matches('/'),
+                false,
+            ),
+        };
+        if authority.contains('/') {
+            return Err(format!(
+                "invalid upstream {text:?}: no path is allowed ({expected})"
+            ));
+        }
+        // Resolve once, here: a hostname resolved per request would block.
+        let addr = resolve(authority).ok_or_else(|| {
+            format!("invalid upstream {text:?}: cannot resolve it to an address ({expected})")
+        })?;
+        if tls {
+            let host = authority
+                .rsplit_once(':')
+                .map_or(authority, |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            Ok(UpstreamAddr::Tls(addr, host))
+        } else {
+            Ok(UpstreamAddr::Tcp(addr))
+        }
+    }
+}
+
+fn resolve(authority: &str) -> Option<SocketAddr> {
+    if let Ok(addr) = authority.parse::<SocketAddr>() {
+        return Some(addr);
+    }
+    // Require an explicit port: guessing 8008 would hide mistakes.
+    let (_, port) = authority.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    authority.to_socket_addrs().ok()?.next()
+}
+
+impl fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamAddr::Tcp(addr) => write!(f, "{addr}"),
+            UpstreamAddr::Tls(addr, host) => write!(f, "https://{host} ({addr})"),
+            UpstreamAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The `m.server` value: `<hostname or IP literal>[:<port>]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ServerAddress {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl ServerAddress {
+    /// The port remote servers will connect to: the given one, else 8448.
+    pub fn effective_port(&self) -> u16 {
+        self.port.unwrap_or(8448)
+    }
+}
+
+impl fmt::Display for ServerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) => write!(f, "{}:{port}", self.host),
+            None => write!(f, "{}", self.host),
+        }
+    }
+}
+
+impl TryFrom<String> for ServerAddress {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        parse_server_address(&text).ok_or_else(|| {
+            format!("invalid server address {text:?}: expected a hostname or IP literal with an optional port, such as \"synapse.example.com:443\"")
+        })
+    }
+}
+
+fn parse_server_address(text: &str) -> Option<ServerAddress> {
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (ip6, after) = rest.split_once(']')?;
+        ip6.parse::<std::net::Ipv6Addr>().ok()?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?),
+        };
+        (format!("[{ip6}]"), port)
+    } else {
+        match text.rsplit_once(':') {
+            Some((host, port)) => (host.to_string(), Some(port)),
+            None => (text.to_string(), None),
+        }
+    };
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p != 0)?),
+        None => None,
+    };
+    if !host.starts_with('[') && !is_dns_name(&host) {
+        return None;
+    }
+    Some(ServerAddress { host, port })
+}
+
+/// A DNS name or IPv4 literal as the Matrix spec allows in server names.
+pub fn is_dns_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// The homeserver's `server_name`: a DNS name or IP literal, optionally with a port.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ServerName(pub String);
+
+impl TryFrom<String> for ServerName {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        match parse_server_address(&text) {
+            Some(_) => Ok(ServerName(text)),
+            None => Err(format!(
+                "invalid server_name {text:?}: expected the domain at the end of your user IDs, such as \"example.com\""
+            )),
+        }
+    }
+}
+
+/// An absolute `http(s)://` URL as the well-known documents need.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HttpUrl(pub String);
+
+impl TryFrom<String> for HttpUrl {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let rest = text
+            .strip_prefix("https://")
+            .or_else(|| text.strip_prefix("http://"));
+        let host = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
+        match host {
+            Some(host) if !host.is_empty() && !text.chars().any(char::is_whitespace) => Ok(HttpUrl(text)),
+            _ => Err(format!(
+                "invalid URL {text:?}: expected an absolute https:// URL such as \"https://matrix.example.com\""
+            )),
+        }
+    }
+}
+
+fn describe(value: &serde_yaml::Value) -> String {
+    match value {
+        serde_yaml::Value::String(s) => format!("{s:?}"),
+        serde_yaml::Value::Number(n) => n.to_string(),
+        serde_yaml::Value::Bool(b) => b.to_string(),
+        serde_yaml::Value::Null => "null".into(),
+        _ => "(a list or mapping)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_use_binary_suffixes() {
+        assert_eq!(ByteSize::parse("50M"), Some(50 << 20));
+        assert_eq!(ByteSize::parse("1G"), Some(1 << 30));
+        assert_eq!(ByteSize::parse("512k"), Some(512 << 10));
+        assert_eq!(ByteSize::parse("100MiB"), Some(100 << 20));
+        assert_eq!(ByteSize::parse("1234"), Some(1234));
+        assert_eq!(ByteSize::parse("12X"), None);
+        assert_eq!(ByteSize::parse("M"), None);
+    }
+
+    #[test]
+    fn server_address_accepts_spec_forms() {
+        for good in [
+            "example.com",
+            "synapse.example.com:443",
+            "1.2.3.4:8448",
+            "[::1]:443",
+            "[2001:db8::1]",
+        ] {
+            assert!(parse_server_address(good).is_some(), "{good}");
+        }
+        for bad in [
+            "",
+            "https://example.com",
+            "example.com:",
+            "example.com:0",
+            "ex ample.com",
+            "[::1",
+            "example.com:99999",
+            "a..b",
+        ] {
+            assert!(parse_server_address(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn upstream_forms() {
+        assert_eq!(
+            UpstreamAddr::try_from("127.0.0.1:8008".to_string()),
+            Ok(UpstreamAddr::Tcp("127.0.0.1:8008".parse().unwrap()))
+        );
+        assert!(matches!(
+            UpstreamAddr::try_from("unix:/run/synapse.sock".to_string()),
+            Ok(UpstreamAddr::Unix(_))
+        ));
+        assert!(
+            matches!(UpstreamAddr::try_from("https://127.0.0.1:8448".to_string()), Ok(UpstreamAddr::Tls(_, h)) if h == "127.0.0.1")
+        );
+        assert!(UpstreamAddr::try_from("127.0.0.1".to_string()).is_err());
+        assert!(UpstreamAddr::try_from("unix:relative.sock".to_string()).is_err());
+        assert!(UpstreamAddr::try_from("http://127.0.0.1:8008/path".to_string()).is_err());
+    }
+
+    #[test]
+    fn cidr_accepts_bare_addresses() {
+        assert_eq!(
+            Cidr::try_from("::1".to_string()).unwrap().0.to_string(),
+            "::1/128"
+        );
+        assert_eq!(
+            Cidr::try_from("10.1.2.3/8".to_string())
+                .unwrap()
+                .0
+                .to_string(),
+            "10.0.0.0/8"
+        );
+        assert!(Cidr::try_from("10.0.0.0/33".to_string()).is_err());
+    }
+}

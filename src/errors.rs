@@ -1,0 +1,235 @@
+//! Errors the edge answers itself, rendered as Matrix JSON in one place.
+//!
+//! Web clients treat a text/plain or CORS-less error as a broken server, so
+//! every local error carries `Content-Type: application/json`, the `errcode`
+//! and `error` fields, and the CORS headers.
+
+use crate::response::LocalResponse;
+use bytes::Bytes;
+use std::borrow::Cow;
+
+/// The Matrix error codes the edge produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrCode {
+    /// The endpoint does not exist here (404) or not for this method (405),
+    /// or the request is malformed (400).
+    Unrecognized,
+    /// A body over the configured limit.
+    TooLarge,
+    /// Blocked by policy (admin API from outside the allow-list).
+    Forbidden,
+    /// Rate limited.
+    LimitExceeded,
+    /// Upstream trouble (502, 503, 504).
+    Unknown,
+    /// The resource is not configured (well-known documents).
+    NotFound,
+}
+
+impl ErrCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrCode::Unrecognized => "M_UNRECOGNIZED",
+            ErrCode::TooLarge => "M_TOO_LARGE",
+            ErrCode::Forbidden => "M_FORBIDDEN",
+            ErrCode::LimitExceeded => "M_LIMIT_EXCEEDED",
+            ErrCode::Unknown => "M_UNKNOWN",
+            ErrCode::NotFound => "M_NOT_FOUND",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatrixError {
+    pub status: u16,
+    pub errcode: ErrCode,
+    pub message: Cow<'static, str>,
+    pub retry_after_ms: Option<u64>,
+}
+
+impl MatrixError {
+    fn new(status: u16, errcode: ErrCode, message: impl Into<Cow<'static, str>>) -> Self {
+        MatrixError {
+            status,
+            errcode,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(400, ErrCode::Unrecognized, message)
+    }
+
+    pub fn unrecognized() -> Self {
+        Self::new(404, ErrCode::Unrecognized, "Unrecognized request")
+    }
+
+    pub fn not_found(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(404, ErrCode::NotFound, message)
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(405, ErrCode::Unrecognized, "Method not allowed")
+    }
+
+    pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(403, ErrCode::Forbidden, message)
+    }
+
+    pub fn too_large(limit: u64) -> Self {
+        Self::new(
+            413,
+            ErrCode::TooLarge,
+            format!("Request body exceeds the limit of {limit} bytes"),
+        )
+    }
+
+    pub fn rate_limited(retry_after_ms: u64) -> Self {
+        MatrixError {
+            retry_after_ms: Some(retry_after_ms),
+            ..Self::new(429, ErrCode::LimitExceeded, "Too many requests")
+        }
+    }
+
+    pub fn bad_gateway() -> Self {
+        Self::new(502, ErrCode::Unknown, "The homeserver could not be reached")
+    }
+
+    pub fn unavailable() -> Self {
+        Self::new(
+            503,
+            ErrCode::Unknown,
+            "The homeserver is temporarily unavailable",
+        )
+    }
+
+    pub fn gateway_timeout() -> Self {
+        Self::new(
+            504,
+            ErrCode::Unknown,
+            "The homeserver took too long to answer",
+        )
+    }
+
+    pub fn internal() -> Self {
+        Self::new(500, ErrCode::Unknown, "Internal error in the edge proxy")
+    }
+
+    pub fn body(&self) -> Bytes {
+        let mut body =
+            serde_json::json!({ "errcode": self.errcode.as_str(), "error": self.message });
+        if let Some(ms) = self.retry_after_ms {
+            body["retry_after_ms"] = ms.into();
+        }
+        Bytes::from(body.to_string())
+    }
+
+    pub fn to_response(&self) -> LocalResponse {
+        let mut response = LocalResponse::json(self.status, self.body()).with_cors();
+        if let Some(ms) = self.retry_after_ms {
+            response = response.with_header("Retry-After", ms.div_ceil(1000).to_string());
+        }
+        if self.status == 503 {
+            response = response.with_header("Retry-After", "5".to_string());
+        }
+        response
+    }
+}
+
+impl std::fmt::Display for MatrixError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status,
+            self.errcode.as_str(),
+            self.message
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_matrix_json() {
+        let body: serde_json::Value =
+            serde_json::from_slice(&MatrixError::too_large(10).body()).unwrap();
+        assert_eq!(body["errcode"], "M_TOO_LARGE");
+        assert!(body["error"].as_str().unwrap().contains("10 bytes"));
+        let limited: serde_json::Value =
+            serde_json::from_slice(&MatrixError::rate_limited(1500).body()).unwrap();
+        assert_eq!(limited["retry_after_ms"], 1500);
+    }
+
+    #[test]
+    fn rate_limit_response_rounds_retry_after_up() {
+        let response = MatrixError::rate_limited(1500).to_response();
+        assert!(response
+            .headers
+            .iter()
+            .any(|(k, v)| *k == "Retry-After" && v == "2"));
+    }
+}
+
+/// The Matrix error for a failure inside the proxy, or `None` when the
+/// client is gone and nothing can be sent.
+pub fn for_proxy_error(e: &pingora::Error, body_limit: u64) -> Option<MatrixError> {
+    use pingora::{ErrorSource, ErrorType::*};
+    let by_status = |code: u16| match code {
+        413 => MatrixError::too_large(body_limit),
+        400 => MatrixError::bad_request("Malformed request"),
+        503 => MatrixError::unavailable(),
+        504 => MatrixError::gateway_timeout(),
+        500 => MatrixError::internal(),
+        _ => MatrixError::bad_gateway(),
+    };
+    match e.etype() {
+        HTTPStatus(code) => return Some(by_status(*code)),
+        ConnectTimedout | ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Upstream => {
+            return Some(MatrixError::gateway_timeout())
+        }
+        _ => {}
+    }
+    match e.esource() {
+        ErrorSource::Upstream => Some(MatrixError::bad_gateway()),
+        ErrorSource::Downstream => match e.etype() {
+            ReadError | WriteError | ConnectionClosed => None,
+            ReadTimedout | WriteTimedout => None,
+            _ => Some(MatrixError::bad_request("Malformed request")),
+        },
+        ErrorSource::Internal | ErrorSource::Unset => Some(MatrixError::internal()),
+    }
+}
+
+#[cfg(test)]
+mod proxy_error_tests {
+    use super::*;
+    use pingora::{Error, ErrorSource, ErrorType};
+
+    fn error(etype: ErrorType, source: ErrorSource) -> Box<Error> {
+        let mut e = Error::new(etype);
+        e.esource = source;
+        e
+    }
+
+    #[test]
+    fn upstream_failures_become_matrix_errors() {
+        let refused =
+            for_proxy_error(&error(ErrorType::ConnectRefused, ErrorSource::Upstream), 0).unwrap();
+        assert_eq!((refused.status, refused.errcode), (502, ErrCode::Unknown));
+        let slow =
+            for_proxy_error(&error(ErrorType::ReadTimedout, ErrorSource::Upstream), 0).unwrap();
+        assert_eq!(slow.status, 504);
+        let big =
+            for_proxy_error(&error(ErrorType::HTTPStatus(413), ErrorSource::Internal), 7).unwrap();
+        assert_eq!((big.status, big.errcode), (413, ErrCode::TooLarge));
+        assert!(for_proxy_error(
+            &error(ErrorType::ConnectionClosed, ErrorSource::Downstream),
+            0
+        )
+        .is_none());
+    }
+}

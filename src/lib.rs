@@ -1,0 +1,30 @@
+//! matrix-edge: the front door of a Matrix homeserver.
+//!
+//! A request, step by step:
+//!
+//! 1. A listener accepts; on TLS listeners [`tls::SniResolver`] picks the
+//!    certificate from a prebuilt name map (exact, wildcard, first).
+//! 2. [`proxy::EdgeProxy::new_ctx`] takes the current [`edge::Edge`]
+//!    snapshot, so one request sees one configuration even across reloads.
+//! 3. `request_filter` asks [`access::admit`] what to do with the target:
+//!    answer a well-known document ([`well_known`]), refuse with a Matrix
+//!    error ([`errors`]), or forward with a body limit.
+//! 4. `upstream_peer` returns the Synapse process ([`upstream`]).
+//! 5. `upstream_request_filter` rewrites forwarding headers only
+//!    ([`forward`]); the request target is sent as received.
+//! 6. `request_body_filter` counts streamed body bytes against the limit.
+//! 7. `fail_to_proxy` turns any failure into Matrix JSON ([`errors`]).
+//! 8. `logging` writes the access line with tokens removed ([`redact`]).
+
+pub mod access;
+pub mod config;
+pub mod edge;
+pub mod errors;
+pub mod forward;
+pub mod proxy;
+pub mod redact;
+pub mod response;
+pub mod server;
+pub mod tls;
+pub mod upstream;
+pub mod well_known;

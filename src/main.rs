@@ -1,0 +1,83 @@
+use clap::{Parser, Subcommand};
+use matrix_edge::edge::Edge;
+use matrix_edge::server::{self, RunOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The front door of a Matrix homeserver: TLS, .well-known and Synapse routing.
+#[derive(Parser)]
+#[command(name = "matrix-edge", version)]
+struct Cli {
+    /// The YAML configuration file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        global = true,
+        default_value = "/etc/matrix-edge/config.yaml"
+    )]
+    config: PathBuf,
+    /// Take over the listening sockets of the running instance (zero-downtime upgrade).
+    #[arg(short = 'u', long)]
+    upgrade: bool,
+    /// Where to write the process ID.
+    #[arg(long)]
+    pid_file: Option<String>,
+    /// The Unix socket used to hand listening sockets to a new instance.
+    #[arg(long)]
+    upgrade_socket: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration, like `nginx -t`: exit 0 with a summary, or 1 with the error.
+    Check,
+}
+
+fn init_logging(level: log::LevelFilter) {
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(level);
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&spec);
+    }
+    builder
+        .format_timestamp_millis()
+        .target(env_logger::Target::Stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let edge = match Edge::load(&cli.config) {
+        Ok(edge) => edge,
+        Err(error) => {
+            eprintln!("matrix-edge: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(Command::Check) = cli.command {
+        println!(
+            "matrix-edge: {} ok: {}",
+            cli.config.display(),
+            edge.summary()
+        );
+        return ExitCode::SUCCESS;
+    }
+    init_logging(edge.config.process.log_level.as_filter());
+    let options = RunOptions {
+        upgrade: cli.upgrade,
+        pid_file: cli.pid_file,
+        upgrade_socket: cli.upgrade_socket,
+    };
+    match server::build(edge, &options) {
+        Ok((server, _handles)) => {
+            log::info!("matrix-edge {} starting", env!("CARGO_PKG_VERSION"));
+            server.run_forever()
+        }
+        Err(error) => {
+            eprintln!("matrix-edge: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

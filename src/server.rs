@@ -1,0 +1,80 @@
+//! Turns an `Edge` into a Pingora server: one proxy service per listener,
+//! sharing one configuration snapshot cell and one certificate cell.
+
+use crate::edge::Edge;
+use crate::proxy::EdgeProxy;
+use crate::tls::{CertStore, SniResolver};
+use arc_swap::ArcSwap;
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use std::sync::Arc;
+
+/// Process-level options from the command line.
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    /// Take over the listening sockets of a running instance.
+    pub upgrade: bool,
+    pub pid_file: Option<String>,
+    pub upgrade_socket: Option<String>,
+}
+
+pub struct Handles {
+    pub edge: Arc<ArcSwap<Edge>>,
+    pub certificates: Arc<ArcSwap<CertStore>>,
+}
+
+pub fn build(edge: Edge, options: &RunOptions) -> Result<(Server, Handles), String> {
+    let process = &edge.config.process;
+    let threads = match process.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let mut conf = ServerConf {
+        threads,
+        ..ServerConf::default()
+    };
+    conf.grace_period_seconds = Some(process.shutdown_drain.0.as_secs());
+    conf.graceful_shutdown_timeout_seconds = Some(process.shutdown_drain.0.as_secs() + 5);
+    conf.upstream_keepalive_pool_size = 512;
+    if let Some(pid_file) = &options.pid_file {
+        conf.pid_file = pid_file.clone();
+    }
+    if let Some(socket) = &options.upgrade_socket {
+        conf.upgrade_sock = socket.clone();
+    }
+    let opt = Opt {
+        upgrade: options.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let listeners = edge.listeners.clone();
+    let certificates = Arc::new(ArcSwap::from(Arc::clone(&edge.certificates)));
+    let edge = Arc::new(ArcSwap::from_pointee(edge));
+    for listener in listeners {
+        let address = listener.address.to_string();
+        let name = format!("matrix-edge {address}");
+        let tls = listener.tls;
+        let proxy = EdgeProxy {
+            listener,
+            edge: Arc::clone(&edge),
+        };
+        let mut service =
+            pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, &name);
+        if tls {
+            let resolver = SniResolver {
+                store: Arc::clone(&certificates),
+            };
+            let mut settings = TlsSettings::with_callbacks(Box::new(resolver))
+                .map_err(|e| format!("cannot set up TLS for {address}: {e}"))?;
+            settings.enable_h2();
+            service.add_tls_with_settings(&address, None, settings);
+        } else {
+            service.add_tcp(&address);
+        }
+        server.add_service(service);
+    }
+    Ok((server, Handles { edge, certificates }))
+}
