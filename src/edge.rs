@@ -96,22 +96,24 @@ impl Edge {
 
         let mut certs = Vec::with_capacity(tls.certificates.len());
         for (index, files) in tls.certificates.iter().enumerate() {
-            let cert = CertifiedKey::load(&files.cert, &files.key).map_err(|e| {
-                let key = match e {
-                    crate::tls::CertError::UnreadableKey { .. }
-                    | crate::tls::CertError::BadKey { .. } => "key",
-                    _ => "cert",
-                };
-                source.error_at(
-                    &[
-                        Seg::Key("tls"),
-                        Seg::Key("certificates"),
-                        Seg::Index(index),
-                        Seg::Key(key),
-                    ],
-                    e.to_string(),
-                )
-            })?;
+            let base = source.file.parent().unwrap_or(Path::new("."));
+            let cert = CertifiedKey::load(&base.join(&files.cert), &base.join(&files.key))
+                .map_err(|e| {
+                    let key = match e {
+                        crate::tls::CertError::UnreadableKey { .. }
+                        | crate::tls::CertError::BadKey { .. } => "key",
+                        _ => "cert",
+                    };
+                    source.error_at(
+                        &[
+                            Seg::Key("tls"),
+                            Seg::Key("certificates"),
+                            Seg::Index(index),
+                            Seg::Key(key),
+                        ],
+                        e.to_string(),
+                    )
+                })?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);

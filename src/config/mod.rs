@@ -77,6 +77,7 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields)]
 pub struct CertificateFiles {
     /// Leaf first, then intermediates (certbot's `fullchain.pem`).
+    /// Relative paths are taken from the config file's directory.
     pub cert: PathBuf,
     pub key: PathBuf,
 }

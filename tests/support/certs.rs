@@ -1,0 +1,72 @@
+//! A test PKI: root CA -> intermediate -> one leaf per name, written in
+//! certbot's layout so `fullchain.pem` is leaf + intermediate.
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use std::path::Path;
+
+pub struct Leaf {
+    pub name: String,
+    pub fullchain_pem: String,
+    pub key_pem: String,
+}
+
+pub struct TestPki {
+    pub root_pem: String,
+    pub leaves: Vec<Leaf>,
+}
+
+impl TestPki {
+    /// `names`: each entry is a list of SANs for one certificate.
+    pub fn new(names: &[&[&str]]) -> TestPki {
+        let root_key = KeyPair::generate().unwrap();
+        let mut root_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        root_params
+            .distinguished_name
+            .push(DnType::CommonName, "matrix-edge test root");
+        let root = root_params.self_signed(&root_key).unwrap();
+
+        let inter_key = KeyPair::generate().unwrap();
+        let mut inter_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        inter_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        inter_params
+            .distinguished_name
+            .push(DnType::CommonName, "matrix-edge test intermediate");
+        let intermediate = inter_params
+            .signed_by(&inter_key, &root, &root_key)
+            .unwrap();
+
+        let leaves = names
+            .iter()
+            .map(|sans| {
+                let key = KeyPair::generate().unwrap();
+                let mut params =
+                    CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                        .unwrap();
+                params.distinguished_name.push(DnType::CommonName, sans[0]);
+                let cert = params.signed_by(&key, &intermediate, &inter_key).unwrap();
+                Leaf {
+                    name: sans[0].trim_start_matches("*.").to_string(),
+                    fullchain_pem: format!("{}{}", cert.pem(), intermediate.pem()),
+                    key_pem: key.serialize_pem(),
+                }
+            })
+            .collect();
+        TestPki {
+            root_pem: root.pem(),
+            leaves,
+        }
+    }
+
+    /// Writes `DIR/<name>/fullchain.pem`, `privkey.pem` and `DIR/ca.pem`.
+    pub fn copy_into(&self, dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("ca.pem"), &self.root_pem).unwrap();
+        for leaf in &self.leaves {
+            let leaf_dir = dir.join(&leaf.name);
+            std::fs::create_dir_all(&leaf_dir).unwrap();
+            std::fs::write(leaf_dir.join("fullchain.pem"), &leaf.fullchain_pem).unwrap();
+            std::fs::write(leaf_dir.join("privkey.pem"), &leaf.key_pem).unwrap();
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Shared test harness: certificates, a recording upstream, the real
+//! matrix-edge binary on free loopback ports, and raw h1/h2 TLS clients.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod certs;
+pub mod client;
+pub mod upstream;
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_matrix-edge")
+}
+
+/// The real binary running a config, killed on drop. Its stderr is kept
+/// in a file so tests can read the log.
+pub struct EdgeProcess {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl EdgeProcess {
+    /// Writes `config` (YAML) into a fresh directory that already holds
+    /// `certs/` from `certs`, starts the binary and waits until every
+    /// address in `wait_for` accepts connections.
+    pub fn start(
+        config: &str,
+        certs: Option<&certs::TestPki>,
+        wait_for: &[SocketAddr],
+    ) -> EdgeProcess {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(pki) = certs {
+            pki.copy_into(&dir.path().join("certs"));
+        }
+        let config_path = dir.path().join("config.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        Self::spawn(dir, config_path, wait_for)
+    }
+
+    pub fn spawn(dir: tempfile::TempDir, config: PathBuf, wait_for: &[SocketAddr]) -> EdgeProcess {
+        let log = dir.path().join("edge.log");
+        let child = Command::new(binary())
+            .arg("-c")
+            .arg(&config)
+            .arg("--pid-file")
+            .arg(dir.path().join("edge.pid"))
+            .arg("--upgrade-socket")
+            .arg(dir.path().join("upgrade.sock"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut edge = EdgeProcess {
+            child,
+            dir,
+            config,
+            log,
+        };
+        for addr in wait_for {
+            edge.wait_listening(*addr);
+        }
+        edge
+    }
+
+    fn wait_listening(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("matrix-edge exited early ({status}): {}", self.log_text());
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("matrix-edge did not listen on {addr}: {}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = std::fs::File::open(&self.log) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for EdgeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

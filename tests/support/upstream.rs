@@ -1,0 +1,244 @@
+//! A recording HTTP/1.1 upstream standing in for Synapse: it keeps the exact
+//! bytes of every request head it receives and how much body arrived.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// The request line exactly as received, without CRLF.
+    pub request_line: String,
+    pub headers: Vec<(String, String)>,
+    pub body_len: u64,
+    /// The first bytes of the body.
+    pub body_start: Vec<u8>,
+    /// The body ended cleanly (full length or terminating chunk).
+    pub body_complete: bool,
+}
+
+impl Recorded {
+    pub fn target(&self) -> &str {
+        self.request_line.split(' ').nth(1).unwrap_or("")
+    }
+
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+pub struct RecordingUpstream {
+    pub addr: SocketAddr,
+    records: Arc<Mutex<Vec<Recorded>>>,
+    /// Requests whose head arrived, before their body is read.
+    heads: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RecordingUpstream {
+    pub fn start() -> RecordingUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, h, s) = (records.clone(), heads.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let (r, h) = (r.clone(), h.clone());
+                std::thread::spawn(move || serve(stream, r, h));
+            }
+        });
+        RecordingUpstream {
+            addr,
+            records,
+            heads,
+            stop,
+        }
+    }
+
+    pub fn records(&self) -> Vec<Recorded> {
+        self.records.lock().unwrap().clone()
+    }
+
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        self.records.lock().unwrap().clear();
+        self.heads.lock().unwrap().clear();
+    }
+
+    /// Waits up to 5 s for `n` complete records.
+    pub fn wait_for(&self, n: usize) -> Vec<Recorded> {
+        for _ in 0..500 {
+            let records = self.records();
+            if records.len() >= n {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.records()
+    }
+}
+
+impl Drop for RecordingUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn serve(stream: TcpStream, records: Arc<Mutex<Vec<Recorded>>>, heads: Arc<Mutex<Vec<String>>>) {
+    stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let request_line = request_line.trim_end_matches(['\r', '\n']).to_string();
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                headers.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        heads.lock().unwrap().push(request_line.clone());
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        let mut body_start = Vec::new();
+        let mut body_len = 0u64;
+        let keep = |chunk: &[u8], body_start: &mut Vec<u8>| {
+            if body_start.len() < 65536 {
+                body_start.extend_from_slice(&chunk[..chunk.len().min(65536 - body_start.len())]);
+            }
+        };
+        let mut body_complete = true;
+        let mut buf = vec![0u8; 65536];
+        if get("Transfer-Encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            body_complete = false;
+            loop {
+                let mut size_line = String::new();
+                if reader.read_line(&mut size_line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let Ok(size) =
+                    u64::from_str_radix(size_line.trim().split(';').next().unwrap_or(""), 16)
+                else {
+                    break;
+                };
+                if size == 0 {
+                    let mut end = String::new();
+                    let _ = reader.read_line(&mut end);
+                    body_complete = true;
+                    break;
+                }
+                let mut remaining = size;
+                while remaining > 0 {
+                    let want = remaining.min(buf.len() as u64) as usize;
+                    match reader.read(&mut buf[..want]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            keep(&buf[..n], &mut body_start);
+                            body_len += n as u64;
+                            remaining -= n as u64;
+                        }
+                    }
+                }
+                if remaining > 0 {
+                    break;
+                }
+                let mut crlf = String::new();
+                let _ = reader.read_line(&mut crlf);
+            }
+        } else if let Some(length) = get("Content-Length").and_then(|v| v.parse::<u64>().ok()) {
+            let mut remaining = length;
+            while remaining > 0 {
+                let want = remaining.min(buf.len() as u64) as usize;
+                match reader.read(&mut buf[..want]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        keep(&buf[..n], &mut body_start);
+                        body_len += n as u64;
+                        remaining -= n as u64;
+                    }
+                }
+            }
+            body_complete = remaining == 0;
+        }
+        let target = request_line.split(' ').nth(1).unwrap_or("").to_string();
+        records.lock().unwrap().push(Recorded {
+            request_line,
+            headers,
+            body_len,
+            body_start,
+            body_complete,
+        });
+        if !body_complete {
+            return;
+        }
+        if respond(&mut writer, &target, body_len).is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers by path: `/slow-stream` sends half its body, waits, then the
+/// rest; `/big-download/N` sends N bytes; anything else echoes a small JSON.
+fn respond(writer: &mut TcpStream, target: &str, body_len: u64) -> std::io::Result<()> {
+    if target.contains("/slow-stream") {
+        writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 200000\r\n\r\n")?;
+        writer.write_all(&vec![b'a'; 100_000])?;
+        writer.flush()?;
+        std::thread::sleep(Duration::from_millis(1500));
+        writer.write_all(&vec![b'b'; 100_000])?;
+        return writer.flush();
+    }
+    if let Some(size) = target
+        .split("/big-download/")
+        .nth(1)
+        .and_then(|s| s.parse::<usize>().ok())
+    {
+        write!(writer, "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n")?;
+        let block = vec![b'x'; 65536];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(block.len());
+            writer.write_all(&block[..n])?;
+            left -= n;
+        }
+        return writer.flush();
+    }
+    let body = format!("{{\"upstream\":\"recording\",\"body_len\":{body_len}}}");
+    write!(
+        writer,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    writer.flush()
+}
