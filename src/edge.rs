@@ -21,6 +21,8 @@ pub struct Edge {
     pub admin_allow: Vec<ipnet::IpNet>,
     pub limits: Limits,
     pub config: EdgeConfig,
+    /// Things that work but are probably not what the admin meant.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +57,7 @@ impl Edge {
                 source.error_at(&[Seg::Key("listeners")], "at least one listener is needed")
             );
         }
+        let mut warnings = Vec::new();
         let mut seen = BTreeSet::new();
         let mut compiled = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.iter().enumerate() {
@@ -83,9 +86,9 @@ impl Edge {
                 ));
             }
             if !listener.tls && roles.contains(&Role::Federation) {
-                log::warn!(
-                    "listener {address} serves federation without TLS: other homeservers only connect over TLS, so put a TLS-terminating load balancer in front"
-                );
+                warnings.push(format!(
+                    "listener {address} serves federation without TLS: other homeservers only connect over TLS, so a TLS-terminating load balancer must sit in front"
+                ));
             }
             compiled.push(Listener {
                 address,
@@ -101,7 +104,8 @@ impl Edge {
                 .map_err(|e| {
                     let key = match e {
                         crate::tls::CertError::UnreadableKey { .. }
-                        | crate::tls::CertError::BadKey { .. } => "key",
+                        | crate::tls::CertError::BadKey { .. }
+                        | crate::tls::CertError::KeyMismatch { .. } => "key",
                         _ => "cert",
                     };
                     source.error_at(
@@ -118,7 +122,7 @@ impl Edge {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
             if cert.not_after_unix < now {
-                log::warn!("certificate {} has expired", files.cert.display());
+                warnings.push(format!("certificate {} has expired", files.cert.display()));
             }
             certs.push(cert);
         }
@@ -138,9 +142,9 @@ impl Edge {
                 .map(|l| l.address.port())
                 .collect();
             if !federation_ports.contains(&port) {
-                log::warn!(
+                warnings.push(format!(
                     "m.server points at port {port} but federation listeners are on {federation_ports:?}; fine only if a port mapping sits in between"
-                );
+                ));
             }
         }
         let documents_configured = well_known.server.is_some()
@@ -175,6 +179,7 @@ impl Edge {
                 federation_max_body: limits.federation_max_body.0,
             },
             config,
+            warnings,
         })
     }
 

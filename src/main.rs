@@ -56,6 +56,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    for warning in &edge.warnings {
+        eprintln!("matrix-edge: warning: {warning}");
+    }
     if let Some(Command::Check) = cli.command {
         println!(
             "matrix-edge: {} ok: {}",

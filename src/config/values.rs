@@ -3,15 +3,14 @@
 //! Each type parses itself through `#[serde(try_from = "String")]`, so a bad
 //! value is reported by serde_yaml with its key path, line and column.
 
-use serde::Deserialize;
+use serde::de::{self, Deserialize, Deserializer, Visitor};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// An address to listen on, such as `[::]:443` or `127.0.0.1:8008`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenAddr(pub SocketAddr);
 
 impl TryFrom<String> for ListenAddr {
@@ -25,8 +24,7 @@ impl TryFrom<String> for ListenAddr {
 
 /// A byte count written as `50M`, `200M`, `1G`, `512K` or plain bytes.
 /// Suffixes are binary (K = 1024), as in Synapse's `max_upload_size`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "serde_yaml::Value")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
@@ -50,27 +48,20 @@ impl ByteSize {
     }
 }
 
-impl TryFrom<serde_yaml::Value> for ByteSize {
+impl TryFrom<String> for ByteSize {
     type Error = String;
-    fn try_from(value: serde_yaml::Value) -> Result<Self, String> {
-        let parsed = match &value {
-            serde_yaml::Value::Number(n) => n.as_u64(),
-            serde_yaml::Value::String(s) => ByteSize::parse(s),
-            _ => None,
-        };
-        match parsed {
+    fn try_from(text: String) -> Result<Self, String> {
+        match ByteSize::parse(&text) {
             Some(bytes) if bytes > 0 => Ok(ByteSize(bytes)),
             _ => Err(format!(
-                "invalid size {}: expected a positive size such as 50M, 200M or 1G",
-                describe(&value)
+                "invalid size {text:?}: expected a positive size such as 50M, 200M or 1G"
             )),
         }
     }
 }
 
 /// A duration written as `5s`, `1h`, `10m` or `250ms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span(pub Duration);
 
 impl TryFrom<String> for Span {
@@ -84,8 +75,7 @@ impl TryFrom<String> for Span {
 
 /// An IP network allowed to reach an API, such as `10.0.0.0/8` or `::1/128`.
 /// A bare address means just that host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr(pub ipnet::IpNet);
 
 impl TryFrom<String> for Cidr {
@@ -104,8 +94,7 @@ impl TryFrom<String> for Cidr {
 }
 
 /// Where Synapse (or one of its workers) listens.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamAddr {
     /// Plain HTTP over TCP.
     Tcp(SocketAddr),
@@ -180,8 +169,7 @@ impl fmt::Display for UpstreamAddr {
 }
 
 /// The `m.server` value: `<hostname or IP literal>[:<port>]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerAddress {
     pub host: String,
     pub port: Option<u16>,
@@ -251,8 +239,7 @@ pub fn is_dns_name(host: &str) -> bool {
 }
 
 /// The homeserver's `server_name`: a DNS name or IP literal, optionally with a port.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerName(pub String);
 
 impl TryFrom<String> for ServerName {
@@ -268,8 +255,7 @@ impl TryFrom<String> for ServerName {
 }
 
 /// An absolute `http(s)://` URL as the well-known documents need.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpUrl(pub String);
 
 impl TryFrom<String> for HttpUrl {
@@ -288,14 +274,46 @@ impl TryFrom<String> for HttpUrl {
     }
 }
 
-fn describe(value: &serde_yaml::Value) -> String {
-    match value {
-        serde_yaml::Value::String(s) => format!("{s:?}"),
-        serde_yaml::Value::Number(n) => n.to_string(),
-        serde_yaml::Value::Bool(b) => b.to_string(),
-        serde_yaml::Value::Null => "null".into(),
-        _ => "(a list or mapping)".into(),
+/// Values are parsed inside the scalar's visitor, not after it, so that
+/// serde_yaml reports a bad value at its own line and key rather than at the
+/// enclosing mapping.
+struct StrVisitor<T>(std::marker::PhantomData<T>, &'static str);
+
+impl<T: TryFrom<String, Error = String>> Visitor<'_> for StrVisitor<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.1)
     }
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<T, E> {
+        T::try_from(text.to_string()).map_err(E::custom)
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<T, E> {
+        T::try_from(n.to_string()).map_err(E::custom)
+    }
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<T, E> {
+        T::try_from(n.to_string()).map_err(E::custom)
+    }
+}
+
+macro_rules! deserialize_from_str {
+    ($($type:ty => $expecting:literal),* $(,)?) => {$(
+        impl<'de> Deserialize<'de> for $type {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                deserializer.deserialize_any(StrVisitor::<$type>(std::marker::PhantomData, $expecting))
+            }
+        }
+    )*};
+}
+
+deserialize_from_str! {
+    ListenAddr => "an IP:port address",
+    ByteSize => "a size such as 50M",
+    Span => "a duration such as 5s",
+    Cidr => "a network such as 10.0.0.0/8",
+    UpstreamAddr => "host:port, https://host:port or unix:/path",
+    ServerAddress => "a hostname with an optional port",
+    ServerName => "a server name such as example.com",
+    HttpUrl => "an https:// URL",
 }
 
 #[cfg(test)]
