@@ -1,0 +1,389 @@
+//! A real Synapse (from PyPI, SQLite) behind the real edge, driven over TLS
+//! like a client would: register, log in, create a room, send, sync
+//! (initial and long-poll), upload and download 20 MB, and check that
+//! Synapse recorded the client's real address despite a forged
+//! `X-Forwarded-For`.
+//!
+//! Needs the Synapse virtualenv that `scripts/test` installs; set
+//! `MATRIX_EDGE_SYNAPSE_PYTHON` to use another one.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::certs::TestPki;
+use support::{free_port, EdgeProcess};
+
+const SERVER_NAME: &str = "example.com";
+const HOST: &str = "synapse.example.com";
+/// The client connects from this loopback address, which is not the
+/// edge's own, so only a correct X-Forwarded-For can tell Synapse about it.
+const CLIENT_IP: &str = "127.0.0.2";
+const FORGED_IP: &str = "203.0.113.9";
+
+fn synapse_python() -> PathBuf {
+    if let Ok(python) = std::env::var("MATRIX_EDGE_SYNAPSE_PYTHON") {
+        return PathBuf::from(python);
+    }
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join(".dev/venv/bin/python");
+    assert!(
+        default.exists(),
+        "Synapse is not installed: run scripts/test (it installs matrix-synapse into .dev/venv) or set MATRIX_EDGE_SYNAPSE_PYTHON"
+    );
+    default
+}
+
+struct Synapse {
+    child: Child,
+    pub dir: PathBuf,
+}
+
+impl Synapse {
+    fn start(dir: &Path, port: u16, public_baseurl: &str) -> Synapse {
+        let python = synapse_python();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/synapse-dev-config");
+        let status = Command::new("python3")
+            .arg(&script)
+            .arg(dir)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--server-name",
+                SERVER_NAME,
+                "--public-baseurl",
+                public_baseurl,
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let config = dir.join("homeserver.yaml");
+        let status = Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "--generate-keys", "-c"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "synapse --generate-keys failed");
+        let child = Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "-c"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut synapse = Synapse {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        synapse.wait_healthy(port);
+        synapse
+    }
+
+    fn wait_healthy(&mut self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "Synapse exited ({status}): {}",
+                    std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+                );
+            }
+            let (response, _) = match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(_) => support::client::h1_plain(
+                    format!("127.0.0.1:{port}").parse().unwrap(),
+                    b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+                ),
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+            };
+            if response.status == 200 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("Synapse did not become healthy on port {port}");
+    }
+}
+
+impl Drop for Synapse {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    fn new(edge: SocketAddr, root_pem: &str, h1_only: bool) -> Client {
+        let mut builder = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(root_pem.as_bytes()).unwrap())
+            .resolve(HOST, edge)
+            .local_address(CLIENT_IP.parse::<std::net::IpAddr>().unwrap())
+            .timeout(Duration::from_secs(120));
+        if h1_only {
+            builder = builder.http1_only();
+        }
+        Client {
+            http: builder.build().unwrap(),
+            base: format!("https://{HOST}:{}", edge.port()),
+            token: None,
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("X-Forwarded-For", FORGED_IP);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        request
+    }
+
+    async fn json(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON from {path}: {text}")),
+        )
+    }
+}
+
+fn encode(id: &str) -> String {
+    id.replace('!', "%21")
+        .replace(':', "%3A")
+        .replace('@', "%40")
+        .replace('$', "%24")
+}
+
+fn room_messages(sync: &Value, room: &str) -> Vec<String> {
+    sync["rooms"]["join"][room]["timeline"]["events"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .filter(|e| e["type"] == "m.room.message")
+                .map(|e| e["content"]["body"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Synapse from PyPI: run scripts/test"]
+async fn a_real_client_flow_through_the_edge() {
+    let work = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&[&[HOST], &[SERVER_NAME]]);
+    let synapse_port = free_port();
+    let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let public_baseurl = format!("https://{HOST}:{}/", edge_addr.port());
+    let synapse = Synapse::start(&work.path().join("synapse"), synapse_port, &public_baseurl);
+    let config = format!(
+        r#"server_name: {SERVER_NAME}
+listeners:
+  - {{ address: "{edge_addr}", tls: true, serves: [well_known, client, federation] }}
+tls:
+  certificates:
+    - {{ cert: certs/{HOST}/fullchain.pem, key: certs/{HOST}/privkey.pem }}
+    - {{ cert: certs/{SERVER_NAME}/fullchain.pem, key: certs/{SERVER_NAME}/privkey.pem }}
+well_known:
+  server: {HOST}:{port}
+  client: {{ homeserver: "https://{HOST}:{port}" }}
+synapse:
+  main: 127.0.0.1:{synapse_port}
+limits: {{ max_upload_size: 50M }}
+"#,
+        port = edge_addr.port()
+    );
+    let edge = EdgeProcess::start(&config, Some(&pki), &[edge_addr]);
+
+    let mut alice = Client::new(edge_addr, &pki.root_pem, false);
+    let (status, versions) = alice
+        .json(reqwest::Method::GET, "/_matrix/client/versions", None)
+        .await;
+    assert_eq!(status, 200, "{versions}");
+    let discovery = alice
+        .http
+        .get(format!("{}/.well-known/matrix/client", alice.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(discovery.version(), reqwest::Version::HTTP_2);
+    assert_eq!(
+        discovery.json::<Value>().await.unwrap()["m.homeserver"]["base_url"],
+        format!("https://{HOST}:{}", edge_addr.port())
+    );
+
+    // Register and log in.
+    let (status, registered) = alice
+        .json(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/register",
+            Some(json!({"username": "alice", "password": "correct horse battery", "auth": {"type": "m.login.dummy"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{registered}");
+    assert_eq!(registered["user_id"], "@alice:example.com");
+    let (status, login) = alice
+        .json(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/login",
+            Some(json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "correct horse battery"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{login}");
+    let token = login["access_token"].as_str().unwrap().to_string();
+    alice.token = Some(token.clone());
+
+    // Room and message.
+    let (status, room) = alice
+        .json(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(json!({"name": "edge"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{room}");
+    let room_id = room["room_id"].as_str().unwrap().to_string();
+    let send_path = |txn: &str| {
+        format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            encode(&room_id)
+        )
+    };
+    let (status, sent) = alice
+        .json(
+            reqwest::Method::PUT,
+            &send_path("t1"),
+            Some(json!({"msgtype": "m.text", "body": "hello through the edge"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{sent}");
+
+    let (status, initial) = alice
+        .json(
+            reqwest::Method::GET,
+            "/_matrix/client/v3/sync?timeout=0",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        room_messages(&initial, &room_id).contains(&"hello through the edge".to_string()),
+        "{initial}"
+    );
+    let since = initial["next_batch"].as_str().unwrap().to_string();
+
+    // A long-poll sync is answered when a message arrives from another connection (h1 this time).
+    let mut bob_device = Client::new(edge_addr, &pki.root_pem, true);
+    bob_device.token = Some(token.clone());
+    let long_poll = {
+        let path = format!("/_matrix/client/v3/sync?timeout=20000&since={since}");
+        let request = alice.request(reqwest::Method::GET, &path);
+        tokio::spawn(async move { request.send().await.unwrap().json::<Value>().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, _) = bob_device
+        .json(
+            reqwest::Method::PUT,
+            &send_path("t2"),
+            Some(json!({"msgtype": "m.text", "body": "second, over http/1.1"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let incremental = tokio::time::timeout(Duration::from_secs(30), long_poll)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        room_messages(&incremental, &room_id),
+        ["second, over http/1.1"],
+        "{incremental}"
+    );
+
+    // 20 MB up and down, streamed through the edge.
+    let blob: Vec<u8> = (0..20 * 1024 * 1024)
+        .map(|i: usize| (i % 251) as u8)
+        .collect();
+    let upload = alice
+        .request(
+            reqwest::Method::POST,
+            "/_matrix/media/v3/upload?filename=blob.bin",
+        )
+        .header("Content-Type", "application/octet-stream")
+        .body(blob.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 200);
+    let content_uri = upload.json::<Value>().await.unwrap()["content_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let media_id = content_uri.rsplit('/').next().unwrap().to_string();
+    for client in [&alice, &bob_device] {
+        let download = client
+            .request(
+                reqwest::Method::GET,
+                &format!("/_matrix/client/v1/media/download/{SERVER_NAME}/{media_id}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(download.status(), 200);
+        let body = download.bytes().await.unwrap();
+        assert_eq!(body.len(), blob.len());
+        assert!(body[..] == blob[..], "downloaded bytes differ");
+    }
+
+    // Synapse saw the client's real address, never the forged one.
+    let (status, whois) = alice
+        .json(
+            reqwest::Method::GET,
+            "/_matrix/client/v3/admin/whois/%40alice%3Aexample.com",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{whois}");
+    let text = whois.to_string();
+    assert!(text.contains(CLIENT_IP), "{text}");
+    assert!(!text.contains(FORGED_IP), "{text}");
+    let access_log = std::fs::read_to_string(synapse.dir.join("homeserver.log")).unwrap();
+    let proxied: Vec<&str> = access_log
+        .lines()
+        .filter(|l| l.contains("synapse.access.http"))
+        .collect();
+    assert!(!proxied.is_empty());
+    assert!(
+        proxied.iter().all(|l| !l.contains(FORGED_IP)),
+        "Synapse logged the forged address"
+    );
+    assert!(proxied.iter().any(|l| l.contains(CLIENT_IP)));
+
+    // The edge's log holds the flow but never the access token.
+    let log = edge.log_text();
+    assert!(log.contains("/_matrix/client/v3/createRoom"), "{log}");
+    assert!(
+        !log.contains(&token),
+        "the access token leaked into the edge log"
+    );
+}
