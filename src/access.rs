@@ -62,17 +62,12 @@ pub fn admit(roles: &[Role], facts: &RequestFacts<'_>, limits: &Limits) -> Admis
     }
     let is_admin = any_view(&|v| v.starts_with(ADMIN));
     if is_admin && !facts.admin_allowed {
-        return Admission::Reject(MatrixError::forbidden(
-            "The admin API is not available from this address",
-        ));
+        return Admission::Reject(MatrixError::forbidden("The admin API is not available from this address"));
     }
     let allowed_by = |v: &str| {
         roles.iter().any(|role| match role {
             Role::WellKnown => false,
-            Role::Client => {
-                CLIENT_PREFIXES.iter().any(|p| v.starts_with(p))
-                    || (is_admin && v.starts_with(ADMIN))
-            }
+            Role::Client => CLIENT_PREFIXES.iter().any(|p| v.starts_with(p)) || (is_admin && v.starts_with(ADMIN)),
             Role::Federation => FEDERATION_PREFIXES.iter().any(|p| v.starts_with(p)),
         })
     };
@@ -80,26 +75,14 @@ pub fn admit(roles: &[Role], facts: &RequestFacts<'_>, limits: &Limits) -> Admis
         return Admission::Reject(MatrixError::unrecognized());
     }
     if facts.has_upgrade {
-        return Admission::Reject(MatrixError::bad_request(
-            "Protocol upgrades are not supported on Matrix endpoints",
-        ));
+        return Admission::Reject(MatrixError::bad_request("Protocol upgrades are not supported on Matrix endpoints"));
     }
     let federation = views.iter().all(|v| v.starts_with(FEDERATION_BODY_PREFIX));
-    let body_limit = if federation {
-        limits.federation_max_body
-    } else {
-        limits.max_upload_size
-    };
-    if facts
-        .content_length
-        .is_some_and(|length| length > body_limit)
-    {
+    let body_limit = if federation { limits.federation_max_body } else { limits.max_upload_size };
+    if facts.content_length.is_some_and(|length| length > body_limit) {
         return Admission::Reject(MatrixError::too_large(body_limit));
     }
-    Admission::Forward {
-        body_limit,
-        federation,
-    }
+    Admission::Forward { body_limit, federation }
 }
 
 /// The path part of an origin-form target.
@@ -128,8 +111,7 @@ pub fn normalised_views(path: &[u8]) -> Vec<Cow<'_, str>> {
 }
 
 fn needs_normalising(path: &[u8]) -> bool {
-    path.iter()
-        .any(|b| b.is_ascii_uppercase() || !b.is_ascii_graphic() || *b == b'\\')
+    path.iter().any(|b| b.is_ascii_uppercase() || !b.is_ascii_graphic() || *b == b'\\')
         || path.windows(2).any(|w| w == b"//" || w == b"/.")
 }
 
@@ -139,9 +121,7 @@ fn normalise(path: &[u8]) -> Cow<'_, str> {
             return Cow::Borrowed(text);
         }
     }
-    let lowered = String::from_utf8_lossy(path)
-        .to_ascii_lowercase()
-        .replace('\\', "/");
+    let lowered = String::from_utf8_lossy(path).to_ascii_lowercase().replace('\\', "/");
     let mut segments: Vec<&str> = Vec::new();
     for segment in lowered.split('/') {
         match segment {
@@ -157,11 +137,7 @@ fn normalise(path: &[u8]) -> Cow<'_, str> {
         out.push('/');
         out.push_str(segment);
     }
-    if lowered.ends_with('/')
-        || lowered.ends_with("/.")
-        || lowered.ends_with("/..")
-        || out.is_empty()
-    {
+    if lowered.ends_with('/') || lowered.ends_with("/.") || lowered.ends_with("/..") || out.is_empty() {
         out.push('/');
     }
     Cow::Owned(out)
@@ -195,20 +171,12 @@ fn percent_decode(input: &[u8]) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
-        max_upload_size: 100,
-        federation_max_body: 1000,
-    };
+    const LIMITS: Limits = Limits { max_upload_size: 100, federation_max_body: 1000 };
     const CLIENT: &[Role] = &[Role::WellKnown, Role::Client, Role::Federation];
     const FEDERATION: &[Role] = &[Role::Federation];
 
     fn admit_target(roles: &[Role], target: &str, admin_allowed: bool) -> Admission {
-        let facts = RequestFacts {
-            target: target.as_bytes(),
-            has_upgrade: false,
-            admin_allowed,
-            content_length: None,
-        };
+        let facts = RequestFacts { target: target.as_bytes(), has_upgrade: false, admin_allowed, content_length: None };
         admit(roles, &facts, &LIMITS)
     }
 
@@ -223,10 +191,7 @@ mod tests {
     fn views_decode_and_resolve() {
         let views = normalised_views(b"/_matrix/%2e%2e/_synapse/%2561dmin");
         assert!(views.iter().any(|v| v == "/_synapse/admin"), "{views:?}");
-        assert_eq!(
-            normalised_views(b"/_matrix/client/v3/sync"),
-            vec!["/_matrix/client/v3/sync"]
-        );
+        assert_eq!(normalised_views(b"/_matrix/client/v3/sync"), vec!["/_matrix/client/v3/sync"]);
         assert_eq!(normalised_views(b"/a//b/./c/../d/"), vec!["/a/b/d/"]);
     }
 
@@ -245,16 +210,9 @@ mod tests {
             "/_synapse/./admin",
             "/_synapse\\admin",
         ] {
-            assert_eq!(
-                status(&admit_target(CLIENT, target, false)),
-                403,
-                "{target}"
-            );
+            assert_eq!(status(&admit_target(CLIENT, target, false)), 403, "{target}");
         }
-        assert!(matches!(
-            admit_target(CLIENT, "/_synapse/admin/v1/users", true),
-            Admission::Forward { .. }
-        ));
+        assert!(matches!(admit_target(CLIENT, "/_synapse/admin/v1/users", true), Admission::Forward { .. }));
     }
 
     #[test]
@@ -272,18 +230,8 @@ mod tests {
 
     #[test]
     fn federation_listener_takes_only_federation_paths() {
-        for ok in [
-            "/_matrix/federation/v1/version",
-            "/_matrix/key/v2/server",
-            "/_matrix/media/v3/download/a/b",
-        ] {
-            assert!(
-                matches!(
-                    admit_target(FEDERATION, ok, false),
-                    Admission::Forward { .. }
-                ),
-                "{ok}"
-            );
+        for ok in ["/_matrix/federation/v1/version", "/_matrix/key/v2/server", "/_matrix/media/v3/download/a/b"] {
+            assert!(matches!(admit_target(FEDERATION, ok, false), Admission::Forward { .. }), "{ok}");
         }
         for refused in [
             "/_matrix/client/v3/login",
@@ -293,49 +241,22 @@ mod tests {
             "/_synapse/client/pick_idp",
             "/",
         ] {
-            assert_eq!(
-                status(&admit_target(FEDERATION, refused, false)),
-                404,
-                "{refused}"
-            );
+            assert_eq!(status(&admit_target(FEDERATION, refused, false)), 404, "{refused}");
         }
     }
 
     #[test]
     fn client_listener_forwards_matrix_and_synapse_client() {
-        assert!(matches!(
-            admit_target(CLIENT, "/_matrix/client/versions", false),
-            Admission::Forward { .. }
-        ));
-        assert!(matches!(
-            admit_target(CLIENT, "/_synapse/client/pick_idp", false),
-            Admission::Forward { .. }
-        ));
+        assert!(matches!(admit_target(CLIENT, "/_matrix/client/versions", false), Admission::Forward { .. }));
+        assert!(matches!(admit_target(CLIENT, "/_synapse/client/pick_idp", false), Admission::Forward { .. }));
         assert_eq!(status(&admit_target(CLIENT, "/index.html", false)), 404);
-        assert_eq!(
-            admit_target(CLIENT, "/.well-known/matrix/client", false),
-            Admission::WellKnown(Document::Client)
-        );
+        assert_eq!(admit_target(CLIENT, "/.well-known/matrix/client", false), Admission::WellKnown(Document::Client));
     }
 
     #[test]
     fn absolute_form_and_upgrade_are_refused() {
-        assert_eq!(
-            status(&admit_target(
-                CLIENT,
-                "http://evil/_matrix/client/versions",
-                false
-            )),
-            400
-        );
-        assert_eq!(
-            status(&admit_target(
-                CLIENT,
-                "matrix-federation://x/_matrix/key/v2/server",
-                false
-            )),
-            400
-        );
+        assert_eq!(status(&admit_target(CLIENT, "http://evil/_matrix/client/versions", false)), 400);
+        assert_eq!(status(&admit_target(CLIENT, "matrix-federation://x/_matrix/key/v2/server", false)), 400);
         assert_eq!(status(&admit_target(CLIENT, "*", false)), 400);
         let facts = RequestFacts {
             target: b"/_matrix/client/v3/sync",
@@ -354,32 +275,11 @@ mod tests {
             admin_allowed: false,
             content_length: Some(length),
         };
-        assert_eq!(
-            status(&admit(
-                CLIENT,
-                &with_length("/_matrix/media/v3/upload", 101),
-                &LIMITS
-            )),
-            413
-        );
+        assert_eq!(status(&admit(CLIENT, &with_length("/_matrix/media/v3/upload", 101), &LIMITS)), 413);
         assert!(matches!(
-            admit(
-                CLIENT,
-                &with_length("/_matrix/federation/v1/send/1", 999),
-                &LIMITS
-            ),
-            Admission::Forward {
-                body_limit: 1000,
-                federation: true
-            }
+            admit(CLIENT, &with_length("/_matrix/federation/v1/send/1", 999), &LIMITS),
+            Admission::Forward { body_limit: 1000, federation: true }
         ));
-        assert_eq!(
-            status(&admit(
-                CLIENT,
-                &with_length("/_matrix/federation/v1/send/1", 1001),
-                &LIMITS
-            )),
-            413
-        );
+        assert_eq!(status(&admit(CLIENT, &with_length("/_matrix/federation/v1/send/1", 1001), &LIMITS)), 413);
     }
 }

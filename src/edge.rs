@@ -3,8 +3,12 @@
 //! in whole, so a request sees one consistent snapshot.
 
 use crate::access::Limits;
+use crate::balance::{Member, Pool, Pools};
 use crate::config::values::ListenAddr;
+use crate::config::values::UpstreamAddr;
 use crate::config::{ConfigError, EdgeConfig, Role, Seg, Source};
+use crate::config::{SynapseConfig, WorkerList};
+use crate::routes::{Group, Methods, Router, Rule, Sticky};
 use crate::tls::{CertStore, CertifiedKey};
 use crate::upstream::Upstream;
 use crate::well_known::WellKnown;
@@ -14,6 +18,9 @@ use std::path::Path;
 
 pub struct Edge {
     pub server_name: String,
+    pub router: Router,
+    pub pools: Pools,
+    pub health: HealthSettings,
     pub listeners: Vec<Listener>,
     pub certificates: std::sync::Arc<CertStore>,
     pub well_known: WellKnown,
@@ -23,6 +30,13 @@ pub struct Edge {
     pub config: EdgeConfig,
     /// Things that work but are probably not what the admin meant.
     pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    pub path: String,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,21 +55,10 @@ impl Edge {
     }
 
     pub fn from_config(config: EdgeConfig, source: &Source) -> Result<Edge, ConfigError> {
-        let EdgeConfig {
-            server_name,
-            listeners,
-            tls,
-            well_known,
-            synapse,
-            admin_api,
-            limits,
-            process: _,
-        } = &config;
+        let EdgeConfig { server_name, listeners, tls, well_known, synapse, admin_api, limits, process: _ } = &config;
 
         if listeners.is_empty() {
-            return Err(
-                source.error_at(&[Seg::Key("listeners")], "at least one listener is needed")
-            );
+            return Err(source.error_at(&[Seg::Key("listeners")], "at least one listener is needed"));
         }
         let mut warnings = Vec::new();
         let mut seen = BTreeSet::new();
@@ -64,63 +67,43 @@ impl Edge {
             let at = |key| [Seg::Key("listeners"), Seg::Index(index), Seg::Key(key)];
             let ListenAddr(address) = listener.address;
             if !seen.insert(address) {
-                return Err(source.error_at(
-                    &at("address"),
-                    format!("{address} is used by two listeners"),
-                ));
+                return Err(source.error_at(&at("address"), format!("{address} is used by two listeners")));
             }
             if listener.serves.is_empty() {
-                return Err(source.error_at(
-                    &at("serves"),
-                    "list at least one of well_known, client, federation",
-                ));
+                return Err(source.error_at(&at("serves"), "list at least one of well_known, client, federation"));
             }
             let roles: BTreeSet<Role> = listener.serves.iter().copied().collect();
             if roles.len() != listener.serves.len() {
                 return Err(source.error_at(&at("serves"), "a role is listed twice"));
             }
             if listener.tls && tls.certificates.is_empty() {
-                return Err(source.error_at(
-                    &at("tls"),
-                    "this listener uses TLS but tls.certificates is empty",
-                ));
+                return Err(source.error_at(&at("tls"), "this listener uses TLS but tls.certificates is empty"));
             }
             if !listener.tls && roles.contains(&Role::Federation) {
                 warnings.push(format!(
                     "listener {address} serves federation without TLS: other homeservers only connect over TLS, so a TLS-terminating load balancer must sit in front"
                 ));
             }
-            compiled.push(Listener {
-                address,
-                tls: listener.tls,
-                roles: roles.into_iter().collect(),
-            });
+            compiled.push(Listener { address, tls: listener.tls, roles: roles.into_iter().collect() });
         }
 
         let mut certs = Vec::with_capacity(tls.certificates.len());
         for (index, files) in tls.certificates.iter().enumerate() {
             let base = source.file.parent().unwrap_or(Path::new("."));
-            let cert = CertifiedKey::load(&base.join(&files.cert), &base.join(&files.key))
-                .map_err(|e| {
-                    let key = match e {
-                        crate::tls::CertError::UnreadableKey { .. }
-                        | crate::tls::CertError::BadKey { .. }
-                        | crate::tls::CertError::KeyMismatch { .. } => "key",
-                        _ => "cert",
-                    };
-                    source.error_at(
-                        &[
-                            Seg::Key("tls"),
-                            Seg::Key("certificates"),
-                            Seg::Index(index),
-                            Seg::Key(key),
-                        ],
-                        e.to_string(),
-                    )
-                })?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
+            let cert = CertifiedKey::load(&base.join(&files.cert), &base.join(&files.key)).map_err(|e| {
+                let key = match e {
+                    crate::tls::CertError::UnreadableKey { .. }
+                    | crate::tls::CertError::BadKey { .. }
+                    | crate::tls::CertError::KeyMismatch { .. } => "key",
+                    _ => "cert",
+                };
+                source.error_at(
+                    &[Seg::Key("tls"), Seg::Key("certificates"), Seg::Index(index), Seg::Key(key)],
+                    e.to_string(),
+                )
+            })?;
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
             if cert.not_after_unix < now {
                 warnings.push(format!("certificate {} has expired", files.cert.display()));
             }
@@ -136,20 +119,16 @@ impl Edge {
                 ));
             }
             let port = server.effective_port();
-            let federation_ports: Vec<u16> = compiled
-                .iter()
-                .filter(|l| l.roles.contains(&Role::Federation))
-                .map(|l| l.address.port())
-                .collect();
+            let federation_ports: Vec<u16> =
+                compiled.iter().filter(|l| l.roles.contains(&Role::Federation)).map(|l| l.address.port()).collect();
             if !federation_ports.contains(&port) {
                 warnings.push(format!(
                     "m.server points at port {port} but federation listeners are on {federation_ports:?}; fine only if a port mapping sits in between"
                 ));
             }
         }
-        let documents_configured = well_known.server.is_some()
-            || well_known.client.is_some()
-            || well_known.support.is_some();
+        let documents_configured =
+            well_known.server.is_some() || well_known.client.is_some() || well_known.support.is_some();
         if documents_configured && !serves(Role::WellKnown) {
             return Err(source.error_at(
                 &[Seg::Key("well_known")],
@@ -166,9 +145,19 @@ impl Edge {
         }
         let main = Upstream::new(&synapse.main, timeouts)
             .map_err(|e| source.error_at(&[Seg::Key("synapse"), Seg::Key("main")], e))?;
+        let pools = build_pools(synapse, source)?;
+        let router = build_router(synapse, &pools.declared(), source)?;
+        let health = HealthSettings {
+            path: synapse.health_check.path.clone(),
+            interval: synapse.health_check.interval.0,
+            timeout: synapse.health_check.timeout.0,
+        };
 
         Ok(Edge {
             server_name: server_name.0.clone(),
+            router,
+            pools,
+            health,
             listeners: compiled,
             certificates: std::sync::Arc::new(CertStore::new(certs)),
             well_known: WellKnown::from_config(well_known, source)?,
@@ -197,20 +186,11 @@ impl Edge {
             .iter()
             .map(|l| {
                 let roles: Vec<String> = l.roles.iter().map(Role::to_string).collect();
-                format!(
-                    "{}{} [{}]",
-                    l.address,
-                    if l.tls { " tls" } else { "" },
-                    roles.join(",")
-                )
+                format!("{}{} [{}]", l.address, if l.tls { " tls" } else { "" }, roles.join(","))
             })
             .collect();
-        let names: Vec<&str> = self
-            .certificates
-            .certificates()
-            .iter()
-            .filter_map(|c| c.names.first().map(String::as_str))
-            .collect();
+        let names: Vec<&str> =
+            self.certificates.certificates().iter().filter_map(|c| c.names.first().map(String::as_str)).collect();
         let documents = self.well_known.configured();
         format!(
             "server_name {}; listeners {}; certificates [{}]; well-known [{}]; synapse main {}",
@@ -221,4 +201,121 @@ impl Edge {
             self.main.address
         )
     }
+}
+
+/// Every declared group with where it sits in the file.
+fn declared_groups(synapse: &SynapseConfig) -> Vec<(Group, [Seg; 3], &WorkerList)> {
+    let w = &synapse.workers;
+    let s = &synapse.stream_writers;
+    let workers = [
+        (Group::Synchrotron, "synchrotron", &w.synchrotron),
+        (Group::InitialSync, "initial_sync", &w.initial_sync),
+        (Group::ClientReader, "client_reader", &w.client_reader),
+        (Group::EventCreator, "event_creator", &w.event_creator),
+        (Group::FederationReader, "federation_reader", &w.federation_reader),
+        (Group::FederationInbound, "federation_inbound", &w.federation_inbound),
+        (Group::MediaRepository, "media_repository", &w.media_repository),
+        (Group::Sso, "sso", &w.sso),
+        (Group::UserDirectory, "user_directory", &w.user_directory),
+    ];
+    let writers = [
+        (Group::Typing, "typing", &s.typing),
+        (Group::ToDevice, "to_device", &s.to_device),
+        (Group::AccountData, "account_data", &s.account_data),
+        (Group::Presence, "presence", &s.presence),
+        (Group::PushRules, "push_rules", &s.push_rules),
+        (Group::Receipts, "receipts", &s.receipts),
+        (Group::DeviceLists, "device_lists", &s.device_lists),
+        (Group::QuarantinedMediaChanges, "quarantined_media_changes", &s.quarantined_media_changes),
+        (Group::ThreadSubscriptions, "thread_subscriptions", &s.thread_subscriptions),
+    ];
+    let mut out = Vec::new();
+    for (group, key, list) in workers {
+        if let Some(list) = list {
+            out.push((group, [Seg::Key("synapse"), Seg::Key("workers"), Seg::Key(key)], list));
+        }
+    }
+    for (group, key, list) in writers {
+        if let Some(list) = list {
+            out.push((group, [Seg::Key("synapse"), Seg::Key("stream_writers"), Seg::Key(key)], list));
+        }
+    }
+    out
+}
+
+fn build_pools(synapse: &SynapseConfig, source: &Source) -> Result<Pools, ConfigError> {
+    let mut pools = Vec::new();
+    for (group, at, list) in declared_groups(synapse) {
+        let entries = list.entries();
+        if entries.is_empty() {
+            return Err(source.error_at(&at, "list at least one worker address, or remove the key"));
+        }
+        if group.single_writer() && entries.len() > 1 {
+            return Err(source.error_at(
+                &at,
+                format!("Synapse allows exactly one {group} stream writer (its `stream_writers.{group}` takes one instance), but {} are listed", entries.len()),
+            ));
+        }
+        if group == Group::Sso && entries.len() > 1 {
+            return Err(source.error_at(
+                &at,
+                "every step of an SSO login must reach the same process, so list exactly one sso worker",
+            ));
+        }
+        let mut members = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let address = entry.address();
+            let (health_port, weight) = match entry {
+                crate::config::WorkerConfig::Address(_) => (synapse.health_check.port, 1),
+                crate::config::WorkerConfig::Detailed(d) => (d.health_port.or(synapse.health_check.port), d.weight),
+            };
+            if weight == 0 {
+                return Err(source.error_at(&at, "a worker's weight must be at least 1"));
+            }
+            let health = match (health_port, address) {
+                (Some(port), UpstreamAddr::Tcp(addr)) => UpstreamAddr::Tcp(std::net::SocketAddr::new(addr.ip(), port)),
+                (Some(port), UpstreamAddr::Tls(addr, host)) => {
+                    UpstreamAddr::Tls(std::net::SocketAddr::new(addr.ip(), port), host.clone())
+                }
+                _ => address.clone(),
+            };
+            let upstream = Upstream::new(address, &synapse.timeouts).map_err(|e| source.error_at(&at, e))?;
+            members.push(Member::new(upstream, health, weight));
+        }
+        pools.push(Pool::new(group, members));
+    }
+    Ok(Pools::new(pools))
+}
+
+fn build_router(synapse: &SynapseConfig, declared: &[Group], source: &Source) -> Result<Router, ConfigError> {
+    let mut rules = Vec::with_capacity(synapse.routes.len());
+    for (index, route) in synapse.routes.iter().enumerate() {
+        let at = |key| [Seg::Key("synapse"), Seg::Key("routes"), Seg::Index(index), Seg::Key(key)];
+        if let Err(e) = regex::Regex::new(&route.path) {
+            return Err(source.error_at(&at("path"), format!("not a valid regular expression: {e}")));
+        }
+        let methods = match &route.methods {
+            None => Methods::Any,
+            Some(names) => Methods::only(names.iter().map(String::as_str))
+                .map_err(|name| source.error_at(&at("methods"), format!("unknown method {name:?}")))?,
+        };
+        let group = Group::from_name(&route.to).ok_or_else(|| {
+            source.error_at(&at("to"), format!("{:?} is not main or a worker group or stream writer name", route.to))
+        })?;
+        if group != Group::Main && !declared.contains(&group) {
+            return Err(source.error_at(
+                &at("to"),
+                format!("no {group} workers are declared under synapse.workers or synapse.stream_writers"),
+            ));
+        }
+        let sticky = match route.sticky.as_deref() {
+            None => Sticky::None,
+            Some("user") => Sticky::User,
+            Some("room") => Sticky::Room,
+            Some("origin") => Sticky::Origin,
+            Some(other) => return Err(source.error_at(&at("sticky"), format!("{other:?} is not user, room or origin"))),
+        };
+        rules.push(Rule { pattern: route.path.clone().into(), methods, chain: vec![group].into(), sticky });
+    }
+    Router::new(rules, declared).map_err(|e| source.error_at(&[Seg::Key("synapse"), Seg::Key("routes")], e.to_string()))
 }

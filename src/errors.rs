@@ -49,12 +49,7 @@ pub struct MatrixError {
 
 impl MatrixError {
     fn new(status: u16, errcode: ErrCode, message: impl Into<Cow<'static, str>>) -> Self {
-        MatrixError {
-            status,
-            errcode,
-            message: message.into(),
-            retry_after_ms: None,
-        }
+        MatrixError { status, errcode, message: message.into(), retry_after_ms: None }
     }
 
     pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
@@ -78,11 +73,7 @@ impl MatrixError {
     }
 
     pub fn too_large(limit: u64) -> Self {
-        Self::new(
-            413,
-            ErrCode::TooLarge,
-            format!("Request body exceeds the limit of {limit} bytes"),
-        )
+        Self::new(413, ErrCode::TooLarge, format!("Request body exceeds the limit of {limit} bytes"))
     }
 
     pub fn rate_limited(retry_after_ms: u64) -> Self {
@@ -97,19 +88,11 @@ impl MatrixError {
     }
 
     pub fn unavailable() -> Self {
-        Self::new(
-            503,
-            ErrCode::Unknown,
-            "The homeserver is temporarily unavailable",
-        )
+        Self::new(503, ErrCode::Unknown, "The homeserver is temporarily unavailable")
     }
 
     pub fn gateway_timeout() -> Self {
-        Self::new(
-            504,
-            ErrCode::Unknown,
-            "The homeserver took too long to answer",
-        )
+        Self::new(504, ErrCode::Unknown, "The homeserver took too long to answer")
     }
 
     pub fn internal() -> Self {
@@ -117,8 +100,7 @@ impl MatrixError {
     }
 
     pub fn body(&self) -> Bytes {
-        let mut body =
-            serde_json::json!({ "errcode": self.errcode.as_str(), "error": self.message });
+        let mut body = serde_json::json!({ "errcode": self.errcode.as_str(), "error": self.message });
         if let Some(ms) = self.retry_after_ms {
             body["retry_after_ms"] = ms.into();
         }
@@ -139,13 +121,7 @@ impl MatrixError {
 
 impl std::fmt::Display for MatrixError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} {}: {}",
-            self.status,
-            self.errcode.as_str(),
-            self.message
-        )
+        write!(f, "{} {}: {}", self.status, self.errcode.as_str(), self.message)
     }
 }
 
@@ -155,22 +131,17 @@ mod tests {
 
     #[test]
     fn body_is_matrix_json() {
-        let body: serde_json::Value =
-            serde_json::from_slice(&MatrixError::too_large(10).body()).unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&MatrixError::too_large(10).body()).unwrap();
         assert_eq!(body["errcode"], "M_TOO_LARGE");
         assert!(body["error"].as_str().unwrap().contains("10 bytes"));
-        let limited: serde_json::Value =
-            serde_json::from_slice(&MatrixError::rate_limited(1500).body()).unwrap();
+        let limited: serde_json::Value = serde_json::from_slice(&MatrixError::rate_limited(1500).body()).unwrap();
         assert_eq!(limited["retry_after_ms"], 1500);
     }
 
     #[test]
     fn rate_limit_response_rounds_retry_after_up() {
         let response = MatrixError::rate_limited(1500).to_response();
-        assert!(response
-            .headers
-            .iter()
-            .any(|(k, v)| *k == "Retry-After" && v == "2"));
+        assert!(response.headers.iter().any(|(k, v)| *k == "Retry-After" && v == "2"));
     }
 }
 
@@ -217,19 +188,12 @@ mod proxy_error_tests {
 
     #[test]
     fn upstream_failures_become_matrix_errors() {
-        let refused =
-            for_proxy_error(&error(ErrorType::ConnectRefused, ErrorSource::Upstream), 0).unwrap();
+        let refused = for_proxy_error(&error(ErrorType::ConnectRefused, ErrorSource::Upstream), 0).unwrap();
         assert_eq!((refused.status, refused.errcode), (502, ErrCode::Unknown));
-        let slow =
-            for_proxy_error(&error(ErrorType::ReadTimedout, ErrorSource::Upstream), 0).unwrap();
+        let slow = for_proxy_error(&error(ErrorType::ReadTimedout, ErrorSource::Upstream), 0).unwrap();
         assert_eq!(slow.status, 504);
-        let big =
-            for_proxy_error(&error(ErrorType::HTTPStatus(413), ErrorSource::Internal), 7).unwrap();
+        let big = for_proxy_error(&error(ErrorType::HTTPStatus(413), ErrorSource::Internal), 7).unwrap();
         assert_eq!((big.status, big.errcode), (413, ErrCode::TooLarge));
-        assert!(for_proxy_error(
-            &error(ErrorType::ConnectionClosed, ErrorSource::Downstream),
-            0
-        )
-        .is_none());
+        assert!(for_proxy_error(&error(ErrorType::ConnectionClosed, ErrorSource::Downstream), 0).is_none());
     }
 }

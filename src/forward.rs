@@ -5,13 +5,7 @@ use std::net::IpAddr;
 
 /// Headers a client may send that would let it pose as someone else or
 /// talk to a proxy hop that does not exist.
-const DROPPED: [&str; 5] = [
-    "Forwarded",
-    "X-Real-IP",
-    "Proxy-Authorization",
-    "X-Forwarded-Proto",
-    "X-Forwarded-Host",
-];
+const DROPPED: [&str; 5] = ["Forwarded", "X-Real-IP", "Proxy-Authorization", "X-Forwarded-Proto", "X-Forwarded-Host"];
 
 /// Rewrites forwarding headers: Synapse trusts the first `X-Forwarded-For`
 /// value, so it is replaced by the address the edge actually saw.
@@ -48,18 +42,14 @@ mod tests {
 
     #[test]
     fn forged_forwarding_headers_are_replaced() {
-        let mut request =
-            RequestHeader::build("GET", b"/_matrix/client/v3/sync?since=a%2Fb", None).unwrap();
-        request
-            .insert_header("Host", "matrix.example.com:8443")
-            .unwrap();
+        let mut request = RequestHeader::build("GET", b"/_matrix/client/v3/sync?since=a%2Fb", None).unwrap();
+        request.insert_header("Host", "matrix.example.com:8443").unwrap();
         request.append_header("X-Forwarded-For", "6.6.6.6").unwrap();
         request.append_header("X-Forwarded-For", "7.7.7.7").unwrap();
         request.insert_header("Forwarded", "for=6.6.6.6").unwrap();
         request.insert_header("X-Real-IP", "6.6.6.6").unwrap();
         request.insert_header("X-Forwarded-Proto", "http").unwrap();
-        prepare_upstream_request(&mut request, Some("::ffff:10.1.2.3".parse().unwrap()), true)
-            .unwrap();
+        prepare_upstream_request(&mut request, Some("::ffff:10.1.2.3".parse().unwrap()), true).unwrap();
         let values: Vec<_> = request.headers.get_all("X-Forwarded-For").iter().collect();
         assert_eq!(values, ["10.1.2.3"]);
         assert_eq!(request.headers["X-Forwarded-Proto"], "https");

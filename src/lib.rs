@@ -17,14 +17,19 @@
 //! 8. `logging` writes the access line with tokens removed ([`redact`]).
 
 pub mod access;
+pub mod balance;
 pub mod config;
 pub mod edge;
 pub mod errors;
+pub mod explain;
 pub mod forward;
+pub mod health;
 pub mod proxy;
 pub mod redact;
 pub mod response;
+pub mod routes;
 pub mod server;
+pub mod sticky;
 pub mod tls;
 pub mod upstream;
 pub mod well_known;

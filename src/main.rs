@@ -9,12 +9,7 @@ use std::process::ExitCode;
 #[command(name = "matrix-edge", version)]
 struct Cli {
     /// The YAML configuration file.
-    #[arg(
-        short = 'c',
-        long = "config",
-        global = true,
-        default_value = "/etc/matrix-edge/config.yaml"
-    )]
+    #[arg(short = 'c', long = "config", global = true, default_value = "/etc/matrix-edge/config.yaml")]
     config: PathBuf,
     /// Take over the listening sockets of the running instance (zero-downtime upgrade).
     #[arg(short = 'u', long)]
@@ -33,6 +28,16 @@ struct Cli {
 enum Command {
     /// Validate the configuration, like `nginx -t`: exit 0 with a summary, or 1 with the error.
     Check,
+    /// Print the effective routing table: pattern, methods, serving group, sticky key.
+    Routes,
+    /// Explain where one request would go and why, e.g. `route GET '/_matrix/client/v3/sync?since=x'`.
+    Route {
+        method: String,
+        target: String,
+        /// A request header, `Name: value` (repeatable), e.g. `-H 'Authorization: Bearer syt_...'`.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+    },
 }
 
 fn init_logging(level: log::LevelFilter) {
@@ -41,10 +46,7 @@ fn init_logging(level: log::LevelFilter) {
     if let Ok(spec) = std::env::var("RUST_LOG") {
         builder.parse_filters(&spec);
     }
-    builder
-        .format_timestamp_millis()
-        .target(env_logger::Target::Stderr)
-        .init();
+    builder.format_timestamp_millis().target(env_logger::Target::Stderr).init();
 }
 
 fn main() -> ExitCode {
@@ -59,20 +61,31 @@ fn main() -> ExitCode {
     for warning in &edge.warnings {
         eprintln!("matrix-edge: warning: {warning}");
     }
-    if let Some(Command::Check) = cli.command {
-        println!(
-            "matrix-edge: {} ok: {}",
-            cli.config.display(),
-            edge.summary()
-        );
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Some(Command::Check) => {
+            println!("matrix-edge: {} ok: {}", cli.config.display(), edge.summary());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Routes) => {
+            print!("{}", matrix_edge::explain::routes_table(&edge));
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Route { method, target, headers }) => {
+            let mut parsed = Vec::with_capacity(headers.len());
+            for header in &headers {
+                let Some((name, value)) = header.split_once(':') else {
+                    eprintln!("matrix-edge: header {header:?} is not `Name: value`");
+                    return ExitCode::FAILURE;
+                };
+                parsed.push((name.trim().to_string(), value.trim().to_string()));
+            }
+            print!("{}", matrix_edge::explain::explain(&edge, &method.to_ascii_uppercase(), &target, &parsed));
+            return ExitCode::SUCCESS;
+        }
+        None => {}
     }
     init_logging(edge.config.process.log_level.as_filter());
-    let options = RunOptions {
-        upgrade: cli.upgrade,
-        pid_file: cli.pid_file,
-        upgrade_socket: cli.upgrade_socket,
-    };
+    let options = RunOptions { upgrade: cli.upgrade, pid_file: cli.pid_file, upgrade_socket: cli.upgrade_socket };
     match server::build(edge, &options) {
         Ok((server, _handles)) => {
             log::info!("matrix-edge {} starting", env!("CARGO_PKG_VERSION"));

@@ -33,9 +33,6 @@ mod tests {
             target_for_log(b"/_matrix/client/v3/sync?since=s1&access_token=syt_abc_def&x=1"),
             "/_matrix/client/v3/sync?since=s1&access_token=<redacted>&x=1"
         );
-        assert_eq!(
-            target_for_log(b"/_matrix/client/versions"),
-            "/_matrix/client/versions"
-        );
+        assert_eq!(target_for_log(b"/_matrix/client/versions"), "/_matrix/client/versions");
     }
 }

@@ -6,14 +6,8 @@ use pingora::http::ResponseHeader;
 /// CORS as the Matrix spec recommends for client-facing endpoints.
 pub const CORS_HEADERS: [(&str, &str); 3] = [
     ("Access-Control-Allow-Origin", "*"),
-    (
-        "Access-Control-Allow-Methods",
-        "GET, POST, PUT, DELETE, OPTIONS",
-    ),
-    (
-        "Access-Control-Allow-Headers",
-        "X-Requested-With, Content-Type, Authorization",
-    ),
+    ("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS"),
+    ("Access-Control-Allow-Headers", "X-Requested-With, Content-Type, Authorization"),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,21 +21,11 @@ pub struct LocalResponse {
 
 impl LocalResponse {
     pub fn json(status: u16, body: Bytes) -> Self {
-        LocalResponse {
-            status,
-            headers: vec![("Content-Type", "application/json".into())],
-            body,
-            close: false,
-        }
+        LocalResponse { status, headers: vec![("Content-Type", "application/json".into())], body, close: false }
     }
 
     pub fn empty(status: u16) -> Self {
-        LocalResponse {
-            status,
-            headers: Vec::new(),
-            body: Bytes::new(),
-            close: false,
-        }
+        LocalResponse { status, headers: Vec::new(), body: Bytes::new(), close: false }
     }
 
     pub fn with_cors(mut self) -> Self {

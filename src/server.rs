@@ -30,10 +30,7 @@ pub fn build(edge: Edge, options: &RunOptions) -> Result<(Server, Handles), Stri
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let mut conf = ServerConf {
-        threads,
-        ..ServerConf::default()
-    };
+    let mut conf = ServerConf { threads, ..ServerConf::default() };
     conf.grace_period_seconds = Some(process.shutdown_drain.0.as_secs());
     conf.graceful_shutdown_timeout_seconds = Some(process.shutdown_drain.0.as_secs() + 5);
     conf.upstream_keepalive_pool_size = 512;
@@ -43,10 +40,7 @@ pub fn build(edge: Edge, options: &RunOptions) -> Result<(Server, Handles), Stri
     if let Some(socket) = &options.upgrade_socket {
         conf.upgrade_sock = socket.clone();
     }
-    let opt = Opt {
-        upgrade: options.upgrade,
-        ..Opt::default()
-    };
+    let opt = Opt { upgrade: options.upgrade, ..Opt::default() };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
@@ -57,16 +51,10 @@ pub fn build(edge: Edge, options: &RunOptions) -> Result<(Server, Handles), Stri
         let address = listener.address.to_string();
         let name = format!("matrix-edge {address}");
         let tls = listener.tls;
-        let proxy = EdgeProxy {
-            listener,
-            edge: Arc::clone(&edge),
-        };
-        let mut service =
-            pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, &name);
+        let proxy = EdgeProxy { listener, edge: Arc::clone(&edge) };
+        let mut service = pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, &name);
         if tls {
-            let resolver = SniResolver {
-                store: Arc::clone(&certificates),
-            };
+            let resolver = SniResolver { store: Arc::clone(&certificates) };
             let mut settings = TlsSettings::with_callbacks(Box::new(resolver))
                 .map_err(|e| format!("cannot set up TLS for {address}: {e}"))?;
             settings.enable_h2();
@@ -75,6 +63,10 @@ pub fn build(edge: Edge, options: &RunOptions) -> Result<(Server, Handles), Stri
             service.add_tcp(&address);
         }
         server.add_service(service);
+    }
+    if !edge.load().pools.all().is_empty() {
+        let checker = crate::health::HealthChecker { edge: Arc::clone(&edge) };
+        server.add_service(pingora::services::background::background_service("worker health", checker));
     }
     Ok((server, Handles { edge, certificates }))
 }

@@ -40,14 +40,8 @@ pub enum CertError {
     #[error("private key {key} does not match the certificate in {cert}")]
     KeyMismatch { cert: String, key: String },
     #[error("certificate {index} in {path} did not issue certificate {previous}: put the leaf first, then each intermediate in order")]
-    ChainOrder {
-        path: String,
-        index: usize,
-        previous: usize,
-    },
-    #[error(
-        "certificate in {path} names no DNS host (no subjectAltName DNS entry or common name)"
-    )]
+    ChainOrder { path: String, index: usize, previous: usize },
+    #[error("certificate in {path} names no DNS host (no subjectAltName DNS entry or common name)")]
     NoNames { path: String },
 }
 
@@ -55,14 +49,10 @@ impl CertifiedKey {
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, CertError> {
         let cert_name = cert_path.display().to_string();
         let key_name = key_path.display().to_string();
-        let cert_pem = std::fs::read(cert_path).map_err(|e| CertError::UnreadableCert {
-            path: cert_name.clone(),
-            reason: e.to_string(),
-        })?;
-        let key_pem = std::fs::read(key_path).map_err(|e| CertError::UnreadableKey {
-            path: key_name.clone(),
-            reason: e.to_string(),
-        })?;
+        let cert_pem = std::fs::read(cert_path)
+            .map_err(|e| CertError::UnreadableCert { path: cert_name.clone(), reason: e.to_string() })?;
+        let key_pem = std::fs::read(key_path)
+            .map_err(|e| CertError::UnreadableKey { path: key_name.clone(), reason: e.to_string() })?;
         Self::from_pem(&cert_pem, &key_pem, &cert_name, &key_name)
     }
 
@@ -74,76 +64,42 @@ impl CertifiedKey {
     ) -> Result<CertifiedKey, CertError> {
         let chain = X509::stack_from_pem(cert_pem).unwrap_or_default();
         let Some(leaf) = chain.first() else {
-            return Err(CertError::NoCertificate {
-                path: cert_name.to_string(),
-            });
+            return Err(CertError::NoCertificate { path: cert_name.to_string() });
         };
-        let key = PKey::private_key_from_pem(key_pem).map_err(|e| CertError::BadKey {
-            path: key_name.to_string(),
-            reason: first_openssl_reason(&e),
-        })?;
-        let matches = leaf
-            .public_key()
-            .map(|public| public.public_eq(&key))
-            .unwrap_or(false);
+        let key = PKey::private_key_from_pem(key_pem)
+            .map_err(|e| CertError::BadKey { path: key_name.to_string(), reason: first_openssl_reason(&e) })?;
+        let matches = leaf.public_key().map(|public| public.public_eq(&key)).unwrap_or(false);
         if !matches {
-            return Err(CertError::KeyMismatch {
-                cert: cert_name.to_string(),
-                key: key_name.to_string(),
-            });
+            return Err(CertError::KeyMismatch { cert: cert_name.to_string(), key: key_name.to_string() });
         }
         for (index, pair) in chain.windows(2).enumerate() {
             if pair[1].issued(&pair[0]) != X509VerifyResult::OK {
-                return Err(CertError::ChainOrder {
-                    path: cert_name.to_string(),
-                    index: index + 1,
-                    previous: index,
-                });
+                return Err(CertError::ChainOrder { path: cert_name.to_string(), index: index + 1, previous: index });
             }
         }
         let names = names_of(leaf);
         if names.is_empty() {
-            return Err(CertError::NoNames {
-                path: cert_name.to_string(),
-            });
+            return Err(CertError::NoNames { path: cert_name.to_string() });
         }
         let not_after_unix = asn1_to_unix(leaf.not_after());
-        Ok(CertifiedKey {
-            chain,
-            key,
-            names,
-            not_after_unix,
-        })
+        Ok(CertifiedKey { chain, key, names, not_after_unix })
     }
 }
 
 fn first_openssl_reason(e: &pingora::tls::error::ErrorStack) -> String {
-    e.errors()
-        .first()
-        .and_then(|err| err.reason().map(str::to_string))
-        .unwrap_or_else(|| "unrecognised format".into())
+    e.errors().first().and_then(|err| err.reason().map(str::to_string)).unwrap_or_else(|| "unrecognised format".into())
 }
 
 fn names_of(leaf: &X509) -> Vec<String> {
     let mut names: Vec<String> = leaf
         .subject_alt_names()
-        .map(|sans| {
-            sans.iter()
-                .filter_map(|n| n.dnsname().map(str::to_ascii_lowercase))
-                .collect()
-        })
+        .map(|sans| sans.iter().filter_map(|n| n.dnsname().map(str::to_ascii_lowercase)).collect())
         .unwrap_or_default();
     if names.is_empty() {
         names = leaf
             .subject_name()
             .entries_by_nid(pingora::tls::nid::Nid::COMMONNAME)
-            .filter_map(|entry| {
-                entry
-                    .data()
-                    .to_string()
-                    .ok()
-                    .map(|s| s.to_ascii_lowercase())
-            })
+            .filter_map(|entry| entry.data().to_string().ok().map(|s| s.to_ascii_lowercase()))
             .collect();
     }
     names
@@ -179,11 +135,7 @@ impl CertStore {
                 };
             }
         }
-        CertStore {
-            certs: certs.into_iter().map(Arc::new).collect(),
-            exact,
-            wildcard,
-        }
+        CertStore { certs: certs.into_iter().map(Arc::new).collect(), exact, wildcard }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -233,16 +185,9 @@ impl TlsAccept for SniResolver {
         };
         let installed = pingora::tls::ext::ssl_use_certificate(ssl, leaf)
             .and_then(|_| pingora::tls::ext::ssl_use_private_key(ssl, &cert.key))
-            .and_then(|_| {
-                cert.chain[1..]
-                    .iter()
-                    .try_for_each(|c| pingora::tls::ext::ssl_add_chain_cert(ssl, c))
-            });
+            .and_then(|_| cert.chain[1..].iter().try_for_each(|c| pingora::tls::ext::ssl_add_chain_cert(ssl, c)));
         if let Err(e) = installed {
-            log::error!(
-                "cannot install the certificate for {:?}: {e}",
-                cert.names.first()
-            );
+            log::error!("cannot install the certificate for {:?}: {e}", cert.names.first());
         }
     }
 }
@@ -252,17 +197,8 @@ mod tests {
     use super::*;
 
     fn self_signed(names: &[&str]) -> CertifiedKey {
-        let cert = rcgen::generate_simple_self_signed(
-            names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        )
-        .unwrap();
-        CertifiedKey::from_pem(
-            cert.cert.pem().as_bytes(),
-            cert.key_pair.serialize_pem().as_bytes(),
-            "c",
-            "k",
-        )
-        .unwrap()
+        let cert = rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        CertifiedKey::from_pem(cert.cert.pem().as_bytes(), cert.key_pair.serialize_pem().as_bytes(), "c", "k").unwrap()
     }
 
     #[test]
@@ -285,33 +221,16 @@ mod tests {
     fn mismatched_key_is_refused() {
         let a = rcgen::generate_simple_self_signed(vec!["a.example".to_string()]).unwrap();
         let b = rcgen::generate_simple_self_signed(vec!["b.example".to_string()]).unwrap();
-        let err = CertifiedKey::from_pem(
-            a.cert.pem().as_bytes(),
-            b.key_pair.serialize_pem().as_bytes(),
-            "a.pem",
-            "b.key",
-        )
-        .err()
-        .unwrap();
-        assert_eq!(
-            err,
-            CertError::KeyMismatch {
-                cert: "a.pem".into(),
-                key: "b.key".into()
-            }
-        );
+        let err =
+            CertifiedKey::from_pem(a.cert.pem().as_bytes(), b.key_pair.serialize_pem().as_bytes(), "a.pem", "b.key")
+                .err()
+                .unwrap();
+        assert_eq!(err, CertError::KeyMismatch { cert: "a.pem".into(), key: "b.key".into() });
     }
 
     #[test]
     fn garbage_is_named() {
-        let err = CertifiedKey::from_pem(b"nope", b"nope", "x.pem", "x.key")
-            .err()
-            .unwrap();
-        assert_eq!(
-            err,
-            CertError::NoCertificate {
-                path: "x.pem".into()
-            }
-        );
+        let err = CertifiedKey::from_pem(b"nope", b"nope", "x.pem", "x.key").err().unwrap();
+        assert_eq!(err, CertError::NoCertificate { path: "x.pem".into() });
     }
 }

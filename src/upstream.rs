@@ -12,17 +12,12 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(
-        address: &UpstreamAddr,
-        timeouts: &UpstreamTimeoutsConfig,
-    ) -> Result<Upstream, String> {
+    pub fn new(address: &UpstreamAddr, timeouts: &UpstreamTimeoutsConfig) -> Result<Upstream, String> {
         let mut peer = match address {
             UpstreamAddr::Tcp(addr) => HttpPeer::new(*addr, false, String::new()),
             UpstreamAddr::Tls(addr, host) => HttpPeer::new(*addr, true, host.clone()),
             UpstreamAddr::Unix(path) => {
-                let path = path
-                    .to_str()
-                    .ok_or_else(|| format!("socket path {} is not UTF-8", path.display()))?;
+                let path = path.to_str().ok_or_else(|| format!("socket path {} is not UTF-8", path.display()))?;
                 HttpPeer::new_uds(path, false, String::new())
                     .map_err(|e| format!("bad unix socket path {path}: {e}"))?
             }
@@ -33,10 +28,7 @@ impl Upstream {
         options.read_timeout = Some(timeouts.read.0);
         options.write_timeout = Some(timeouts.write.0);
         options.idle_timeout = Some(timeouts.keepalive_idle.0);
-        Ok(Upstream {
-            address: address.clone(),
-            template: peer,
-        })
+        Ok(Upstream { address: address.clone(), template: peer })
     }
 
     pub fn peer(&self) -> Box<HttpPeer> {

@@ -48,24 +48,10 @@ pub struct WellKnown {
 }
 
 impl WellKnown {
-    pub fn from_config(
-        config: &WellKnownConfig,
-        source: &Source,
-    ) -> Result<WellKnown, ConfigError> {
-        let server = config
-            .server
-            .as_ref()
-            .map(|address| render(&json!({ "m.server": address.to_string() })));
-        let client = config
-            .client
-            .as_ref()
-            .map(|client| client_document(client, source))
-            .transpose()?;
-        let support = config
-            .support
-            .as_ref()
-            .map(|support| support_document(support, source))
-            .transpose()?;
+    pub fn from_config(config: &WellKnownConfig, source: &Source) -> Result<WellKnown, ConfigError> {
+        let server = config.server.as_ref().map(|address| render(&json!({ "m.server": address.to_string() })));
+        let client = config.client.as_ref().map(|client| client_document(client, source)).transpose()?;
+        let support = config.support.as_ref().map(|support| support_document(support, source)).transpose()?;
         Ok(WellKnown {
             server,
             client,
@@ -75,27 +61,19 @@ impl WellKnown {
     }
 
     pub fn configured(&self) -> Vec<&'static str> {
-        [
-            (Document::Server, &self.server),
-            (Document::Client, &self.client),
-            (Document::Support, &self.support),
-        ]
-        .into_iter()
-        .filter(|(_, body)| body.is_some())
-        .map(|(doc, _)| doc.name())
-        .collect()
+        [(Document::Server, &self.server), (Document::Client, &self.client), (Document::Support, &self.support)]
+            .into_iter()
+            .filter(|(_, body)| body.is_some())
+            .map(|(doc, _)| doc.name())
+            .collect()
     }
 
     pub fn respond(&self, document: Document, method: &Method) -> LocalResponse {
         if method == Method::OPTIONS {
-            return LocalResponse::empty(204)
-                .with_cors()
-                .with_header("Access-Control-Max-Age", "86400".into());
+            return LocalResponse::empty(204).with_cors().with_header("Access-Control-Max-Age", "86400".into());
         }
         if method != Method::GET && method != Method::HEAD {
-            return MatrixError::method_not_allowed()
-                .to_response()
-                .with_header("Allow", "GET, HEAD, OPTIONS".into());
+            return MatrixError::method_not_allowed().to_response().with_header("Allow", "GET, HEAD, OPTIONS".into());
         }
         let body = match document {
             Document::Server => &self.server,
@@ -106,13 +84,10 @@ impl WellKnown {
             Some(body) => LocalResponse::json(200, body.clone())
                 .with_cors()
                 .with_header("Cache-Control", self.cache_control.clone()),
-            None => MatrixError::not_found(format!(
-                "No {} discovery document is published here",
-                document.name()
-            ))
-            .to_response()
-            // Clients cache a "no discovery" answer too; let them re-check sooner.
-            .with_header("Cache-Control", "public, max-age=300".into()),
+            None => MatrixError::not_found(format!("No {} discovery document is published here", document.name()))
+                .to_response()
+                // Clients cache a "no discovery" answer too; let them re-check sooner.
+                .with_header("Cache-Control", "public, max-age=300".into()),
         }
     }
 }
@@ -125,36 +100,21 @@ fn render(value: &Value) -> Bytes {
 fn is_namespaced(key: &str) -> bool {
     let parts: Vec<&str> = key.split('.').collect();
     parts.len() >= 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        })
+        && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
 }
 
 fn client_document(config: &ClientWellKnownConfig, source: &Source) -> Result<Bytes, ConfigError> {
     let mut document = Map::new();
-    document.insert(
-        "m.homeserver".into(),
-        json!({ "base_url": config.homeserver.0 }),
-    );
+    document.insert("m.homeserver".into(), json!({ "base_url": config.homeserver.0 }));
     if let Some(identity) = &config.identity_server {
-        document.insert(
-            "m.identity_server".into(),
-            json!({ "base_url": identity.0 }),
-        );
+        document.insert("m.identity_server".into(), json!({ "base_url": identity.0 }));
     }
     for (key, value) in &config.extra {
-        let path = [
-            Seg::Key("well_known"),
-            Seg::Key("client"),
-            Seg::Key("extra"),
-        ];
+        let path = [Seg::Key("well_known"), Seg::Key("client"), Seg::Key("extra")];
         if key == "m.homeserver" || key == "m.identity_server" {
-            return Err(source.error_at(
-                &path,
-                format!("{key:?} is set by `homeserver`/`identity_server`, not in `extra`"),
-            ));
+            return Err(
+                source.error_at(&path, format!("{key:?} is set by `homeserver`/`identity_server`, not in `extra`"))
+            );
         }
         if !is_namespaced(key) {
             return Err(source.error_at(
@@ -167,30 +127,21 @@ fn client_document(config: &ClientWellKnownConfig, source: &Source) -> Result<By
     Ok(render(&Value::Object(document)))
 }
 
-fn support_document(
-    config: &SupportWellKnownConfig,
-    source: &Source,
-) -> Result<Bytes, ConfigError> {
+fn support_document(config: &SupportWellKnownConfig, source: &Source) -> Result<Bytes, ConfigError> {
     let base = [Seg::Key("well_known"), Seg::Key("support")];
     if config.contacts.is_empty() && config.support_page.is_none() {
         return Err(source.error_at(&base, "needs at least one of `contacts` or `support_page`"));
     }
     for (index, contact) in config.contacts.iter().enumerate() {
-        let path = [
-            Seg::Key("well_known"),
-            Seg::Key("support"),
-            Seg::Key("contacts"),
-            Seg::Index(index),
-        ];
+        let path = [Seg::Key("well_known"), Seg::Key("support"), Seg::Key("contacts"), Seg::Index(index)];
         if contact.matrix_id.is_none() && contact.email_address.is_none() {
             return Err(source.error_at(&path, "a contact needs `matrix_id` or `email_address`"));
         }
         if let Some(id) = &contact.matrix_id {
             if !is_user_id(id) {
-                return Err(source.error_at(
-                    &path,
-                    format!("{id:?} is not a Matrix user ID such as \"@admin:example.com\""),
-                ));
+                return Err(
+                    source.error_at(&path, format!("{id:?} is not a Matrix user ID such as \"@admin:example.com\""))
+                );
             }
         }
         if let Some(email) = &contact.email_address {
@@ -203,19 +154,13 @@ fn support_document(
         if !role_ok {
             return Err(source.error_at(
                 &path,
-                format!(
-                    "role {:?} is not m.role.admin, m.role.security or a namespaced role",
-                    contact.role
-                ),
+                format!("role {:?} is not m.role.admin, m.role.security or a namespaced role", contact.role),
             ));
         }
     }
     let mut document = Map::new();
     if !config.contacts.is_empty() {
-        document.insert(
-            "contacts".into(),
-            serde_json::to_value(&config.contacts).unwrap_or(Value::Null),
-        );
+        document.insert("contacts".into(), serde_json::to_value(&config.contacts).unwrap_or(Value::Null));
     }
     if let Some(page) = &config.support_page {
         document.insert("support_page".into(), Value::String(page.0.clone()));
@@ -239,10 +184,7 @@ mod tests {
         let text = format!(
             "server_name: example.com\nlisteners: [{{address: \"127.0.0.1:1\", serves: [well_known]}}]\nsynapse: {{main: \"127.0.0.1:2\"}}\nwell_known:\n{yaml}"
         );
-        let source = Source {
-            file: "t.yaml".into(),
-            text,
-        };
+        let source = Source { file: "t.yaml".into(), text };
         let config: EdgeConfig = source.parse()?;
         WellKnown::from_config(&config.well_known, &source)
     }
@@ -256,16 +198,9 @@ mod tests {
         let wk = build("  server: synapse.example.com:443\n  max_age: 2h\n").unwrap();
         let response = wk.respond(Document::Server, &Method::GET);
         assert_eq!(response.status, 200);
-        assert_eq!(
-            body(&response),
-            json!({"m.server": "synapse.example.com:443"})
-        );
-        assert!(response
-            .headers
-            .contains(&("Cache-Control", "public, max-age=7200".into())));
-        assert!(response
-            .headers
-            .contains(&("Content-Type", "application/json".into())));
+        assert_eq!(body(&response), json!({"m.server": "synapse.example.com:443"}));
+        assert!(response.headers.contains(&("Cache-Control", "public, max-age=7200".into())));
+        assert!(response.headers.contains(&("Content-Type", "application/json".into())));
     }
 
     #[test]
@@ -281,24 +216,20 @@ mod tests {
 
     #[test]
     fn unnamespaced_extra_key_is_located() {
-        let err = build(
-            "  client:\n    homeserver: https://matrix.example.com\n    extra:\n      jitsi: {}\n",
-        )
-        .unwrap_err();
+        let err =
+            build("  client:\n    homeserver: https://matrix.example.com\n    extra:\n      jitsi: {}\n").unwrap_err();
         assert!(err.message.contains("\"jitsi\" is not namespaced"), "{err}");
         assert_eq!(err.line, Some(7));
     }
 
     #[test]
     fn support_contacts_are_checked() {
-        assert!(build("  support: {}\n")
-            .unwrap_err()
-            .message
-            .contains("at least one"));
+        assert!(build("  support: {}\n").unwrap_err().message.contains("at least one"));
         let err = build("  support:\n    contacts:\n      - {role: m.role.admin}\n").unwrap_err();
         assert!(err.message.contains("matrix_id"), "{err}");
         assert_eq!(err.line, Some(7));
-        let err = build("  support:\n    contacts:\n      - {matrix_id: \"@a:example.com\", role: m.role.boss}\n").unwrap_err();
+        let err = build("  support:\n    contacts:\n      - {matrix_id: \"@a:example.com\", role: m.role.boss}\n")
+            .unwrap_err();
         assert!(err.message.contains("m.role.boss"), "{err}");
         let ok = build("  support:\n    contacts:\n      - {email_address: a@example.com, role: m.role.security}\n    support_page: https://example.com/help\n").unwrap();
         assert_eq!(
@@ -313,9 +244,7 @@ mod tests {
         let response = wk.respond(Document::Client, &Method::GET);
         assert_eq!(response.status, 404);
         assert_eq!(body(&response)["errcode"], "M_NOT_FOUND");
-        assert!(response
-            .headers
-            .contains(&("Access-Control-Allow-Origin", "*".into())));
+        assert!(response.headers.contains(&("Access-Control-Allow-Origin", "*".into())));
     }
 
     #[test]
@@ -324,19 +253,15 @@ mod tests {
         let preflight = wk.respond(Document::Client, &Method::OPTIONS);
         assert_eq!(preflight.status, 204);
         assert!(preflight.body.is_empty());
-        assert!(preflight.headers.contains(&(
-            "Access-Control-Allow-Methods",
-            "GET, POST, PUT, DELETE, OPTIONS".into()
-        )));
+        assert!(preflight
+            .headers
+            .contains(&("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS".into())));
         assert_eq!(wk.respond(Document::Server, &Method::POST).status, 405);
     }
 
     #[test]
     fn paths_match_exactly() {
-        assert_eq!(
-            Document::from_path(b"/.well-known/matrix/server"),
-            Some(Document::Server)
-        );
+        assert_eq!(Document::from_path(b"/.well-known/matrix/server"), Some(Document::Server));
         assert_eq!(Document::from_path(b"/.well-known/matrix/server/"), None);
         assert_eq!(Document::from_path(b"/.well-known/matrix/"), None);
     }

@@ -9,12 +9,7 @@ use std::process::Command;
 use support::certs::TestPki;
 
 fn check(config: &Path) -> (i32, String, String) {
-    let output = Command::new(support::binary())
-        .arg("check")
-        .arg("-c")
-        .arg(config)
-        .output()
-        .unwrap();
+    let output = Command::new(support::binary()).arg("check").arg("-c").arg(config).output().unwrap();
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -32,8 +27,7 @@ fn conf_copy() -> (tempfile::TempDir, PathBuf) {
             std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
         }
     }
-    TestPki::new(&[&["example.com"], &["synapse.example.com"]])
-        .copy_into(&dir.path().join("certs"));
+    TestPki::new(&[&["example.com"], &["synapse.example.com"]]).copy_into(&dir.path().join("certs"));
     let path = dir.path().to_path_buf();
     (dir, path)
 }
@@ -53,14 +47,7 @@ fn every_example_config_passes_check() {
         }
     }
     checked.sort();
-    assert_eq!(
-        checked,
-        [
-            "behind-load-balancer.yaml",
-            "classic.yaml",
-            "delegation.yaml"
-        ]
-    );
+    assert_eq!(checked, ["behind-load-balancer.yaml", "classic.yaml", "delegation.yaml"]);
 }
 
 /// Applies `edit` to conf/delegation.yaml and returns check's verdict.
@@ -85,10 +72,7 @@ fn unknown_key_is_named_with_line_and_column() {
     let (code, stderr) = check_edited(|t| t.replace("  allow: [", "  alow: ["));
     assert_eq!(code, 1);
     assert!(stderr.contains("edited.yaml:"), "{stderr}");
-    assert!(
-        stderr.contains("admin_api: unknown field `alow`, expected `allow`"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("admin_api: unknown field `alow`, expected `allow`"), "{stderr}");
 }
 
 #[test]
@@ -96,61 +80,32 @@ fn bad_listen_address_is_named() {
     let (code, stderr) = check_edited(|t| t.replace("[::]:443", "[::]:4430000"));
     assert_eq!(code, 1);
     assert!(stderr.contains(":8:"), "{stderr}");
-    assert!(
-        stderr.contains("listeners[0]")
-            && stderr.contains("invalid listen address \"[::]:4430000\""),
-        "{stderr}"
-    );
+    assert!(stderr.contains("listeners[0]") && stderr.contains("invalid listen address \"[::]:4430000\""), "{stderr}");
 }
 
 #[test]
 fn unreadable_certificate_is_named_with_its_key() {
-    let (code, stderr) = check_edited(|t| {
-        t.replace(
-            "certs/example.com/fullchain.pem",
-            "certs/missing/fullchain.pem",
-        )
-    });
+    let (code, stderr) = check_edited(|t| t.replace("certs/example.com/fullchain.pem", "certs/missing/fullchain.pem"));
     assert_eq!(code, 1);
-    let line = line_of(
-        include_str!("../conf/delegation.yaml"),
-        "certs/example.com/fullchain.pem",
-    );
+    let line = line_of(include_str!("../conf/delegation.yaml"), "certs/example.com/fullchain.pem");
     assert!(stderr.contains(&format!("edited.yaml:{line}:")), "{stderr}");
-    assert!(
-        stderr.contains("tls.certificates[1].cert: cannot read certificate file"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("tls.certificates[1].cert: cannot read certificate file"), "{stderr}");
     assert!(stderr.contains("missing/fullchain.pem"), "{stderr}");
 }
 
 #[test]
 fn key_that_does_not_match_its_certificate_is_refused() {
-    let (code, stderr) = check_edited(|t| {
-        t.replace(
-            "certs/example.com/privkey.pem",
-            "certs/synapse.example.com/privkey.pem",
-        )
-    });
+    let (code, stderr) =
+        check_edited(|t| t.replace("certs/example.com/privkey.pem", "certs/synapse.example.com/privkey.pem"));
     assert_eq!(code, 1);
-    assert!(
-        stderr.contains("tls.certificates[1].key: private key"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("does not match the certificate"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("tls.certificates[1].key: private key"), "{stderr}");
+    assert!(stderr.contains("does not match the certificate"), "{stderr}");
 }
 
 #[test]
 fn a_file_that_is_not_pem_is_refused() {
     let (_dir, path) = conf_copy();
-    std::fs::write(
-        path.join("certs/example.com/fullchain.pem"),
-        "not a certificate",
-    )
-    .unwrap();
+    std::fs::write(path.join("certs/example.com/fullchain.pem"), "not a certificate").unwrap();
     let (code, _, stderr) = check(&path.join("delegation.yaml"));
     assert_eq!(code, 1);
     assert!(stderr.contains("holds no PEM certificate"), "{stderr}");
@@ -158,54 +113,27 @@ fn a_file_that_is_not_pem_is_refused() {
 
 #[test]
 fn m_server_without_a_federation_listener_is_refused() {
-    let (code, stderr) = check_edited(|t| {
-        t.replace(
-            "serves: [well_known, client, federation]",
-            "serves: [well_known, client]",
-        )
-    });
+    let (code, stderr) =
+        check_edited(|t| t.replace("serves: [well_known, client, federation]", "serves: [well_known, client]"));
     assert_eq!(code, 1);
-    let line = line_of(
-        include_str!("../conf/delegation.yaml"),
-        "  server: synapse.example.com:443",
-    );
-    assert!(
-        stderr.contains(&format!(":{line}:3: well_known.server: m.server")),
-        "{stderr}"
-    );
+    let line = line_of(include_str!("../conf/delegation.yaml"), "  server: synapse.example.com:443");
+    assert!(stderr.contains(&format!(":{line}:3: well_known.server: m.server")), "{stderr}");
     assert!(stderr.contains("no listener serves federation"), "{stderr}");
 }
 
 #[test]
 fn bad_well_known_values_are_refused() {
-    let (code, stderr) = check_edited(|t| {
-        t.replace(
-            "homeserver: https://synapse.example.com",
-            "homeserver: synapse.example.com",
-        )
-    });
+    let (code, stderr) =
+        check_edited(|t| t.replace("homeserver: https://synapse.example.com", "homeserver: synapse.example.com"));
     assert_eq!(code, 1);
-    assert!(
-        stderr.contains("well_known.client.homeserver: invalid URL"),
-        "{stderr}"
-    );
-    let (code, stderr) = check_edited(|t| {
-        t.replace(
-            "server: synapse.example.com:443",
-            "server: https://synapse.example.com",
-        )
-    });
+    assert!(stderr.contains("well_known.client.homeserver: invalid URL"), "{stderr}");
+    let (code, stderr) =
+        check_edited(|t| t.replace("server: synapse.example.com:443", "server: https://synapse.example.com"));
     assert_eq!(code, 1);
-    assert!(
-        stderr.contains("well_known.server: invalid server address"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("well_known.server: invalid server address"), "{stderr}");
     let (code, stderr) = check_edited(|t| t.replace("role: m.role.admin", "role: admin"));
     assert_eq!(code, 1);
-    assert!(
-        stderr.contains("well_known.support.contacts[0]: role \"admin\""),
-        "{stderr}"
-    );
+    assert!(stderr.contains("well_known.support.contacts[0]: role \"admin\""), "{stderr}");
 }
 
 #[test]
@@ -216,41 +144,22 @@ fn tls_listener_without_certificates_is_refused() {
         format!("{}{}", &t[..start], &t[end..])
     });
     assert_eq!(code, 1);
-    assert!(
-        stderr.contains("listeners[0].tls: this listener uses TLS but tls.certificates is empty"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("listeners[0].tls: this listener uses TLS but tls.certificates is empty"), "{stderr}");
 }
 
 #[test]
 fn bad_sizes_durations_and_networks_are_refused() {
-    let (code, stderr) =
-        check_edited(|t| t.replace("max_upload_size: 50M", "max_upload_size: 50Q"));
-    assert_eq!(
-        (code, stderr.contains("invalid size \"50Q\"")),
-        (1, true),
-        "{stderr}"
-    );
+    let (code, stderr) = check_edited(|t| t.replace("max_upload_size: 50M", "max_upload_size: 50Q"));
+    assert_eq!((code, stderr.contains("invalid size \"50Q\"")), (1, true), "{stderr}");
     let (code, stderr) = check_edited(|t| t.replace("max_age: 1h", "max_age: soon"));
-    assert_eq!(
-        (code, stderr.contains("invalid duration \"soon\"")),
-        (1, true),
-        "{stderr}"
-    );
+    assert_eq!((code, stderr.contains("invalid duration \"soon\"")), (1, true), "{stderr}");
     let (code, stderr) = check_edited(|t| t.replace("127.0.0.1/32", "127.0.0.1/33"));
-    assert_eq!(
-        (code, stderr.contains("invalid network \"127.0.0.1/33\"")),
-        (1, true),
-        "{stderr}"
-    );
+    assert_eq!((code, stderr.contains("invalid network \"127.0.0.1/33\"")), (1, true), "{stderr}");
 }
 
 #[test]
 fn missing_config_file_is_a_clear_error() {
     let (code, _, stderr) = check(Path::new("/nonexistent/matrix-edge.yaml"));
     assert_eq!(code, 1);
-    assert!(
-        stderr.contains("/nonexistent/matrix-edge.yaml: cannot read the config file"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("/nonexistent/matrix-edge.yaml: cannot read the config file"), "{stderr}");
 }

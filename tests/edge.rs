@@ -28,11 +28,7 @@ struct Setup {
 const SNI: &str = "synapse.example.com";
 
 fn setup_with(extra: &str) -> Setup {
-    let pki = TestPki::new(&[
-        &["synapse.example.com"],
-        &["example.com"],
-        &["*.example.org"],
-    ]);
+    let pki = TestPki::new(&[&["synapse.example.com"], &["example.com"], &["*.example.org"]]);
     let upstream = RecordingUpstream::start();
     let (public, federation, plain): (SocketAddr, SocketAddr, SocketAddr) = (
         format!("127.0.0.1:{}", free_port()).parse().unwrap(),
@@ -58,14 +54,7 @@ process: {{ threads: 2 }}
         upstream.addr
     );
     let edge = EdgeProcess::start(&config, Some(&pki), &[public, federation, plain]);
-    Setup {
-        pki,
-        upstream,
-        edge,
-        public,
-        federation,
-        plain,
-    }
+    Setup { pki, upstream, edge, public, federation, plain }
 }
 
 const WELL_KNOWN: &str = r#"well_known:
@@ -88,16 +77,7 @@ impl Setup {
     }
 
     fn h2(&self, method: &str, target: &str) -> client::Response {
-        h2_tls(
-            self.public,
-            SNI,
-            &self.pki.root_pem,
-            method,
-            target,
-            &[],
-            None,
-        )
-        .unwrap()
+        h2_tls(self.public, SNI, &self.pki.root_pem, method, target, &[], None).unwrap()
     }
 }
 
@@ -111,9 +91,7 @@ fn presented_certificate(addr: SocketAddr, sni: Option<&str>, root_pem: &str) ->
     config.set_verify_hostname(false);
     config.set_use_server_name_indication(sni.is_some());
     let tcp = TcpStream::connect(addr).unwrap();
-    let stream = config
-        .connect(sni.unwrap_or("ignored.invalid"), tcp)
-        .unwrap();
+    let stream = config.connect(sni.unwrap_or("ignored.invalid"), tcp).unwrap();
     let cert = stream.ssl().peer_certificate().unwrap();
     let cn = cert
         .subject_name()
@@ -129,30 +107,12 @@ fn presented_certificate(addr: SocketAddr, sni: Option<&str>, root_pem: &str) ->
 fn sni_picks_exact_then_wildcard_then_first_and_serves_full_chain() {
     let s = setup();
     let root = &s.pki.root_pem;
-    assert_eq!(
-        presented_certificate(s.public, Some("synapse.example.com"), root),
-        ("synapse.example.com".into(), 2)
-    );
-    assert_eq!(
-        presented_certificate(s.public, Some("example.com"), root),
-        ("example.com".into(), 2)
-    );
-    assert_eq!(
-        presented_certificate(s.federation, Some("EXAMPLE.com"), root).0,
-        "example.com"
-    );
-    assert_eq!(
-        presented_certificate(s.public, Some("chat.example.org"), root).0,
-        "*.example.org"
-    );
-    assert_eq!(
-        presented_certificate(s.public, Some("unknown.test"), root).0,
-        "synapse.example.com"
-    );
-    assert_eq!(
-        presented_certificate(s.public, None, root).0,
-        "synapse.example.com"
-    );
+    assert_eq!(presented_certificate(s.public, Some("synapse.example.com"), root), ("synapse.example.com".into(), 2));
+    assert_eq!(presented_certificate(s.public, Some("example.com"), root), ("example.com".into(), 2));
+    assert_eq!(presented_certificate(s.federation, Some("EXAMPLE.com"), root).0, "example.com");
+    assert_eq!(presented_certificate(s.public, Some("chat.example.org"), root).0, "*.example.org");
+    assert_eq!(presented_certificate(s.public, Some("unknown.test"), root).0, "synapse.example.com");
+    assert_eq!(presented_certificate(s.public, None, root).0, "synapse.example.com");
     // A verifying client accepts each chain with only the root trusted.
     for name in ["synapse.example.com", "example.com", "chat.example.org"] {
         client::tls_connect(s.public, name, root, &["http/1.1"]);
@@ -175,9 +135,7 @@ fn tls_below_1_2_is_refused() {
     let s = setup();
     let mut builder = SslConnector::builder(SslMethod::tls()).unwrap();
     builder.set_verify(SslVerifyMode::NONE);
-    builder
-        .set_max_proto_version(Some(openssl::ssl::SslVersion::TLS1_1))
-        .unwrap();
+    builder.set_max_proto_version(Some(openssl::ssl::SslVersion::TLS1_1)).unwrap();
     builder.set_security_level(0);
     let tcp = TcpStream::connect(s.public).unwrap();
     assert!(builder.build().connect(SNI, tcp).is_err());
@@ -186,20 +144,13 @@ fn tls_below_1_2_is_refused() {
 #[test]
 fn well_known_documents_over_h1_and_h2() {
     let s = setup();
-    for response in [
-        s.h1(&get("/.well-known/matrix/server", "example.com")).0,
-        s.h2("GET", "/.well-known/matrix/server"),
-    ] {
+    for response in
+        [s.h1(&get("/.well-known/matrix/server", "example.com")).0, s.h2("GET", "/.well-known/matrix/server")]
+    {
         assert_eq!(response.status, 200);
         assert_eq!(response.header("content-type"), Some("application/json"));
-        assert_eq!(
-            response.header("cache-control"),
-            Some("public, max-age=1800")
-        );
-        assert_eq!(
-            response.json(),
-            serde_json::json!({"m.server": "synapse.example.com:443"})
-        );
+        assert_eq!(response.header("cache-control"), Some("public, max-age=1800"));
+        assert_eq!(response.json(), serde_json::json!({"m.server": "synapse.example.com:443"}));
     }
     let client_doc = s.h2("GET", "/.well-known/matrix/client");
     assert_eq!(client_doc.status, 200);
@@ -209,18 +160,11 @@ fn well_known_documents_over_h1_and_h2() {
         client_doc.json(),
         serde_json::json!({"m.homeserver": {"base_url": "https://synapse.example.com"}, "io.element.e2ee": {"default": true}})
     );
-    let support = s
-        .h1(&get("/.well-known/matrix/support?x=1", "example.com"))
-        .0;
+    let support = s.h1(&get("/.well-known/matrix/support?x=1", "example.com")).0;
     assert_eq!(support.status, 200);
     assert_eq!(support.header("access-control-allow-origin"), Some("*"));
-    assert_eq!(
-        support.json()["contacts"][0]["matrix_id"],
-        "@admin:example.com"
-    );
-    let head = s
-        .h1(b"HEAD /.well-known/matrix/client HTTP/1.1\r\nHost: example.com\r\n\r\n")
-        .0;
+    assert_eq!(support.json()["contacts"][0]["matrix_id"], "@admin:example.com");
+    let head = s.h1(b"HEAD /.well-known/matrix/client HTTP/1.1\r\nHost: example.com\r\n\r\n").0;
     assert_eq!(head.status, 200);
     assert!(head.body.is_empty());
     // None of it reached Synapse.
@@ -234,10 +178,7 @@ fn well_known_preflight_and_wrong_method() {
         b"OPTIONS /.well-known/matrix/client HTTP/1.1\r\nHost: example.com\r\nOrigin: https://app.element.io\r\nAccess-Control-Request-Method: GET\r\n\r\n",
     );
     assert_eq!(preflight.0.status, 204);
-    assert_eq!(
-        preflight.0.header("access-control-allow-methods"),
-        Some("GET, POST, PUT, DELETE, OPTIONS")
-    );
+    assert_eq!(preflight.0.header("access-control-allow-methods"), Some("GET, POST, PUT, DELETE, OPTIONS"));
     assert_eq!(
         preflight.0.header("access-control-allow-headers"),
         Some("X-Requested-With, Content-Type, Authorization")
@@ -253,14 +194,10 @@ fn unconfigured_well_known_is_404_json_with_cors() {
     let s = setup_with("");
     for document in ["server", "client", "support"] {
         let target = format!("/.well-known/matrix/{document}");
-        s.h1(&get(&target, "example.com"))
-            .0
-            .assert_matrix_error(404, "M_NOT_FOUND");
+        s.h1(&get(&target, "example.com")).0.assert_matrix_error(404, "M_NOT_FOUND");
         s.h2("GET", &target).assert_matrix_error(404, "M_NOT_FOUND");
     }
-    s.h1(&get("/.well-known/matrix/other", "example.com"))
-        .0
-        .assert_matrix_error(404, "M_UNRECOGNIZED");
+    s.h1(&get("/.well-known/matrix/other", "example.com")).0.assert_matrix_error(404, "M_UNRECOGNIZED");
 }
 
 /// Targets Synapse must receive exactly as sent (federation signatures cover them).
@@ -302,12 +239,7 @@ fn request_targets_reach_synapse_byte_for_byte_over_h2() {
     let records = s.upstream.wait_for(EXACT_TARGETS.len());
     let got: Vec<&str> = records.iter().map(|r| r.target()).collect();
     assert_eq!(got, EXACT_TARGETS);
-    assert!(
-        records
-            .iter()
-            .all(|r| r.request_line.ends_with(" HTTP/1.1")),
-        "upstream must be HTTP/1.1"
-    );
+    assert!(records.iter().all(|r| r.request_line.ends_with(" HTTP/1.1")), "upstream must be HTTP/1.1");
 }
 
 #[test]
@@ -315,40 +247,23 @@ fn forwarding_headers_are_rewritten_and_host_kept() {
     let s = setup();
     let raw = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: synapse.example.com:8443\r\nX-Forwarded-For: 6.6.6.6, 7.7.7.7\r\nX-Forwarded-For: 8.8.8.8\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Proto: http\r\nProxy-Authorization: Basic eA==\r\nAuthorization: X-Matrix origin=\"a.example\",key=\"ed25519:1\",sig=\"abc/+=\"\r\n\r\n";
     assert_eq!(s.h1(raw).0.status, 200);
-    let headers = [
-        ("x-forwarded-for", "9.9.9.9"),
-        ("forwarded", "for=9.9.9.9"),
-        ("x-real-ip", "9.9.9.9"),
-    ];
-    let h2 = h2_tls(
-        s.public,
-        SNI,
-        &s.pki.root_pem,
-        "GET",
-        "/_matrix/client/versions",
-        &headers,
-        None,
-    )
-    .unwrap();
+    let headers = [("x-forwarded-for", "9.9.9.9"), ("forwarded", "for=9.9.9.9"), ("x-real-ip", "9.9.9.9")];
+    let h2 = h2_tls(s.public, SNI, &s.pki.root_pem, "GET", "/_matrix/client/versions", &headers, None).unwrap();
     assert_eq!(h2.status, 200);
-    let (plain, _) = h1_plain(s.plain, b"GET /_matrix/client/versions HTTP/1.1\r\nHost: matrix.example.com\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n");
+    let (plain, _) = h1_plain(
+        s.plain,
+        b"GET /_matrix/client/versions HTTP/1.1\r\nHost: matrix.example.com\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n",
+    );
     assert_eq!(plain.status, 200);
     let records = s.upstream.wait_for(3);
     assert_eq!(records.len(), 3);
     for record in &records {
-        assert_eq!(
-            record.header_values("X-Forwarded-For"),
-            ["127.0.0.1"],
-            "{record:?}"
-        );
+        assert_eq!(record.header_values("X-Forwarded-For"), ["127.0.0.1"], "{record:?}");
         assert!(record.header_values("Forwarded").is_empty());
         assert!(record.header_values("X-Real-IP").is_empty());
         assert!(record.header_values("Proxy-Authorization").is_empty());
     }
-    assert_eq!(
-        records[0].header_values("Host"),
-        ["synapse.example.com:8443"]
-    );
+    assert_eq!(records[0].header_values("Host"), ["synapse.example.com:8443"]);
     assert_eq!(records[0].header_values("X-Forwarded-Proto"), ["https"]);
     assert_eq!(
         records[0].header_values("Authorization"),
@@ -363,11 +278,7 @@ fn forwarding_headers_are_rewritten_and_host_kept() {
 #[test]
 fn federation_listener_accepts_only_federation_key_and_media() {
     let s = setup();
-    let allowed = [
-        "/_matrix/federation/v1/version",
-        "/_matrix/key/v2/server",
-        "/_matrix/media/v3/download/a/b",
-    ];
+    let allowed = ["/_matrix/federation/v1/version", "/_matrix/key/v2/server", "/_matrix/media/v3/download/a/b"];
     for target in allowed {
         let (response, _) = h1_tls(s.federation, SNI, &s.pki.root_pem, &get(target, SNI));
         assert_eq!(response.status, 200, "{target}");
@@ -387,12 +298,7 @@ fn federation_listener_accepts_only_federation_key_and_media() {
         let h2 = h2_tls(s.federation, SNI, &s.pki.root_pem, "GET", target, &[], None).unwrap();
         h2.assert_matrix_error(404, "M_UNRECOGNIZED");
     }
-    let got: Vec<String> = s
-        .upstream
-        .wait_for(3)
-        .iter()
-        .map(|r| r.target().to_string())
-        .collect();
+    let got: Vec<String> = s.upstream.wait_for(3).iter().map(|r| r.target().to_string()).collect();
     assert_eq!(got, allowed);
 }
 
@@ -422,20 +328,13 @@ const NEVER_PUBLIC: &[&str] = &[
 fn admin_api_is_refused_from_outside_the_allow_list_in_every_spelling() {
     let s = setup();
     for target in ADMIN_VARIANTS {
-        s.h1(&get(target, SNI))
-            .0
-            .assert_matrix_error(403, "M_FORBIDDEN");
+        s.h1(&get(target, SNI)).0.assert_matrix_error(403, "M_FORBIDDEN");
         s.h2("GET", target).assert_matrix_error(403, "M_FORBIDDEN");
-        h1_plain(s.plain, &get(target, SNI))
-            .0
-            .assert_matrix_error(403, "M_FORBIDDEN");
+        h1_plain(s.plain, &get(target, SNI)).0.assert_matrix_error(403, "M_FORBIDDEN");
     }
     for target in NEVER_PUBLIC {
-        s.h1(&get(target, SNI))
-            .0
-            .assert_matrix_error(404, "M_UNRECOGNIZED");
-        s.h2("GET", target)
-            .assert_matrix_error(404, "M_UNRECOGNIZED");
+        s.h1(&get(target, SNI)).0.assert_matrix_error(404, "M_UNRECOGNIZED");
+        s.h2("GET", target).assert_matrix_error(404, "M_UNRECOGNIZED");
     }
     std::thread::sleep(Duration::from_millis(200));
     assert!(s.upstream.heads().is_empty(), "{:?}", s.upstream.heads());
@@ -447,16 +346,9 @@ fn admin_api_is_forwarded_from_allowed_networks_but_replication_never() {
     let (response, _) = s.h1(&get("/_synapse/admin/v1/users/@a:b", SNI));
     assert_eq!(response.status, 200);
     for target in NEVER_PUBLIC {
-        s.h1(&get(target, SNI))
-            .0
-            .assert_matrix_error(404, "M_UNRECOGNIZED");
+        s.h1(&get(target, SNI)).0.assert_matrix_error(404, "M_UNRECOGNIZED");
     }
-    let got: Vec<String> = s
-        .upstream
-        .wait_for(1)
-        .iter()
-        .map(|r| r.target().to_string())
-        .collect();
+    let got: Vec<String> = s.upstream.wait_for(1).iter().map(|r| r.target().to_string()).collect();
     assert_eq!(got, ["/_synapse/admin/v1/users/@a:b"]);
 }
 
@@ -473,7 +365,8 @@ fn absolute_form_targets_are_refused() {
     }
     // When Host disagrees with the target's authority, Pingora's parser
     // refuses the head before any hook runs: a bare 400, then close.
-    let raw = b"GET matrix-federation://remote.example/_matrix/key/v2/server HTTP/1.1\r\nHost: synapse.example.com\r\n\r\n";
+    let raw =
+        b"GET matrix-federation://remote.example/_matrix/key/v2/server HTTP/1.1\r\nHost: synapse.example.com\r\n\r\n";
     let (response, closed) = s.h1(raw);
     assert_eq!(response.status, 400);
     assert!(closed);
@@ -493,9 +386,7 @@ fn upgrade_on_matrix_routes_is_refused() {
 fn paths_outside_matrix_are_404_json() {
     let s = setup();
     for target in ["/", "/index.html", "/_synapse/mas/x", "/health"] {
-        s.h1(&get(target, SNI))
-            .0
-            .assert_matrix_error(404, "M_UNRECOGNIZED");
+        s.h1(&get(target, SNI)).0.assert_matrix_error(404, "M_UNRECOGNIZED");
     }
     assert!(s.upstream.heads().is_empty());
 }
@@ -544,27 +435,15 @@ fn chunked_body_over_the_limit_is_cut_and_answered_413() {
     response.assert_matrix_error(413, "M_TOO_LARGE");
     std::thread::sleep(Duration::from_millis(300));
     let records = s.upstream.records();
-    assert!(
-        records
-            .iter()
-            .all(|r| !r.body_complete && r.body_len <= 1 << 20),
-        "{records:?}"
-    );
+    assert!(records.iter().all(|r| !r.body_complete && r.body_len <= 1 << 20), "{records:?}");
 }
 
 #[test]
 fn h2_body_without_length_over_the_limit_is_413() {
     let s = setup();
-    let response = h2_tls(
-        s.public,
-        SNI,
-        &s.pki.root_pem,
-        "POST",
-        "/_matrix/media/v3/upload",
-        &[],
-        Some(vec![1u8; 1_500_000]),
-    )
-    .unwrap();
+    let response =
+        h2_tls(s.public, SNI, &s.pki.root_pem, "POST", "/_matrix/media/v3/upload", &[], Some(vec![1u8; 1_500_000]))
+            .unwrap();
     response.assert_matrix_error(413, "M_TOO_LARGE");
 }
 
@@ -584,24 +463,22 @@ fn federation_transactions_get_the_larger_limit() {
     .unwrap();
     assert_eq!(response.status, 200);
     assert_eq!(response.json()["body_len"], 2 << 20);
-    let mut raw = format!("PUT /_matrix/federation/v1/send/txn2 HTTP/1.1\r\nHost: {SNI}\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
-    raw.extend_from_slice(&body);
-    assert_eq!(
-        h1_tls(s.federation, SNI, &s.pki.root_pem, &raw).0.status,
-        200
-    );
-    let over = format!("PUT /_matrix/federation/v1/send/txn3 HTTP/1.1\r\nHost: {SNI}\r\nContent-Length: {}\r\n\r\n", 3 * (1 << 20) + 1);
-    h1_tls(s.federation, SNI, &s.pki.root_pem, over.as_bytes())
-        .0
-        .assert_matrix_error(413, "M_TOO_LARGE");
-    // A client upload of the same size is over the client limit.
-    let client = format!(
-        "POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: {SNI}\r\nContent-Length: {}\r\n\r\n",
+    let mut raw = format!(
+        "PUT /_matrix/federation/v1/send/txn2 HTTP/1.1\r\nHost: {SNI}\r\nContent-Length: {}\r\n\r\n",
         body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(&body);
+    assert_eq!(h1_tls(s.federation, SNI, &s.pki.root_pem, &raw).0.status, 200);
+    let over = format!(
+        "PUT /_matrix/federation/v1/send/txn3 HTTP/1.1\r\nHost: {SNI}\r\nContent-Length: {}\r\n\r\n",
+        3 * (1 << 20) + 1
     );
-    s.h1(client.as_bytes())
-        .0
-        .assert_matrix_error(413, "M_TOO_LARGE");
+    h1_tls(s.federation, SNI, &s.pki.root_pem, over.as_bytes()).0.assert_matrix_error(413, "M_TOO_LARGE");
+    // A client upload of the same size is over the client limit.
+    let client =
+        format!("POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: {SNI}\r\nContent-Length: {}\r\n\r\n", body.len());
+    s.h1(client.as_bytes()).0.assert_matrix_error(413, "M_TOO_LARGE");
 }
 
 #[test]
@@ -618,11 +495,7 @@ fn request_bodies_stream_to_synapse_before_they_end() {
     while s.upstream.heads().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(
-        s.upstream.heads().len(),
-        1,
-        "the request head was held back until the body ended"
-    );
+    assert_eq!(s.upstream.heads().len(), 1, "the request head was held back until the body ended");
     assert!(s.upstream.records().is_empty());
     stream.write_all(&vec![b'b'; total / 2]).unwrap();
     let response = read_response(&mut BufReader::new(stream), false).unwrap();
@@ -633,9 +506,7 @@ fn request_bodies_stream_to_synapse_before_they_end() {
 fn response_bodies_stream_to_the_client_before_they_end() {
     let s = setup();
     let mut stream = client::tls_connect(s.public, SNI, &s.pki.root_pem, &["http/1.1"]);
-    stream
-        .write_all(&get("/_matrix/media/v3/download/x/slow-stream", SNI))
-        .unwrap();
+    stream.write_all(&get("/_matrix/media/v3/download/x/slow-stream", SNI)).unwrap();
     let started = Instant::now();
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
@@ -649,10 +520,7 @@ fn response_bodies_stream_to_the_client_before_they_end() {
     let mut rest = vec![0u8; 100_000];
     reader.read_exact(&mut rest).unwrap();
     assert!(first.iter().all(|b| *b == b'a') && rest.iter().all(|b| *b == b'b'));
-    assert!(
-        first_half_after < Duration::from_millis(1200),
-        "first half arrived only after {first_half_after:?}"
-    );
+    assert!(first_half_after < Duration::from_millis(1200), "first half arrived only after {first_half_after:?}");
     assert!(started.elapsed() >= Duration::from_millis(1400));
 }
 
@@ -665,24 +533,11 @@ fn unreachable_synapse_is_502_matrix_json() {
         "server_name: example.com\nlisteners: [{{ address: \"{public}\", tls: true, serves: [client] }}]\ntls: {{ certificates: [{{ cert: certs/synapse.example.com/fullchain.pem, key: certs/synapse.example.com/privkey.pem }}] }}\nsynapse: {{ main: \"127.0.0.1:{dead}\" }}\n"
     );
     let _edge = EdgeProcess::start(&config, Some(&pki), &[public]);
-    let (response, _) = h1_tls(
-        public,
-        SNI,
-        &pki.root_pem,
-        &get("/_matrix/client/versions", SNI),
-    );
+    let (response, _) = h1_tls(public, SNI, &pki.root_pem, &get("/_matrix/client/versions", SNI));
     response.assert_matrix_error(502, "M_UNKNOWN");
-    h2_tls(
-        public,
-        SNI,
-        &pki.root_pem,
-        "GET",
-        "/_matrix/client/versions",
-        &[],
-        None,
-    )
-    .unwrap()
-    .assert_matrix_error(502, "M_UNKNOWN");
+    h2_tls(public, SNI, &pki.root_pem, "GET", "/_matrix/client/versions", &[], None)
+        .unwrap()
+        .assert_matrix_error(502, "M_UNKNOWN");
 }
 
 #[test]
@@ -690,12 +545,7 @@ fn keep_alive_connections_serve_many_requests() {
     let s = setup();
     let mut stream = client::tls_connect(s.public, SNI, &s.pki.root_pem, &["http/1.1"]);
     for i in 0..5 {
-        stream
-            .write_all(&get(
-                &format!("/_matrix/client/v3/rooms/%21r{i}%3Ab/state"),
-                SNI,
-            ))
-            .unwrap();
+        stream.write_all(&get(&format!("/_matrix/client/v3/rooms/%21r{i}%3Ab/state"), SNI)).unwrap();
         let mut reader = BufReader::new(&mut stream);
         let response = read_response(&mut reader, false).unwrap();
         assert_eq!(response.status, 200);
@@ -711,17 +561,9 @@ fn access_log_never_shows_access_tokens() {
     assert_eq!(s.h1(&get(&target, SNI)).0.status, 200);
     let auth = format!("Bearer {token}");
     assert_eq!(
-        h2_tls(
-            s.public,
-            SNI,
-            &s.pki.root_pem,
-            "GET",
-            "/_matrix/client/v3/sync",
-            &[("authorization", &auth)],
-            None
-        )
-        .unwrap()
-        .status,
+        h2_tls(s.public, SNI, &s.pki.root_pem, "GET", "/_matrix/client/v3/sync", &[("authorization", &auth)], None)
+            .unwrap()
+            .status,
         200
     );
     std::thread::sleep(Duration::from_millis(200));

@@ -49,14 +49,7 @@ impl Synapse {
         let status = Command::new("python3")
             .arg(&script)
             .arg(dir)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--server-name",
-                SERVER_NAME,
-                "--public-baseurl",
-                public_baseurl,
-            ])
+            .args(["--port", &port.to_string(), "--server-name", SERVER_NAME, "--public-baseurl", public_baseurl])
             .stdout(Stdio::null())
             .status()
             .unwrap();
@@ -76,10 +69,7 @@ impl Synapse {
             .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
             .spawn()
             .unwrap();
-        let mut synapse = Synapse {
-            child,
-            dir: dir.to_path_buf(),
-        };
+        let mut synapse = Synapse { child, dir: dir.to_path_buf() };
         synapse.wait_healthy(port);
         synapse
     }
@@ -135,18 +125,12 @@ impl Client {
         if h1_only {
             builder = builder.http1_only();
         }
-        Client {
-            http: builder.build().unwrap(),
-            base: format!("https://{HOST}:{}", edge.port()),
-            token: None,
-        }
+        Client { http: builder.build().unwrap(), base: format!("https://{HOST}:{}", edge.port()), token: None }
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut request = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .header("X-Forwarded-For", FORGED_IP);
+        let mut request =
+            self.http.request(method, format!("{}{path}", self.base)).header("X-Forwarded-For", FORGED_IP);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -161,18 +145,12 @@ impl Client {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON from {path}: {text}")),
-        )
+        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON from {path}: {text}")))
     }
 }
 
 fn encode(id: &str) -> String {
-    id.replace('!', "%21")
-        .replace(':', "%3A")
-        .replace('@', "%40")
-        .replace('$', "%24")
+    id.replace('!', "%21").replace(':', "%3A").replace('@', "%40").replace('$', "%24")
 }
 
 fn room_messages(sync: &Value, room: &str) -> Vec<String> {
@@ -217,16 +195,9 @@ limits: {{ max_upload_size: 50M }}
     let edge = EdgeProcess::start(&config, Some(&pki), &[edge_addr]);
 
     let mut alice = Client::new(edge_addr, &pki.root_pem, false);
-    let (status, versions) = alice
-        .json(reqwest::Method::GET, "/_matrix/client/versions", None)
-        .await;
+    let (status, versions) = alice.json(reqwest::Method::GET, "/_matrix/client/versions", None).await;
     assert_eq!(status, 200, "{versions}");
-    let discovery = alice
-        .http
-        .get(format!("{}/.well-known/matrix/client", alice.base))
-        .send()
-        .await
-        .unwrap();
+    let discovery = alice.http.get(format!("{}/.well-known/matrix/client", alice.base)).send().await.unwrap();
     assert_eq!(discovery.version(), reqwest::Version::HTTP_2);
     assert_eq!(
         discovery.json::<Value>().await.unwrap()["m.homeserver"]["base_url"],
@@ -255,21 +226,11 @@ limits: {{ max_upload_size: 50M }}
     alice.token = Some(token.clone());
 
     // Room and message.
-    let (status, room) = alice
-        .json(
-            reqwest::Method::POST,
-            "/_matrix/client/v3/createRoom",
-            Some(json!({"name": "edge"})),
-        )
-        .await;
+    let (status, room) =
+        alice.json(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(json!({"name": "edge"}))).await;
     assert_eq!(status, 200, "{room}");
     let room_id = room["room_id"].as_str().unwrap().to_string();
-    let send_path = |txn: &str| {
-        format!(
-            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
-            encode(&room_id)
-        )
-    };
+    let send_path = |txn: &str| format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", encode(&room_id));
     let (status, sent) = alice
         .json(
             reqwest::Method::PUT,
@@ -279,18 +240,9 @@ limits: {{ max_upload_size: 50M }}
         .await;
     assert_eq!(status, 200, "{sent}");
 
-    let (status, initial) = alice
-        .json(
-            reqwest::Method::GET,
-            "/_matrix/client/v3/sync?timeout=0",
-            None,
-        )
-        .await;
+    let (status, initial) = alice.json(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", None).await;
     assert_eq!(status, 200);
-    assert!(
-        room_messages(&initial, &room_id).contains(&"hello through the edge".to_string()),
-        "{initial}"
-    );
+    assert!(room_messages(&initial, &room_id).contains(&"hello through the edge".to_string()), "{initial}");
     let since = initial["next_batch"].as_str().unwrap().to_string();
 
     // A long-poll sync is answered when a message arrives from another connection (h1 this time).
@@ -310,42 +262,24 @@ limits: {{ max_upload_size: 50M }}
         )
         .await;
     assert_eq!(status, 200);
-    let incremental = tokio::time::timeout(Duration::from_secs(30), long_poll)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        room_messages(&incremental, &room_id),
-        ["second, over http/1.1"],
-        "{incremental}"
-    );
+    let incremental = tokio::time::timeout(Duration::from_secs(30), long_poll).await.unwrap().unwrap();
+    assert_eq!(room_messages(&incremental, &room_id), ["second, over http/1.1"], "{incremental}");
 
     // 20 MB up and down, streamed through the edge.
-    let blob: Vec<u8> = (0..20 * 1024 * 1024)
-        .map(|i: usize| (i % 251) as u8)
-        .collect();
+    let blob: Vec<u8> = (0..20 * 1024 * 1024).map(|i: usize| (i % 251) as u8).collect();
     let upload = alice
-        .request(
-            reqwest::Method::POST,
-            "/_matrix/media/v3/upload?filename=blob.bin",
-        )
+        .request(reqwest::Method::POST, "/_matrix/media/v3/upload?filename=blob.bin")
         .header("Content-Type", "application/octet-stream")
         .body(blob.clone())
         .send()
         .await
         .unwrap();
     assert_eq!(upload.status(), 200);
-    let content_uri = upload.json::<Value>().await.unwrap()["content_uri"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let content_uri = upload.json::<Value>().await.unwrap()["content_uri"].as_str().unwrap().to_string();
     let media_id = content_uri.rsplit('/').next().unwrap().to_string();
     for client in [&alice, &bob_device] {
         let download = client
-            .request(
-                reqwest::Method::GET,
-                &format!("/_matrix/client/v1/media/download/{SERVER_NAME}/{media_id}"),
-            )
+            .request(reqwest::Method::GET, &format!("/_matrix/client/v1/media/download/{SERVER_NAME}/{media_id}"))
             .send()
             .await
             .unwrap();
@@ -356,34 +290,20 @@ limits: {{ max_upload_size: 50M }}
     }
 
     // Synapse saw the client's real address, never the forged one.
-    let (status, whois) = alice
-        .json(
-            reqwest::Method::GET,
-            "/_matrix/client/v3/admin/whois/%40alice%3Aexample.com",
-            None,
-        )
-        .await;
+    let (status, whois) =
+        alice.json(reqwest::Method::GET, "/_matrix/client/v3/admin/whois/%40alice%3Aexample.com", None).await;
     assert_eq!(status, 200, "{whois}");
     let text = whois.to_string();
     assert!(text.contains(CLIENT_IP), "{text}");
     assert!(!text.contains(FORGED_IP), "{text}");
     let access_log = std::fs::read_to_string(synapse.dir.join("homeserver.log")).unwrap();
-    let proxied: Vec<&str> = access_log
-        .lines()
-        .filter(|l| l.contains("synapse.access.http"))
-        .collect();
+    let proxied: Vec<&str> = access_log.lines().filter(|l| l.contains("synapse.access.http")).collect();
     assert!(!proxied.is_empty());
-    assert!(
-        proxied.iter().all(|l| !l.contains(FORGED_IP)),
-        "Synapse logged the forged address"
-    );
+    assert!(proxied.iter().all(|l| !l.contains(FORGED_IP)), "Synapse logged the forged address");
     assert!(proxied.iter().any(|l| l.contains(CLIENT_IP)));
 
     // The edge's log holds the flow but never the access token.
     let log = edge.log_text();
     assert!(log.contains("/_matrix/client/v3/createRoom"), "{log}");
-    assert!(
-        !log.contains(&token),
-        "the access token leaked into the edge log"
-    );
+    assert!(!log.contains(&token), "the access token leaked into the edge log");
 }

@@ -17,11 +17,7 @@ pub enum Seg {
 /// 1-based line and column of the deepest segment of `path` found in `text`.
 pub fn locate(text: &str, path: &[Seg]) -> Option<(usize, usize)> {
     let lines: Vec<&str> = text.lines().collect();
-    let mut scope = Scope {
-        first: 0,
-        last: lines.len(),
-        min_col: 0,
-    };
+    let mut scope = Scope { first: 0, last: lines.len(), min_col: 0 };
     let mut found = None;
     for seg in path {
         let hit = match seg {
@@ -30,11 +26,7 @@ pub fn locate(text: &str, path: &[Seg]) -> Option<(usize, usize)> {
         };
         let Some((line, col)) = hit else { break };
         found = Some((line + 1, col + 1));
-        scope = Scope {
-            first: line,
-            last: block_end(&lines, line, col),
-            min_col: col + 1,
-        };
+        scope = Scope { first: line, last: block_end(&lines, line, col), min_col: col + 1 };
     }
     found
 }
@@ -56,9 +48,7 @@ fn is_meaningful(line: &str) -> bool {
 
 /// The line after the last one that belongs to the node starting at (line, col).
 fn block_end(lines: &[&str], line: usize, col: usize) -> usize {
-    (line + 1..lines.len())
-        .find(|&i| is_meaningful(lines[i]) && indent(lines[i]) <= col)
-        .unwrap_or(lines.len())
+    (line + 1..lines.len()).find(|&i| is_meaningful(lines[i]) && indent(lines[i]) <= col).unwrap_or(lines.len())
 }
 
 fn find_key(lines: &[&str], scope: &Scope, key: &str) -> Option<(usize, usize)> {
@@ -70,9 +60,7 @@ fn find_key(lines: &[&str], scope: &Scope, key: &str) -> Option<(usize, usize)> 
         while let Some(offset) = code.get(search..).and_then(|rest| rest.find(key)) {
             let col = search + offset;
             let before = code[..col].chars().last();
-            let after = code[col + key.len()..]
-                .trim_start_matches(['"', '\''])
-                .trim_start();
+            let after = code[col + key.len()..].trim_start_matches(['"', '\'']).trim_start();
             let starts_token = matches!(before, None | Some(' ' | '{' | ',' | '-' | '"' | '\''));
             if starts_token && after.starts_with(':') && col >= from {
                 if best.is_none_or(|(_, best_col)| col < best_col) {
@@ -98,10 +86,7 @@ fn find_item(lines: &[&str], scope: &Scope, index: usize) -> Option<(usize, usiz
         })
         .collect();
     let item_col = dashes.iter().map(|(_, col)| *col).min()?;
-    dashes
-        .into_iter()
-        .filter(|(_, col)| *col == item_col)
-        .nth(index)
+    dashes.into_iter().filter(|(_, col)| *col == item_col).nth(index)
 }
 
 #[cfg(test)]
@@ -125,28 +110,15 @@ well_known:
 
     #[test]
     fn finds_block_keys() {
-        assert_eq!(
-            locate(TEXT, &[Seg::Key("well_known"), Seg::Key("server")]),
-            Some((12, 3))
-        );
+        assert_eq!(locate(TEXT, &[Seg::Key("well_known"), Seg::Key("server")]), Some((12, 3)));
         assert_eq!(locate(TEXT, &[Seg::Key("server_name")]), Some((1, 1)));
     }
 
     #[test]
     fn finds_list_items_in_both_styles() {
-        let key = [
-            Seg::Key("tls"),
-            Seg::Key("certificates"),
-            Seg::Index(1),
-            Seg::Key("key"),
-        ];
+        let key = [Seg::Key("tls"), Seg::Key("certificates"), Seg::Index(1), Seg::Key("key")];
         assert_eq!(locate(TEXT, &key), Some((10, 23)));
-        let cert = [
-            Seg::Key("tls"),
-            Seg::Key("certificates"),
-            Seg::Index(0),
-            Seg::Key("key"),
-        ];
+        let cert = [Seg::Key("tls"), Seg::Key("certificates"), Seg::Index(0), Seg::Key("key")];
         assert_eq!(locate(TEXT, &cert), Some((9, 7)));
         let tls = [Seg::Key("listeners"), Seg::Index(1), Seg::Key("tls")];
         assert_eq!(locate(TEXT, &tls), Some((5, 5)));
@@ -156,10 +128,7 @@ well_known:
 
     #[test]
     fn a_missing_key_falls_back_to_its_parent() {
-        assert_eq!(
-            locate(TEXT, &[Seg::Key("well_known"), Seg::Key("client")]),
-            Some((11, 1))
-        );
+        assert_eq!(locate(TEXT, &[Seg::Key("well_known"), Seg::Key("client")]), Some((11, 1)));
         assert_eq!(locate(TEXT, &[Seg::Key("nothing")]), None);
     }
 }

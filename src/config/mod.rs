@@ -99,12 +99,7 @@ pub struct WellKnownConfig {
 
 impl Default for WellKnownConfig {
     fn default() -> Self {
-        WellKnownConfig {
-            server: None,
-            client: None,
-            support: None,
-            max_age: default_well_known_max_age(),
-        }
+        WellKnownConfig { server: None, client: None, support: None, max_age: default_well_known_max_age() }
     }
 }
 
@@ -151,6 +146,146 @@ pub struct SynapseConfig {
     pub main: UpstreamAddr,
     #[serde(default)]
     pub timeouts: UpstreamTimeoutsConfig,
+    /// Worker processes by type (Synapse's `docs/workers.md`).
+    #[serde(default)]
+    pub workers: WorkersConfig,
+    #[serde(default)]
+    pub stream_writers: StreamWritersConfig,
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+    /// Extra rules evaluated before the built-in table.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One worker address, or several.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum WorkerList {
+    One(WorkerConfig),
+    Many(Vec<WorkerConfig>),
+}
+
+impl WorkerList {
+    pub fn entries(&self) -> &[WorkerConfig] {
+        match self {
+            WorkerList::One(one) => std::slice::from_ref(one),
+            WorkerList::Many(many) => many,
+        }
+    }
+}
+
+/// `127.0.0.1:8083`, or `{ address: 127.0.0.1:8083, health_port: 9083, weight: 2 }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum WorkerConfig {
+    Address(UpstreamAddr),
+    Detailed(DetailedWorkerConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetailedWorkerConfig {
+    pub address: UpstreamAddr,
+    /// Where `GET /health` goes, when a separate listener answers it.
+    #[serde(default)]
+    pub health_port: Option<u16>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl WorkerConfig {
+    pub fn address(&self) -> &UpstreamAddr {
+        match self {
+            WorkerConfig::Address(address) => address,
+            WorkerConfig::Detailed(detailed) => &detailed.address,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    pub synchrotron: Option<WorkerList>,
+    pub initial_sync: Option<WorkerList>,
+    pub client_reader: Option<WorkerList>,
+    pub event_creator: Option<WorkerList>,
+    pub federation_reader: Option<WorkerList>,
+    pub federation_inbound: Option<WorkerList>,
+    pub media_repository: Option<WorkerList>,
+    pub sso: Option<WorkerList>,
+    pub user_directory: Option<WorkerList>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamWritersConfig {
+    pub typing: Option<WorkerList>,
+    pub to_device: Option<WorkerList>,
+    pub account_data: Option<WorkerList>,
+    pub presence: Option<WorkerList>,
+    pub push_rules: Option<WorkerList>,
+    pub receipts: Option<WorkerList>,
+    pub device_lists: Option<WorkerList>,
+    pub quarantined_media_changes: Option<WorkerList>,
+    pub thread_subscriptions: Option<WorkerList>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "default_health_interval")]
+    pub interval: Span,
+    #[serde(default = "default_health_timeout")]
+    pub timeout: Span,
+    /// Check this port on every worker instead of its traffic port.
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            path: default_health_path(),
+            interval: default_health_interval(),
+            timeout: default_health_timeout(),
+            port: None,
+        }
+    }
+}
+
+fn default_health_path() -> String {
+    "/health".into()
+}
+
+fn default_health_interval() -> Span {
+    Span(std::time::Duration::from_secs(5))
+}
+
+fn default_health_timeout() -> Span {
+    Span(std::time::Duration::from_secs(2))
+}
+
+/// `{ path: "^/_matrix/client/v3/rooms/[^/]+/report", methods: [POST], to: main }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// A regular expression on the raw path, without the query.
+    pub path: String,
+    /// Absent: every method.
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    /// `main` or a worker group or stream writer name.
+    pub to: String,
+    /// `user`, `room` or `origin`; absent: round robin.
+    #[serde(default)]
+    pub sticky: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -198,10 +333,7 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig {
-            max_upload_size: default_max_upload_size(),
-            federation_max_body: default_federation_max_body(),
-        }
+        LimitsConfig { max_upload_size: default_max_upload_size(), federation_max_body: default_federation_max_body() }
     }
 }
 
@@ -229,11 +361,7 @@ pub struct ProcessConfig {
 
 impl Default for ProcessConfig {
     fn default() -> Self {
-        ProcessConfig {
-            threads: 0,
-            shutdown_drain: default_drain(),
-            log_level: default_log_level(),
-        }
+        ProcessConfig { threads: 0, shutdown_drain: default_drain(), log_level: default_log_level() }
     }
 }
 
@@ -308,10 +436,7 @@ impl Source {
             key: None,
             message: format!("cannot read the config file: {e}"),
         })?;
-        Ok(Source {
-            file: file.to_path_buf(),
-            text,
-        })
+        Ok(Source { file: file.to_path_buf(), text })
     }
 
     pub fn parse(&self) -> Result<EdgeConfig, ConfigError> {
@@ -328,9 +453,7 @@ impl Source {
             None => rendered,
         };
         let (key, message) = match without_position.split_once(": ") {
-            Some((key, message)) if !key.contains(' ') => {
-                (Some(key.to_string()), message.to_string())
-            }
+            Some((key, message)) if !key.contains(' ') => (Some(key.to_string()), message.to_string()),
             _ => (None, without_position),
         };
         ConfigError {
@@ -376,11 +499,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<EdgeConfig, ConfigError> {
-        Source {
-            file: "test.yaml".into(),
-            text: text.into(),
-        }
-        .parse()
+        Source { file: "test.yaml".into(), text: text.into() }.parse()
     }
 
     const MINIMAL: &str = "server_name: example.com\nlisteners:\n  - { address: \"127.0.0.1:8008\", serves: [client] }\nsynapse:\n  main: 127.0.0.1:8009\n";
@@ -403,12 +522,7 @@ mod tests {
     #[test]
     fn bad_address_names_key_and_position() {
         let err = parse(&MINIMAL.replace("127.0.0.1:8008", "127.0.0.1:80800")).unwrap_err();
-        assert!(
-            err.key
-                .as_deref()
-                .is_some_and(|k| k.starts_with("listeners[0]")),
-            "{err}"
-        );
+        assert!(err.key.as_deref().is_some_and(|k| k.starts_with("listeners[0]")), "{err}");
         assert!(err.message.contains("invalid listen address"), "{err}");
         assert_eq!(err.line, Some(3));
         assert!(err.to_string().starts_with("test.yaml:3:"), "{err}");

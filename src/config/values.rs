@@ -53,9 +53,7 @@ impl TryFrom<String> for ByteSize {
     fn try_from(text: String) -> Result<Self, String> {
         match ByteSize::parse(&text) {
             Some(bytes) if bytes > 0 => Ok(ByteSize(bytes)),
-            _ => Err(format!(
-                "invalid size {text:?}: expected a positive size such as 50M, 200M or 1G"
-            )),
+            _ => Err(format!("invalid size {text:?}: expected a positive size such as 50M, 200M or 1G")),
         }
     }
 }
@@ -87,9 +85,7 @@ impl TryFrom<String> for Cidr {
         if let Ok(ip) = text.parse::<IpAddr>() {
             return Ok(Cidr(ipnet::IpNet::from(ip)));
         }
-        Err(format!(
-            "invalid network {text:?}: expected CIDR notation such as 127.0.0.1/32 or ::1/128"
-        ))
+        Err(format!("invalid network {text:?}: expected CIDR notation such as 127.0.0.1/32 or ::1/128"))
     }
 }
 
@@ -110,30 +106,20 @@ impl TryFrom<String> for UpstreamAddr {
         let expected = "expected host:port, https://host:port or unix:/path";
         if let Some(path) = text.strip_prefix("unix:") {
             if !path.starts_with('/') {
-                return Err(format!(
-                    "invalid upstream {text:?}: a unix socket path must be absolute ({expected})"
-                ));
+                return Err(format!("invalid upstream {text:?}: a unix socket path must be absolute ({expected})"));
             }
             return Ok(UpstreamAddr::Unix(PathBuf::from(path)));
         }
         let (authority, tls) = match text.strip_prefix("https://") {
             Some(rest) => (rest.trim_end_matches('/'), true),
-            None => (
-                text.strip_prefix("http://")
-                    .unwrap_or(&text)
-                    .trim_end_matches('/'),
-                false,
-            ),
+            None => (text.strip_prefix("http://").unwrap_or(&text).trim_end_matches('/'), false),
         };
         if authority.contains('/') {
-            return Err(format!(
-                "invalid upstream {text:?}: no path is allowed ({expected})"
-            ));
+            return Err(format!("invalid upstream {text:?}: no path is allowed ({expected})"));
         }
         // Resolve once, here: a hostname resolved per request would block.
-        let addr = resolve(authority).ok_or_else(|| {
-            format!("invalid upstream {text:?}: cannot resolve it to an address ({expected})")
-        })?;
+        let addr = resolve(authority)
+            .ok_or_else(|| format!("invalid upstream {text:?}: cannot resolve it to an address ({expected})"))?;
         if tls {
             let host = authority
                 .rsplit_once(':')
@@ -230,11 +216,7 @@ pub fn is_dns_name(host: &str) -> bool {
     !host.is_empty()
         && host.len() <= 255
         && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 
@@ -261,9 +243,7 @@ pub struct HttpUrl(pub String);
 impl TryFrom<String> for HttpUrl {
     type Error = String;
     fn try_from(text: String) -> Result<Self, String> {
-        let rest = text
-            .strip_prefix("https://")
-            .or_else(|| text.strip_prefix("http://"));
+        let rest = text.strip_prefix("https://").or_else(|| text.strip_prefix("http://"));
         let host = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
         match host {
             Some(host) if !host.is_empty() && !text.chars().any(char::is_whitespace) => Ok(HttpUrl(text)),
@@ -333,13 +313,7 @@ mod tests {
 
     #[test]
     fn server_address_accepts_spec_forms() {
-        for good in [
-            "example.com",
-            "synapse.example.com:443",
-            "1.2.3.4:8448",
-            "[::1]:443",
-            "[2001:db8::1]",
-        ] {
+        for good in ["example.com", "synapse.example.com:443", "1.2.3.4:8448", "[::1]:443", "[2001:db8::1]"] {
             assert!(parse_server_address(good).is_some(), "{good}");
         }
         for bad in [
@@ -362,10 +336,7 @@ mod tests {
             UpstreamAddr::try_from("127.0.0.1:8008".to_string()),
             Ok(UpstreamAddr::Tcp("127.0.0.1:8008".parse().unwrap()))
         );
-        assert!(matches!(
-            UpstreamAddr::try_from("unix:/run/synapse.sock".to_string()),
-            Ok(UpstreamAddr::Unix(_))
-        ));
+        assert!(matches!(UpstreamAddr::try_from("unix:/run/synapse.sock".to_string()), Ok(UpstreamAddr::Unix(_))));
         assert!(
             matches!(UpstreamAddr::try_from("https://127.0.0.1:8448".to_string()), Ok(UpstreamAddr::Tls(_, h)) if h == "127.0.0.1")
         );
@@ -376,17 +347,8 @@ mod tests {
 
     #[test]
     fn cidr_accepts_bare_addresses() {
-        assert_eq!(
-            Cidr::try_from("::1".to_string()).unwrap().0.to_string(),
-            "::1/128"
-        );
-        assert_eq!(
-            Cidr::try_from("10.1.2.3/8".to_string())
-                .unwrap()
-                .0
-                .to_string(),
-            "10.0.0.0/8"
-        );
+        assert_eq!(Cidr::try_from("::1".to_string()).unwrap().0.to_string(), "::1/128");
+        assert_eq!(Cidr::try_from("10.1.2.3/8".to_string()).unwrap().0.to_string(), "10.0.0.0/8");
         assert!(Cidr::try_from("10.0.0.0/33".to_string()).is_err());
     }
 }

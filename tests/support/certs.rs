@@ -21,28 +21,21 @@ impl TestPki {
         let root_key = KeyPair::generate().unwrap();
         let mut root_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        root_params
-            .distinguished_name
-            .push(DnType::CommonName, "matrix-edge test root");
+        root_params.distinguished_name.push(DnType::CommonName, "matrix-edge test root");
         let root = root_params.self_signed(&root_key).unwrap();
 
         let inter_key = KeyPair::generate().unwrap();
         let mut inter_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         inter_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        inter_params
-            .distinguished_name
-            .push(DnType::CommonName, "matrix-edge test intermediate");
-        let intermediate = inter_params
-            .signed_by(&inter_key, &root, &root_key)
-            .unwrap();
+        inter_params.distinguished_name.push(DnType::CommonName, "matrix-edge test intermediate");
+        let intermediate = inter_params.signed_by(&inter_key, &root, &root_key).unwrap();
 
         let leaves = names
             .iter()
             .map(|sans| {
                 let key = KeyPair::generate().unwrap();
                 let mut params =
-                    CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                        .unwrap();
+                    CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
                 params.distinguished_name.push(DnType::CommonName, sans[0]);
                 let cert = params.signed_by(&key, &intermediate, &inter_key).unwrap();
                 Leaf {
@@ -52,10 +45,7 @@ impl TestPki {
                 }
             })
             .collect();
-        TestPki {
-            root_pem: root.pem(),
-            leaves,
-        }
+        TestPki { root_pem: root.pem(), leaves }
     }
 
     /// Writes `DIR/<name>/fullchain.pem`, `privkey.pem` and `DIR/ca.pem`.

@@ -16,58 +16,34 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn header_count(&self, name: &str) -> usize {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .count()
+        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).count()
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     /// Asserts a Matrix error: status, errcode, JSON content type and CORS.
     pub fn assert_matrix_error(&self, status: u16, errcode: &str) {
         assert_eq!(self.status, status, "{self:?}");
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/json"),
-            "{self:?}"
-        );
-        assert_eq!(
-            self.header("access-control-allow-origin"),
-            Some("*"),
-            "{self:?}"
-        );
+        assert_eq!(self.header("content-type"), Some("application/json"), "{self:?}");
+        assert_eq!(self.header("access-control-allow-origin"), Some("*"), "{self:?}");
         assert_eq!(self.header_count("access-control-allow-origin"), 1);
         let body = self.json();
         assert_eq!(body["errcode"], errcode, "{body}");
-        assert!(
-            body["error"].as_str().is_some_and(|e| !e.is_empty()),
-            "{body}"
-        );
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
     }
 }
 
 pub fn connector(root_pem: &str, alpn: &[&str]) -> SslConnector {
     let mut builder = SslConnector::builder(SslMethod::tls()).unwrap();
     builder.set_verify(SslVerifyMode::PEER);
-    builder
-        .cert_store_mut()
-        .add_cert(X509::from_pem(root_pem.as_bytes()).unwrap())
-        .unwrap();
+    builder.cert_store_mut().add_cert(X509::from_pem(root_pem.as_bytes()).unwrap()).unwrap();
     if !alpn.is_empty() {
         let mut wire = Vec::new();
         for proto in alpn {
@@ -79,17 +55,10 @@ pub fn connector(root_pem: &str, alpn: &[&str]) -> SslConnector {
     builder.build()
 }
 
-pub fn tls_connect(
-    addr: SocketAddr,
-    sni: &str,
-    root_pem: &str,
-    alpn: &[&str],
-) -> SslStream<TcpStream> {
+pub fn tls_connect(addr: SocketAddr, sni: &str, root_pem: &str, alpn: &[&str]) -> SslStream<TcpStream> {
     let tcp = TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    connector(root_pem, alpn)
-        .connect(sni, tcp)
-        .unwrap_or_else(|e| panic!("TLS to {addr} as {sni}: {e}"))
+    connector(root_pem, alpn).connect(sni, tcp).unwrap_or_else(|e| panic!("TLS to {addr} as {sni}: {e}"))
 }
 
 /// Reads one response; `head_only` for answers to HEAD.
@@ -115,18 +84,11 @@ pub fn read_response<R: Read>(reader: &mut BufReader<R>, head_only: bool) -> Opt
         if (100..200).contains(&status) {
             continue;
         }
-        let mut response = Response {
-            status,
-            headers,
-            body: Vec::new(),
-        };
+        let mut response = Response { status, headers, body: Vec::new() };
         if head_only || status == 204 || status == 304 {
             return Some(response);
         }
-        if response
-            .header("transfer-encoding")
-            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-        {
+        if response.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
             loop {
                 let mut size = String::new();
                 reader.read_line(&mut size).ok()?;
@@ -138,10 +100,7 @@ pub fn read_response<R: Read>(reader: &mut BufReader<R>, head_only: bool) -> Opt
                 }
                 response.body.extend_from_slice(&chunk[..size]);
             }
-        } else if let Some(length) = response
-            .header("content-length")
-            .and_then(|v| v.parse::<usize>().ok())
-        {
+        } else if let Some(length) = response.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
             response.body = vec![0; length];
             reader.read_exact(&mut response.body).ok()?;
         } else {
@@ -166,11 +125,7 @@ pub fn h1_tls(addr: SocketAddr, sni: &str, root_pem: &str, raw: &[u8]) -> (Respo
     let head_only = raw.starts_with(b"HEAD ");
     let mut reader = BufReader::new(stream);
     let response = read_response(&mut reader, head_only).expect("no HTTP response");
-    reader
-        .get_mut()
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    reader.get_mut().get_ref().set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let closed = is_closed(&mut reader);
     (response, closed)
 }
@@ -178,17 +133,12 @@ pub fn h1_tls(addr: SocketAddr, sni: &str, root_pem: &str, raw: &[u8]) -> (Respo
 /// One raw HTTP/1.1 exchange over plain TCP.
 pub fn h1_plain(addr: SocketAddr, raw: &[u8]) -> (Response, bool) {
     let stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let mut writer = stream.try_clone().unwrap();
     writer.write_all(raw).unwrap();
     let mut reader = BufReader::new(stream);
     let response = read_response(&mut reader, raw.starts_with(b"HEAD ")).expect("no HTTP response");
-    reader
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    reader.get_ref().set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let closed = is_closed(&mut reader);
     (response, closed)
 }
@@ -208,32 +158,14 @@ pub fn h2_tls(
     headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
 ) -> Result<Response, String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let ssl = connector(root_pem, &["h2"])
-            .configure()
-            .unwrap()
-            .into_ssl(sni)
-            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let ssl = connector(root_pem, &["h2"]).configure().unwrap().into_ssl(sni).unwrap();
         let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
-        std::pin::Pin::new(&mut tls)
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
-        assert_eq!(
-            tls.ssl().selected_alpn_protocol(),
-            Some(&b"h2"[..]),
-            "server did not pick h2"
-        );
-        let (mut client, connection) = h2::client::handshake(tls)
-            .await
-            .map_err(|e| e.to_string())?;
+        std::pin::Pin::new(&mut tls).connect().await.map_err(|e| e.to_string())?;
+        assert_eq!(tls.ssl().selected_alpn_protocol(), Some(&b"h2"[..]), "server did not pick h2");
+        let (mut client, connection) = h2::client::handshake(tls).await.map_err(|e| e.to_string())?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -243,18 +175,13 @@ pub fn h2_tls(
             request = request.header(*k, *v);
         }
         let request = request.body(()).map_err(|e| e.to_string())?;
-        let (response, mut send) = client
-            .send_request(request, body.is_none())
-            .map_err(|e| e.to_string())?;
+        let (response, mut send) = client.send_request(request, body.is_none()).map_err(|e| e.to_string())?;
         let sender = async move {
             if let Some(body) = body {
                 for piece in body.chunks(16384) {
                     send.reserve_capacity(piece.len());
                     let _ = std::future::poll_fn(|cx| send.poll_capacity(cx)).await;
-                    if send
-                        .send_data(bytes::Bytes::copy_from_slice(piece), false)
-                        .is_err()
-                    {
+                    if send.send_data(bytes::Bytes::copy_from_slice(piece), false).is_err() {
                         return;
                     }
                 }
@@ -270,16 +197,9 @@ pub fn h2_tls(
                 let _ = body.flow_control().release_capacity(chunk.len());
                 data.extend_from_slice(&chunk);
             }
-            let headers = parts
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-                .collect();
-            Ok::<_, String>(Response {
-                status: parts.status.as_u16(),
-                headers,
-                body: data,
-            })
+            let headers =
+                parts.headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
+            Ok::<_, String>(Response { status: parts.status.as_u16(), headers, body: data })
         };
         let receiving = tokio::spawn(receiver);
         tokio::select! {

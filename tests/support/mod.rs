@@ -14,11 +14,7 @@ use std::time::{Duration, Instant};
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub fn binary() -> &'static str {
@@ -38,11 +34,7 @@ impl EdgeProcess {
     /// Writes `config` (YAML) into a fresh directory that already holds
     /// `certs/` from `certs`, starts the binary and waits until every
     /// address in `wait_for` accepts connections.
-    pub fn start(
-        config: &str,
-        certs: Option<&certs::TestPki>,
-        wait_for: &[SocketAddr],
-    ) -> EdgeProcess {
+    pub fn start(config: &str, certs: Option<&certs::TestPki>, wait_for: &[SocketAddr]) -> EdgeProcess {
         let dir = tempfile::tempdir().unwrap();
         if let Some(pki) = certs {
             pki.copy_into(&dir.path().join("certs"));
@@ -66,12 +58,7 @@ impl EdgeProcess {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut edge = EdgeProcess {
-            child,
-            dir,
-            config,
-            log,
-        };
+        let mut edge = EdgeProcess { child, dir, config, log };
         for addr in wait_for {
             edge.wait_listening(*addr);
         }

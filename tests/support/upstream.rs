@@ -25,11 +25,7 @@ impl Recorded {
     }
 
     pub fn header_values(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
+        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
     }
 }
 
@@ -59,12 +55,7 @@ impl RecordingUpstream {
                 std::thread::spawn(move || serve(stream, r, h));
             }
         });
-        RecordingUpstream {
-            addr,
-            records,
-            heads,
-            stop,
-        }
+        RecordingUpstream { addr, records, heads, stop }
     }
 
     pub fn records(&self) -> Vec<Recorded> {
@@ -125,12 +116,7 @@ fn serve(stream: TcpStream, records: Arc<Mutex<Vec<Recorded>>>, heads: Arc<Mutex
             }
         }
         heads.lock().unwrap().push(request_line.clone());
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.clone())
-        };
+        let get = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
         let mut body_start = Vec::new();
         let mut body_len = 0u64;
         let keep = |chunk: &[u8], body_start: &mut Vec<u8>| {
@@ -147,9 +133,7 @@ fn serve(stream: TcpStream, records: Arc<Mutex<Vec<Recorded>>>, heads: Arc<Mutex
                 if reader.read_line(&mut size_line).unwrap_or(0) == 0 {
                     break;
                 }
-                let Ok(size) =
-                    u64::from_str_radix(size_line.trim().split(';').next().unwrap_or(""), 16)
-                else {
+                let Ok(size) = u64::from_str_radix(size_line.trim().split(';').next().unwrap_or(""), 16) else {
                     break;
                 };
                 if size == 0 {
@@ -192,13 +176,7 @@ fn serve(stream: TcpStream, records: Arc<Mutex<Vec<Recorded>>>, heads: Arc<Mutex
             body_complete = remaining == 0;
         }
         let target = request_line.split(' ').nth(1).unwrap_or("").to_string();
-        records.lock().unwrap().push(Recorded {
-            request_line,
-            headers,
-            body_len,
-            body_start,
-            body_complete,
-        });
+        records.lock().unwrap().push(Recorded { request_line, headers, body_len, body_start, body_complete });
         if !body_complete {
             return;
         }
@@ -212,18 +190,16 @@ fn serve(stream: TcpStream, records: Arc<Mutex<Vec<Recorded>>>, heads: Arc<Mutex
 /// rest; `/big-download/N` sends N bytes; anything else echoes a small JSON.
 fn respond(writer: &mut TcpStream, target: &str, body_len: u64) -> std::io::Result<()> {
     if target.contains("/slow-stream") {
-        writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 200000\r\n\r\n")?;
+        writer.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 200000\r\n\r\n",
+        )?;
         writer.write_all(&vec![b'a'; 100_000])?;
         writer.flush()?;
         std::thread::sleep(Duration::from_millis(1500));
         writer.write_all(&vec![b'b'; 100_000])?;
         return writer.flush();
     }
-    if let Some(size) = target
-        .split("/big-download/")
-        .nth(1)
-        .and_then(|s| s.parse::<usize>().ok())
-    {
+    if let Some(size) = target.split("/big-download/").nth(1).and_then(|s| s.parse::<usize>().ok()) {
         write!(writer, "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n")?;
         let block = vec![b'x'; 65536];
         let mut left = size;

@@ -1,0 +1,508 @@
+//! Synapse's worker routing table, as data.
+//!
+//! Each rule is one line of Synapse's `docs/workers.md`: a regular expression
+//! on the raw path (no query), the methods it covers, the groups that may
+//! serve it in order of preference, and the sticky key its requests hash on.
+//! The first rule whose pattern and method match decides; the first group of
+//! its chain that the deployment declares serves it, and when none is
+//! declared the main process does. Paths no rule claims go to main.
+//!
+//! All patterns are compiled into one `RegexSet`, so a request is matched in
+//! a single pass; `Router::route_naive` keeps the plain first-match scan to
+//! prove the two agree.
+
+use regex::{Regex, RegexSet};
+use std::borrow::Cow;
+use std::fmt;
+
+/// A set of Synapse processes that serve the same paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Group {
+    Main,
+    Synchrotron,
+    InitialSync,
+    ClientReader,
+    EventCreator,
+    FederationReader,
+    FederationInbound,
+    MediaRepository,
+    Sso,
+    UserDirectory,
+    Typing,
+    ToDevice,
+    AccountData,
+    Presence,
+    PushRules,
+    Receipts,
+    DeviceLists,
+    QuarantinedMediaChanges,
+    ThreadSubscriptions,
+}
+
+impl Group {
+    pub const ALL: [Group; 19] = [
+        Group::Main,
+        Group::Synchrotron,
+        Group::InitialSync,
+        Group::ClientReader,
+        Group::EventCreator,
+        Group::FederationReader,
+        Group::FederationInbound,
+        Group::MediaRepository,
+        Group::Sso,
+        Group::UserDirectory,
+        Group::Typing,
+        Group::ToDevice,
+        Group::AccountData,
+        Group::Presence,
+        Group::PushRules,
+        Group::Receipts,
+        Group::DeviceLists,
+        Group::QuarantinedMediaChanges,
+        Group::ThreadSubscriptions,
+    ];
+
+    /// The config key naming this group (`synapse.workers.*` or `synapse.stream_writers.*`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::Main => "main",
+            Group::Synchrotron => "synchrotron",
+            Group::InitialSync => "initial_sync",
+            Group::ClientReader => "client_reader",
+            Group::EventCreator => "event_creator",
+            Group::FederationReader => "federation_reader",
+            Group::FederationInbound => "federation_inbound",
+            Group::MediaRepository => "media_repository",
+            Group::Sso => "sso",
+            Group::UserDirectory => "user_directory",
+            Group::Typing => "typing",
+            Group::ToDevice => "to_device",
+            Group::AccountData => "account_data",
+            Group::Presence => "presence",
+            Group::PushRules => "push_rules",
+            Group::Receipts => "receipts",
+            Group::DeviceLists => "device_lists",
+            Group::QuarantinedMediaChanges => "quarantined_media_changes",
+            Group::ThreadSubscriptions => "thread_subscriptions",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Group> {
+        Group::ALL.into_iter().find(|g| g.name() == name)
+    }
+
+    /// Whether requests may go to the main process when every member is down.
+    /// Media workers own the media store (`enable_media_repo: false` on main)
+    /// and SSO sessions live in one process, so neither falls back.
+    pub fn falls_back_to_main(self) -> bool {
+        !matches!(self, Group::MediaRepository | Group::Sso)
+    }
+
+    /// Stream writers Synapse allows only one of.
+    pub fn single_writer(self) -> bool {
+        matches!(self, Group::Typing | Group::ToDevice | Group::AccountData | Group::Presence | Group::PushRules)
+    }
+}
+
+impl fmt::Display for Group {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which methods a rule covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Methods {
+    Any,
+    /// GET (and HEAD, which Synapse serves as GET).
+    Read,
+    /// Anything but GET/HEAD.
+    Write,
+    /// An explicit set (user rules), as bits of `METHOD_BITS`.
+    Only(u16),
+}
+
+/// Methods a user rule may name; anything else is refused by `check`.
+pub const METHOD_BITS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"];
+
+impl Methods {
+    /// A set from method names, or the first unknown name.
+    pub fn only<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Methods, &'a str> {
+        let mut bits = 0u16;
+        for name in names {
+            let index = METHOD_BITS.iter().position(|m| m.eq_ignore_ascii_case(name)).ok_or(name)?;
+            bits |= 1 << index;
+        }
+        Ok(Methods::Only(bits))
+    }
+}
+
+impl Methods {
+    pub fn allows(self, method: &str) -> bool {
+        let read = method == "GET" || method == "HEAD";
+        match self {
+            Methods::Any => true,
+            Methods::Read => read,
+            Methods::Write => !read,
+            Methods::Only(bits) => {
+                METHOD_BITS.iter().position(|m| *m == method).is_some_and(|index| bits & (1 << index) != 0)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Methods {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Methods::Any => f.write_str("*"),
+            Methods::Read => f.write_str("GET,HEAD"),
+            Methods::Write => f.write_str("!GET"),
+            Methods::Only(bits) => {
+                let names: Vec<&str> =
+                    METHOD_BITS.iter().enumerate().filter(|(i, _)| bits & (1 << i) != 0).map(|(_, m)| *m).collect();
+                f.write_str(&names.join(","))
+            }
+        }
+    }
+}
+
+/// What a group's requests are hashed on, so the same user, room or origin
+/// keeps reaching the same worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sticky {
+    /// Round robin.
+    None,
+    /// The user behind the access token (sync).
+    User,
+    /// The room ID in the path (event sending, pagination).
+    Room,
+    /// The `origin` of an `X-Matrix` authorization (federation transactions).
+    Origin,
+}
+
+impl fmt::Display for Sticky {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Sticky::None => "-",
+            Sticky::User => "user",
+            Sticky::Room => "room",
+            Sticky::Origin => "origin",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub pattern: Cow<'static, str>,
+    pub methods: Methods,
+    /// Groups in order of preference; the first one declared serves.
+    pub chain: Cow<'static, [Group]>,
+    pub sticky: Sticky,
+}
+
+const fn rule(pattern: &'static str, methods: Methods, chain: &'static [Group], sticky: Sticky) -> Rule {
+    Rule { pattern: Cow::Borrowed(pattern), methods, chain: Cow::Borrowed(chain), sticky }
+}
+
+use Group as G;
+use Methods::{Any, Read, Write};
+use Sticky::{None as Rr, Origin, Room, User};
+
+/// The built-in table, in evaluation order: SSO and media (whole prefixes
+/// owned by one kind of process), stream writers (they override the generic
+/// lists), GET-only generic paths, then the generic groups.
+pub const BUILTIN: &[Rule] = &[
+    // SSO: every step of a login must reach the same single process.
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/login/sso/redirect", Any, &[G::Sso], Rr),
+    rule(r"^/_synapse/client/pick_idp$", Any, &[G::Sso], Rr),
+    rule(r"^/_synapse/client/pick_username", Any, &[G::Sso], Rr),
+    rule(r"^/_synapse/client/new_user_consent$", Any, &[G::Sso], Rr),
+    rule(r"^/_synapse/client/sso_register$", Any, &[G::Sso], Rr),
+    rule(r"^/_synapse/client/oidc/callback$", Any, &[G::Sso], Rr),
+    rule(r"^/_synapse/client/saml2/authn_response$", Any, &[G::Sso], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/login/cas/ticket$", Any, &[G::Sso], Rr),
+    // Stream writers.
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/typing", Any, &[G::Typing], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/sendToDevice/", Any, &[G::ToDevice], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/rooms/.*/receipt", Any, &[G::Receipts], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/rooms/.*/read_markers", Any, &[G::Receipts], Rr),
+    rule(r"^/_matrix/client/(r0|v3)/delete_devices$", Any, &[G::DeviceLists, G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/devices(/|$)", Any, &[G::DeviceLists, G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/keys/upload", Any, &[G::DeviceLists, G::ClientReader], Rr),
+    rule(
+        r"^/_matrix/client/(api/v1|r0|v3|unstable)/keys/device_signing/upload$",
+        Any,
+        &[G::DeviceLists, G::ClientReader],
+        Rr,
+    ),
+    rule(
+        r"^/_matrix/client/(api/v1|r0|v3|unstable)/keys/signatures/upload$",
+        Any,
+        &[G::DeviceLists, G::ClientReader],
+        Rr,
+    ),
+    rule(r"^/_synapse/admin/v1/quarantine_media/.*$", Any, &[G::QuarantinedMediaChanges, G::MediaRepository], Rr),
+    rule(r"^/_matrix/client/unstable/io.element.msc4306/.*", Any, &[G::ThreadSubscriptions], Rr),
+    // Readable by any generic worker, written only by the stream's writer.
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/pushrules/", Write, &[G::PushRules], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/.*/tags", Write, &[G::AccountData], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/.*/account_data", Write, &[G::AccountData], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/presence/", Write, &[G::Presence], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/pushrules/", Read, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/.*/tags", Read, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/.*/account_data", Read, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/presence/", Read, &[G::ClientReader], Rr),
+    rule(r"^/_synapse/admin/v2/users/[^/]+$", Read, &[G::ClientReader], Rr),
+    // Media repository, by prefix.
+    rule(r"^/_matrix/media/", Any, &[G::MediaRepository], Rr),
+    rule(r"^/_matrix/client/v1/media/", Any, &[G::MediaRepository], Rr),
+    rule(r"^/_matrix/federation/v1/media/", Any, &[G::MediaRepository], Rr),
+    rule(r"^/_synapse/admin/v1/purge_media_cache$", Any, &[G::MediaRepository], Rr),
+    rule(r"^/_synapse/admin/v1/room/.*/media.*$", Any, &[G::MediaRepository], Rr),
+    rule(r"^/_synapse/admin/v1/user/.*/media.*$", Any, &[G::MediaRepository], Rr),
+    rule(r"^/_synapse/admin/v1/media/.*$", Any, &[G::MediaRepository], Rr),
+    rule(r"^/_synapse/admin/v1/users/.*/media$", Any, &[G::MediaRepository], Rr),
+    // Sync (initial syncs go to `initial_sync` when declared; see Router).
+    rule(r"^/_matrix/client/(r0|v3)/sync$", Any, &[G::Synchrotron], User),
+    rule(r"^/_matrix/client/(api/v1|r0|v3)/events$", Any, &[G::Synchrotron], User),
+    rule(r"^/_matrix/client/(api/v1|r0|v3)/initialSync$", Any, &[G::Synchrotron], User),
+    rule(r"^/_matrix/client/(api/v1|r0|v3)/rooms/[^/]+/initialSync$", Any, &[G::Synchrotron], User),
+    // Federation.
+    rule(r"^/_matrix/federation/v1/send/", Any, &[G::FederationInbound, G::FederationReader], Origin),
+    rule(r"^/_matrix/federation/v1/version$", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/event/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/state/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/state_ids/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/backfill/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/get_missing_events/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/publicRooms", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/query/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/make_join/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/make_leave/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/(v1|v2)/send_join/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/(v1|v2)/send_leave/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/make_knock/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/send_knock/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/(v1|v2)/invite/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/(v1|v2)/query_auth/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/event_auth/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/timestamp_to_event/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/exchange_third_party_invite/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/user/devices/", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/key/v2/query", Any, &[G::FederationReader], Rr),
+    rule(r"^/_matrix/federation/v1/hierarchy/", Any, &[G::FederationReader], Rr),
+    // Event sending: one room's events from one process.
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/createRoom$", Any, &[G::EventCreator], User),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/redact", Any, &[G::EventCreator], Room),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/send", Any, &[G::EventCreator], Room),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/state/", Any, &[G::EventCreator], Room),
+    rule(
+        r"^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/(join|invite|leave|ban|unban|kick)$",
+        Any,
+        &[G::EventCreator],
+        Room,
+    ),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/join/", Any, &[G::EventCreator], Room),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/knock/", Any, &[G::EventCreator], Room),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/profile/", Any, &[G::EventCreator], Rr),
+    // Pagination: all requests for one room must reach the same instance.
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/messages$", Any, &[G::ClientReader], Room),
+    // User directory, when a dedicated worker runs it.
+    rule(r"^/_matrix/client/(r0|v3|unstable)/user_directory/search$", Any, &[G::UserDirectory, G::ClientReader], Rr),
+    // Generic client reads and writes.
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/publicRooms$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/joined_members$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/context/.*$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/members$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/state$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/v1/rooms/.*/hierarchy$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(v1|unstable)/rooms/.*/relations/", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/v1/rooms/.*/threads$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/unstable/im.nheko.summary/summary/.*$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/v1/room_summary/.*$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/account/3pid$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/account/whoami$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/account/deactivate$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/versions$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/voip/turnServer$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/event/", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/joined_rooms$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/v1/rooms/.*/timestamp_to_event$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable/.*)/rooms/.*/aliases", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/search$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/user/.*/filter(/|$)", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/directory/room/.*$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/capabilities$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/notifications$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_synapse/admin/v1/rooms/[^/]+$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/keys/query$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/keys/changes$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/keys/claim$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/room_keys/", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/login$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/register$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/register/available$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/v1/register/m.login.registration_token/validity$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/password_policy$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/unstable/org.matrix.msc4140/delayed_events(/.*/restart)?$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(r0|v3|unstable)/auth/.*/fallback/web$", Any, &[G::ClientReader], Rr),
+];
+
+/// Where one request goes, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// The rule that matched, as an index into `Router::rules`; `None`: no rule, main.
+    pub rule: Option<usize>,
+    pub group: Group,
+    pub sticky: Sticky,
+}
+
+/// The compiled table for one deployment: user rules first, then the built-in ones.
+pub struct Router {
+    rules: Vec<Rule>,
+    set: RegexSet,
+    /// Each rule's pattern on its own, for the naive scan and for `routes`.
+    singles: Vec<Regex>,
+    declared: Vec<Group>,
+    /// Whether the pattern list is only the built-in table (for display).
+    user_rules: usize,
+}
+
+impl Router {
+    /// `declared`: groups with at least one process; `user_rules` go first.
+    pub fn new(user_rules: Vec<Rule>, declared: &[Group]) -> Result<Router, regex::Error> {
+        let count = user_rules.len();
+        let mut rules = user_rules;
+        rules.extend_from_slice(BUILTIN);
+        let set = RegexSet::new(rules.iter().map(|r| r.pattern.as_ref()))?;
+        let singles = rules.iter().map(|r| Regex::new(&r.pattern)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Router { rules, set, singles, declared: declared.to_vec(), user_rules: count })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn user_rule_count(&self) -> usize {
+        self.user_rules
+    }
+
+    fn serving_group(&self, rule: &Rule) -> Group {
+        rule.chain.iter().copied().find(|g| *g == Group::Main || self.declared.contains(g)).unwrap_or(Group::Main)
+    }
+
+    fn decide(&self, index: usize, query: &[u8]) -> Decision {
+        let rule = &self.rules[index];
+        let mut group = self.serving_group(rule);
+        if group == Group::Synchrotron && self.declared.contains(&Group::InitialSync) && is_initial_sync(rule, query) {
+            group = Group::InitialSync;
+        }
+        let sticky = if group == Group::Main { Sticky::None } else { rule.sticky };
+        Decision { rule: Some(index), group, sticky }
+    }
+
+    /// The decision for a method and an origin-form target.
+    pub fn route(&self, method: &str, target: &[u8]) -> Decision {
+        let (path, query) = split_target(target);
+        let Ok(path) = std::str::from_utf8(path) else { return MAIN };
+        // One pass over the path finds every matching pattern; the first in
+        // table order whose methods fit wins.
+        let matches = self.set.matches(path);
+        for index in matches.iter() {
+            if self.rules[index].methods.allows(method) {
+                return self.decide(index, query);
+            }
+        }
+        MAIN
+    }
+
+    /// The same decision by trying each rule in turn (the specification the
+    /// compiled set is tested against).
+    pub fn route_naive(&self, method: &str, target: &[u8]) -> Decision {
+        let (path, query) = split_target(target);
+        let Ok(path) = std::str::from_utf8(path) else { return MAIN };
+        for (index, (rule, regex)) in self.rules.iter().zip(&self.singles).enumerate() {
+            if rule.methods.allows(method) && regex.is_match(path) {
+                return self.decide(index, query);
+            }
+        }
+        MAIN
+    }
+}
+
+const MAIN: Decision = Decision { rule: None, group: Group::Main, sticky: Sticky::None };
+
+fn split_target(target: &[u8]) -> (&[u8], &[u8]) {
+    match target.iter().position(|&b| b == b'?') {
+        Some(at) => (&target[..at], &target[at + 1..]),
+        None => (target, &[]),
+    }
+}
+
+/// `/sync` with no or an empty `since`, or `full_state=true`; `initialSync` always.
+fn is_initial_sync(rule: &Rule, query: &[u8]) -> bool {
+    if rule.pattern.contains("initialSync") {
+        return true;
+    }
+    if !rule.pattern.contains("/sync$") {
+        return false;
+    }
+    let mut since = None;
+    let mut full_state = false;
+    for pair in query.split(|&b| b == b'&') {
+        let (key, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(at) => (&pair[..at], &pair[at + 1..]),
+            None => (pair, &b""[..]),
+        };
+        match key {
+            b"since" => since = Some(value),
+            b"full_state" => full_state = value == b"true",
+            _ => {}
+        }
+    }
+    full_state || since.is_none_or(|s| s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(declared: &[Group]) -> Router {
+        Router::new(Vec::new(), declared).unwrap()
+    }
+
+    #[test]
+    fn every_builtin_pattern_compiles_and_is_anchored() {
+        let r = router(&Group::ALL);
+        assert_eq!(r.rules().len(), BUILTIN.len());
+        assert!(BUILTIN.iter().all(|rule| rule.pattern.starts_with('^')));
+    }
+
+    #[test]
+    fn undeclared_groups_fall_to_main() {
+        let r = router(&[]);
+        assert_eq!(r.route("GET", b"/_matrix/client/v3/sync").group, Group::Main);
+        assert_eq!(r.route("GET", b"/_matrix/client/v3/sync").sticky, Sticky::None);
+    }
+
+    #[test]
+    fn initial_sync_is_split_off_only_when_declared() {
+        let with = router(&[Group::Synchrotron, Group::InitialSync]);
+        assert_eq!(with.route("GET", b"/_matrix/client/v3/sync").group, Group::InitialSync);
+        assert_eq!(with.route("GET", b"/_matrix/client/v3/sync?since=").group, Group::InitialSync);
+        assert_eq!(with.route("GET", b"/_matrix/client/v3/sync?since=s1&full_state=true").group, Group::InitialSync);
+        assert_eq!(with.route("GET", b"/_matrix/client/v3/sync?since=s1_2&timeout=30000").group, Group::Synchrotron);
+        assert_eq!(with.route("GET", b"/_matrix/client/v3/initialSync").group, Group::InitialSync);
+        let without = router(&[Group::Synchrotron]);
+        assert_eq!(without.route("GET", b"/_matrix/client/v3/sync").group, Group::Synchrotron);
+    }
+
+    #[test]
+    fn writes_to_read_only_paths_go_to_the_writer_or_main() {
+        let r = router(&[Group::ClientReader, Group::PushRules]);
+        assert_eq!(r.route("GET", b"/_matrix/client/v3/pushrules/").group, Group::ClientReader);
+        assert_eq!(r.route("PUT", b"/_matrix/client/v3/pushrules/global/override/x").group, Group::PushRules);
+        assert_eq!(r.route("PUT", b"/_matrix/client/v3/user/@a:b/account_data/m.direct").group, Group::Main);
+        assert_eq!(r.route("GET", b"/_matrix/client/v3/user/@a:b/account_data/m.direct").group, Group::ClientReader);
+    }
+}
