@@ -100,11 +100,8 @@ fn every_request_line_reaches_its_group_with_its_key() {
         let decision = edge.router.route(&case.method, case.target.as_bytes());
         let authorization =
             case.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("authorization")).map(|(_, v)| v.as_bytes());
-        let source = KeySource {
-            target: case.target.as_bytes(),
-            authorization,
-            client_ip: Some("10.0.0.1".parse().unwrap()),
-        };
+        let source =
+            KeySource { target: case.target.as_bytes(), authorization, client_ip: Some("10.0.0.1".parse().unwrap()) };
         let key = describe_key(sticky::key(decision.sticky, &source));
         let expected_key = case.key.as_deref().map(|k| match k.split_once('=') {
             Some((_, value)) => value.to_string(),

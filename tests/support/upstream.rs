@@ -31,6 +31,8 @@ impl Recorded {
 
 pub struct RecordingUpstream {
     pub addr: SocketAddr,
+    /// Every open connection, so dropping the upstream kills them like a crashed process.
+    connections: Arc<Mutex<Vec<TcpStream>>>,
     records: Arc<Mutex<Vec<Recorded>>>,
     /// Requests whose head arrived, before their body is read.
     heads: Arc<Mutex<Vec<String>>>,
@@ -39,8 +41,16 @@ pub struct RecordingUpstream {
 
 impl RecordingUpstream {
     pub fn start() -> RecordingUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_named("recording", 0)
+    }
+
+    /// An upstream that names itself in every JSON answer, on a given port (0: any).
+    pub fn start_named(name: &str, port: u16) -> RecordingUpstream {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(Mutex::new(Vec::<TcpStream>::new()));
+        let name = Arc::new(name.to_string());
+        let conns = connections.clone();
         let records = Arc::new(Mutex::new(Vec::new()));
         let heads = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -51,11 +61,14 @@ impl RecordingUpstream {
                     break;
                 }
                 let Ok(stream) = stream else { continue };
-                let (r, h) = (r.clone(), h.clone());
-                std::thread::spawn(move || serve(stream, r, h));
+                if let Ok(clone) = stream.try_clone() {
+                    conns.lock().unwrap().push(clone);
+                }
+                let (r, h, n) = (r.clone(), h.clone(), name.clone());
+                std::thread::spawn(move || serve(stream, r, h, n));
             }
         });
-        RecordingUpstream { addr, records, heads, stop }
+        RecordingUpstream { addr, connections, records, heads, stop }
     }
 
     pub fn records(&self) -> Vec<Recorded> {
@@ -88,10 +101,20 @@ impl Drop for RecordingUpstream {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = TcpStream::connect(self.addr);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            let _ = connection.shutdown(std::net::Shutdown::Both);
+        }
+        // Wait until the port is closed, as after a real crash.
+        for _ in 0..100 {
+            if TcpStream::connect(self.addr).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
-fn serve(stream: TcpStream, records: Arc<Mutex<Vec<Recorded>>>, heads: Arc<Mutex<Vec<String>>>) {
+fn serve(stream: TcpStream, records: Arc<Mutex<Vec<Recorded>>>, heads: Arc<Mutex<Vec<String>>>, name: Arc<String>) {
     stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
     let mut writer = stream.try_clone().unwrap();
     let mut reader = BufReader::new(stream);
@@ -180,7 +203,7 @@ fn serve(stream: TcpStream, records: Arc<Mutex<Vec<Recorded>>>, heads: Arc<Mutex
         if !body_complete {
             return;
         }
-        if respond(&mut writer, &target, body_len).is_err() {
+        if respond(&mut writer, &target, body_len, &name).is_err() {
             return;
         }
     }
@@ -188,7 +211,7 @@ fn serve(stream: TcpStream, records: Arc<Mutex<Vec<Recorded>>>, heads: Arc<Mutex
 
 /// Answers by path: `/slow-stream` sends half its body, waits, then the
 /// rest; `/big-download/N` sends N bytes; anything else echoes a small JSON.
-fn respond(writer: &mut TcpStream, target: &str, body_len: u64) -> std::io::Result<()> {
+fn respond(writer: &mut TcpStream, target: &str, body_len: u64, name: &str) -> std::io::Result<()> {
     if target.contains("/slow-stream") {
         writer.write_all(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 200000\r\n\r\n",
@@ -210,7 +233,7 @@ fn respond(writer: &mut TcpStream, target: &str, body_len: u64) -> std::io::Resu
         }
         return writer.flush();
     }
-    let body = format!("{{\"upstream\":\"recording\",\"body_len\":{body_len}}}");
+    let body = format!("{{\"upstream\":\"{name}\",\"body_len\":{body_len}}}");
     write!(
         writer,
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
