@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod matrix;
 pub mod upstream;
 
 use std::io::Read;

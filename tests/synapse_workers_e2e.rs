@@ -1,0 +1,286 @@
+//! Real Synapse workers behind the edge: PostgreSQL, Redis, the main process,
+//! two synchrotrons, a client reader, an event creator, a federation inbound
+//! worker, a media repository and a typing writer (scripts/synapse_dev.py
+//! workers). A client flow goes through the edge over TLS, and each process's
+//! own access log must hold exactly the requests the routing table sends it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use matrix_edge::config::Source;
+use matrix_edge::edge::Edge;
+use matrix_edge::sticky::{self, KeySource};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use support::certs::TestPki;
+use support::matrix::{encode, synapse_python, Client, HOST};
+use support::{free_port, EdgeProcess};
+
+struct Deployment {
+    child: Child,
+    info: Value,
+}
+
+impl Deployment {
+    fn start(dir: &Path, public_baseurl: &str) -> Deployment {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/synapse_dev.py");
+        let mut child = Command::new(synapse_python())
+            .arg(script)
+            .args(["workers"])
+            .arg(dir)
+            .args(["--server-name", "example.com", "--public-baseurl", public_baseurl])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.with_extension("stderr")).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(240)).unwrap_or_default();
+        let info: Value = serde_json::from_str(&line).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!(
+                "the worker deployment did not start: {}",
+                std::fs::read_to_string(dir.with_extension("stderr")).unwrap_or_default()
+            )
+        });
+        Deployment { child, info }
+    }
+
+    /// Worker name for each address, and "main".
+    fn names(&self) -> BTreeMap<String, String> {
+        let mut names = BTreeMap::new();
+        names.insert(self.info["main"].as_str().unwrap().to_string(), "main".to_string());
+        for members in self.info["groups"].as_object().unwrap().values() {
+            for member in members.as_array().unwrap() {
+                names.insert(
+                    member["address"].as_str().unwrap().to_string(),
+                    member["name"].as_str().unwrap().to_string(),
+                );
+            }
+        }
+        names
+    }
+
+    /// (method, path) of every client-facing request in a process's access log.
+    fn served(&self, name: &str) -> Vec<(String, String)> {
+        let log = std::fs::read_to_string(self.info["logs"][name].as_str().unwrap()).unwrap_or_default();
+        let mut requests: Vec<(String, String)> = log
+            .lines()
+            .filter(|l| l.contains("synapse.access.http") && l.contains("Processed request"))
+            .filter_map(|l| {
+                let quoted = l.split('"').nth(1)?;
+                let mut parts = quoted.split(' ');
+                let method = parts.next()?.to_string();
+                let path = parts.next()?.split('?').next()?.to_string();
+                Some((method, path))
+            })
+            .filter(|(_, path)| path.starts_with("/_matrix/") || path.starts_with("/_synapse/client/"))
+            .collect();
+        requests.sort();
+        requests
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        // Closing stdin stops PostgreSQL, Redis and every Synapse process.
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Synapse, PostgreSQL and Redis: run scripts/test"]
+async fn each_worker_receives_exactly_what_the_table_sends_it() {
+    let work = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&[&[HOST]]);
+    let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let base_url = format!("https://{HOST}:{}", edge_addr.port());
+    let deployment = Deployment::start(&work.path().join("synapse"), &format!("{base_url}/"));
+    let groups = &deployment.info["groups"];
+    let list = |group: &str| {
+        let addresses: Vec<String> = groups[group]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| format!("\"{}\"", m["address"].as_str().unwrap()))
+            .collect();
+        format!("[{}]", addresses.join(", "))
+    };
+    let config = format!(
+        r#"server_name: example.com
+listeners:
+  - {{ address: "{edge_addr}", tls: true, serves: [well_known, client, federation] }}
+tls:
+  certificates: [{{ cert: certs/{HOST}/fullchain.pem, key: certs/{HOST}/privkey.pem }}]
+synapse:
+  main: "{main}"
+  workers:
+    synchrotron: {sync}
+    client_reader: {reader}
+    event_creator: {creator}
+    federation_inbound: {inbound}
+    media_repository: {media}
+  stream_writers:
+    typing: {typing}
+"#,
+        main = deployment.info["main"].as_str().unwrap(),
+        sync = list("synchrotron"),
+        reader = list("client_reader"),
+        creator = list("event_creator"),
+        inbound = list("federation_inbound"),
+        media = list("media_repository"),
+        typing = list("typing"),
+    );
+    let edge_process = EdgeProcess::start(&config, Some(&pki), &[edge_addr]);
+    // The same table, loaded in-process, says where each request should land.
+    let source = Source::read(&edge_process.config).unwrap();
+    let table = Edge::from_config(source.parse().unwrap(), &source).unwrap();
+    let names = deployment.names();
+    let mut expected: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let mut sent = |method: &str, target: &str, token: Option<&str>| {
+        let decision = table.router.route(method, target.as_bytes());
+        let authorization = token.map(|t| format!("Bearer {t}"));
+        let address = match table.pools.get(decision.group) {
+            None => table.main.address.to_string(),
+            Some(pool) => {
+                let source = KeySource {
+                    target: target.as_bytes(),
+                    authorization: authorization.as_deref().map(str::as_bytes),
+                    client_ip: None,
+                };
+                let key = sticky::key(decision.sticky, &source);
+                let index = pool.pick(key.as_ref().map(|k| k.as_bytes()), &[]).unwrap();
+                pool.members[index].upstream.address.to_string()
+            }
+        };
+        let worker = names[&address].clone();
+        let path = target.split('?').next().unwrap().to_string();
+        expected.entry(worker).or_default().push((method.to_string(), path));
+    };
+
+    let mut alice = Client::new(edge_addr, &pki.root_pem, false);
+    let (status, _) = alice.json(reqwest::Method::GET, "/_matrix/client/versions", None).await;
+    assert_eq!(status, 200);
+    sent("GET", "/_matrix/client/versions", None);
+
+    let register = json!({"username": "alice", "password": "correct horse battery", "auth": {"type": "m.login.dummy"}});
+    let (status, body) = alice.json(reqwest::Method::POST, "/_matrix/client/v3/register", Some(register)).await;
+    assert_eq!(status, 200, "{body}");
+    sent("POST", "/_matrix/client/v3/register", None);
+    let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "correct horse battery"});
+    let (status, body) = alice.json(reqwest::Method::POST, "/_matrix/client/v3/login", Some(login)).await;
+    assert_eq!(status, 200, "{body}");
+    sent("POST", "/_matrix/client/v3/login", None);
+    let token = body["access_token"].as_str().unwrap().to_string();
+    alice.token = Some(token.clone());
+    let t = Some(token.as_str());
+
+    let (status, body) = alice.json(reqwest::Method::GET, "/_matrix/client/v3/account/whoami", None).await;
+    assert_eq!((status, body["user_id"].as_str()), (200, Some("@alice:example.com")));
+    sent("GET", "/_matrix/client/v3/account/whoami", t);
+
+    let (status, room) =
+        alice.json(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(json!({"name": "workers"}))).await;
+    assert_eq!(status, 200, "{room}");
+    sent("POST", "/_matrix/client/v3/createRoom", t);
+    let room_id = room["room_id"].as_str().unwrap().to_string();
+
+    let send = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/w1", encode(&room_id));
+    let (status, body) =
+        alice.json(reqwest::Method::PUT, &send, Some(json!({"msgtype": "m.text", "body": "via workers"}))).await;
+    assert_eq!(status, 200, "{body}");
+    sent("PUT", &send, t);
+
+    let typing = format!("/_matrix/client/v3/rooms/{}/typing/%40alice%3Aexample.com", encode(&room_id));
+    let (status, body) =
+        alice.json(reqwest::Method::PUT, &typing, Some(json!({"typing": true, "timeout": 5000}))).await;
+    assert_eq!(status, 200, "{body}");
+    sent("PUT", &typing, t);
+
+    // Events reach the synchrotrons through replication; poll until the message shows.
+    let mut found = false;
+    for attempt in 0..20 {
+        let target = "/_matrix/client/v3/sync?timeout=0";
+        let (status, sync) = alice.json(reqwest::Method::GET, target, None).await;
+        assert_eq!(status, 200);
+        sent("GET", target, t);
+        let events = &sync["rooms"]["join"][&room_id]["timeline"]["events"];
+        if events.as_array().is_some_and(|e| e.iter().any(|e| e["content"]["body"] == "via workers")) {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+    }
+    assert!(found, "the message never appeared in /sync");
+
+    let messages = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=5", encode(&room_id));
+    let (status, _) = alice.json(reqwest::Method::GET, &messages, None).await;
+    assert_eq!(status, 200);
+    sent("GET", &messages, t);
+
+    let blob: Vec<u8> = (0..1_000_000).map(|i: usize| (i % 253) as u8).collect();
+    let upload = alice
+        .request(reqwest::Method::POST, "/_matrix/media/v3/upload?filename=w.bin")
+        .header("Content-Type", "application/octet-stream")
+        .body(blob.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 200);
+    sent("POST", "/_matrix/media/v3/upload", t);
+    let uri = upload.json::<Value>().await.unwrap()["content_uri"].as_str().unwrap().to_string();
+    let download_path = format!("/_matrix/client/v1/media/download/example.com/{}", uri.rsplit('/').next().unwrap());
+    let download = alice.request(reqwest::Method::GET, &download_path).send().await.unwrap();
+    assert_eq!(download.status(), 200);
+    assert!(download.bytes().await.unwrap()[..] == blob[..]);
+    sent("GET", &download_path, t);
+
+    let (status, _) = alice.json(reqwest::Method::GET, "/_matrix/client/v3/pushers", None).await;
+    assert_eq!(status, 200);
+    sent("GET", "/_matrix/client/v3/pushers", t);
+
+    // An unsigned federation transaction: refused by the worker, but it is the worker that refuses.
+    let federation = alice
+        .http
+        .put(format!("{}/_matrix/federation/v1/send/txn1", alice.base))
+        .header(
+            "Authorization",
+            "X-Matrix origin=\"remote.example\",destination=\"example.com\",key=\"ed25519:a\",sig=\"x\"",
+        )
+        .json(&json!({"pdus": [], "edus": []}))
+        .send()
+        .await
+        .unwrap();
+    assert!(federation.status().is_client_error(), "{}", federation.status());
+    expected
+        .entry(names[&worker_for_origin(&table)].clone())
+        .or_default()
+        .push(("PUT".into(), "/_matrix/federation/v1/send/txn1".into()));
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for worker in names.values() {
+        let mut want = expected.get(worker).cloned().unwrap_or_default();
+        want.sort();
+        assert_eq!(deployment.served(worker), want, "requests served by {worker}");
+    }
+    // Both synchrotrons exist; the user's syncs all went to one of them.
+    assert!(expected.keys().filter(|w| w.starts_with("synchrotron")).count() == 1, "{expected:?}");
+}
+
+fn worker_for_origin(table: &Edge) -> String {
+    let pool = table.pools.get(matrix_edge::routes::Group::FederationInbound).unwrap();
+    let index = pool.pick(Some(b"remote.example"), &[]).unwrap();
+    pool.members[index].upstream.address.to_string()
+}
