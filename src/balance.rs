@@ -111,6 +111,19 @@ impl Pool {
         (0..count).map(|offset| (start + offset) % count).find(|&index| self.usable(index, avoid))
     }
 
+    /// Records a health change; returns whether it was one.
+    pub fn mark(&self, index: usize, healthy: bool) -> bool {
+        let member = &self.members[index];
+        let changed = member.set_healthy(healthy);
+        if changed {
+            let worker = member.upstream.address.to_string();
+            crate::metrics::METRICS.worker_up.with_label_values(&[self.group.name(), &worker]).set(i64::from(healthy));
+            let state = if healthy { "up" } else { "down" };
+            log::warn!("worker {worker} ({}) is {state}", self.group);
+        }
+        changed
+    }
+
     pub fn live_count(&self) -> usize {
         self.members.iter().filter(|m| m.is_healthy()).count()
     }
@@ -133,6 +146,19 @@ impl Pools {
 
     pub fn all(&self) -> &[Pool] {
         &self.pools
+    }
+
+    /// Carries worker health over from the previous snapshot, so a reload
+    /// does not send traffic to a worker known to be down.
+    pub fn inherit_health(&self, old: &Pools) {
+        for pool in &self.pools {
+            let Some(previous) = old.get(pool.group) else { continue };
+            for member in &pool.members {
+                if let Some(same) = previous.members.iter().find(|m| m.upstream.address == member.upstream.address) {
+                    member.set_healthy(same.is_healthy());
+                }
+            }
+        }
     }
 
     pub fn declared(&self) -> Vec<Group> {

@@ -30,6 +30,11 @@ pub struct Edge {
     pub config: EdgeConfig,
     /// Things that work but are probably not what the admin meant.
     pub warnings: Vec<String>,
+    /// Certificate and key files, resolved, for change detection.
+    pub certificate_files: Vec<std::path::PathBuf>,
+    pub certificate_watch: Option<std::time::Duration>,
+    pub access_log: crate::access_log::AccessLogFormat,
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,7 +60,8 @@ impl Edge {
     }
 
     pub fn from_config(config: EdgeConfig, source: &Source) -> Result<Edge, ConfigError> {
-        let EdgeConfig { server_name, listeners, tls, well_known, synapse, admin_api, limits, process: _ } = &config;
+        let EdgeConfig { server_name, listeners, tls, well_known, synapse, admin_api, limits, process, metrics } =
+            &config;
 
         if listeners.is_empty() {
             return Err(source.error_at(&[Seg::Key("listeners")], "at least one listener is needed"));
@@ -88,8 +94,11 @@ impl Edge {
         }
 
         let mut certs = Vec::with_capacity(tls.certificates.len());
+        let mut certificate_files = Vec::with_capacity(tls.certificates.len() * 2);
         for (index, files) in tls.certificates.iter().enumerate() {
             let base = source.file.parent().unwrap_or(Path::new("."));
+            certificate_files.push(base.join(&files.cert));
+            certificate_files.push(base.join(&files.key));
             let cert = CertifiedKey::load(&base.join(&files.cert), &base.join(&files.key)).map_err(|e| {
                 let key = match e {
                     crate::tls::CertError::UnreadableKey { .. }
@@ -145,6 +154,15 @@ impl Edge {
         }
         let main = Upstream::new(&synapse.main, timeouts)
             .map_err(|e| source.error_at(&[Seg::Key("synapse"), Seg::Key("main")], e))?;
+        let metrics_address = metrics.as_ref().map(|m| m.address.0);
+        if let Some(address) = metrics_address {
+            if compiled.iter().any(|l| l.address.port() == address.port()) {
+                return Err(source.error_at(
+                    &[Seg::Key("metrics"), Seg::Key("address")],
+                    format!("{address} shares its port with a listener; metrics need their own, private listener"),
+                ));
+            }
+        }
         let pools = build_pools(synapse, source)?;
         let router = build_router(synapse, &pools.declared(), source)?;
         let health = HealthSettings {
@@ -167,8 +185,12 @@ impl Edge {
                 max_upload_size: limits.max_upload_size.0,
                 federation_max_body: limits.federation_max_body.0,
             },
-            config,
             warnings,
+            certificate_files,
+            certificate_watch: Some(tls.watch_interval.0).filter(|d| !d.is_zero()),
+            access_log: process.access_log,
+            metrics_address,
+            config,
         })
     }
 

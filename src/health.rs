@@ -34,12 +34,7 @@ impl BackgroundService for HealthChecker {
                 }
             }
             while let Some(Ok((pool_index, member_index, healthy))) = probes.join_next().await {
-                let pool = &edge.pools.all()[pool_index];
-                let member = &pool.members[member_index];
-                if member.set_healthy(healthy) {
-                    let state = if healthy { "up" } else { "down" };
-                    log::warn!("worker {} ({}) is {state}", member.upstream.address, pool.group);
-                }
+                edge.pools.all()[pool_index].mark(member_index, healthy);
             }
             tokio::select! {
                 _ = tokio::time::sleep(settings.interval) => {}

@@ -14,9 +14,14 @@
 //!    ([`forward`]); the request target is sent as received.
 //! 6. `request_body_filter` counts streamed body bytes against the limit.
 //! 7. `fail_to_proxy` turns any failure into Matrix JSON ([`errors`]).
-//! 8. `logging` writes the access line with tokens removed ([`redact`]).
+//! 8. `logging` counts the request ([`metrics`]) and writes the access line
+//!    ([`access_log`]) with tokens removed ([`redact`]).
+//!
+//! Beside requests: [`health`] checks workers, [`reload`] swaps in a new
+//! snapshot on SIGHUP or certificate changes, [`metrics`] serves Prometheus.
 
 pub mod access;
+pub mod access_log;
 pub mod balance;
 pub mod config;
 pub mod edge;
@@ -24,12 +29,16 @@ pub mod errors;
 pub mod explain;
 pub mod forward;
 pub mod health;
+pub mod metrics;
 pub mod proxy;
+pub mod readiness;
 pub mod redact;
+pub mod reload;
 pub mod response;
 pub mod routes;
 pub mod server;
 pub mod sticky;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 pub mod well_known;

@@ -4,6 +4,14 @@ use matrix_edge::server::{self, RunOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// Where the pid file and upgrade socket live: systemd's RuntimeDirectory
+/// when it exists, else the temporary directory.
+fn runtime_path(name: &str) -> String {
+    let run = std::path::Path::new("/run/matrix-edge");
+    let dir = if run.is_dir() { run.to_path_buf() } else { std::env::temp_dir() };
+    dir.join(name).display().to_string()
+}
+
 /// The front door of a Matrix homeserver: TLS, .well-known and Synapse routing.
 #[derive(Parser)]
 #[command(name = "matrix-edge", version)]
@@ -15,10 +23,10 @@ struct Cli {
     #[arg(short = 'u', long)]
     upgrade: bool,
     /// Where to write the process ID.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pid_file: Option<String>,
     /// The Unix socket used to hand listening sockets to a new instance.
-    #[arg(long)]
+    #[arg(long, global = true)]
     upgrade_socket: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -30,6 +38,13 @@ enum Command {
     Check,
     /// Print the effective routing table: pattern, methods, serving group, sticky key.
     Routes,
+    /// What `systemctl reload` runs: SIGHUP the running instance, or, when the
+    /// binary on disk was replaced, upgrade to it without dropping connections.
+    Reload {
+        /// Upgrade even when the binary did not change.
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Explain where one request would go and why, e.g. `route GET '/_matrix/client/v3/sync?since=x'`.
     Route {
         method: String,
@@ -51,6 +66,25 @@ fn init_logging(level: log::LevelFilter) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Reload { upgrade }) = cli.command {
+        let pid_file = cli.pid_file.clone().unwrap_or_else(|| runtime_path("matrix-edge.pid"));
+        let socket = cli.upgrade_socket.clone().unwrap_or_else(|| runtime_path("matrix-edge-upgrade.sock"));
+        // Refuse to touch the running instance with a config it would reject.
+        if let Err(error) = Edge::load(&cli.config) {
+            eprintln!("matrix-edge: not reloading: {error}");
+            return ExitCode::FAILURE;
+        }
+        return match matrix_edge::upgrade::reload(&cli.config, pid_file.as_ref(), socket.as_ref(), upgrade) {
+            Ok(done) => {
+                println!("matrix-edge: {done}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("matrix-edge: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let edge = match Edge::load(&cli.config) {
         Ok(edge) => edge,
         Err(error) => {
@@ -70,6 +104,7 @@ fn main() -> ExitCode {
             print!("{}", matrix_edge::explain::routes_table(&edge));
             return ExitCode::SUCCESS;
         }
+        Some(Command::Reload { .. }) => return ExitCode::FAILURE,
         Some(Command::Route { method, target, headers }) => {
             let mut parsed = Vec::with_capacity(headers.len());
             for header in &headers {
@@ -85,8 +120,12 @@ fn main() -> ExitCode {
         None => {}
     }
     init_logging(edge.config.process.log_level.as_filter());
-    let options = RunOptions { upgrade: cli.upgrade, pid_file: cli.pid_file, upgrade_socket: cli.upgrade_socket };
-    match server::build(edge, &options) {
+    let options = RunOptions {
+        upgrade: cli.upgrade,
+        pid_file: Some(cli.pid_file.unwrap_or_else(|| runtime_path("matrix-edge.pid"))),
+        upgrade_socket: Some(cli.upgrade_socket.unwrap_or_else(|| runtime_path("matrix-edge-upgrade.sock"))),
+    };
+    match server::build(edge, &cli.config, &options) {
         Ok((server, _handles)) => {
             log::info!("matrix-edge {} starting", env!("CARGO_PKG_VERSION"));
             server.run_forever()

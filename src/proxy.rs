@@ -2,9 +2,11 @@
 //! answer. Nothing here decides policy.
 
 use crate::access::{admit, Admission, RequestFacts};
+use crate::access_log;
 use crate::edge::{Edge, Listener};
 use crate::errors::MatrixError;
 use crate::forward::prepare_upstream_request;
+use crate::metrics::{self, METRICS};
 use crate::response::LocalResponse;
 use crate::routes::Decision;
 use crate::sticky::{self, KeySource};
@@ -38,6 +40,31 @@ pub struct RequestCtx {
     body_seen: u64,
     /// The error the edge answered with, for the access log.
     local_error: Option<MatrixError>,
+    /// When Synapse's response header arrived, from `started`.
+    upstream_time: Option<std::time::Duration>,
+    request_id: RequestId,
+}
+
+/// A short ID per request for correlating logs: a per-process prefix and a counter.
+#[derive(Clone, Copy)]
+struct RequestId(u64);
+
+static REQUEST_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static PROCESS_PREFIX: once_cell::sync::Lazy<u64> = once_cell::sync::Lazy::new(|| {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    (u64::from(std::process::id()) << 32 | u64::from(nanos)) << 24
+});
+
+impl RequestId {
+    fn next() -> RequestId {
+        RequestId(*PROCESS_PREFIX ^ REQUEST_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -72,6 +99,7 @@ impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
+        METRICS.in_flight.inc();
         RequestCtx {
             edge: self.edge.load_full(),
             started: Instant::now(),
@@ -81,6 +109,8 @@ impl ProxyHttp for EdgeProxy {
             body_limit: 0,
             body_seen: 0,
             local_error: None,
+            upstream_time: None,
+            request_id: RequestId::next(),
         }
     }
 
@@ -149,10 +179,8 @@ impl ProxyHttp for EdgeProxy {
         // Nothing reached the worker, so any request may go to another one.
         if let (Some(decision), Some(member)) = (ctx.decision, ctx.member) {
             if let Some(pool) = ctx.edge.pools.get(decision.group) {
-                let worker = &pool.members[member];
-                if worker.set_healthy(false) {
-                    log::warn!("worker {} ({}) is down: {e}", worker.upstream.address, decision.group);
-                }
+                log::debug!("connecting to worker {member} of {} failed: {e}", decision.group);
+                pool.mark(member, false);
                 e.set_retry(true);
             }
         }
@@ -199,24 +227,80 @@ impl ProxyHttp for EdgeProxy {
         FailToProxy { error_code: code, can_reuse_downstream: false }
     }
 
-    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let request = session.req_header();
-        log::info!(
-            target: "access",
-            "{} \"{} {} {:?}\" {} {}ms group={} worker={}{}{}",
-            client_ip(session).map_or_else(|| "-".to_string(), |ip| ip.to_string()),
-            request.method,
-            crate::redact::target_for_log(request.raw_path()),
-            request.version,
-            status,
-            ctx.started.elapsed().as_millis(),
-            ctx.decision.map_or("-", |d| d.group.name()),
-            worker_name(ctx),
-            ctx.local_error.as_ref().map_or_else(String::new, |e| format!(" edge={}", e.errcode.as_str())),
-            error.map_or_else(String::new, |e| format!(" error=\"{}\"", e.etype().as_str())),
-        );
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut pingora::http::ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_time = Some(ctx.started.elapsed());
+        Ok(())
     }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        METRICS.in_flight.dec();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let elapsed = ctx.started.elapsed();
+        let group = ctx.decision.map_or("edge", |d| d.group.name());
+        let worker = worker_name(ctx);
+        let request = session.req_header();
+        METRICS
+            .requests
+            .with_label_values(&[group, &worker, metrics::method_class(&request.method), status_label(status)])
+            .inc();
+        METRICS.latency.with_label_values(&[group]).observe(elapsed.as_secs_f64());
+        if let Some(upstream) = ctx.upstream_time {
+            METRICS.upstream_latency.with_label_values(&[group]).observe(upstream.as_secs_f64());
+        }
+        let header = |name: http::header::HeaderName| request.headers.get(name).and_then(|v| v.to_str().ok());
+        let request_id = ctx.request_id.to_string();
+        let entry = access_log::Entry {
+            client: client_ip(session),
+            method: request.method.as_str(),
+            target: request.raw_path(),
+            version: match request.version {
+                http::Version::HTTP_2 => "HTTP/2.0",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            status,
+            bytes: session.body_bytes_sent(),
+            referer: header(http::header::REFERER),
+            user_agent: header(http::header::USER_AGENT),
+            group,
+            worker: &worker,
+            duration_ms: elapsed.as_millis(),
+            upstream_ms: ctx.upstream_time.map(|t| t.as_millis()),
+            request_id: &request_id,
+            edge_error: ctx.local_error.as_ref().map(|e| e.errcode.as_str()),
+        };
+        if let Some(line) = access_log::line(ctx.edge.access_log, &entry, std::time::SystemTime::now()) {
+            log::info!(target: "access", "{line}");
+        }
+        if let Some(error) = error {
+            log::debug!("request {request_id} failed: {error}");
+        }
+    }
+}
+
+/// Status codes as static labels (bounded cardinality): common codes by
+/// number, the rest by class.
+fn status_label(status: u16) -> &'static str {
+    const KNOWN: [&str; 19] = [
+        "200", "204", "206", "301", "302", "304", "400", "401", "403", "404", "405", "409", "413", "429", "500", "502",
+        "503", "504", "101",
+    ];
+    if status == 0 {
+        return "none";
+    }
+    let text = status.to_string();
+    KNOWN.iter().copied().find(|k| *k == text).unwrap_or(match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    })
 }
 
 fn worker_name(ctx: &RequestCtx) -> String {
@@ -227,6 +311,6 @@ fn worker_name(ctx: &RequestCtx) -> String {
             .get(decision.group)
             .map_or_else(|| "-".to_string(), |pool| pool.members[member].upstream.address.to_string()),
         (Some(_), None) => "main".to_string(),
-        _ => "-".to_string(),
+        _ => "edge".to_string(),
     }
 }

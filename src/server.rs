@@ -24,7 +24,7 @@ pub struct Handles {
     pub certificates: Arc<ArcSwap<CertStore>>,
 }
 
-pub fn build(edge: Edge, options: &RunOptions) -> Result<(Server, Handles), String> {
+pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) -> Result<(Server, Handles), String> {
     let process = &edge.config.process;
     let threads = match process.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -44,7 +44,9 @@ pub fn build(edge: Edge, options: &RunOptions) -> Result<(Server, Handles), Stri
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
+    crate::reload::publish(&edge);
     let listeners = edge.listeners.clone();
+    let metrics_address = edge.metrics_address;
     let certificates = Arc::new(ArcSwap::from(Arc::clone(&edge.certificates)));
     let edge = Arc::new(ArcSwap::from_pointee(edge));
     for listener in listeners {
@@ -64,6 +66,25 @@ pub fn build(edge: Edge, options: &RunOptions) -> Result<(Server, Handles), Stri
         }
         server.add_service(service);
     }
+    if let Some(address) = metrics_address {
+        let mut metrics = pingora::services::listening::Service::new(
+            "metrics".to_string(),
+            pingora::apps::http_app::HttpServer::new_app(crate::metrics::MetricsApp),
+        );
+        metrics.add_tcp(&address.to_string());
+        server.add_service(metrics);
+    }
+    let reloader = crate::reload::Reloader {
+        config_path: config_path.to_path_buf(),
+        edge: Arc::clone(&edge),
+        certificates: Arc::clone(&certificates),
+    };
+    server.add_service(pingora::services::background::background_service("reload", reloader));
+    let readiness = crate::readiness::Readiness {
+        addresses: edge.load().listeners.iter().map(|l| l.address).collect(),
+        pid_file: options.pid_file.as_ref().map(std::path::PathBuf::from),
+    };
+    server.add_service(pingora::services::background::background_service("readiness", readiness));
     if !edge.load().pools.all().is_empty() {
         let checker = crate::health::HealthChecker { edge: Arc::clone(&edge) };
         server.add_service(pingora::services::background::background_service("worker health", checker));

@@ -186,6 +186,9 @@ impl TlsAccept for SniResolver {
         let installed = pingora::tls::ext::ssl_use_certificate(ssl, leaf)
             .and_then(|_| pingora::tls::ext::ssl_use_private_key(ssl, &cert.key))
             .and_then(|_| cert.chain[1..].iter().try_for_each(|c| pingora::tls::ext::ssl_add_chain_cert(ssl, c)));
+        if let Some(name) = cert.names.first() {
+            crate::metrics::METRICS.tls_handshakes.with_label_values(&[name]).inc();
+        }
         if let Err(e) = installed {
             log::error!("cannot install the certificate for {:?}: {e}", cert.names.first());
         }

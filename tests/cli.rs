@@ -47,7 +47,7 @@ fn every_example_config_passes_check() {
         }
     }
     checked.sort();
-    assert_eq!(checked, ["behind-load-balancer.yaml", "classic.yaml", "delegation.yaml"]);
+    assert_eq!(checked, ["behind-load-balancer.yaml", "classic.yaml", "delegation.yaml", "workers.yaml"]);
 }
 
 /// Applies `edit` to conf/delegation.yaml and returns check's verdict.

@@ -32,6 +32,16 @@ pub struct EdgeConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub process: ProcessConfig,
+    /// Prometheus metrics on their own listener; absent: no metrics.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Keep it private: loopback or an internal network.
+    pub address: ListenAddr,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,12 +75,26 @@ impl fmt::Display for Role {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM chain + key pairs; the names each serves come from its SANs.
     #[serde(default)]
     pub certificates: Vec<CertificateFiles>,
+    /// How often certificate and key files are checked for changes (certbot
+    /// renewals are picked up without a signal); `0s` turns it off.
+    #[serde(default = "default_watch_interval")]
+    pub watch_interval: Span,
+}
+
+fn default_watch_interval() -> Span {
+    Span(std::time::Duration::from_secs(60))
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig { certificates: Vec::new(), watch_interval: default_watch_interval() }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -357,11 +381,19 @@ pub struct ProcessConfig {
     /// `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG` overrides it.
     #[serde(default = "default_log_level")]
     pub log_level: LogLevel,
+    /// `combined` (default), `json` or `off`.
+    #[serde(default)]
+    pub access_log: crate::access_log::AccessLogFormat,
 }
 
 impl Default for ProcessConfig {
     fn default() -> Self {
-        ProcessConfig { threads: 0, shutdown_drain: default_drain(), log_level: default_log_level() }
+        ProcessConfig {
+            threads: 0,
+            shutdown_drain: default_drain(),
+            log_level: default_log_level(),
+            access_log: Default::default(),
+        }
     }
 }
 

@@ -13,6 +13,8 @@ pub struct Leaf {
 pub struct TestPki {
     pub root_pem: String,
     pub leaves: Vec<Leaf>,
+    intermediate: rcgen::Certificate,
+    intermediate_key: KeyPair,
 }
 
 impl TestPki {
@@ -30,22 +32,22 @@ impl TestPki {
         inter_params.distinguished_name.push(DnType::CommonName, "matrix-edge test intermediate");
         let intermediate = inter_params.signed_by(&inter_key, &root, &root_key).unwrap();
 
-        let leaves = names
-            .iter()
-            .map(|sans| {
-                let key = KeyPair::generate().unwrap();
-                let mut params =
-                    CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-                params.distinguished_name.push(DnType::CommonName, sans[0]);
-                let cert = params.signed_by(&key, &intermediate, &inter_key).unwrap();
-                Leaf {
-                    name: sans[0].trim_start_matches("*.").to_string(),
-                    fullchain_pem: format!("{}{}", cert.pem(), intermediate.pem()),
-                    key_pem: key.serialize_pem(),
-                }
-            })
-            .collect();
-        TestPki { root_pem: root.pem(), leaves }
+        let mut pki = TestPki { root_pem: root.pem(), leaves: Vec::new(), intermediate, intermediate_key: inter_key };
+        pki.leaves = names.iter().map(|sans| pki.issue(sans)).collect();
+        pki
+    }
+
+    /// A new leaf for `sans` from the same intermediate.
+    pub fn issue(&self, sans: &[&str]) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, sans[0]);
+        let cert = params.signed_by(&key, &self.intermediate, &self.intermediate_key).unwrap();
+        Leaf {
+            name: sans[0].trim_start_matches("*.").to_string(),
+            fullchain_pem: format!("{}{}", cert.pem(), self.intermediate.pem()),
+            key_pem: key.serialize_pem(),
+        }
     }
 
     /// Writes `DIR/<name>/fullchain.pem`, `privkey.pem` and `DIR/ca.pem`.

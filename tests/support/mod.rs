@@ -26,6 +26,8 @@ pub fn binary() -> &'static str {
 /// in a file so tests can read the log.
 pub struct EdgeProcess {
     child: Child,
+    /// Processes replaced by an upgrade, still draining.
+    pub retired: Vec<u32>,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub log: PathBuf,
@@ -59,7 +61,7 @@ impl EdgeProcess {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut edge = EdgeProcess { child, dir, config, log };
+        let mut edge = EdgeProcess { child, retired: Vec::new(), dir, config, log };
         for addr in wait_for {
             edge.wait_listening(*addr);
         }
@@ -90,6 +92,44 @@ impl EdgeProcess {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`HUP`, `QUIT`, `TERM`) to a process.
+    pub fn signal(pid: u32, name: &str) {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap();
+        assert!(status.success(), "kill -{name} {pid} failed");
+    }
+
+    /// Starts a second process with `--upgrade` on the same config, then asks
+    /// this one (SIGQUIT) to hand over its listening sockets and drain.
+    pub fn upgrade(&mut self) {
+        let log = self.dir.path().join("edge-upgraded.log");
+        let new = Command::new(binary())
+            .arg("-c")
+            .arg(&self.config)
+            .arg("--upgrade")
+            .arg("--pid-file")
+            .arg(self.dir.path().join("edge.pid"))
+            .arg("--upgrade-socket")
+            .arg(self.dir.path().join("upgrade.sock"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        // Give the new process time to wait on the upgrade socket.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        Self::signal(self.child.id(), "QUIT");
+        let mut old = std::mem::replace(&mut self.child, new);
+        self.retired.push(old.id());
+        std::thread::spawn(move || {
+            let _ = old.wait();
+        });
+        self.log = log;
     }
 }
 

@@ -1,0 +1,56 @@
+//! Tells systemd (`Type=notify`) the edge is ready once every listener
+//! accepts connections, so `systemctl start` returns only then, and writes
+//! the pid file at that moment.
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub struct Readiness {
+    pub addresses: Vec<SocketAddr>,
+    /// Written with this process's ID once ready; `matrix-edge reload`
+    /// reads it (and, after an upgrade, waits for the new ID to appear).
+    pub pid_file: Option<std::path::PathBuf>,
+}
+
+/// A wildcard listen address is reached through loopback.
+fn reachable(address: SocketAddr) -> SocketAddr {
+    match address.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => SocketAddr::from(([127, 0, 0, 1], address.port())),
+        ip if ip.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, address.port())),
+        _ => address,
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Readiness {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        for address in &self.addresses {
+            let target = reachable(*address);
+            loop {
+                if tokio::net::TcpStream::connect(target).await.is_ok() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+        log::info!("listening on {} addresses", self.addresses.len());
+        if let Some(pid_file) = &self.pid_file {
+            if let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
+                log::warn!("cannot write the pid file {}: {e}", pid_file.display());
+            }
+        }
+        if std::env::var_os("NOTIFY_SOCKET").is_some() {
+            // After an upgrade this process replaces the one systemd started.
+            let states = [sd_notify::NotifyState::MainPid(std::process::id()), sd_notify::NotifyState::Ready];
+            if let Err(e) = sd_notify::notify(false, &states) {
+                log::warn!("cannot notify systemd: {e}");
+            }
+        }
+    }
+}

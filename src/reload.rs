@@ -1,0 +1,109 @@
+//! Configuration and certificate reloads while serving.
+//!
+//! SIGHUP, or a change to any certificate or key file (checked every
+//! `tls.watch_interval`), loads the config file again. A config that fails
+//! its checks is refused with the reason in the log and the running one
+//! keeps serving; a good one is swapped in whole, so in-flight requests
+//! finish with the snapshot they started with and new ones use the new one.
+
+use crate::edge::Edge;
+use crate::metrics::METRICS;
+use crate::tls::CertStore;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+pub struct Reloader {
+    pub config_path: PathBuf,
+    pub edge: Arc<ArcSwap<Edge>>,
+    pub certificates: Arc<ArcSwap<CertStore>>,
+}
+
+/// Modification times of the files a snapshot depends on.
+fn stamps(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
+    files.iter().map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()).collect()
+}
+
+impl Reloader {
+    /// Loads the config file again; on success the new snapshot serves every
+    /// request that starts from now on.
+    pub fn reload(&self, why: &str) -> bool {
+        let new = match Edge::load(&self.config_path) {
+            Ok(new) => new,
+            Err(error) => {
+                METRICS.reloads.with_label_values(&["error"]).inc();
+                log::error!("reload ({why}) refused, still serving the previous configuration: {error}");
+                return false;
+            }
+        };
+        let old = self.edge.load();
+        if new.listeners != old.listeners {
+            log::warn!(
+                "listener changes take effect at the next restart or binary upgrade; the running listeners stay"
+            );
+        }
+        for warning in &new.warnings {
+            log::warn!("{warning}");
+        }
+        new.pools.inherit_health(&old.pools);
+        publish(&new);
+        self.certificates.store(Arc::clone(&new.certificates));
+        self.edge.store(Arc::new(new));
+        METRICS.reloads.with_label_values(&["ok"]).inc();
+        log::info!("configuration reloaded ({why})");
+        true
+    }
+}
+
+/// Gauges that describe a loaded snapshot.
+pub fn publish(edge: &Edge) {
+    for cert in edge.certificates.certificates() {
+        if let Some(name) = cert.names.first() {
+            METRICS.certificate_expiry.with_label_values(&[name]).set(cert.not_after_unix);
+        }
+    }
+    for pool in edge.pools.all() {
+        for member in &pool.members {
+            let worker = member.upstream.address.to_string();
+            METRICS.worker_up.with_label_values(&[pool.group.name(), &worker]).set(i64::from(member.is_healthy()));
+        }
+    }
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    METRICS.config_loaded_at.set(now);
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP, reload by signal is off: {e}");
+                None
+            }
+        };
+        let mut seen = stamps(&self.edge.load().certificate_files);
+        loop {
+            let interval = self.edge.load().certificate_watch.unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    if self.reload("SIGHUP") {
+                        seen = stamps(&self.edge.load().certificate_files);
+                    }
+                }
+                _ = tokio::time::sleep(interval), if self.edge.load().certificate_watch.is_some() => {
+                    let now = stamps(&self.edge.load().certificate_files);
+                    // A failed reload (a renewal caught half-written) is tried again next time.
+                    if now != seen && self.reload("certificate files changed") {
+                        seen = stamps(&self.edge.load().certificate_files);
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
