@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 pub struct Member {
     pub upstream: Upstream,
+    /// The address as logs and metrics show it, rendered once.
+    pub label: String,
     /// Where `GET /health` goes (the worker's own address unless a health port is set).
     pub health: UpstreamAddr,
     pub weight: u32,
@@ -22,7 +24,8 @@ pub struct Member {
 impl Member {
     pub fn new(upstream: Upstream, health: UpstreamAddr, weight: u32) -> Member {
         let ring_id = ring_identity(&upstream.address);
-        Member { upstream, health, weight: weight.max(1), healthy: AtomicBool::new(true), ring_id }
+        let label = upstream.address.to_string();
+        Member { upstream, label, health, weight: weight.max(1), healthy: AtomicBool::new(true), ring_id }
     }
 
     pub fn is_healthy(&self) -> bool {

@@ -35,7 +35,7 @@ pub struct RequestCtx {
     /// The pool member serving the current attempt, if a worker does.
     member: Option<usize>,
     /// Members already tried, so a retry goes elsewhere.
-    tried: Vec<usize>,
+    tried: Tried,
     body_limit: u64,
     body_seen: u64,
     /// The error the edge answered with, for the access log.
@@ -43,6 +43,27 @@ pub struct RequestCtx {
     /// When Synapse's response header arrived, from `started`.
     upstream_time: Option<std::time::Duration>,
     request_id: RequestId,
+}
+
+/// Pool members tried by one request, kept inline: the request path
+/// allocates nothing for it (retries past eight members may repeat one).
+#[derive(Default, Clone, Copy)]
+struct Tried {
+    members: [usize; 8],
+    len: usize,
+}
+
+impl Tried {
+    fn push(&mut self, member: usize) {
+        if self.len < self.members.len() {
+            self.members[self.len] = member;
+            self.len += 1;
+        }
+    }
+
+    fn as_slice(&self) -> &[usize] {
+        &self.members[..self.len]
+    }
 }
 
 /// A short ID per request for correlating logs: a per-process prefix and a counter.
@@ -105,7 +126,7 @@ impl ProxyHttp for EdgeProxy {
             started: Instant::now(),
             decision: None,
             member: None,
-            tried: Vec::new(),
+            tried: Tried::default(),
             body_limit: 0,
             body_seen: 0,
             local_error: None,
@@ -158,7 +179,7 @@ impl ProxyHttp for EdgeProxy {
             client_ip: client_ip(session),
         };
         let key = sticky::key(decision.sticky, &source);
-        match pool.pick(key.as_ref().map(|k| k.as_bytes()), &ctx.tried) {
+        match pool.pick(key.as_ref().map(|k| k.as_bytes()), ctx.tried.as_slice()) {
             Some(index) => {
                 ctx.tried.push(index);
                 ctx.member = Some(index);
@@ -246,7 +267,7 @@ impl ProxyHttp for EdgeProxy {
         let request = session.req_header();
         METRICS
             .requests
-            .with_label_values(&[group, &worker, metrics::method_class(&request.method), status_label(status)])
+            .with_label_values(&[group, worker, metrics::method_class(&request.method), status_label(status)])
             .inc();
         METRICS.latency.with_label_values(&[group]).observe(elapsed.as_secs_f64());
         if let Some(upstream) = ctx.upstream_time {
@@ -268,7 +289,7 @@ impl ProxyHttp for EdgeProxy {
             referer: header(http::header::REFERER),
             user_agent: header(http::header::USER_AGENT),
             group,
-            worker: &worker,
+            worker,
             duration_ms: elapsed.as_millis(),
             upstream_ms: ctx.upstream_time.map(|t| t.as_millis()),
             request_id: &request_id,
@@ -284,33 +305,46 @@ impl ProxyHttp for EdgeProxy {
 }
 
 /// Status codes as static labels (bounded cardinality): common codes by
-/// number, the rest by class.
+/// number, the rest by class, without allocating.
 fn status_label(status: u16) -> &'static str {
-    const KNOWN: [&str; 19] = [
-        "200", "204", "206", "301", "302", "304", "400", "401", "403", "404", "405", "409", "413", "429", "500", "502",
-        "503", "504", "101",
-    ];
-    if status == 0 {
-        return "none";
+    match status {
+        0 => "none",
+        101 => "101",
+        200 => "200",
+        204 => "204",
+        206 => "206",
+        301 => "301",
+        302 => "302",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => match status / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        },
     }
-    let text = status.to_string();
-    KNOWN.iter().copied().find(|k| *k == text).unwrap_or(match status / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
-    })
 }
 
-fn worker_name(ctx: &RequestCtx) -> String {
+/// The worker label: its address, `main`, or `edge` for local answers.
+fn worker_name(ctx: &RequestCtx) -> &str {
     match (ctx.decision, ctx.member) {
-        (Some(decision), Some(member)) => ctx
-            .edge
-            .pools
-            .get(decision.group)
-            .map_or_else(|| "-".to_string(), |pool| pool.members[member].upstream.address.to_string()),
-        (Some(_), None) => "main".to_string(),
-        _ => "edge".to_string(),
+        (Some(decision), Some(member)) => {
+            ctx.edge.pools.get(decision.group).map_or("-", |pool| pool.members[member].label.as_str())
+        }
+        (Some(_), None) => "main",
+        _ => "edge",
     }
 }
