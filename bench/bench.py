@@ -444,6 +444,10 @@ def main():
         proxies["matrix-edge"] = setup.start_edge(*ports["matrix-edge"])
         proxies["nginx"] = setup.start_nginx_proxy(*ports["nginx"])
         proxies["haproxy"] = setup.start_haproxy(*ports["haproxy"])
+        time.sleep(1)
+        # Memory before any traffic: later idle figures include what a
+        # proxy keeps from earlier rounds.
+        at_start = {name: rss_kib(children(p.pid)) / 1024 for name, p in proxies.items()}
         rounds = {name: [] for name in list(proxies) + ["none"]}
         for round_index in range(ROUNDS):
             order = list(proxies) if round_index % 2 == 0 else list(reversed(list(proxies)))
@@ -453,6 +457,9 @@ def main():
                 rounds[name].append(measure(setup, name, [proxies[name].pid], plain, tls))
             print(f"round {round_index + 1}/{ROUNDS}: no proxy", flush=True)
             rounds["none"].append(measure(setup, "none", [], setup.upstream_ports["main"], None))
+        for name, mib in at_start.items():
+            for r in rounds[name]:
+                r["rss_start_mib"] = mib
         report(setup, rounds)
     except BaseException:
         print(f"bench: failed; configs and error logs are kept in {work}", file=sys.stderr)
@@ -482,7 +489,8 @@ def report(setup, rounds):
             ("h1_rps", "throughput req/s, h1 (1 thread)"), ("h2_rps", "throughput req/s, TLS h2 (1 thread)"),
             ("tls_conn_per_s", "new TLS connections/s"), ("tls_conn_cpu_us", "CPU µs per new TLS connection"),
             ("p50_ms", "p50 ms at 2000 req/s"), ("p99_ms", "p99 ms at 2000 req/s"),
-            ("rss_idle_mib", "RSS idle, MiB"), ("rss_idle_conns_mib", f"RSS with {IDLE_CONNECTIONS} idle connections, MiB"),
+            ("rss_start_mib", "RSS at start, MiB"),
+            ("rss_idle_mib", "RSS idle between workloads, MiB"), ("rss_idle_conns_mib", f"RSS with {IDLE_CONNECTIONS} idle connections, MiB"),
             ("download_s", f"{BIG >> 20} MiB download, s"), ("download_rss_growth_mib", "RSS growth during download, MiB"),
             ("upload_s", f"{BIG >> 20} MiB upload, s"), ("upload_rss_growth_mib", "RSS growth during upload, MiB")]
     names = ["matrix-edge", "nginx", "haproxy", "none"]

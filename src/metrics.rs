@@ -22,7 +22,10 @@ pub struct Metrics {
     pub upstream_latency: HistogramVec,
     /// 1 when a worker passes its health check, 0 when down.
     pub worker_up: IntGaugeVec,
-    /// Completed TLS handshakes by the certificate that answered.
+    /// TLS handshakes that chose a certificate, by that certificate.
+    pub tls_handshakes_started: IntCounterVec,
+    /// Completed TLS handshakes by the certificate that answered; started
+    /// minus completed is the failures for that name.
     pub tls_handshakes: IntCounterVec,
     /// Requests being served right now.
     pub in_flight: IntGauge,
@@ -56,6 +59,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
             Opts::new("worker_up", "1 when a worker passes its health check"),
             &["group", "worker"],
         )?,
+        tls_handshakes_started: IntCounterVec::new(
+            Opts::new("tls_handshakes_started_total", "TLS handshakes that chose a certificate (by SNI)"),
+            &["certificate"],
+        )?,
         tls_handshakes: IntCounterVec::new(
             Opts::new("tls_handshakes_total", "Completed TLS handshakes by the certificate that answered"),
             &["certificate"],
@@ -77,6 +84,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     metrics.registry.register(Box::new(metrics.upstream_latency.clone()))?;
     metrics.registry.register(Box::new(metrics.worker_up.clone()))?;
     metrics.registry.register(Box::new(metrics.tls_handshakes.clone()))?;
+    metrics.registry.register(Box::new(metrics.tls_handshakes_started.clone()))?;
     metrics.registry.register(Box::new(metrics.in_flight.clone()))?;
     metrics.registry.register(Box::new(metrics.certificate_expiry.clone()))?;
     metrics.registry.register(Box::new(metrics.reloads.clone()))?;

@@ -187,11 +187,19 @@ impl TlsAccept for SniResolver {
             .and_then(|_| pingora::tls::ext::ssl_use_private_key(ssl, &cert.key))
             .and_then(|_| cert.chain[1..].iter().try_for_each(|c| pingora::tls::ext::ssl_add_chain_cert(ssl, c)));
         if let Some(name) = cert.names.first() {
-            crate::metrics::METRICS.tls_handshakes.with_label_values(&[name]).inc();
+            crate::metrics::METRICS.tls_handshakes_started.with_label_values(&[name]).inc();
         }
         if let Err(e) = installed {
             log::error!("cannot install the certificate for {:?}: {e}", cert.names.first());
         }
+    }
+
+    async fn handshake_complete_callback(&self, ssl: &TlsRef) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let store = self.store.load();
+        if let Some(name) = store.select(ssl.servername(NameType::HOST_NAME)).and_then(|c| c.names.first()) {
+            crate::metrics::METRICS.tls_handshakes.with_label_values(&[name]).inc();
+        }
+        None
     }
 }
 

@@ -163,3 +163,66 @@ fn missing_config_file_is_a_clear_error() {
     assert_eq!(code, 1);
     assert!(stderr.contains("/nonexistent/matrix-edge.yaml: cannot read the config file"), "{stderr}");
 }
+
+#[test]
+fn synapse_rejections_are_explained() {
+    let (code, stderr) = check_edited(|t| {
+        t.replace(
+            "synapse:\n  main: 127.0.0.1:8008",
+            "synapse:\n  main: 127.0.0.1:8008\n  stream_writers:\n    typing: [127.0.0.1:9001, 127.0.0.1:9002]",
+        )
+    });
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("synapse.stream_writers.typing: Synapse allows exactly one typing stream writer"),
+        "{stderr}"
+    );
+    let (code, stderr) = check_edited(|t| {
+        t.replace(
+            "synapse:\n  main: 127.0.0.1:8008",
+            "synapse:\n  main: 127.0.0.1:8008\n  workers:\n    sso: [127.0.0.1:9001, 127.0.0.1:9002]",
+        )
+    });
+    assert_eq!(code, 1);
+    assert!(stderr.contains("synapse.workers.sso: every step of an SSO login must reach the same process"), "{stderr}");
+    let (code, stderr) = check_edited(|t| {
+        t.replace(
+            "synapse:\n  main: 127.0.0.1:8008",
+            "synapse:\n  main: 127.0.0.1:8008\n  routes:\n    - { path: \"^/x\", to: synchrotron }",
+        )
+    });
+    assert_eq!(code, 1);
+    assert!(stderr.contains("synapse.routes[0].to: no synchrotron workers are declared"), "{stderr}");
+}
+
+#[test]
+fn routes_and_route_explain_the_table() {
+    let (_dir, path) = conf_copy();
+    let config = path.join("workers.yaml");
+    let output = Command::new(support::binary()).arg("routes").arg("-c").arg(&config).output().unwrap();
+    assert!(output.status.success());
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.lines().count() > 100, "{table}");
+    assert!(table.contains("^/_matrix/client/(r0|v3)/sync$") && table.contains("synchrotron"), "{table}");
+    assert!(table.contains("(config)"), "user rules are marked: {table}");
+    let explain = |method: &str, target: &str, headers: &[&str]| {
+        let mut command = Command::new(support::binary());
+        command.arg("route").arg("-c").arg(&config).arg(method).arg(target);
+        for header in headers {
+            command.arg("-H").arg(header);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let sync = explain("GET", "/_matrix/client/v3/sync?since=s1", &["Authorization: Bearer syt_YWxpY2U_a_b"]);
+    assert!(sync.contains("group synchrotron (2 workers), sticky by user: key \"YWxpY2U\""), "{sync}");
+    let initial = explain("GET", "/_matrix/client/v3/sync", &[]);
+    assert!(initial.contains("group initial_sync"), "{initial}");
+    let media = explain("GET", "/_matrix/media/v3/download/a/b", &[]);
+    assert!(media.contains("none: 503 when every worker of the group is down"), "{media}");
+    let refused = explain("GET", "/_synapse/replication/x", &[]);
+    assert!(refused.contains("refused by the edge: 404 M_UNRECOGNIZED"), "{refused}");
+    let unclaimed = explain("POST", "/_matrix/client/v3/logout", &[]);
+    assert!(unclaimed.contains("no rule matches: the main process serves it"), "{unclaimed}");
+}

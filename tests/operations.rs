@@ -273,7 +273,12 @@ fn metrics_move_as_requests_are_made() {
         client::h1_tls(tls, SNI, &pki.root_pem, &client::get("/_matrix/client/versions", SNI));
     }
     client::h1_tls(tls, SNI, &pki.root_pem, &client::get("/_synapse/admin/v1/users", SNI));
+    // A client that distrusts the certificate abandons its handshake.
+    let untrusting = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).unwrap().build();
+    assert!(untrusting.connect(SNI, std::net::TcpStream::connect(tls).unwrap()).is_err());
+    let started = r#"matrix_edge_tls_handshakes_started_total{certificate="synapse.example.com"}"#;
     let after = scrape(metrics);
+    assert_eq!(counter(&after, started) - counter(&before, started), 5.0, "{after}");
     assert_eq!(counter(&after, ok) - counter(&before, ok), 3.0, "{after}");
     assert_eq!(counter(&after, forbidden) - counter(&before, forbidden), 1.0, "{after}");
     assert_eq!(counter(&after, handshakes) - counter(&before, handshakes), 4.0, "{after}");
