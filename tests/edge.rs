@@ -551,6 +551,11 @@ fn keep_alive_connections_serve_many_requests() {
         assert_eq!(response.status, 200);
     }
     assert_eq!(s.upstream.wait_for(5).len(), 5);
+    // The edge kept one pooled HTTP/1.1 connection to Synapse for all of them.
+    for i in 0..5 {
+        assert_eq!(s.h2("GET", &format!("/_matrix/client/v3/rooms/%21s{i}%3Ab/state")).status, 200);
+    }
+    assert_eq!(s.upstream.connection_count(), 1, "upstream connections were not reused");
 }
 
 #[test]

@@ -71,6 +71,11 @@ impl RecordingUpstream {
         RecordingUpstream { addr, connections, records, heads, stop }
     }
 
+    /// How many TCP connections reached this upstream.
+    pub fn connection_count(&self) -> usize {
+        self.connections.lock().unwrap().len()
+    }
+
     pub fn records(&self) -> Vec<Recorded> {
         self.records.lock().unwrap().clone()
     }
