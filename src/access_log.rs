@@ -35,6 +35,9 @@ pub struct Entry<'a> {
 }
 
 pub fn line(format: AccessLogFormat, entry: &Entry<'_>, now: SystemTime) -> Option<String> {
+    if format == AccessLogFormat::Off {
+        return None;
+    }
     let client = entry.client.map_or_else(|| "-".to_string(), |ip| ip.to_canonical().to_string());
     let target = target_for_log(entry.target);
     match format {
