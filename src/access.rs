@@ -16,7 +16,7 @@ pub enum Admission {
     /// Answer from the edge's own well-known documents.
     WellKnown(Document),
     /// Forward to Synapse, with the body limit for this path.
-    Forward { body_limit: u64, federation: bool },
+    Forward { body_limit: u64 },
     /// Answer with this error.
     Reject(MatrixError),
 }
@@ -82,7 +82,7 @@ pub fn admit(roles: &[Role], facts: &RequestFacts<'_>, limits: &Limits) -> Admis
     if facts.content_length.is_some_and(|length| length > body_limit) {
         return Admission::Reject(MatrixError::too_large(body_limit));
     }
-    Admission::Forward { body_limit, federation }
+    Admission::Forward { body_limit }
 }
 
 /// The path part of an origin-form target.
@@ -278,7 +278,7 @@ mod tests {
         assert_eq!(status(&admit(CLIENT, &with_length("/_matrix/media/v3/upload", 101), &LIMITS)), 413);
         assert!(matches!(
             admit(CLIENT, &with_length("/_matrix/federation/v1/send/1", 999), &LIMITS),
-            Admission::Forward { body_limit: 1000, federation: true }
+            Admission::Forward { body_limit: 1000 }
         ));
         assert_eq!(status(&admit(CLIENT, &with_length("/_matrix/federation/v1/send/1", 1001), &LIMITS)), 413);
     }

@@ -225,44 +225,53 @@ impl Edge {
     }
 }
 
-/// Every declared group with where it sits in the file.
+/// Groups of one config section with their (optional) worker lists.
+type Section<'a> = (&'static str, [(Group, &'a Option<WorkerList>); 9]);
+
+/// Every declared group with where it sits in the file; config keys are the
+/// groups' own names.
 fn declared_groups(synapse: &SynapseConfig) -> Vec<(Group, [Seg; 3], &WorkerList)> {
     let w = &synapse.workers;
     let s = &synapse.stream_writers;
-    let workers = [
-        (Group::Synchrotron, "synchrotron", &w.synchrotron),
-        (Group::InitialSync, "initial_sync", &w.initial_sync),
-        (Group::ClientReader, "client_reader", &w.client_reader),
-        (Group::EventCreator, "event_creator", &w.event_creator),
-        (Group::FederationReader, "federation_reader", &w.federation_reader),
-        (Group::FederationInbound, "federation_inbound", &w.federation_inbound),
-        (Group::MediaRepository, "media_repository", &w.media_repository),
-        (Group::Sso, "sso", &w.sso),
-        (Group::UserDirectory, "user_directory", &w.user_directory),
+    let sections: [Section<'_>; 2] = [
+        (
+            "workers",
+            [
+                (Group::Synchrotron, &w.synchrotron),
+                (Group::InitialSync, &w.initial_sync),
+                (Group::ClientReader, &w.client_reader),
+                (Group::EventCreator, &w.event_creator),
+                (Group::FederationReader, &w.federation_reader),
+                (Group::FederationInbound, &w.federation_inbound),
+                (Group::MediaRepository, &w.media_repository),
+                (Group::Sso, &w.sso),
+                (Group::UserDirectory, &w.user_directory),
+            ],
+        ),
+        (
+            "stream_writers",
+            [
+                (Group::Typing, &s.typing),
+                (Group::ToDevice, &s.to_device),
+                (Group::AccountData, &s.account_data),
+                (Group::Presence, &s.presence),
+                (Group::PushRules, &s.push_rules),
+                (Group::Receipts, &s.receipts),
+                (Group::DeviceLists, &s.device_lists),
+                (Group::QuarantinedMediaChanges, &s.quarantined_media_changes),
+                (Group::ThreadSubscriptions, &s.thread_subscriptions),
+            ],
+        ),
     ];
-    let writers = [
-        (Group::Typing, "typing", &s.typing),
-        (Group::ToDevice, "to_device", &s.to_device),
-        (Group::AccountData, "account_data", &s.account_data),
-        (Group::Presence, "presence", &s.presence),
-        (Group::PushRules, "push_rules", &s.push_rules),
-        (Group::Receipts, "receipts", &s.receipts),
-        (Group::DeviceLists, "device_lists", &s.device_lists),
-        (Group::QuarantinedMediaChanges, "quarantined_media_changes", &s.quarantined_media_changes),
-        (Group::ThreadSubscriptions, "thread_subscriptions", &s.thread_subscriptions),
-    ];
-    let mut out = Vec::new();
-    for (group, key, list) in workers {
-        if let Some(list) = list {
-            out.push((group, [Seg::Key("synapse"), Seg::Key("workers"), Seg::Key(key)], list));
-        }
-    }
-    for (group, key, list) in writers {
-        if let Some(list) = list {
-            out.push((group, [Seg::Key("synapse"), Seg::Key("stream_writers"), Seg::Key(key)], list));
-        }
-    }
-    out
+    sections
+        .into_iter()
+        .flat_map(|(section, groups)| {
+            groups.into_iter().filter_map(move |(group, list)| {
+                list.as_ref()
+                    .map(|list| (group, [Seg::Key("synapse"), Seg::Key(section), Seg::Key(group.name())], list))
+            })
+        })
+        .collect()
 }
 
 fn build_pools(synapse: &SynapseConfig, source: &Source) -> Result<Pools, ConfigError> {

@@ -12,10 +12,8 @@ use std::fmt::Write;
 pub fn routes_table(edge: &Edge) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{:>3}  {:<9} {:<88} {:<26} key", "#", "methods", "path", "group");
-    let declared = edge.pools.declared();
     for (index, rule) in edge.router.rules().iter().enumerate() {
-        let group =
-            rule.chain.iter().copied().find(|g| *g == Group::Main || declared.contains(g)).unwrap_or(Group::Main);
+        let group = edge.router.serving_group(rule);
         let chain: Vec<&str> = rule.chain.iter().map(|g| g.name()).collect();
         let serving = if group.name() == chain[0] { group.to_string() } else { format!("{group} (no {})", chain[0]) };
         let origin = if index < edge.router.user_rule_count() { " (config)" } else { "" };
@@ -53,7 +51,7 @@ pub fn explain(edge: &Edge, method: &str, target: &str, headers: &[(String, Stri
             let _ = writeln!(out, "  refused by the edge: {error}");
             return out;
         }
-        Admission::Forward { body_limit, .. } => {
+        Admission::Forward { body_limit } => {
             let _ = writeln!(out, "  admitted (body limit {body_limit} bytes; admin API subject to admin_api.allow)");
         }
     }

@@ -126,7 +126,7 @@ fn main() -> ExitCode {
         upgrade_socket: Some(cli.upgrade_socket.unwrap_or_else(|| runtime_path("matrix-edge-upgrade.sock"))),
     };
     match server::build(edge, &cli.config, &options) {
-        Ok((server, _handles)) => {
+        Ok(server) => {
             log::info!("matrix-edge {} starting", env!("CARGO_PKG_VERSION"));
             server.run_forever()
         }

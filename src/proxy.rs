@@ -97,8 +97,9 @@ fn content_length(request: &RequestHeader) -> Option<u64> {
     value.to_str().ok()?.trim().parse().ok()
 }
 
-fn has_body(request: &RequestHeader) -> bool {
-    content_length(request).is_some_and(|n| n > 0) || request.headers.contains_key(http::header::TRANSFER_ENCODING)
+/// Whether a request announces a body (which a local answer leaves unread).
+fn has_body(request: &RequestHeader, content_length: Option<u64>) -> bool {
+    content_length.is_some_and(|n| n > 0) || request.headers.contains_key(http::header::TRANSFER_ENCODING)
 }
 
 async fn write_local(session: &mut Session, response: &LocalResponse) -> Result<()> {
@@ -145,7 +146,7 @@ impl ProxyHttp for EdgeProxy {
             content_length: content_length(request),
         };
         match admit(&self.listener.roles, &facts, &edge.limits) {
-            Admission::Forward { body_limit, .. } => {
+            Admission::Forward { body_limit } => {
                 ctx.body_limit = body_limit;
                 ctx.decision = Some(edge.router.route(request.method.as_str(), request.raw_path()));
                 Ok(false)
@@ -153,13 +154,13 @@ impl ProxyHttp for EdgeProxy {
             Admission::WellKnown(document) => {
                 let mut response = edge.well_known.respond(document, &request.method);
                 // The body of a request answered locally is never read.
-                response.close = has_body(request);
+                response.close = has_body(request, facts.content_length);
                 write_local(session, &response).await?;
                 Ok(true)
             }
             Admission::Reject(error) => {
                 let mut response = error.to_response();
-                response.close = has_body(request);
+                response.close = has_body(request, facts.content_length);
                 ctx.local_error = Some(error);
                 write_local(session, &response).await?;
                 Ok(true)

@@ -8,7 +8,6 @@
 
 use crate::edge::Edge;
 use crate::metrics::METRICS;
-use crate::tls::CertStore;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -20,7 +19,6 @@ use std::time::{Duration, SystemTime};
 pub struct Reloader {
     pub config_path: PathBuf,
     pub edge: Arc<ArcSwap<Edge>>,
-    pub certificates: Arc<ArcSwap<CertStore>>,
 }
 
 /// Modification times of the files a snapshot depends on.
@@ -51,7 +49,6 @@ impl Reloader {
         }
         new.pools.inherit_health(&old.pools);
         publish(&new);
-        self.certificates.store(Arc::clone(&new.certificates));
         self.edge.store(Arc::new(new));
         METRICS.reloads.with_label_values(&["ok"]).inc();
         log::info!("configuration reloaded ({why})");

@@ -387,7 +387,8 @@ impl Router {
         self.user_rules
     }
 
-    fn serving_group(&self, rule: &Rule) -> Group {
+    /// The group that serves a rule here: the first of its chain declared, else main.
+    pub fn serving_group(&self, rule: &Rule) -> Group {
         rule.chain.iter().copied().find(|g| *g == Group::Main || self.declared.contains(g)).unwrap_or(Group::Main)
     }
 

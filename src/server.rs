@@ -3,7 +3,7 @@
 
 use crate::edge::Edge;
 use crate::proxy::EdgeProxy;
-use crate::tls::{CertStore, SniResolver};
+use crate::tls::SniResolver;
 use arc_swap::ArcSwap;
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -19,12 +19,7 @@ pub struct RunOptions {
     pub upgrade_socket: Option<String>,
 }
 
-pub struct Handles {
-    pub edge: Arc<ArcSwap<Edge>>,
-    pub certificates: Arc<ArcSwap<CertStore>>,
-}
-
-pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) -> Result<(Server, Handles), String> {
+pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) -> Result<Server, String> {
     let process = &edge.config.process;
     let threads = match process.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -47,7 +42,6 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     crate::reload::publish(&edge);
     let listeners = edge.listeners.clone();
     let metrics_address = edge.metrics_address;
-    let certificates = Arc::new(ArcSwap::from(Arc::clone(&edge.certificates)));
     let edge = Arc::new(ArcSwap::from_pointee(edge));
     for listener in listeners {
         let address = listener.address.to_string();
@@ -56,7 +50,7 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
         let proxy = EdgeProxy { listener, edge: Arc::clone(&edge) };
         let mut service = pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, &name);
         if tls {
-            let resolver = SniResolver { store: Arc::clone(&certificates) };
+            let resolver = SniResolver { edge: Arc::clone(&edge) };
             let mut settings = TlsSettings::with_callbacks(Box::new(resolver))
                 .map_err(|e| format!("cannot set up TLS for {address}: {e}"))?;
             settings.enable_h2();
@@ -74,11 +68,7 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
         metrics.add_tcp(&address.to_string());
         server.add_service(metrics);
     }
-    let reloader = crate::reload::Reloader {
-        config_path: config_path.to_path_buf(),
-        edge: Arc::clone(&edge),
-        certificates: Arc::clone(&certificates),
-    };
+    let reloader = crate::reload::Reloader { config_path: config_path.to_path_buf(), edge: Arc::clone(&edge) };
     server.add_service(pingora::services::background::background_service("reload", reloader));
     let readiness = crate::readiness::Readiness {
         addresses: edge.load().listeners.iter().map(|l| l.address).collect(),
@@ -89,5 +79,5 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
         let checker = crate::health::HealthChecker { edge: Arc::clone(&edge) };
         server.add_service(pingora::services::background::background_service("worker health", checker));
     }
-    Ok((server, Handles { edge, certificates }))
+    Ok(server)
 }

@@ -167,16 +167,17 @@ impl CertStore {
 }
 
 /// Pingora's handshake hook: installs the chosen chain and key on the connection.
-/// The store sits behind an `ArcSwap` so certificates can be replaced while serving.
+/// It reads the certificates of the current `Edge` snapshot, so a reload
+/// replaces them together with everything else.
 pub struct SniResolver {
-    pub store: Arc<ArcSwap<CertStore>>,
+    pub edge: Arc<ArcSwap<crate::edge::Edge>>,
 }
 
 #[async_trait]
 impl TlsAccept for SniResolver {
     async fn certificate_callback(&self, ssl: &mut TlsRef) {
-        let store = self.store.load();
-        let Some(cert) = store.select(ssl.servername(NameType::HOST_NAME)).cloned() else {
+        let edge = self.edge.load();
+        let Some(cert) = edge.certificates.select(ssl.servername(NameType::HOST_NAME)).cloned() else {
             log::warn!("TLS handshake but no certificate is loaded");
             return;
         };
@@ -195,8 +196,9 @@ impl TlsAccept for SniResolver {
     }
 
     async fn handshake_complete_callback(&self, ssl: &TlsRef) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
-        let store = self.store.load();
-        if let Some(name) = store.select(ssl.servername(NameType::HOST_NAME)).and_then(|c| c.names.first()) {
+        let edge = self.edge.load();
+        if let Some(name) = edge.certificates.select(ssl.servername(NameType::HOST_NAME)).and_then(|c| c.names.first())
+        {
             crate::metrics::METRICS.tls_handshakes.with_label_values(&[name]).inc();
         }
         None

@@ -146,25 +146,7 @@ limits: {{ max_upload_size: 50M }}
     );
 
     // Register and log in.
-    let (status, registered) = alice
-        .json(
-            reqwest::Method::POST,
-            "/_matrix/client/v3/register",
-            Some(json!({"username": "alice", "password": "correct horse battery", "auth": {"type": "m.login.dummy"}})),
-        )
-        .await;
-    assert_eq!(status, 200, "{registered}");
-    assert_eq!(registered["user_id"], "@alice:example.com");
-    let (status, login) = alice
-        .json(
-            reqwest::Method::POST,
-            "/_matrix/client/v3/login",
-            Some(json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "correct horse battery"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{login}");
-    let token = login["access_token"].as_str().unwrap().to_string();
-    alice.token = Some(token.clone());
+    let token = alice.register_and_login("alice", "correct horse battery").await;
 
     // Room and message.
     let (status, room) =

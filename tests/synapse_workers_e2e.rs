@@ -175,16 +175,9 @@ synapse:
     assert_eq!(status, 200);
     sent("GET", "/_matrix/client/versions", None);
 
-    let register = json!({"username": "alice", "password": "correct horse battery", "auth": {"type": "m.login.dummy"}});
-    let (status, body) = alice.json(reqwest::Method::POST, "/_matrix/client/v3/register", Some(register)).await;
-    assert_eq!(status, 200, "{body}");
+    let token = alice.register_and_login("alice", "correct horse battery").await;
     sent("POST", "/_matrix/client/v3/register", None);
-    let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "correct horse battery"});
-    let (status, body) = alice.json(reqwest::Method::POST, "/_matrix/client/v3/login", Some(login)).await;
-    assert_eq!(status, 200, "{body}");
     sent("POST", "/_matrix/client/v3/login", None);
-    let token = body["access_token"].as_str().unwrap().to_string();
-    alice.token = Some(token.clone());
     let t = Some(token.as_str());
 
     let (status, body) = alice.json(reqwest::Method::GET, "/_matrix/client/v3/account/whoami", None).await;

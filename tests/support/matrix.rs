@@ -66,3 +66,21 @@ impl Client {
 pub fn encode(id: &str) -> String {
     id.replace('!', "%21").replace(':', "%3A").replace('@', "%40").replace('$', "%24")
 }
+
+impl Client {
+    /// Registers `user` (dummy auth, as the dev config allows), logs in with
+    /// its password, keeps the access token and returns it.
+    pub async fn register_and_login(&mut self, user: &str, password: &str) -> String {
+        let register = serde_json::json!({"username": user, "password": password, "auth": {"type": "m.login.dummy"}});
+        let (status, registered) =
+            self.json(reqwest::Method::POST, "/_matrix/client/v3/register", Some(register)).await;
+        assert_eq!(status, 200, "{registered}");
+        assert_eq!(registered["user_id"], format!("@{user}:example.com"));
+        let login = serde_json::json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": password});
+        let (status, body) = self.json(reqwest::Method::POST, "/_matrix/client/v3/login", Some(login)).await;
+        assert_eq!(status, 200, "{body}");
+        let token = body["access_token"].as_str().unwrap().to_string();
+        self.token = Some(token.clone());
+        token
+    }
+}

@@ -147,11 +147,6 @@ fn serve(stream: TcpStream, records: Arc<Mutex<Vec<Recorded>>>, heads: Arc<Mutex
         let get = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
         let mut body_start = Vec::new();
         let mut body_len = 0u64;
-        let keep = |chunk: &[u8], body_start: &mut Vec<u8>| {
-            if body_start.len() < 65536 {
-                body_start.extend_from_slice(&chunk[..chunk.len().min(65536 - body_start.len())]);
-            }
-        };
         let mut body_complete = true;
         let mut buf = vec![0u8; 65536];
         if get("Transfer-Encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
@@ -170,38 +165,17 @@ fn serve(stream: TcpStream, records: Arc<Mutex<Vec<Recorded>>>, heads: Arc<Mutex
                     body_complete = true;
                     break;
                 }
-                let mut remaining = size;
-                while remaining > 0 {
-                    let want = remaining.min(buf.len() as u64) as usize;
-                    match reader.read(&mut buf[..want]) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            keep(&buf[..n], &mut body_start);
-                            body_len += n as u64;
-                            remaining -= n as u64;
-                        }
-                    }
-                }
-                if remaining > 0 {
+                let read = read_counted(&mut reader, size, &mut buf, &mut body_start);
+                body_len += read;
+                if read < size {
                     break;
                 }
                 let mut crlf = String::new();
                 let _ = reader.read_line(&mut crlf);
             }
         } else if let Some(length) = get("Content-Length").and_then(|v| v.parse::<u64>().ok()) {
-            let mut remaining = length;
-            while remaining > 0 {
-                let want = remaining.min(buf.len() as u64) as usize;
-                match reader.read(&mut buf[..want]) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        keep(&buf[..n], &mut body_start);
-                        body_len += n as u64;
-                        remaining -= n as u64;
-                    }
-                }
-            }
-            body_complete = remaining == 0;
+            body_len = read_counted(&mut reader, length, &mut buf, &mut body_start);
+            body_complete = body_len == length;
         }
         let target = request_line.split(' ').nth(1).unwrap_or("").to_string();
         records.lock().unwrap().push(Recorded { request_line, headers, body_len, body_start, body_complete });
@@ -212,6 +186,23 @@ fn serve(stream: TcpStream, records: Arc<Mutex<Vec<Recorded>>>, heads: Arc<Mutex
             return;
         }
     }
+}
+
+/// Reads up to `length` body bytes, keeping the first 64 KiB; returns how many arrived.
+fn read_counted(reader: &mut impl Read, length: u64, buf: &mut [u8], body_start: &mut Vec<u8>) -> u64 {
+    let mut read = 0;
+    while read < length {
+        let want = (length - read).min(buf.len() as u64) as usize;
+        match reader.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = 65536usize.saturating_sub(body_start.len()).min(n);
+                body_start.extend_from_slice(&buf[..room]);
+                read += n as u64;
+            }
+        }
+    }
+    read
 }
 
 /// Answers by path: `/slow-stream` sends half its body, waits, then the
