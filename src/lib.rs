@@ -28,6 +28,8 @@ pub mod edge;
 pub mod errors;
 pub mod explain;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod metrics;
 pub mod proxy;

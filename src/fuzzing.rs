@@ -1,0 +1,127 @@
+//! Entry points shared by the `cargo fuzz` targets in `fuzz/` and the test
+//! that replays their corpus on stable Rust. Each one turns arbitrary bytes
+//! into the inputs a peer controls and checks properties, not just "no panic".
+
+use crate::access::{admit, normalised_views, path_of, Admission, Limits, RequestFacts};
+use crate::config::{Role, Source};
+use crate::routes::{Group, Router, Sticky};
+use crate::sticky::{self, KeySource};
+use once_cell::sync::Lazy;
+use std::net::IpAddr;
+
+static ROUTER: Lazy<Option<Router>> = Lazy::new(|| Router::new(Vec::new(), &Group::ALL).ok());
+
+const LIMITS: Limits = Limits { max_upload_size: 50 << 20, federation_max_body: 200 << 20 };
+
+/// A request from fuzz bytes: the first line is the method, the second the
+/// target, the rest `Name: value` header lines. The first byte picks roles.
+struct FuzzRequest<'a> {
+    roles: Vec<Role>,
+    method: &'a str,
+    target: &'a [u8],
+    headers: Vec<(&'a [u8], &'a [u8])>,
+}
+
+fn split_request(data: &[u8]) -> Option<FuzzRequest<'_>> {
+    let (&selector, rest) = data.split_first()?;
+    let mut lines = rest.split(|&b| b == b'\n');
+    let method = std::str::from_utf8(lines.next()?).ok()?;
+    let target = lines.next()?;
+    let headers = lines
+        .filter_map(|line| {
+            let colon = line.iter().position(|&b| b == b':')?;
+            Some((&line[..colon], line[colon + 1..].trim_ascii()))
+        })
+        .collect();
+    let roles = [Role::WellKnown, Role::Client, Role::Federation]
+        .into_iter()
+        .enumerate()
+        .filter(|(bit, _)| selector & (1 << bit) != 0)
+        .map(|(_, role)| role)
+        .collect();
+    Some(FuzzRequest { roles, method, target, headers })
+}
+
+fn header<'a>(request: &FuzzRequest<'a>, name: &str) -> Option<&'a [u8]> {
+    request.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| *v)
+}
+
+/// Admission and routing: a forwarded request never reaches replication,
+/// metrics or (unless allowed) admin paths in any reading of its path, and
+/// the compiled route table agrees with the rule-by-rule scan.
+pub fn router(data: &[u8]) {
+    let Some(request) = split_request(data) else { return };
+    let facts = RequestFacts {
+        target: request.target,
+        has_upgrade: header(&request, "upgrade").is_some(),
+        admin_allowed: false,
+        content_length: header(&request, "content-length")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse().ok()),
+    };
+    if let Admission::Forward { body_limit } = admit(&request.roles, &facts, &LIMITS) {
+        assert!(body_limit >= LIMITS.max_upload_size);
+        for view in normalised_views(path_of(request.target)) {
+            let lower = view.to_ascii_lowercase();
+            for private in ["/_synapse/replication", "/_synapse/metrics", "/_synapse/admin"] {
+                assert!(!lower.starts_with(private), "forwarded {:?} as {view:?}", request.target);
+            }
+        }
+    }
+    let Some(router) = ROUTER.as_ref() else { return };
+    let compiled = router.route(request.method, request.target);
+    assert_eq!(compiled, router.route_naive(request.method, request.target));
+    let source = KeySource {
+        target: request.target,
+        authorization: header(&request, "authorization"),
+        client_ip: Some(IpAddr::from([127, 0, 0, 1])),
+    };
+    let _ = sticky::key(compiled.sticky, &source);
+}
+
+/// Sticky keys: any key is borrowed from the request bytes (never a rewritten
+/// copy), and only an origin key falls back to the client address.
+pub fn sticky_keys(data: &[u8]) {
+    let split = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
+    let target = &data[..split];
+    let authorization = data.get(split + 1..);
+    let source = KeySource { target, authorization, client_ip: Some(IpAddr::from([10, 0, 0, 1])) };
+    let inside = |outer: &[u8], inner: &[u8]| {
+        let range = outer.as_ptr_range();
+        range.start <= inner.as_ptr() && inner.as_ptr_range().end <= range.end
+    };
+    for sticky in [Sticky::None, Sticky::User, Sticky::Room, Sticky::Origin] {
+        match sticky::key(sticky, &source) {
+            Some(sticky::Key::Bytes(bytes)) => assert!(
+                inside(target, bytes) || authorization.is_some_and(|a| inside(a, bytes)),
+                "{sticky} key {bytes:?} not borrowed from the request"
+            ),
+            Some(sticky::Key::Ip(_)) => assert_eq!(sticky, Sticky::Origin, "only origin keys fall back to the address"),
+            None => assert!(sticky != Sticky::Origin, "origin keys always exist"),
+        }
+    }
+    if let Some(room) = sticky::room(target) {
+        assert!(!room.contains(&b'/') && !room.contains(&b'?'));
+    }
+}
+
+/// The config loader: any text yields a config or a located error, and
+/// rendering the error never fails. Configs naming certificate files stop
+/// after parsing, so the fuzzer never reads arbitrary files.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let source = Source { file: "fuzz.yaml".into(), text: text.to_owned() };
+    let config = match source.parse() {
+        Ok(config) => config,
+        Err(error) => {
+            assert!(!error.to_string().is_empty());
+            return;
+        }
+    };
+    if !config.tls.certificates.is_empty() {
+        return;
+    }
+    if let Err(error) = crate::edge::Edge::from_config(config, &source) {
+        assert!(error.to_string().starts_with("fuzz.yaml"), "unlocated error: {error}");
+    }
+}
