@@ -29,11 +29,17 @@ pub struct RequestFacts<'a> {
     /// The client's address is in `admin_api.allow`.
     pub admin_allowed: bool,
     pub content_length: Option<u64>,
+    /// Total bytes of header names and values.
+    pub header_bytes: u64,
+    pub header_count: usize,
 }
 
 pub struct Limits {
     pub max_upload_size: u64,
     pub federation_max_body: u64,
+    pub max_target_bytes: u64,
+    pub max_header_bytes: u64,
+    pub max_headers: usize,
 }
 
 /// Paths no listener ever forwards: worker replication and metrics.
@@ -44,6 +50,12 @@ const FEDERATION_PREFIXES: [&str; 3] = ["/_matrix/federation/", "/_matrix/key/",
 const FEDERATION_BODY_PREFIX: &str = "/_matrix/federation/";
 
 pub fn admit(roles: &[Role], facts: &RequestFacts<'_>, limits: &Limits) -> Admission {
+    if facts.target.len() as u64 > limits.max_target_bytes {
+        return Admission::Reject(MatrixError::target_too_long(limits.max_target_bytes));
+    }
+    if facts.header_bytes > limits.max_header_bytes || facts.header_count > limits.max_headers {
+        return Admission::Reject(MatrixError::headers_too_large(limits.max_header_bytes, limits.max_headers));
+    }
     if facts.target.first() != Some(&b'/') {
         return Admission::Reject(MatrixError::bad_request(
             "Only origin-form request targets (starting with '/') are accepted",
@@ -171,12 +183,25 @@ fn percent_decode(input: &[u8]) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_upload_size: 100, federation_max_body: 1000 };
+    const LIMITS: Limits = Limits {
+        max_upload_size: 100,
+        federation_max_body: 1000,
+        max_target_bytes: 200,
+        max_header_bytes: 300,
+        max_headers: 5,
+    };
     const CLIENT: &[Role] = &[Role::WellKnown, Role::Client, Role::Federation];
     const FEDERATION: &[Role] = &[Role::Federation];
 
     fn admit_target(roles: &[Role], target: &str, admin_allowed: bool) -> Admission {
-        let facts = RequestFacts { target: target.as_bytes(), has_upgrade: false, admin_allowed, content_length: None };
+        let facts = RequestFacts {
+            target: target.as_bytes(),
+            has_upgrade: false,
+            admin_allowed,
+            content_length: None,
+            header_bytes: 0,
+            header_count: 0,
+        };
         admit(roles, &facts, &LIMITS)
     }
 
@@ -263,6 +288,8 @@ mod tests {
             has_upgrade: true,
             admin_allowed: false,
             content_length: None,
+            header_bytes: 0,
+            header_count: 0,
         };
         assert_eq!(status(&admit(CLIENT, &facts, &LIMITS)), 400);
     }
@@ -274,6 +301,8 @@ mod tests {
             has_upgrade: false,
             admin_allowed: false,
             content_length: Some(length),
+            header_bytes: 0,
+            header_count: 0,
         };
         assert_eq!(status(&admit(CLIENT, &with_length("/_matrix/media/v3/upload", 101), &LIMITS)), 413);
         assert!(matches!(
@@ -281,5 +310,23 @@ mod tests {
             Admission::Forward { body_limit: 1000 }
         ));
         assert_eq!(status(&admit(CLIENT, &with_length("/_matrix/federation/v1/send/1", 1001), &LIMITS)), 413);
+    }
+
+    #[test]
+    fn long_targets_and_big_heads_are_refused_with_their_own_status() {
+        let long = format!("/_matrix/client/v3/sync?filter={}", "x".repeat(180));
+        assert_eq!(status(&admit_target(CLIENT, &long[..200], false)), 200);
+        assert_eq!(status(&admit_target(CLIENT, &long, false)), 414);
+        let head = |bytes, count| RequestFacts {
+            target: b"/_matrix/client/v3/sync",
+            has_upgrade: false,
+            admin_allowed: false,
+            content_length: None,
+            header_bytes: bytes,
+            header_count: count,
+        };
+        assert_eq!(status(&admit(CLIENT, &head(300, 5), &LIMITS)), 200);
+        assert_eq!(status(&admit(CLIENT, &head(301, 5), &LIMITS)), 431);
+        assert_eq!(status(&admit(CLIENT, &head(10, 6), &LIMITS)), 431);
     }
 }

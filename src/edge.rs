@@ -27,6 +27,8 @@ pub struct Edge {
     pub main: Upstream,
     pub admin_allow: Vec<ipnet::IpNet>,
     pub limits: Limits,
+    pub connections: ConnectionLimits,
+    pub rate_limits: crate::ratelimit::RateLimits,
     pub config: EdgeConfig,
     /// Things that work but are probably not what the admin meant.
     pub warnings: Vec<String>,
@@ -35,6 +37,44 @@ pub struct Edge {
     pub certificate_watch: Option<std::time::Duration>,
     pub access_log: crate::access_log::AccessLogFormat,
     pub metrics_address: Option<std::net::SocketAddr>,
+}
+
+/// Per-connection protections, read when a connection is accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub header_timeout: std::time::Duration,
+    pub body_idle_timeout: std::time::Duration,
+    /// 0: no cap.
+    pub per_ip: u32,
+}
+
+fn check_limits(
+    limits: &crate::config::LimitsConfig,
+    rates: &crate::config::RateLimitsConfig,
+    source: &Source,
+) -> Result<(), ConfigError> {
+    let at = |section, key| [Seg::Key(section), Seg::Key(key)];
+    let nonzero_span = [("header_timeout", limits.header_timeout), ("body_idle_timeout", limits.body_idle_timeout)];
+    for (key, span) in nonzero_span {
+        if span.0.is_zero() {
+            return Err(source.error_at(&at("limits", key), "must be longer than 0s"));
+        }
+    }
+    if limits.max_headers == 0 || limits.keepalive_requests == 0 {
+        let key = if limits.max_headers == 0 { "max_headers" } else { "keepalive_requests" };
+        return Err(source.error_at(&at("limits", key), "must be at least 1"));
+    }
+    for (key, rate) in [("login", rates.login), ("client", rates.client), ("federation", rates.federation)] {
+        let Some(rate) = rate else { continue };
+        let at = |field| [Seg::Key("rate_limits"), Seg::Key(key), Seg::Key(field)];
+        if rate.requests == 0 {
+            return Err(source.error_at(&at("requests"), "must be at least 1 (use `null` to turn the limit off)"));
+        }
+        if rate.per.0 < std::time::Duration::from_secs(1) || rate.per.0 > std::time::Duration::from_secs(86400) {
+            return Err(source.error_at(&at("per"), "must be between 1s and 24h"));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -60,8 +100,18 @@ impl Edge {
     }
 
     pub fn from_config(config: EdgeConfig, source: &Source) -> Result<Edge, ConfigError> {
-        let EdgeConfig { server_name, listeners, tls, well_known, synapse, admin_api, limits, process, metrics } =
-            &config;
+        let EdgeConfig {
+            server_name,
+            listeners,
+            tls,
+            well_known,
+            synapse,
+            admin_api,
+            limits,
+            rate_limits,
+            process,
+            metrics,
+        } = &config;
 
         if listeners.is_empty() {
             return Err(source.error_at(&[Seg::Key("listeners")], "at least one listener is needed"));
@@ -163,6 +213,7 @@ impl Edge {
                 ));
             }
         }
+        check_limits(limits, rate_limits, source)?;
         let pools = build_pools(synapse, source)?;
         let router = build_router(synapse, &pools.declared(), source)?;
         let health = HealthSettings {
@@ -184,7 +235,16 @@ impl Edge {
             limits: Limits {
                 max_upload_size: limits.max_upload_size.0,
                 federation_max_body: limits.federation_max_body.0,
+                max_target_bytes: limits.max_target_bytes.0,
+                max_header_bytes: limits.max_header_bytes.0,
+                max_headers: limits.max_headers,
             },
+            connections: ConnectionLimits {
+                header_timeout: limits.header_timeout.0,
+                body_idle_timeout: limits.body_idle_timeout.0,
+                per_ip: limits.connections_per_ip,
+            },
+            rate_limits: crate::ratelimit::RateLimits::from_config(rate_limits),
             warnings,
             certificate_files,
             certificate_watch: Some(tls.watch_interval.0).filter(|d| !d.is_zero()),

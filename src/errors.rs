@@ -76,6 +76,19 @@ impl MatrixError {
         Self::new(413, ErrCode::TooLarge, format!("Request body exceeds the limit of {limit} bytes"))
     }
 
+    pub fn target_too_long(limit: u64) -> Self {
+        Self::new(414, ErrCode::TooLarge, format!("Request target longer than {limit} bytes"))
+    }
+
+    pub fn headers_too_large(byte_limit: u64, count_limit: usize) -> Self {
+        let message = format!("Request headers exceed {byte_limit} bytes or {count_limit} fields");
+        Self::new(431, ErrCode::TooLarge, message)
+    }
+
+    pub fn request_timeout() -> Self {
+        Self::new(408, ErrCode::Unknown, "The request was not received in time")
+    }
+
     pub fn rate_limited(retry_after_ms: u64) -> Self {
         MatrixError {
             retry_after_ms: Some(retry_after_ms),
@@ -168,7 +181,8 @@ pub fn for_proxy_error(e: &pingora::Error, body_limit: u64) -> Option<MatrixErro
         ErrorSource::Upstream => Some(MatrixError::bad_gateway()),
         ErrorSource::Downstream => match e.etype() {
             ReadError | WriteError | ConnectionClosed => None,
-            ReadTimedout | WriteTimedout => None,
+            ReadTimedout => Some(MatrixError::request_timeout()),
+            WriteTimedout => None,
             _ => Some(MatrixError::bad_request("Malformed request")),
         },
         ErrorSource::Internal | ErrorSource::Unset => Some(MatrixError::internal()),

@@ -40,6 +40,8 @@ pub fn explain(edge: &Edge, method: &str, target: &str, headers: &[(String, Stri
         has_upgrade: header("upgrade").is_some(),
         admin_allowed: true,
         content_length: header("content-length").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()),
+        header_bytes: headers.iter().map(|(name, value)| (name.len() + value.len()) as u64).sum(),
+        header_count: headers.len(),
     };
     let roles = [Role::WellKnown, Role::Client, Role::Federation];
     match admit(&roles, &facts, &edge.limits) {

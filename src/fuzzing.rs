@@ -11,7 +11,13 @@ use std::net::IpAddr;
 
 static ROUTER: Lazy<Option<Router>> = Lazy::new(|| Router::new(Vec::new(), &Group::ALL).ok());
 
-const LIMITS: Limits = Limits { max_upload_size: 50 << 20, federation_max_body: 200 << 20 };
+const LIMITS: Limits = Limits {
+    max_upload_size: 50 << 20,
+    federation_max_body: 200 << 20,
+    max_target_bytes: 16 << 10,
+    max_header_bytes: 32 << 10,
+    max_headers: 100,
+};
 
 /// A request from fuzz bytes: the first line is the method, the second the
 /// target, the rest `Name: value` header lines. The first byte picks roles.
@@ -58,6 +64,8 @@ pub fn router(data: &[u8]) {
         content_length: header(&request, "content-length")
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.parse().ok()),
+        header_bytes: request.headers.iter().map(|(n, v)| (n.len() + v.len()) as u64).sum(),
+        header_count: request.headers.len(),
     };
     if let Admission::Forward { body_limit } = admit(&request.roles, &facts, &LIMITS) {
         assert!(body_limit >= LIMITS.max_upload_size);

@@ -9,7 +9,7 @@ use once_cell::sync::Lazy;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -35,6 +35,10 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// Unix time of the last successful (re)load.
     pub config_loaded_at: IntGauge,
+    /// Connections refused because their address had `connections_per_ip` open.
+    pub connections_refused: IntCounter,
+    /// Requests refused with 429, by limit class.
+    pub rate_limited: IntCounterVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -77,6 +81,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "config_loaded_timestamp_seconds",
             "When the running configuration was loaded",
         )?,
+        connections_refused: IntCounter::new(
+            "connections_refused_total",
+            "Connections refused because their address reached connections_per_ip",
+        )?,
+        rate_limited: IntCounterVec::new(
+            Opts::new("rate_limited_total", "Requests refused with 429 by limit class"),
+            &["class"],
+        )?,
         registry,
     };
     metrics.registry.register(Box::new(metrics.requests.clone()))?;
@@ -89,6 +101,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
     metrics.registry.register(Box::new(metrics.certificate_expiry.clone()))?;
     metrics.registry.register(Box::new(metrics.reloads.clone()))?;
     metrics.registry.register(Box::new(metrics.config_loaded_at.clone()))?;
+    metrics.registry.register(Box::new(metrics.connections_refused.clone()))?;
+    metrics.registry.register(Box::new(metrics.rate_limited.clone()))?;
     Ok(metrics)
 }
 

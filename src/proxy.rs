@@ -7,6 +7,7 @@ use crate::edge::{Edge, Listener};
 use crate::errors::MatrixError;
 use crate::forward::prepare_upstream_request;
 use crate::metrics::{self, METRICS};
+use crate::ratelimit::RateFacts;
 use crate::response::LocalResponse;
 use crate::routes::Decision;
 use crate::sticky::{self, KeySource};
@@ -102,6 +103,24 @@ fn has_body(request: &RequestHeader, content_length: Option<u64>) -> bool {
     content_length.is_some_and(|n| n > 0) || request.headers.contains_key(http::header::TRANSFER_ENCODING)
 }
 
+/// The configured request rates; a refusal is a 429 with the wait.
+fn rate_limit(edge: &Edge, session: &Session) -> std::result::Result<(), MatrixError> {
+    if edge.rate_limits.is_empty() {
+        return Ok(());
+    }
+    let request = session.req_header();
+    let facts = RateFacts {
+        is_post: request.method == http::Method::POST,
+        target: request.raw_path(),
+        client_ip: client_ip(session),
+        origin: sticky::origin(request.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes())),
+    };
+    edge.rate_limits.admit(&facts).map_err(|(class, wait)| {
+        METRICS.rate_limited.with_label_values(&[class.name()]).inc();
+        MatrixError::rate_limited(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1))
+    })
+}
+
 async fn write_local(session: &mut Session, response: &LocalResponse) -> Result<()> {
     let head_only = session.req_header().method == http::Method::HEAD;
     if response.close {
@@ -138,29 +157,42 @@ impl ProxyHttp for EdgeProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let edge = Arc::clone(&ctx.edge);
+        crate::connections::head_complete(session);
         let request = session.req_header();
         let facts = RequestFacts {
             target: request.raw_path(),
             has_upgrade: request.headers.contains_key(http::header::UPGRADE),
             admin_allowed: edge.admin_allowed(client_ip(session)),
             content_length: content_length(request),
+            header_bytes: request.headers.iter().map(|(name, value)| (name.as_str().len() + value.len()) as u64).sum(),
+            header_count: request.headers.len(),
         };
-        match admit(&self.listener.roles, &facts, &edge.limits) {
+        let admission = match admit(&self.listener.roles, &facts, &edge.limits) {
+            Admission::Forward { body_limit } => match rate_limit(&edge, session) {
+                Ok(()) => Admission::Forward { body_limit },
+                Err(error) => Admission::Reject(error),
+            },
+            other => other,
+        };
+        let content_length = facts.content_length;
+        let request = session.req_header();
+        match admission {
             Admission::Forward { body_limit } => {
                 ctx.body_limit = body_limit;
                 ctx.decision = Some(edge.router.route(request.method.as_str(), request.raw_path()));
+                session.set_read_timeout(Some(edge.connections.body_idle_timeout));
                 Ok(false)
             }
             Admission::WellKnown(document) => {
                 let mut response = edge.well_known.respond(document, &request.method);
                 // The body of a request answered locally is never read.
-                response.close = has_body(request, facts.content_length);
+                response.close = has_body(request, content_length);
                 write_local(session, &response).await?;
                 Ok(true)
             }
             Admission::Reject(error) => {
                 let mut response = error.to_response();
-                response.close = has_body(request, facts.content_length);
+                response.close = has_body(request, content_length);
                 ctx.local_error = Some(error);
                 write_local(session, &response).await?;
                 Ok(true)
@@ -261,6 +293,7 @@ impl ProxyHttp for EdgeProxy {
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
         METRICS.in_flight.dec();
+        crate::connections::request_done(session);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         let group = ctx.decision.map_or("edge", |d| d.group.name());

@@ -1,13 +1,16 @@
 //! Turns an `Edge` into a Pingora server: one proxy service per listener,
 //! sharing one configuration snapshot cell and one certificate cell.
 
+use crate::connections::{CapFilter, ConnectionCounts, GuardedApp};
 use crate::edge::Edge;
 use crate::proxy::EdgeProxy;
 use crate::tls::SniResolver;
 use arc_swap::ArcSwap;
+use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
+use pingora::services::listening::Service;
 use std::sync::Arc;
 
 /// Process-level options from the command line.
@@ -43,12 +46,20 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     let listeners = edge.listeners.clone();
     let metrics_address = edge.metrics_address;
     let edge = Arc::new(ArcSwap::from_pointee(edge));
+    let counts = Arc::new(ConnectionCounts::default());
+    let keepalive_requests = edge.load().config.limits.keepalive_requests;
     for listener in listeners {
         let address = listener.address.to_string();
         let name = format!("matrix-edge {address}");
         let tls = listener.tls;
-        let proxy = EdgeProxy { listener, edge: Arc::clone(&edge) };
-        let mut service = pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, &name);
+        let mut proxy =
+            pingora::proxy::http_proxy(&server.configuration, EdgeProxy { listener, edge: Arc::clone(&edge) });
+        let mut options = HttpServerOptions::default();
+        options.keepalive_request_limit = Some(keepalive_requests);
+        proxy.server_options = Some(options);
+        let app = GuardedApp { inner: Arc::new(proxy), edge: Arc::clone(&edge), counts: Arc::clone(&counts) };
+        let mut service = Service::new(name, app);
+        service.set_connection_filter(Arc::new(CapFilter { counts: Arc::clone(&counts), edge: Arc::clone(&edge) }));
         if tls {
             let resolver = SniResolver { edge: Arc::clone(&edge) };
             let mut settings = TlsSettings::with_callbacks(Box::new(resolver))

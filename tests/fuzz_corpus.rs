@@ -1,6 +1,7 @@
 //! Replays the fuzz seed corpus (fuzz/corpus/TARGET/*) through the same entry
 //! points the cargo-fuzz targets call, so every seed and every crash input
 //! once fixed keeps passing on stable Rust in the ordinary test run.
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 

@@ -31,6 +31,8 @@ pub struct EdgeConfig {
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
+    pub rate_limits: RateLimitsConfig,
+    #[serde(default)]
     pub process: ProcessConfig,
     /// Prometheus metrics on their own listener; absent: no metrics.
     #[serde(default)]
@@ -353,12 +355,112 @@ pub struct LimitsConfig {
     /// Largest request body under `/_matrix/federation/` (transactions can exceed 50 MB).
     #[serde(default = "default_federation_max_body")]
     pub federation_max_body: ByteSize,
+    /// Longest request target (414 beyond). Synapse itself refuses request
+    /// lines over 16 KiB, which still admits long `/sync?filter=` URIs.
+    #[serde(default = "default_max_target_bytes")]
+    pub max_target_bytes: ByteSize,
+    /// Largest total of header names and values (431 beyond).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: ByteSize,
+    /// Most header lines in one request (431 beyond).
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Time from a connection's first byte (or a keep-alive request's first
+    /// byte) to the end of its request head; clients trickling headers
+    /// (slowloris) are cut off here.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: Span,
+    /// Longest pause while a request body is being received; slow but
+    /// steady uploads are never cut off.
+    #[serde(default = "default_body_idle_timeout")]
+    pub body_idle_timeout: Span,
+    /// Requests served on one keep-alive connection before it is closed.
+    #[serde(default = "default_keepalive_requests")]
+    pub keepalive_requests: u32,
+    /// Open connections allowed from one client address; 0 turns the cap
+    /// off (needed behind a load balancer, where every client shares its address).
+    #[serde(default = "default_connections_per_ip")]
+    pub connections_per_ip: u32,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { max_upload_size: default_max_upload_size(), federation_max_body: default_federation_max_body() }
+        LimitsConfig {
+            max_upload_size: default_max_upload_size(),
+            federation_max_body: default_federation_max_body(),
+            max_target_bytes: default_max_target_bytes(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+            header_timeout: default_header_timeout(),
+            body_idle_timeout: default_body_idle_timeout(),
+            keepalive_requests: default_keepalive_requests(),
+            connections_per_ip: default_connections_per_ip(),
+        }
     }
+}
+
+fn default_max_target_bytes() -> ByteSize {
+    ByteSize(16 << 10)
+}
+
+fn default_max_header_bytes() -> ByteSize {
+    ByteSize(32 << 10)
+}
+
+fn default_max_headers() -> usize {
+    100
+}
+
+fn default_header_timeout() -> Span {
+    Span(std::time::Duration::from_secs(15))
+}
+
+fn default_body_idle_timeout() -> Span {
+    Span(std::time::Duration::from_secs(60))
+}
+
+fn default_keepalive_requests() -> u32 {
+    1000
+}
+
+fn default_connections_per_ip() -> u32 {
+    256
+}
+
+/// Request rates per client, answered with 429 `M_LIMIT_EXCEEDED` beyond.
+/// Synapse has its own, finer limits; these keep floods off it entirely.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitsConfig {
+    /// `POST` to `/login` and `/register`, per client address (IPv6 by /64).
+    /// On by default; `login: null` turns it off.
+    #[serde(default = "default_login_rate")]
+    pub login: Option<RateConfig>,
+    /// Every client API request, per client address. Off by default.
+    #[serde(default)]
+    pub client: Option<RateConfig>,
+    /// Federation requests, per origin server (from `X-Matrix`), else per
+    /// address. Off by default.
+    #[serde(default)]
+    pub federation: Option<RateConfig>,
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        RateLimitsConfig { login: default_login_rate(), client: None, federation: None }
+    }
+}
+
+fn default_login_rate() -> Option<RateConfig> {
+    Some(RateConfig { requests: 30, per: Span(std::time::Duration::from_secs(60)) })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    /// Requests allowed per `per`, estimated over a sliding window.
+    pub requests: u32,
+    pub per: Span,
 }
 
 fn default_max_upload_size() -> ByteSize {

@@ -1,0 +1,358 @@
+//! Per-connection protections that Pingora leaves to the application: a cap
+//! on open connections per client address, and a deadline for the whole
+//! request head (Pingora's own read timeout restarts with every byte, so a
+//! client trickling one header byte at a time would hold a connection forever).
+//!
+//! [`GuardedApp`] wraps the HTTP proxy app: it counts each accepted
+//! connection against its address and wraps the stream in [`HeadDeadline`],
+//! which fails reads once a request head has taken too long. The proxy tells
+//! the stream when a head is complete and when a request is done, through
+//! [`head_complete`] and [`request_done`].
+
+use crate::edge::Edge;
+use crate::metrics::METRICS;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType, ALPN,
+};
+use pingora::server::ShutdownWatch;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Open connections per client address.
+#[derive(Debug, Default)]
+pub struct ConnectionCounts {
+    open: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One counted connection; dropping it releases the count.
+pub struct Slot {
+    counts: Arc<ConnectionCounts>,
+    ip: IpAddr,
+}
+
+impl ConnectionCounts {
+    /// Counts a connection from `ip`, or refuses it when `cap` are already open
+    /// (`cap` 0: no cap).
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr, cap: u32) -> Option<Slot> {
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if cap != 0 && *count >= cap {
+            return None;
+        }
+        *count += 1;
+        Some(Slot { counts: Arc::clone(self), ip })
+    }
+
+    pub fn open(&self, ip: IpAddr) -> u32 {
+        let open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        open.get(&ip.to_canonical()).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.counts.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Refuses connections from addresses at their cap before the TLS handshake,
+/// so a flood from one address costs no handshakes. (The count itself is
+/// taken after the handshake, in [`GuardedApp`], where its release is certain.)
+pub struct CapFilter {
+    pub counts: Arc<ConnectionCounts>,
+    pub edge: Arc<ArcSwap<Edge>>,
+}
+
+impl std::fmt::Debug for CapFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CapFilter").field("counts", &self.counts).finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl pingora::listeners::ConnectionFilter for CapFilter {
+    async fn should_accept(&self, addr: Option<&std::net::SocketAddr>) -> bool {
+        let cap = self.edge.load().connections.per_ip;
+        let accept = cap == 0 || addr.is_none_or(|addr| self.counts.open(addr.ip()) < cap);
+        if !accept {
+            METRICS.connections_refused.inc();
+        }
+        accept
+    }
+}
+
+/// The HTTP proxy app with per-connection protections around it.
+pub struct GuardedApp<A> {
+    pub inner: Arc<A>,
+    pub edge: Arc<ArcSwap<Edge>>,
+    pub counts: Arc<ConnectionCounts>,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let limits = self.edge.load().connections;
+        let peer = stream.get_socket_digest().and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let _slot = match peer {
+            Some(ip) => match self.counts.acquire(ip, limits.per_ip) {
+                Some(slot) => Some(slot),
+                None => {
+                    METRICS.connections_refused.inc();
+                    return None;
+                }
+            },
+            None => None,
+        };
+        // HTTP/2 heads arrive as frames on a shared connection; the h2
+        // library bounds those itself.
+        let deadline = match stream.selected_alpn_proto() {
+            Some(ALPN::H2) => None,
+            _ => Some(limits.header_timeout),
+        };
+        let guarded: Stream = Box::new(HeadDeadline::new(stream, deadline));
+        self.inner.process_new(guarded, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await;
+    }
+}
+
+/// A stream whose reads fail once a request head has been arriving for
+/// longer than the deadline. The clock starts at accept, and again at the
+/// first byte after each finished request.
+pub struct HeadDeadline {
+    inner: Stream,
+    timeout: Option<Duration>,
+    /// Milliseconds since `epoch` when the current head must be complete;
+    /// `ARMED_ON_READ`: start the clock at the next byte; `DISARMED`: no head
+    /// is being read.
+    deadline: AtomicU64,
+    epoch: Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+const DISARMED: u64 = u64::MAX;
+const ARMED_ON_READ: u64 = u64::MAX - 1;
+
+impl HeadDeadline {
+    pub fn new(inner: Stream, timeout: Option<Duration>) -> HeadDeadline {
+        let epoch = Instant::now();
+        let deadline = match timeout {
+            Some(t) => t.as_millis().min(u128::from(ARMED_ON_READ - 1)) as u64,
+            None => DISARMED,
+        };
+        HeadDeadline { inner, timeout, deadline: AtomicU64::new(deadline), epoch, timer: None }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn head_complete(&self) {
+        self.deadline.store(DISARMED, Ordering::Relaxed);
+    }
+
+    fn request_done(&self) {
+        if self.timeout.is_some() {
+            self.deadline.store(ARMED_ON_READ, Ordering::Relaxed);
+        }
+    }
+}
+
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "request head not received in time")
+}
+
+/// Stops the head clock of the session's connection (the head is parsed).
+pub fn head_complete(session: &pingora::proxy::Session) {
+    if let Some(stream) = session.as_downstream().stream().and_then(|s| s.as_any().downcast_ref::<HeadDeadline>()) {
+        stream.head_complete();
+    }
+}
+
+/// Restarts the head clock at the next byte (the request is answered).
+pub fn request_done(session: &pingora::proxy::Session) {
+    if let Some(stream) = session.as_downstream().stream().and_then(|s| s.as_any().downcast_ref::<HeadDeadline>()) {
+        stream.request_done();
+    }
+}
+
+impl AsyncRead for HeadDeadline {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let deadline = this.deadline.load(Ordering::Relaxed);
+        if deadline == DISARMED {
+            this.timer = None;
+            return result;
+        }
+        if deadline == ARMED_ON_READ {
+            if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+                if let Some(timeout) = this.timeout {
+                    let at = this.now_ms().saturating_add(timeout.as_millis() as u64).min(ARMED_ON_READ - 1);
+                    this.deadline.store(at, Ordering::Relaxed);
+                }
+            }
+            this.timer = None;
+            return result;
+        }
+        if this.now_ms() >= deadline {
+            return Poll::Ready(Err(timed_out()));
+        }
+        if result.is_pending() {
+            let at = tokio::time::Instant::from_std(this.epoch + Duration::from_millis(deadline));
+            let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(timed_out()));
+            }
+        }
+        result
+    }
+}
+
+impl AsyncWrite for HeadDeadline {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for HeadDeadline {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await;
+    }
+}
+
+impl UniqueID for HeadDeadline {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for HeadDeadline {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for HeadDeadline {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for HeadDeadline {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for HeadDeadline {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
+        self.inner.set_socket_digest(digest);
+    }
+}
+
+#[async_trait]
+impl Peek for HeadDeadline {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+impl std::fmt::Debug for HeadDeadline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadDeadline").field("inner", &self.inner).field("timeout", &self.timeout).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_cap_counts_and_releases() {
+        let counts = Arc::new(ConnectionCounts::default());
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let first = counts.acquire(ip, 2).unwrap();
+        let second = counts.acquire(ip, 2).unwrap();
+        assert!(counts.acquire(ip, 2).is_none());
+        assert!(counts.acquire("192.0.2.10".parse().unwrap(), 2).is_some());
+        // The mapped IPv6 form is the same client.
+        assert!(counts.acquire("::ffff:192.0.2.9".parse().unwrap(), 2).is_none());
+        drop(first);
+        assert_eq!(counts.open(ip), 1);
+        let third = counts.acquire(ip, 2);
+        assert!(third.is_some());
+        drop((second, third));
+        assert_eq!(counts.open(ip), 0);
+        assert!(counts.open.lock().unwrap().is_empty());
+        assert!(counts.acquire(ip, 0).is_some(), "0 means no cap");
+    }
+}
