@@ -147,6 +147,8 @@ pub struct HeadDeadline {
     deadline: AtomicU64,
     epoch: Instant,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Pingora's own error answer, rewritten as Matrix JSON, and how much of it is written.
+    rewrite: Option<(Vec<u8>, usize)>,
 }
 
 const DISARMED: u64 = u64::MAX;
@@ -159,7 +161,7 @@ impl HeadDeadline {
             Some(t) => t.as_millis().min(u128::from(ARMED_ON_READ - 1)) as u64,
             None => DISARMED,
         };
-        HeadDeadline { inner, timeout, deadline: AtomicU64::new(deadline), epoch, timer: None }
+        HeadDeadline { inner, timeout, deadline: AtomicU64::new(deadline), epoch, timer: None, rewrite: None }
     }
 
     fn now_ms(&self) -> u64 {
@@ -232,9 +234,38 @@ impl AsyncRead for HeadDeadline {
     }
 }
 
+/// The Matrix JSON answer replacing a bare error response Pingora wrote
+/// itself (`HTTP/1.1 400 ...` with an empty body), if `written` is one.
+fn matrix_answer_for(written: &[u8]) -> Option<Vec<u8>> {
+    let status = written.strip_prefix(b"HTTP/1.1 ").or_else(|| written.strip_prefix(b"HTTP/1.0 "))?.get(..3)?;
+    let status: u16 = std::str::from_utf8(status).ok()?.parse().ok()?;
+    (400..600)
+        .contains(&status)
+        .then(|| crate::errors::MatrixError::for_status(status).to_response().to_http1_closing())
+}
+
 impl AsyncWrite for HeadDeadline {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        // A response while a head is still being read can only be Pingora's
+        // own refusal of that head: no request reached the proxy logic. It
+        // carries no body a client could use, so it is answered in Matrix
+        // JSON instead, like every other error of the edge.
+        if this.rewrite.is_none() && this.deadline.load(Ordering::Relaxed) < ARMED_ON_READ {
+            this.rewrite = matrix_answer_for(buf).map(|bytes| (bytes, 0));
+        }
+        let Some((bytes, written)) = this.rewrite.as_mut() else {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        };
+        while *written < bytes.len() {
+            match Pin::new(&mut this.inner).poll_write(cx, &bytes[*written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => *written += n,
+                other => return other,
+            }
+        }
+        // Whatever Pingora writes after its refusal belongs to the replaced answer.
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -246,15 +277,17 @@ impl AsyncWrite for HeadDeadline {
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        // One buffer at a time keeps the rewrite in `poll_write` in one place.
+        let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+        self.poll_write(cx, first)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        false
     }
 }
 
@@ -335,6 +368,18 @@ impl std::fmt::Debug for HeadDeadline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pingora_refusals_become_matrix_json() {
+        let answer = matrix_answer_for(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n").unwrap();
+        let text = String::from_utf8(answer).unwrap();
+        assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+        assert!(text.contains("Connection: close\r\n"));
+        assert!(text.ends_with(r#""errcode":"M_UNRECOGNIZED","error":"Malformed request"}"#), "{text}");
+        assert!(matrix_answer_for(b"HTTP/1.1 405 Method Not Allowed\r\n").is_some());
+        assert!(matrix_answer_for(b"HTTP/1.1 200 OK\r\n").is_none());
+        assert!(matrix_answer_for(b"garbage").is_none());
+    }
 
     #[test]
     fn connection_cap_counts_and_releases() {

@@ -112,6 +112,16 @@ impl MatrixError {
         Self::new(500, ErrCode::Unknown, "Internal error in the edge proxy")
     }
 
+    /// The error for a bare status Pingora answered with before any hook
+    /// ran (a head it could not parse, CONNECT).
+    pub fn for_status(status: u16) -> Self {
+        match status {
+            405 => Self::method_not_allowed(),
+            500..=599 => Self::internal(),
+            _ => Self::new(status, ErrCode::Unrecognized, "Malformed request"),
+        }
+    }
+
     pub fn body(&self) -> Bytes {
         let mut body = serde_json::json!({ "errcode": self.errcode.as_str(), "error": self.message });
         if let Some(ms) = self.retry_after_ms {

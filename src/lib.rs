@@ -29,6 +29,7 @@ pub mod edge;
 pub mod errors;
 pub mod explain;
 pub mod forward;
+pub mod framing;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;

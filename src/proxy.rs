@@ -167,7 +167,13 @@ impl ProxyHttp for EdgeProxy {
             header_bytes: request.headers.iter().map(|(name, value)| (name.as_str().len() + value.len()) as u64).sum(),
             header_count: request.headers.len(),
         };
-        let admission = match admit(&self.listener.roles, &facts, &edge.limits) {
+        let raw_head = (request.version != http::Version::HTTP_2).then(|| session.as_downstream().to_h1_raw());
+        let framing = crate::framing::check(request.version, &request.headers, raw_head.as_deref());
+        let admission = match framing.map(|()| admit(&self.listener.roles, &facts, &edge.limits)) {
+            Err(reason) => Admission::Reject(MatrixError::bad_request(reason)),
+            Ok(admission) => admission,
+        };
+        let admission = match admission {
             Admission::Forward { body_limit } => match rate_limit(&edge, session) {
                 Ok(()) => Admission::Forward { body_limit },
                 Err(error) => Admission::Reject(error),
@@ -192,7 +198,9 @@ impl ProxyHttp for EdgeProxy {
             }
             Admission::Reject(error) => {
                 let mut response = error.to_response();
-                response.close = has_body(request, content_length);
+                // A malformed request leaves the connection in doubt; an
+                // unread body would be taken for the next request.
+                response.close = error.status == 400 || has_body(request, content_length);
                 ctx.local_error = Some(error);
                 write_local(session, &response).await?;
                 Ok(true)

@@ -55,4 +55,18 @@ impl LocalResponse {
         header.insert_header("Content-Length", self.body.len().to_string())?;
         Ok(header)
     }
+
+    /// The whole response as HTTP/1.1 bytes, closing the connection; for
+    /// answers written below Pingora's HTTP layer.
+    pub fn to_http1_closing(&self) -> Vec<u8> {
+        let reason = http::StatusCode::from_u16(self.status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
+        let mut out = format!("HTTP/1.1 {} {reason}\r\n", self.status);
+        for (name, value) in &self.headers {
+            out.push_str(&format!("{name}: {value}\r\n"));
+        }
+        out.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", self.body.len()));
+        let mut bytes = out.into_bytes();
+        bytes.extend_from_slice(&self.body);
+        bytes
+    }
 }

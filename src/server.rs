@@ -55,7 +55,8 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
         let mut proxy =
             pingora::proxy::http_proxy(&server.configuration, EdgeProxy { listener, edge: Arc::clone(&edge) });
         let mut options = HttpServerOptions::default();
-        options.keepalive_request_limit = Some(keepalive_requests);
+        // Pingora counts reuses after the first request.
+        options.keepalive_request_limit = Some(keepalive_requests.saturating_sub(1));
         proxy.server_options = Some(options);
         let app = GuardedApp { inner: Arc::new(proxy), edge: Arc::clone(&edge), counts: Arc::clone(&counts) };
         let mut service = Service::new(name, app);
