@@ -25,7 +25,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.environ.get("BENCH_QUICK") == "1"
-ROUNDS = 1 if QUICK else 3
+# A/B mode: BENCH_AB=path/to/other/matrix-edge runs this build ("A") against
+# that binary ("B") and nginx, prints their ratios and writes no RESULTS.md.
+AB = os.environ.get("BENCH_AB")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", 1 if QUICK else 3))
 REQUESTS = 20_000 if QUICK else 200_000
 FD_HARD_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 # HAProxy reserves two descriptors per connection up front; stay under the
@@ -226,18 +229,20 @@ synapse:
   stream_writers:
 {writers}
   health_check: {{ interval: 60s }}
-limits: {{ max_upload_size: 2G, federation_max_body: 2G }}
+# One client address opens every connection here, so no per-address cap.
+limits: {{ max_upload_size: 2G, federation_max_body: 2G, connections_per_ip: 0 }}
 admin_api: {{ allow: [127.0.0.0/8] }}
 process: {{ threads: 1, access_log: off, log_level: warn }}
 """
 
-    def start_edge(self, plain, tls):
-        path = os.path.join(self.work, "edge.yaml")
+    def start_edge(self, plain, tls, binary=None, tag="edge"):
+        path = os.path.join(self.work, f"{tag}.yaml")
         with open(path, "w") as f:
             f.write(self.edge_config(plain, tls))
-        process = subprocess.Popen([os.path.join(ROOT, "target/release/matrix-edge"), "-c", path,
-                                    "--pid-file", f"{self.work}/edge.pid", "--upgrade-socket", f"{self.work}/edge.sock"],
-                                   preexec_fn=raise_fd_limit, stderr=open(f"{self.work}/edge.err", "w"))
+        binary = binary or os.path.join(ROOT, "target/release/matrix-edge")
+        process = subprocess.Popen([binary, "-c", path,
+                                    "--pid-file", f"{self.work}/{tag}.pid", "--upgrade-socket", f"{self.work}/{tag}.sock"],
+                                   preexec_fn=raise_fd_limit, stderr=open(f"{self.work}/{tag}.err", "w"))
         self.processes.append(process)
         wait_port(plain)
         wait_port(tls)
@@ -404,7 +409,7 @@ def measure(setup, name, pids, plain, tls):
         s.close()
     time.sleep(0.5)
     # Streaming a big body each way; peak RSS growth sampled while it runs.
-    for direction in ("download", "upload"):
+    for direction in () if AB else ("download", "upload"):
         base = rss_kib(proc_pids())
         media, sink = setup.upstream_ports["media_repository"], setup.upstream_ports["quarantined_media_changes"]
         if direction == "download":
@@ -440,10 +445,14 @@ def main():
         setup.start_stub()
         setup.start_sink()
         proxies = {}
-        ports = {name: (free_port(), free_port()) for name in ["matrix-edge", "nginx", "haproxy"]}
+        names = ["matrix-edge", "matrix-edge-B", "nginx"] if AB else ["matrix-edge", "nginx", "haproxy"]
+        ports = {name: (free_port(), free_port()) for name in names}
         proxies["matrix-edge"] = setup.start_edge(*ports["matrix-edge"])
+        if AB:
+            proxies["matrix-edge-B"] = setup.start_edge(*ports["matrix-edge-B"], binary=AB, tag="edge-b")
         proxies["nginx"] = setup.start_nginx_proxy(*ports["nginx"])
-        proxies["haproxy"] = setup.start_haproxy(*ports["haproxy"])
+        if not AB:
+            proxies["haproxy"] = setup.start_haproxy(*ports["haproxy"])
         time.sleep(1)
         # Memory before any traffic: later idle figures include what a
         # proxy keeps from earlier rounds.
@@ -455,12 +464,16 @@ def main():
                 print(f"round {round_index + 1}/{ROUNDS}: {name}", flush=True)
                 plain, tls = ports[name]
                 rounds[name].append(measure(setup, name, [proxies[name].pid], plain, tls))
-            print(f"round {round_index + 1}/{ROUNDS}: no proxy", flush=True)
-            rounds["none"].append(measure(setup, "none", [], setup.upstream_ports["main"], None))
+            if not AB:
+                print(f"round {round_index + 1}/{ROUNDS}: no proxy", flush=True)
+                rounds["none"].append(measure(setup, "none", [], setup.upstream_ports["main"], None))
         for name, mib in at_start.items():
             for r in rounds[name]:
                 r["rss_start_mib"] = mib
-        report(setup, rounds)
+        if AB:
+            report_ab(rounds)
+        else:
+            report(setup, rounds)
     except BaseException:
         print(f"bench: failed; configs and error logs are kept in {work}", file=sys.stderr)
         setup.stop()
@@ -482,6 +495,18 @@ def versions():
     out["h2load"] = run(["h2load", "--version"]).stdout.strip()
     out["rustc"] = run(["rustc", "--version"]).stdout.strip()
     return out
+
+
+def report_ab(rounds):
+    """A (this build) against B (BENCH_AB) and nginx: medians and ratios, every round shown."""
+    keys = ["h1_cpu_us", "h2_cpu_us", "h1_rps", "h2_rps", "tls_conn_cpu_us", "p50_ms", "p99_ms",
+            "rss_start_mib", "rss_idle_conns_mib"]
+    print(f"| figure | A | B | nginx | A/B | A/nginx | B/nginx |\n|---|---|---|---|---|---|---|")
+    for key in keys:
+        a, b, n = (median([r.get(key, float("nan")) for r in rounds[name]]) for name in ["matrix-edge", "matrix-edge-B", "nginx"])
+        print(f"| {key} | {a:.2f} | {b:.2f} | {n:.2f} | {a / b:.2f} | {a / n:.2f} | {b / n:.2f} |")
+    for name in ["matrix-edge", "matrix-edge-B", "nginx"]:
+        print(name, "h1_cpu_us rounds:", [round(r["h1_cpu_us"], 1) for r in rounds[name]])
 
 
 def report(setup, rounds):

@@ -13,7 +13,8 @@ use crate::edge::Edge;
 use crate::metrics::METRICS;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType, ALPN,
 };
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// Open connections per client address.
 #[derive(Debug, Default)]
@@ -103,10 +104,62 @@ pub struct GuardedApp<A> {
     pub inner: Arc<A>,
     pub edge: Arc<ArcSwap<Edge>>,
     pub counts: Arc<ConnectionCounts>,
+    /// Requests per HTTP/1 connection before it closes.
+    pub keepalive_requests: u32,
+}
+
+/// How long an HTTP/1 connection may sit idle between requests.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Pingora's first buffer for a request head.
+const HEAD_BUFFER: usize = 4096;
+
+impl<A: HttpServerApp + Send + Sync + 'static> GuardedApp<A> {
+    /// HTTP/1 keep-alive, as Pingora's own loop does it, except that the
+    /// wait for each request's first byte happens here, holding only the
+    /// stream: Pingora's per-request state (its session, buffers and the
+    /// proxy task) exists only while a request is in flight, so idle
+    /// keep-alive connections cost little memory.
+    async fn serve_http1(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let mut carried: Option<HttpPersistentSettings> = None;
+        let mut first_request = true;
+        loop {
+            let mut byte = [0u8; 1];
+            let idle_limit = if first_request { self.edge.load().connections.header_timeout } else { KEEPALIVE_IDLE };
+            let mut watch = shutdown.clone();
+            if *watch.borrow() {
+                return None;
+            }
+            let read = tokio::select! {
+                read = tokio::time::timeout(idle_limit, stream.read(&mut byte)) => read,
+                _ = watch.changed() => return None,
+            };
+            if !matches!(read, Ok(Ok(1))) {
+                return None;
+            }
+            let mut prefix = bytes::BytesMut::with_capacity(HEAD_BUFFER);
+            prefix.extend_from_slice(&byte);
+            let mut session = ServerSession::new_http1(stream);
+            match carried.take() {
+                Some(settings) => settings.apply_to_session(&mut session),
+                None => {
+                    session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs()));
+                    // Pingora counts reuses after the first request.
+                    session.set_keepalive_reuses_remaining(Some(self.keepalive_requests.saturating_sub(1)));
+                }
+            }
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            }
+            session.set_pipelined_prefix(prefix);
+            let reused = self.inner.process_new_http(session, shutdown).await?;
+            (stream, carried) = reused.consume();
+            first_request = false;
+        }
+    }
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let limits = self.edge.load().connections;
         let peer = stream.get_socket_digest().and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
@@ -121,13 +174,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
             None => None,
         };
         // HTTP/2 heads arrive as frames on a shared connection; the h2
-        // library bounds those itself.
-        let deadline = match stream.selected_alpn_proto() {
-            Some(ALPN::H2) => None,
-            _ => Some(limits.header_timeout),
-        };
-        let guarded: Stream = Box::new(HeadDeadline::new(stream, deadline));
-        self.inner.process_new(guarded, shutdown).await
+        // library bounds those itself, and Pingora runs its streams.
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            let guarded: Stream = Box::new(HeadDeadline::new(stream, None));
+            return self.inner.process_new(guarded, shutdown).await;
+        }
+        let guarded: Stream = Box::new(HeadDeadline::new(stream, Some(limits.header_timeout)));
+        self.serve_http1(guarded, shutdown).await
     }
 
     async fn cleanup(&self) {

@@ -139,6 +139,11 @@ async fn write_local(session: &mut Session, response: &LocalResponse) -> Result<
 impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
 
+    /// No downstream modules: Pingora's default adds a disabled compression
+    /// module, which still costs an allocation and calls on every request.
+    /// Synapse compresses what it wants compressed.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         METRICS.in_flight.inc();
         RequestCtx {

@@ -8,6 +8,7 @@ use crate::tls::SniResolver;
 use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::listening::Service;
@@ -21,6 +22,12 @@ pub struct RunOptions {
     pub pid_file: Option<String>,
     pub upgrade_socket: Option<String>,
 }
+
+/// The read buffer under each client connection. Pingora's default, 64 KiB,
+/// stays with every idle keep-alive connection (about 34 KiB resident
+/// each, measured); 4 KiB still takes a whole request head or a few TLS
+/// records per read, and measured no more CPU per request (bench/RESULTS.md).
+const CLIENT_READ_BUFFER: usize = 4096;
 
 pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) -> Result<Server, String> {
     let process = &edge.config.process;
@@ -52,13 +59,16 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
         let address = listener.address.to_string();
         let name = format!("matrix-edge {address}");
         let tls = listener.tls;
+        let buffers = L4BufferSettings::default().read(CLIENT_READ_BUFFER);
         let mut proxy =
             pingora::proxy::http_proxy(&server.configuration, EdgeProxy { listener, edge: Arc::clone(&edge) });
-        let mut options = HttpServerOptions::default();
-        // Pingora counts reuses after the first request.
-        options.keepalive_request_limit = Some(keepalive_requests.saturating_sub(1));
-        proxy.server_options = Some(options);
-        let app = GuardedApp { inner: Arc::new(proxy), edge: Arc::clone(&edge), counts: Arc::clone(&counts) };
+        proxy.server_options = Some(HttpServerOptions::default());
+        let app = GuardedApp {
+            inner: Arc::new(proxy),
+            edge: Arc::clone(&edge),
+            counts: Arc::clone(&counts),
+            keepalive_requests,
+        };
         let mut service = Service::new(name, app);
         service.set_connection_filter(Arc::new(CapFilter { counts: Arc::clone(&counts), edge: Arc::clone(&edge) }));
         if tls {
@@ -66,9 +76,12 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
             let mut settings = TlsSettings::with_callbacks(Box::new(resolver))
                 .map_err(|e| format!("cannot set up TLS for {address}: {e}"))?;
             settings.enable_h2();
-            service.add_tls_with_settings(&address, None, settings);
+            // OpenSSL's per-connection record buffers go back while a
+            // connection is idle, as nginx does.
+            settings.set_mode(pingora::tls::ssl::SslMode::RELEASE_BUFFERS);
+            service.add_listener(ListenerConfig::tcp(&address).tls(settings).l4_buffer(buffers));
         } else {
-            service.add_tcp(&address);
+            service.add_listener(ListenerConfig::tcp(&address).l4_buffer(buffers));
         }
         server.add_service(service);
     }
