@@ -35,6 +35,7 @@ FD_HARD_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 # machine's hard limit (10,000 where it allows).
 IDLE_CONNECTIONS = 1_000 if QUICK else min(10_000, (FD_HARD_LIMIT - 1_000) // 2)
 BIG = (64 if QUICK else 1024) * 1024 * 1024
+LONG_POLLS = 100 if QUICK else 400
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOST = "synapse.example.com"
 
@@ -163,6 +164,10 @@ class Sink(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def log_message(self, *a): pass
     def handle_any(self):
+        if "longpoll=1" in self.path:  # a /sync long-poll: hold it like Synapse would, then answer
+            import time, urllib.parse
+            query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+            time.sleep(int(query.get("timeout", ["1000"])[0]) / 1000)
         length = self.headers.get("Content-Length")
         if length is not None:
             left = int(length)
@@ -183,12 +188,18 @@ http.server.ThreadingHTTPServer(("127.0.0.1", {port}), Sink).serve_forever()
         self.processes.append(process)
         wait_port(port)
 
-    # Upstream stubs: one nginx answering small JSON on every group port.
+    # Upstream stubs: one nginx answering small JSON on every group port;
+    # /sync with longpoll=1 is held by the Python sink for its `timeout`.
     def start_stub(self):
+        sink = self.upstream_ports["quarantined_media_changes"]
+        longpoll = f"""
+    location /_matrix/client/v3/sync {{ error_page 418 = @longpoll; if ($arg_longpoll) {{ return 418; }}
+      default_type application/json; return 200 '{{"group":"synchrotron"}}'; }}
+    location @longpoll {{ proxy_pass http://127.0.0.1:{sink}; }}"""
         servers = "\n".join(
             f"""  server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;
     location / {{ default_type application/json; return 200 '{{"group":"{group}"}}'; }}
-    location ~ /big$ {{ root {self.work}; try_files /big.bin =404; }}
+    location ~ /big$ {{ root {self.work}; try_files /big.bin =404; }}{longpoll if group == "synchrotron" else ""}
   }}""" for group, port in self.upstream_ports.items() if group != "quarantined_media_changes")
         conf = f"""worker_processes 1; daemon off; pid {self.work}/stub.pid; error_log {self.work}/stub.err;
 events {{ worker_connections 20000; }}
@@ -400,6 +411,20 @@ def measure(setup, name, pids, plain, tls):
     log = os.path.join(setup.work, f"latency-{name}.log")
     h2load(["--h1", "-c", "20", "-t", "1", "--rps", "100", "-D", "5" if QUICK else "10", "--log-file", log], urls_h1)
     result["p50_ms"], result["p99_ms"] = percentiles(log)
+    # The same fixed-rate load while LONG_POLLS clients hold /sync long-polls
+    # of 2 s each (re-issued as each returns), as Synapse's clients do.
+    lp_port = setup.upstream_ports["synchrotron"] if name == "none" else plain
+    lp_url = f"http://127.0.0.1:{lp_port}/_matrix/client/v3/sync?since=s1&timeout=2000&longpoll=1"
+    duration = 5 if QUICK else 10
+    polls = subprocess.Popen(["h2load", "--h1", "-c", str(LONG_POLLS), "-t", "1", "-D", str(duration + 3), lp_url],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.5)
+    log = os.path.join(setup.work, f"mix-{name}.log")
+    h2load(["--h1", "-c", "20", "-t", "1", "--rps", "100", "-D", str(duration), "--log-file", log], urls_h1)
+    result["mix_p50_ms"], result["mix_p99_ms"] = percentiles(log)
+    out, _ = polls.communicate()
+    succeeded = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
+    result["longpolls_done"] = int(succeeded.group(1)) if succeeded else 0
     # Memory: idle, then with many idle keep-alive connections.
     result["rss_idle_mib"] = rss_kib(proc_pids()) / 1024
     held = idle_connections(plain, IDLE_CONNECTIONS)
@@ -499,7 +524,7 @@ def versions():
 
 def report_ab(rounds):
     """A (this build) against B (BENCH_AB) and nginx: medians and ratios, every round shown."""
-    keys = ["h1_cpu_us", "h2_cpu_us", "h1_rps", "h2_rps", "tls_conn_cpu_us", "p50_ms", "p99_ms",
+    keys = ["h1_cpu_us", "h2_cpu_us", "h1_rps", "h2_rps", "tls_conn_cpu_us", "p50_ms", "p99_ms", "mix_p99_ms",
             "rss_start_mib", "rss_idle_conns_mib"]
     print(f"| figure | A | B | nginx | A/B | A/nginx | B/nginx |\n|---|---|---|---|---|---|---|")
     for key in keys:
@@ -514,6 +539,9 @@ def report(setup, rounds):
             ("h1_rps", "throughput req/s, h1 (1 thread)"), ("h2_rps", "throughput req/s, TLS h2 (1 thread)"),
             ("tls_conn_per_s", "new TLS connections/s"), ("tls_conn_cpu_us", "CPU µs per new TLS connection"),
             ("p50_ms", "p50 ms at 2000 req/s"), ("p99_ms", "p99 ms at 2000 req/s"),
+            ("mix_p50_ms", f"p50 ms at 2000 req/s beside {LONG_POLLS} /sync long-polls"),
+            ("mix_p99_ms", f"p99 ms at 2000 req/s beside {LONG_POLLS} /sync long-polls"),
+            ("longpolls_done", "long-polls completed (2 s each)"),
             ("rss_start_mib", "RSS at start, MiB"),
             ("rss_idle_mib", "RSS idle between workloads, MiB"), ("rss_idle_conns_mib", f"RSS with {IDLE_CONNECTIONS} idle connections, MiB"),
             ("download_s", f"{BIG >> 20} MiB download, s"), ("download_rss_growth_mib", "RSS growth during download, MiB"),
@@ -557,6 +585,7 @@ Commands (URIs: the {len(setup.paths)} GET lines of tests/routing/requests.txt):
 - TLS h2: `h2load -n {REQUESTS} -c 32 -m 10 -t 1 URI...`
 - new TLS connections: `h2load --h1 -n N -c N -t 1 https://…/_matrix/client/versions`
 - latency: `h2load --h1 -c 20 -t 1 --rps 100 -D 10 --log-file F URI...` (percentiles from F)
+- long-poll mix: the latency load while `h2load --h1 -c {LONG_POLLS} -t 1 -D 13 …/sync?since=s1&timeout=2000&longpoll=1` runs (the stub holds each for 2 s)
 - idle connections: {IDLE_CONNECTIONS} sockets, one request each, held open
 - big bodies: `curl -o /dev/null` of a {BIG >> 20} MiB body, and `curl -T` of the same, RSS sampled every 20 ms
 
