@@ -25,8 +25,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.environ.get("BENCH_QUICK") == "1"
-# A/B mode: BENCH_AB=path/to/other/matrix-edge runs this build ("A") against
-# that binary ("B") and nginx, prints their ratios and writes no RESULTS.md.
+# A/B mode: BENCH_AB=path[,path...] runs this build ("A") against those
+# binaries ("B0", "B1", ...) and nginx, prints ratios and writes no RESULTS.md.
 AB = os.environ.get("BENCH_AB")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 1 if QUICK else 3))
 REQUESTS = 20_000 if QUICK else 200_000
@@ -182,7 +182,9 @@ class Sink(http.server.BaseHTTPRequestHandler):
                 if not size: break
         self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"{{}}")
     do_GET = do_PUT = do_POST = handle_any
-http.server.ThreadingHTTPServer(("127.0.0.1", {port}), Sink).serve_forever()
+class Quiet(http.server.ThreadingHTTPServer):
+    def handle_error(self, *a): pass  # long-poll clients hang up mid-wait at the end of a run
+Quiet(("127.0.0.1", {port}), Sink).serve_forever()
 """
         process = subprocess.Popen([sys.executable, "-c", code])
         self.processes.append(process)
@@ -470,11 +472,12 @@ def main():
         setup.start_stub()
         setup.start_sink()
         proxies = {}
-        names = ["matrix-edge", "matrix-edge-B", "nginx"] if AB else ["matrix-edge", "nginx", "haproxy"]
+        variants = AB.split(",") if AB else []
+        names = ["matrix-edge"] + [f"B{i}" for i in range(len(variants))] + ["nginx"] + ([] if AB else ["haproxy"])
         ports = {name: (free_port(), free_port()) for name in names}
         proxies["matrix-edge"] = setup.start_edge(*ports["matrix-edge"])
-        if AB:
-            proxies["matrix-edge-B"] = setup.start_edge(*ports["matrix-edge-B"], binary=AB, tag="edge-b")
+        for i, binary in enumerate(variants):
+            proxies[f"B{i}"] = setup.start_edge(*ports[f"B{i}"], binary=binary, tag=f"edge-b{i}")
         proxies["nginx"] = setup.start_nginx_proxy(*ports["nginx"])
         if not AB:
             proxies["haproxy"] = setup.start_haproxy(*ports["haproxy"])
@@ -523,15 +526,17 @@ def versions():
 
 
 def report_ab(rounds):
-    """A (this build) against B (BENCH_AB) and nginx: medians and ratios, every round shown."""
+    """A (this build) against each B (BENCH_AB, comma-separated) and nginx: medians, ratios, h1 rounds."""
     keys = ["h1_cpu_us", "h2_cpu_us", "h1_rps", "h2_rps", "tls_conn_cpu_us", "p50_ms", "p99_ms", "mix_p99_ms",
-            "rss_start_mib", "rss_idle_conns_mib"]
-    print(f"| figure | A | B | nginx | A/B | A/nginx | B/nginx |\n|---|---|---|---|---|---|---|")
+            "rss_start_mib", "rss_idle_mib", "rss_idle_conns_mib"]
+    names = [n for n in rounds if n not in ("none",)]
+    print("| figure | " + " | ".join(names) + " | " + " | ".join(f"{n}/A" for n in names[1:]) + " |")
     for key in keys:
-        a, b, n = (median([r.get(key, float("nan")) for r in rounds[name]]) for name in ["matrix-edge", "matrix-edge-B", "nginx"])
-        print(f"| {key} | {a:.2f} | {b:.2f} | {n:.2f} | {a / b:.2f} | {a / n:.2f} | {b / n:.2f} |")
-    for name in ["matrix-edge", "matrix-edge-B", "nginx"]:
-        print(name, "h1_cpu_us rounds:", [round(r["h1_cpu_us"], 1) for r in rounds[name]])
+        values = [median([r.get(key, float("nan")) for r in rounds[name]]) for name in names]
+        print(f"| {key} | " + " | ".join(f"{v:.2f}" for v in values) + " | "
+              + " | ".join(f"{v / values[0]:.2f}" for v in values[1:]) + " |")
+    for name in names:
+        print(name, "h1/h2 cpu rounds:", [(round(r["h1_cpu_us"], 1), round(r.get("h2_cpu_us", 0), 1)) for r in rounds[name]])
 
 
 def report(setup, rounds):
