@@ -42,6 +42,18 @@ pub struct Limits {
     pub max_headers: usize,
 }
 
+impl Limits {
+    pub fn from_config(limits: &crate::config::LimitsConfig) -> Limits {
+        Limits {
+            max_upload_size: limits.max_upload_size.0,
+            federation_max_body: limits.federation_max_body.0,
+            max_target_bytes: limits.max_target_bytes.0,
+            max_header_bytes: limits.max_header_bytes.0,
+            max_headers: limits.max_headers,
+        }
+    }
+}
+
 /// Paths no listener ever forwards: worker replication and metrics.
 const NEVER_PUBLIC: [&str; 2] = ["/_synapse/replication", "/_synapse/metrics"];
 const ADMIN: &str = "/_synapse/admin";

@@ -5,9 +5,9 @@
 //!
 //! [`GuardedApp`] wraps the HTTP proxy app: it counts each accepted
 //! connection against its address and wraps the stream in [`HeadDeadline`],
-//! which fails reads once a request head has taken too long. The proxy tells
-//! the stream when a head is complete and when a request is done, through
-//! [`head_complete`] and [`request_done`].
+//! which fails reads once a request head has taken too long. The proxy stops
+//! the clock when a head is parsed ([`head_complete`]); the keep-alive loop
+//! starts it again at the next request's first byte.
 
 use crate::edge::Edge;
 use crate::metrics::METRICS;
@@ -104,8 +104,6 @@ pub struct GuardedApp<A> {
     pub inner: Arc<A>,
     pub edge: Arc<ArcSwap<Edge>>,
     pub counts: Arc<ConnectionCounts>,
-    /// Requests per HTTP/1 connection before it closes.
-    pub keepalive_requests: u32,
 }
 
 /// How long an HTTP/1 connection may sit idle between requests.
@@ -119,22 +117,31 @@ impl<A: HttpServerApp + Send + Sync + 'static> GuardedApp<A> {
     /// stream: Pingora's per-request state (its session, buffers and the
     /// proxy task) exists only while a request is in flight, so idle
     /// keep-alive connections cost little memory.
-    async fn serve_http1(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    ///
+    /// The first request's head is timed from accept (the stream starts
+    /// armed), so a silent new connection is cut at `header_timeout`.
+    async fn serve_http1(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+        keepalive_requests: u32,
+    ) -> Option<Stream> {
         let mut carried: Option<HttpPersistentSettings> = None;
-        let mut first_request = true;
         loop {
             let mut byte = [0u8; 1];
-            let idle_limit = if first_request { self.edge.load().connections.header_timeout } else { KEEPALIVE_IDLE };
             let mut watch = shutdown.clone();
             if *watch.borrow() {
                 return None;
             }
             let read = tokio::select! {
-                read = tokio::time::timeout(idle_limit, stream.read(&mut byte)) => read,
+                read = tokio::time::timeout(KEEPALIVE_IDLE, stream.read(&mut byte)) => read,
                 _ = watch.changed() => return None,
             };
             if !matches!(read, Ok(Ok(1))) {
                 return None;
+            }
+            if let Some(guarded) = stream.as_any().downcast_ref::<HeadDeadline>() {
+                guarded.start_clock();
             }
             let mut prefix = bytes::BytesMut::with_capacity(HEAD_BUFFER);
             prefix.extend_from_slice(&byte);
@@ -144,7 +151,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> GuardedApp<A> {
                 None => {
                     session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs()));
                     // Pingora counts reuses after the first request.
-                    session.set_keepalive_reuses_remaining(Some(self.keepalive_requests.saturating_sub(1)));
+                    session.set_keepalive_reuses_remaining(Some(keepalive_requests.saturating_sub(1)));
                 }
             }
             if *shutdown.borrow() {
@@ -153,7 +160,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> GuardedApp<A> {
             session.set_pipelined_prefix(prefix);
             let reused = self.inner.process_new_http(session, shutdown).await?;
             (stream, carried) = reused.consume();
-            first_request = false;
         }
     }
 }
@@ -180,7 +186,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
             return self.inner.process_new(guarded, shutdown).await;
         }
         let guarded: Stream = Box::new(HeadDeadline::new(stream, Some(limits.header_timeout)));
-        self.serve_http1(guarded, shutdown).await
+        self.serve_http1(guarded, shutdown, limits.keepalive_requests).await
     }
 
     async fn cleanup(&self) {
@@ -190,13 +196,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
 
 /// A stream whose reads fail once a request head has been arriving for
 /// longer than the deadline. The clock starts at accept, and again at the
-/// first byte after each finished request.
+/// first byte of each later request.
 pub struct HeadDeadline {
     inner: Stream,
     timeout: Option<Duration>,
     /// Milliseconds since `epoch` when the current head must be complete;
-    /// `ARMED_ON_READ`: start the clock at the next byte; `DISARMED`: no head
-    /// is being read.
+    /// `DISARMED` while no head is being read.
     deadline: AtomicU64,
     epoch: Instant,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -205,13 +210,12 @@ pub struct HeadDeadline {
 }
 
 const DISARMED: u64 = u64::MAX;
-const ARMED_ON_READ: u64 = u64::MAX - 1;
 
 impl HeadDeadline {
     pub fn new(inner: Stream, timeout: Option<Duration>) -> HeadDeadline {
         let epoch = Instant::now();
         let deadline = match timeout {
-            Some(t) => t.as_millis().min(u128::from(ARMED_ON_READ - 1)) as u64,
+            Some(t) => t.as_millis().min(u128::from(DISARMED - 1)) as u64,
             None => DISARMED,
         };
         HeadDeadline { inner, timeout, deadline: AtomicU64::new(deadline), epoch, timer: None, rewrite: None }
@@ -225,9 +229,11 @@ impl HeadDeadline {
         self.deadline.store(DISARMED, Ordering::Relaxed);
     }
 
-    fn request_done(&self) {
-        if self.timeout.is_some() {
-            self.deadline.store(ARMED_ON_READ, Ordering::Relaxed);
+    /// Starts the clock for a new head, unless one is already running.
+    fn start_clock(&self) {
+        if let Some(timeout) = self.timeout {
+            let at = self.now_ms().saturating_add(timeout.as_millis() as u64).min(DISARMED - 1);
+            let _ = self.deadline.compare_exchange(DISARMED, at, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 }
@@ -243,30 +249,12 @@ pub fn head_complete(session: &pingora::proxy::Session) {
     }
 }
 
-/// Restarts the head clock at the next byte (the request is answered).
-pub fn request_done(session: &pingora::proxy::Session) {
-    if let Some(stream) = session.as_downstream().stream().and_then(|s| s.as_any().downcast_ref::<HeadDeadline>()) {
-        stream.request_done();
-    }
-}
-
 impl AsyncRead for HeadDeadline {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         let deadline = this.deadline.load(Ordering::Relaxed);
         if deadline == DISARMED {
-            this.timer = None;
-            return result;
-        }
-        if deadline == ARMED_ON_READ {
-            if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-                if let Some(timeout) = this.timeout {
-                    let at = this.now_ms().saturating_add(timeout.as_millis() as u64).min(ARMED_ON_READ - 1);
-                    this.deadline.store(at, Ordering::Relaxed);
-                }
-            }
             this.timer = None;
             return result;
         }
@@ -304,7 +292,7 @@ impl AsyncWrite for HeadDeadline {
         // own refusal of that head: no request reached the proxy logic. It
         // carries no body a client could use, so it is answered in Matrix
         // JSON instead, like every other error of the edge.
-        if this.rewrite.is_none() && this.deadline.load(Ordering::Relaxed) < ARMED_ON_READ {
+        if this.rewrite.is_none() && this.deadline.load(Ordering::Relaxed) != DISARMED {
             this.rewrite = matrix_answer_for(buf).map(|bytes| (bytes, 0));
         }
         let Some((bytes, written)) = this.rewrite.as_mut() else {

@@ -46,6 +46,7 @@ pub struct ConnectionLimits {
     pub body_idle_timeout: std::time::Duration,
     /// 0: no cap.
     pub per_ip: u32,
+    pub keepalive_requests: u32,
 }
 
 fn check_limits(
@@ -60,8 +61,8 @@ fn check_limits(
             return Err(source.error_at(&at("limits", key), "must be longer than 0s"));
         }
     }
-    if limits.max_headers == 0 || limits.keepalive_requests == 0 {
-        let key = if limits.max_headers == 0 { "max_headers" } else { "keepalive_requests" };
+    let counts = [("max_headers", limits.max_headers as u64), ("keepalive_requests", limits.keepalive_requests.into())];
+    if let Some((key, _)) = counts.iter().find(|(_, count)| *count == 0) {
         return Err(source.error_at(&at("limits", key), "must be at least 1"));
     }
     for (key, rate) in [("login", rates.login), ("client", rates.client), ("federation", rates.federation)] {
@@ -232,17 +233,12 @@ impl Edge {
             well_known: WellKnown::from_config(well_known, source)?,
             main,
             admin_allow: admin_api.allow.iter().map(|c| c.0).collect(),
-            limits: Limits {
-                max_upload_size: limits.max_upload_size.0,
-                federation_max_body: limits.federation_max_body.0,
-                max_target_bytes: limits.max_target_bytes.0,
-                max_header_bytes: limits.max_header_bytes.0,
-                max_headers: limits.max_headers,
-            },
+            limits: Limits::from_config(limits),
             connections: ConnectionLimits {
                 header_timeout: limits.header_timeout.0,
                 body_idle_timeout: limits.body_idle_timeout.0,
                 per_ip: limits.connections_per_ip,
+                keepalive_requests: limits.keepalive_requests,
             },
             rate_limits: crate::ratelimit::RateLimits::from_config(rate_limits),
             warnings,

@@ -10,14 +10,7 @@ use once_cell::sync::Lazy;
 use std::net::IpAddr;
 
 static ROUTER: Lazy<Option<Router>> = Lazy::new(|| Router::new(Vec::new(), &Group::ALL).ok());
-
-const LIMITS: Limits = Limits {
-    max_upload_size: 50 << 20,
-    federation_max_body: 200 << 20,
-    max_target_bytes: 16 << 10,
-    max_header_bytes: 32 << 10,
-    max_headers: 100,
-};
+static LIMITS: Lazy<Limits> = Lazy::new(|| Limits::from_config(&crate::config::LimitsConfig::default()));
 
 /// A request from fuzz bytes: the first line is the method, the second the
 /// target, the rest `Name: value` header lines. The first byte picks roles.

@@ -113,7 +113,7 @@ fn rate_limit(edge: &Edge, session: &Session) -> std::result::Result<(), MatrixE
         is_post: request.method == http::Method::POST,
         target: request.raw_path(),
         client_ip: client_ip(session),
-        origin: sticky::origin(request.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes())),
+        authorization: request.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
     };
     edge.rate_limits.admit(&facts).map_err(|(class, wait)| {
         METRICS.rate_limited.with_label_values(&[class.name()]).inc();
@@ -172,18 +172,18 @@ impl ProxyHttp for EdgeProxy {
             header_bytes: request.headers.iter().map(|(name, value)| (name.as_str().len() + value.len()) as u64).sum(),
             header_count: request.headers.len(),
         };
+        // Framing first (a request framed two ways is refused whatever its
+        // path), then the listener's policy, then the rates.
         let raw_head = (request.version != http::Version::HTTP_2).then(|| session.as_downstream().to_h1_raw());
-        let framing = crate::framing::check(request.version, &request.headers, raw_head.as_deref());
-        let admission = match framing.map(|()| admit(&self.listener.roles, &facts, &edge.limits)) {
+        let admission = match crate::framing::check(request.version, &request.headers, raw_head.as_deref()) {
             Err(reason) => Admission::Reject(MatrixError::bad_request(reason)),
-            Ok(admission) => admission,
-        };
-        let admission = match admission {
-            Admission::Forward { body_limit } => match rate_limit(&edge, session) {
-                Ok(()) => Admission::Forward { body_limit },
-                Err(error) => Admission::Reject(error),
+            Ok(()) => match admit(&self.listener.roles, &facts, &edge.limits) {
+                Admission::Forward { body_limit } => match rate_limit(&edge, session) {
+                    Ok(()) => Admission::Forward { body_limit },
+                    Err(error) => Admission::Reject(error),
+                },
+                other => other,
             },
-            other => other,
         };
         let content_length = facts.content_length;
         let request = session.req_header();
@@ -306,7 +306,6 @@ impl ProxyHttp for EdgeProxy {
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
         METRICS.in_flight.dec();
-        crate::connections::request_done(session);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         let group = ctx.decision.map_or("edge", |d| d.group.name());

@@ -90,8 +90,8 @@ pub struct RateFacts<'a> {
     /// The request target as received (Synapse matches its paths on the raw bytes).
     pub target: &'a [u8],
     pub client_ip: Option<IpAddr>,
-    /// `origin` from an `X-Matrix` authorization, if any.
-    pub origin: Option<&'a [u8]>,
+    /// The `Authorization` header: federation is counted by its `X-Matrix` origin.
+    pub authorization: Option<&'a [u8]>,
 }
 
 impl RateLimits {
@@ -133,7 +133,10 @@ impl RateLimits {
         let address = address.as_ref().map_or(&[][..], |a| a.as_slice());
         let class = classify(facts.is_post, facts.target);
         match class {
-            Class::Federation => check(&self.federation, facts.origin.unwrap_or(address)),
+            Class::Federation => {
+                let origin = crate::sticky::origin(facts.authorization);
+                check(&self.federation, origin.unwrap_or(address));
+            }
             Class::Login => {
                 check(&self.login, address);
                 check(&self.client, address);
@@ -212,8 +215,8 @@ mod tests {
         Arc::new(Limiter::new(RateConfig { requests, per: Span(per) }))
     }
 
-    fn facts<'a>(is_post: bool, target: &'a [u8], ip: &str, origin: Option<&'a [u8]>) -> RateFacts<'a> {
-        RateFacts { is_post, target, client_ip: Some(ip.parse().unwrap()), origin }
+    fn facts<'a>(is_post: bool, target: &'a [u8], ip: &str, authorization: Option<&'a [u8]>) -> RateFacts<'a> {
+        RateFacts { is_post, target, client_ip: Some(ip.parse().unwrap()), authorization }
     }
 
     #[test]
@@ -252,10 +255,11 @@ mod tests {
     fn federation_limit_is_per_origin() {
         let limits = RateLimits { federation: Some(limiter(2, Duration::from_secs(60))), ..Default::default() };
         let send = b"/_matrix/federation/v1/send/1";
-        assert!(limits.admit(&facts(true, send, "192.0.2.1", Some(b"a.example"))).is_ok());
-        assert!(limits.admit(&facts(true, send, "192.0.2.2", Some(b"a.example"))).is_ok());
-        assert!(limits.admit(&facts(true, send, "192.0.2.3", Some(b"a.example"))).is_err());
-        assert!(limits.admit(&facts(true, send, "192.0.2.1", Some(b"b.example"))).is_ok());
+        let (a, b) = (Some(&b"X-Matrix origin=a.example,key=k,sig=s"[..]), Some(&b"X-Matrix origin=b.example"[..]));
+        assert!(limits.admit(&facts(true, send, "192.0.2.1", a)).is_ok());
+        assert!(limits.admit(&facts(true, send, "192.0.2.2", a)).is_ok());
+        assert!(limits.admit(&facts(true, send, "192.0.2.3", a)).is_err());
+        assert!(limits.admit(&facts(true, send, "192.0.2.1", b)).is_ok());
     }
 
     #[test]

@@ -6,7 +6,6 @@ use crate::edge::Edge;
 use crate::proxy::EdgeProxy;
 use crate::tls::SniResolver;
 use arc_swap::ArcSwap;
-use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
@@ -54,21 +53,13 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     let metrics_address = edge.metrics_address;
     let edge = Arc::new(ArcSwap::from_pointee(edge));
     let counts = Arc::new(ConnectionCounts::default());
-    let keepalive_requests = edge.load().config.limits.keepalive_requests;
     for listener in listeners {
         let address = listener.address.to_string();
         let name = format!("matrix-edge {address}");
         let tls = listener.tls;
         let buffers = L4BufferSettings::default().read(CLIENT_READ_BUFFER);
-        let mut proxy =
-            pingora::proxy::http_proxy(&server.configuration, EdgeProxy { listener, edge: Arc::clone(&edge) });
-        proxy.server_options = Some(HttpServerOptions::default());
-        let app = GuardedApp {
-            inner: Arc::new(proxy),
-            edge: Arc::clone(&edge),
-            counts: Arc::clone(&counts),
-            keepalive_requests,
-        };
+        let proxy = pingora::proxy::http_proxy(&server.configuration, EdgeProxy { listener, edge: Arc::clone(&edge) });
+        let app = GuardedApp { inner: Arc::new(proxy), edge: Arc::clone(&edge), counts: Arc::clone(&counts) };
         let mut service = Service::new(name, app);
         service.set_connection_filter(Arc::new(CapFilter { counts: Arc::clone(&counts), edge: Arc::clone(&edge) }));
         if tls {
