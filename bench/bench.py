@@ -430,7 +430,9 @@ def measure(setup, name, pids, plain, tls):
     # Memory: idle, then with many idle keep-alive connections.
     result["rss_idle_mib"] = rss_kib(proc_pids()) / 1024
     held = idle_connections(plain, IDLE_CONNECTIONS)
-    time.sleep(0.5)
+    # Idle means settled: long enough for matrix-edge's periodic heap trim
+    # (every 5 s) to return what opening them freed. Every proxy waits alike.
+    time.sleep(6)
     result["rss_idle_conns_mib"] = rss_kib(proc_pids()) / 1024
     for s in held:
         s.close()

@@ -50,7 +50,7 @@ for _ in range(n):
     socks.append(s)
 if mode == "request":
     for s in socks: s.settimeout(10); s.recv(4096)
-time.sleep(1.0); r1 = rss()
+time.sleep(float(os.environ.get("SETTLE", "1.0"))); r1 = rss()
 print(f"{os.path.basename(binary)} {mode}: base {r0/1024:.1f} MiB, with {n} idle {r1/1024:.1f} MiB, per conn {(r1-r0)/n:.1f} KiB")
 for s in socks: s.close()
 p.terminate(); p.wait()

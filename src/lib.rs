@@ -33,6 +33,7 @@ pub mod framing;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;
+pub mod heap;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

@@ -91,6 +91,7 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
         pid_file: options.pid_file.as_ref().map(std::path::PathBuf::from),
     };
     server.add_service(pingora::services::background::background_service("readiness", readiness));
+    server.add_service(pingora::services::background::background_service("heap trim", crate::heap::HeapTrimmer));
     if !edge.load().pools.all().is_empty() {
         let checker = crate::health::HealthChecker { edge: Arc::clone(&edge) };
         server.add_service(pingora::services::background::background_service("worker health", checker));
