@@ -30,6 +30,18 @@ QUICK = os.environ.get("BENCH_QUICK") == "1"
 AB = os.environ.get("BENCH_AB")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 1 if QUICK else 3))
 REQUESTS = 20_000 if QUICK else 200_000
+
+
+def raise_fd_limit():
+    try:  # root may raise the hard limit too
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    except (ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# Raised before anything reads it: the idle-connection count depends on it.
+raise_fd_limit()
 FD_HARD_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 # HAProxy reserves two descriptors per connection up front; stay under the
 # machine's hard limit (10,000 where it allows).
@@ -103,13 +115,6 @@ def wait_port(port, timeout=20):
             time.sleep(0.05)
     raise SystemExit(f"bench: nothing listens on {port}")
 
-
-def raise_fd_limit():
-    try:  # root may raise the hard limit too
-        resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
-    except (ValueError, OSError):
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Setup:
