@@ -1,11 +1,17 @@
 //! Headers on the way to Synapse. The request target is never touched.
 
+use http::header::{HeaderName, HeaderValue, FORWARDED, HOST, PROXY_AUTHORIZATION};
 use pingora::http::RequestHeader;
 use std::net::IpAddr;
 
 /// Headers a client may send that would let it pose as someone else or
-/// talk to a proxy hop that does not exist.
-const DROPPED: [&str; 5] = ["Forwarded", "X-Real-IP", "Proxy-Authorization", "X-Forwarded-Proto", "X-Forwarded-Host"];
+/// talk to a proxy hop that does not exist. (`X-Forwarded-For` and
+/// `X-Forwarded-Proto` are replaced below rather than dropped.) Named as
+/// parsed `HeaderName`s: looking one up by string parses it first, which
+/// cost more than the lookup itself on every request (callgrind).
+static DROPPED: [HeaderName; 4] =
+    [FORWARDED, HeaderName::from_static("x-real-ip"), PROXY_AUTHORIZATION, HeaderName::from_static("x-forwarded-host")];
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Rewrites forwarding headers: Synapse trusts the first `X-Forwarded-For`
 /// value, so it is replaced by the address the edge actually saw.
@@ -14,26 +20,56 @@ pub fn prepare_upstream_request(
     client_ip: Option<IpAddr>,
     tls: bool,
 ) -> pingora::Result<()> {
-    for name in DROPPED {
+    for name in &DROPPED {
         request.remove_header(name);
     }
     match client_ip {
-        Some(ip) => {
-            request.insert_header("X-Forwarded-For", ip.to_canonical().to_string())?;
-        }
+        Some(ip) => request.insert_header("X-Forwarded-For", address_value(ip))?,
         None => {
             // A Unix-socket client has no address; never pass on its claim.
-            request.remove_header("X-Forwarded-For");
+            request.remove_header(&X_FORWARDED_FOR);
         }
     }
     request.insert_header("X-Forwarded-Proto", if tls { "https" } else { "http" })?;
-    if request.headers.get(http::header::HOST).is_none() {
+    if request.headers.get(HOST).is_none() {
         // HTTP/2 carries the host in :authority; Synapse reads Host.
         if let Some(authority) = request.uri.authority().map(|a| a.as_str().to_string()) {
-            request.insert_header(http::header::HOST, authority)?;
+            request.insert_header(HOST, authority)?;
         }
     }
     Ok(())
+}
+
+/// The client address as a header value, IPv4-mapped IPv6 shown as IPv4.
+/// IPv4 is written by hand: `Display` through the formatting machinery was
+/// over a thousand instructions per request (callgrind).
+fn address_value(ip: IpAddr) -> HeaderValue {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let mut text = [0u8; 15];
+            let mut len = 0;
+            for (index, octet) in v4.octets().into_iter().enumerate() {
+                if index > 0 {
+                    text[len] = b'.';
+                    len += 1;
+                }
+                let digits = [octet / 100, octet / 10 % 10, octet % 10];
+                let skip = match octet {
+                    100.. => 0,
+                    10..=99 => 1,
+                    _ => 2,
+                };
+                for digit in &digits[skip..] {
+                    text[len] = b'0' + digit;
+                    len += 1;
+                }
+            }
+            HeaderValue::from_bytes(&text[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        }
+        IpAddr::V6(v6) => {
+            HeaderValue::from_str(&v6.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -57,5 +93,19 @@ mod tests {
         assert!(request.headers.get("X-Real-IP").is_none());
         assert_eq!(request.headers["Host"], "matrix.example.com:8443");
         assert_eq!(request.raw_path(), b"/_matrix/client/v3/sync?since=a%2Fb");
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        let addresses = ["0.0.0.0", "1.2.3.4", "9.10.99.100", "255.255.255.255", "127.0.0.1", "::1", "2001:db8::7"];
+        for text in addresses {
+            let ip: IpAddr = text.parse().unwrap();
+            assert_eq!(address_value(ip), text);
+        }
+        assert_eq!(address_value("::ffff:10.20.0.254".parse().unwrap()), "10.20.0.254");
+        for octet in 0..=255u8 {
+            let ip = IpAddr::from([octet, 255 - octet, octet / 2, 7]);
+            assert_eq!(address_value(ip), ip.to_string());
+        }
     }
 }
