@@ -30,6 +30,11 @@ QUICK = os.environ.get("BENCH_QUICK") == "1"
 AB = os.environ.get("BENCH_AB")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 1 if QUICK else 3))
 REQUESTS = 20_000 if QUICK else 200_000
+# Paired CPU runs: short runs alternating between the proxies, repeated, so
+# that the machine's drift (several tens of % on a shared host) hits each
+# pair alike; the ratio per pair is the steadiest CPU comparison we have.
+PAIRED = int(os.environ.get("BENCH_PAIRED", 4 if QUICK else 12))
+PAIRED_REQUESTS = 20_000
 
 
 def raise_fd_limit():
@@ -267,6 +272,9 @@ process: {{ threads: 1, access_log: off, log_level: warn }}
         return process
 
     def start_nginx_proxy(self, plain, tls):
+        return self.start_nginx("nginx", self.nginx_proxy_config(plain, tls), [plain, tls])
+
+    def nginx_proxy_config(self, plain, tls):
         u = self.upstream_ports
         upstreams = "\n".join(f"  upstream {g} {{ server 127.0.0.1:{p}; keepalive 64; }}" for g, p in u.items())
         seen, locations = set(), []
@@ -296,7 +304,7 @@ http {{
   }}
 }}
 """
-        return self.start_nginx("nginx", conf, [plain, tls])
+        return conf
 
     def start_haproxy(self, plain, tls):
         u = self.upstream_ports
@@ -386,25 +394,49 @@ def curl(args):
     return time.time() - start
 
 
+def cpu_per_request(pids, kind, plain, tls, paths, n):
+    """CPU µs per request of `pids` over n small GETs: h1 keep-alive plaintext or TLS h2."""
+    if kind == "h1":
+        urls, args = [f"http://127.0.0.1:{plain}{p}" for p in paths], ["--h1", "-c", "32", "-t", "1"]
+    else:
+        urls, args = [f"https://127.0.0.1:{tls}{p}" for p in paths], ["-c", "32", "-m", "10", "-t", "1"]
+    cpu0 = cpu_seconds(pids)
+    done, rps, _ = h2load(["-n", str(n)] + args, urls)
+    cpu1 = cpu_seconds(pids)
+    return (cpu1 - cpu0) / max(done, 1) * 1e6, rps
+
+
+def paired_cpu(setup, proxies, ports):
+    """PAIRED rounds of short h1 and h2 runs through every proxy in turn
+    (order reversed every other round). Returns {kind: {name: [µs, ...]}}."""
+    names = list(proxies)
+    result = {kind: {name: [] for name in names} for kind in ("h1", "h2")}
+    for index in range(PAIRED):
+        print(f"paired CPU round {index + 1}/{PAIRED}", flush=True)
+        for kind in ("h1", "h2"):
+            for name in names if index % 2 == 0 else names[::-1]:
+                plain, tls = ports[name]
+                us, _ = cpu_per_request(children(proxies[name].pid), kind, plain, tls, setup.paths, PAIRED_REQUESTS)
+                result[kind][name].append(us)
+    return result
+
+
+def paired_ratio(paired, kind, name, base):
+    """Median over rounds of name's CPU per request divided by base's in the same round."""
+    pairs = zip(paired[kind][name], paired[kind][base])
+    return median([a / b for a, b in pairs if b > 0])
+
+
 def measure(setup, name, pids, plain, tls):
     """Every workload against one proxy (or the stub itself for 'none')."""
     result = {}
     urls_h1 = [f"http://127.0.0.1:{plain}{p}" for p in setup.paths]
     proc_pids = lambda: children(pids[0]) if pids else []
     # Small GETs over the route table, HTTP/1.1 keep-alive, plaintext.
-    cpu0 = cpu_seconds(proc_pids())
-    done, rps, _ = h2load(["--h1", "-n", str(REQUESTS), "-c", "32", "-t", "1"], urls_h1)
-    cpu1 = cpu_seconds(proc_pids())
-    result["h1_cpu_us"] = (cpu1 - cpu0) / max(done, 1) * 1e6
-    result["h1_rps"] = rps
+    result["h1_cpu_us"], result["h1_rps"] = cpu_per_request(proc_pids(), "h1", plain, tls, setup.paths, REQUESTS)
     # The same over TLS with HTTP/2.
     if tls:
-        urls_h2 = [f"https://127.0.0.1:{tls}{p}" for p in setup.paths]
-        cpu0 = cpu_seconds(proc_pids())
-        done, rps, _ = h2load(["-n", str(REQUESTS), "-c", "32", "-m", "10", "-t", "1"], urls_h2)
-        cpu1 = cpu_seconds(proc_pids())
-        result["h2_cpu_us"] = (cpu1 - cpu0) / max(done, 1) * 1e6
-        result["h2_rps"] = rps
+        result["h2_cpu_us"], result["h2_rps"] = cpu_per_request(proc_pids(), "h2", plain, tls, setup.paths, REQUESTS)
         # New TLS connections: one request per connection.
         n = 500 if QUICK else 2000
         cpu0 = cpu_seconds(proc_pids())
@@ -505,10 +537,11 @@ def main():
         for name, mib in at_start.items():
             for r in rounds[name]:
                 r["rss_start_mib"] = mib
+        paired = paired_cpu(setup, proxies, ports)
         if AB:
-            report_ab(rounds)
+            report_ab(rounds, paired)
         else:
-            report(setup, rounds)
+            report(setup, rounds, paired)
     except BaseException:
         print(f"bench: failed; configs and error logs are kept in {work}", file=sys.stderr)
         setup.stop()
@@ -532,7 +565,7 @@ def versions():
     return out
 
 
-def report_ab(rounds):
+def report_ab(rounds, paired):
     """A (this build) against each B (BENCH_AB, comma-separated) and nginx: medians, ratios, h1 rounds."""
     keys = ["h1_cpu_us", "h2_cpu_us", "h1_rps", "h2_rps", "tls_conn_cpu_us", "p50_ms", "p99_ms", "mix_p99_ms",
             "rss_start_mib", "rss_idle_mib", "rss_idle_conns_mib"]
@@ -544,9 +577,18 @@ def report_ab(rounds):
               + " | ".join(f"{v / values[0]:.2f}" for v in values[1:]) + " |")
     for name in names:
         print(name, "h1/h2 cpu rounds:", [(round(r["h1_cpu_us"], 1), round(r.get("h2_cpu_us", 0), 1)) for r in rounds[name]])
+    for kind in ("h1", "h2"):
+        print(f"paired {kind} CPU ({PAIRED} rounds of {PAIRED_REQUESTS}): "
+              + ", ".join(f"{name} {median(paired[kind][name]):.1f} µs ({paired_ratio(paired, kind, name, 'matrix-edge'):.3f}x A)"
+                          for name in names))
 
 
-def report(setup, rounds):
+# RESULTS.md is written by the run above this line; what follows it in the
+# file (reading notes, profiles, the optimisation log) is kept across runs.
+ANALYSIS_MARKER = "<!-- Written by hand below; bench/run keeps it. -->"
+
+
+def report(setup, rounds, paired):
     keys = [("h1_cpu_us", "CPU µs/request, h1 plaintext"), ("h2_cpu_us", "CPU µs/request, TLS h2"),
             ("h1_rps", "throughput req/s, h1 (1 thread)"), ("h2_rps", "throughput req/s, TLS h2 (1 thread)"),
             ("tls_conn_per_s", "new TLS connections/s"), ("tls_conn_cpu_us", "CPU µs per new TLS connection"),
@@ -569,6 +611,10 @@ def report(setup, rounds):
         nginx = table["nginx"][key]
         ratio = table["matrix-edge"][key] / nginx if nginx and nginx == nginx else float("nan")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio:.2f} |" if ratio == ratio else f"| {label} | " + " | ".join(cells) + " | - |")
+    for kind, label in (("h1", "h1 plaintext"), ("h2", "TLS h2")):
+        cells = [f"{median(paired[kind][name]):.2f}" if name in paired[kind] else "-" for name in names]
+        lines.append(f"| CPU µs/request, {label}, paired short runs | " + " | ".join(cells)
+                     + f" | {paired_ratio(paired, kind, 'matrix-edge', 'nginx'):.2f} |")
     cpu = ""
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
@@ -602,11 +648,24 @@ Commands (URIs: the {len(setup.paths)} GET lines of tests/routing/requests.txt):
 - big bodies: `curl -o /dev/null` of a {BIG >> 20} MiB body, and `curl -T` of the same, RSS sampled every 20 ms
 
 CPU is utime + stime of every process of the proxy over the workload
-divided by the requests completed.
+divided by the requests completed. The "paired short runs" rows repeat
+{PAIRED} rounds of {PAIRED_REQUESTS} requests through each proxy in turn (order
+reversed every other round); their ratio is the median of the per-round
+ratios, which cancels most of the drift a shared machine adds between
+workloads minutes apart.
 """
     print(text)
-    with open(os.path.join(ROOT, "bench", "RESULTS.md"), "w") as f:
-        f.write(text)
+    path = os.path.join(ROOT, "bench", "RESULTS.md")
+    kept = ""
+    try:
+        with open(path) as f:
+            previous = f.read()
+        if ANALYSIS_MARKER in previous:
+            kept = previous.split(ANALYSIS_MARKER, 1)[1]
+    except OSError:
+        pass
+    with open(path, "w") as f:
+        f.write(text + "\n" + ANALYSIS_MARKER + kept)
 
 
 if __name__ == "__main__":

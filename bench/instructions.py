@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""User-space instructions per request under callgrind, for matrix-edge and
+nginx on the same route table and stub upstreams as bench.py.
+
+CPU time on a shared machine drifts by tens of percent between runs;
+instruction counts do not (repeated runs of one build agree within 0.5 %),
+so this is how a small change to the request path is judged before the
+interleaved CPU runs of bench.py. Kernel work (syscalls) is not counted:
+compare syscalls with `strace -c` if a change could move them.
+
+  python3 bench/instructions.py [h1|h2] [N] [BINARY|nginx ...]
+  (default: h1, 5000 requests, target/release/matrix-edge and nginx)
+
+Needs valgrind (Debian: apt-get install valgrind) and what bench/run installs.
+"""
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (bench.py's stub upstreams and proxy configs)
+
+WARMUP = 1000
+
+
+def wait_listening(port):
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"instructions: nothing listens on {port} (valgrind start-up)")
+
+
+def count(setup, proxy, kind, n):
+    plain, tls = bench.free_port(), bench.free_port()
+    out = os.path.join(setup.work, f"callgrind.{len(os.listdir(setup.work))}")
+    if proxy == "nginx":
+        conf = os.path.join(setup.work, "nginx-cg.conf")
+        with open(conf, "w") as f:
+            f.write(setup.nginx_proxy_config(plain, tls))
+        command = ["nginx", "-c", conf, "-p", setup.work, "-g", "master_process off;"]
+    else:
+        config = os.path.join(setup.work, "edge-cg.yaml")
+        with open(config, "w") as f:
+            f.write(setup.edge_config(plain, tls))
+        command = [proxy, "-c", config, "--pid-file", f"{setup.work}/cg.pid", "--upgrade-socket", f"{setup.work}/cg.sock"]
+    process = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"] + command,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(tls)
+        if kind == "h1":
+            urls, args = [f"http://127.0.0.1:{plain}{p}" for p in setup.paths], ["--h1", "-c", "32", "-t", "1"]
+        else:
+            urls, args = [f"https://127.0.0.1:{tls}{p}" for p in setup.paths], ["-c", "32", "-m", "10", "-t", "1"]
+        bench.h2load(["-n", str(WARMUP)] + args, urls)
+        # Count only the measured requests: zero the counters, load, dump.
+        bench.run(["callgrind_control", "-z", str(process.pid)])
+        done, _, _ = bench.h2load(["-n", str(n)] + args, urls)
+        bench.run(["callgrind_control", "-d", str(process.pid)])
+        dumps = glob.glob(f"{out}.{process.pid}.*")
+        if not dumps or done < n * 0.99:
+            raise SystemExit(f"instructions: {proxy}: {done}/{n} requests succeeded, dumps {dumps}")
+        with open(dumps[0]) as f:
+            total = next(int(line.split()[1]) for line in f if line.startswith(("summary:", "totals:")))
+        return total / n, dumps[0]
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def main():
+    kind = sys.argv[1] if len(sys.argv) > 1 else "h1"
+    n = int(sys.argv[2]) if len(sys.argv) > 2 else 5000
+    proxies = sys.argv[3:] or [os.path.join(bench.ROOT, "target/release/matrix-edge"), "nginx"]
+    if not shutil.which("valgrind"):
+        raise SystemExit("instructions: needs valgrind (apt-get install valgrind)")
+    work = tempfile.mkdtemp(prefix="matrix-edge-instructions-")
+    os.chmod(work, 0o755)
+    setup = bench.Setup(work)
+    try:
+        setup.start_stub()
+        for proxy in proxies:
+            per_request, dump = count(setup, proxy, kind, n)
+            print(f"{kind} {proxy}: {per_request:,.0f} instructions per request (user space; profile: callgrind_annotate {dump})")
+    finally:
+        setup.stop()
+
+
+if __name__ == "__main__":
+    main()
