@@ -497,6 +497,10 @@ def measure(setup, name, pids, plain, tls):
             raise SystemExit(f"bench: {direction} through {name} moved {moved} bytes, expected {BIG}")
         result[f"{direction}_s"] = elapsed
         result[f"{direction}_rss_growth_mib"] = (peak - base) / 1024
+    if not pids:
+        # No proxy process: nothing to charge CPU or memory to ("-", not 0).
+        for key in [k for k in result if k.endswith(("_cpu_us", "_mib"))]:
+            result[key] = float("nan")
     return result
 
 
