@@ -8,34 +8,28 @@ so this is how a small change to the request path is judged before the
 interleaved CPU runs of bench.py. Kernel work (syscalls) is not counted:
 compare syscalls with `strace -c` if a change could move them.
 
-  python3 bench/instructions.py [h1|h2] [N] [BINARY|nginx ...]
-  (default: h1, 5000 requests, target/release/matrix-edge and nginx)
+  python3 bench/instructions.py [h1|h2] [PASSES] [BINARY|nginx ...]
+  (default: h1, 1 pass, target/release/matrix-edge and nginx)
+
+Each of h2load's 32 clients walks the URI list from its start, so the
+request count is 32 x URIs x PASSES: every URI equally often. (A count that
+stops part-way through the list weighs the early routes more, which moves
+nginx's figure by a third: it walks its regex locations in order.)
 
 Needs valgrind (Debian: apt-get install valgrind) and what bench/run installs.
 """
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (bench.py's stub upstreams and proxy configs)
 
 WARMUP = 1000
-
-
-def wait_listening(port):
-    for _ in range(600):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"instructions: nothing listens on {port} (valgrind start-up)")
+CLIENTS = 32
 
 
 def count(setup, proxy, kind, n):
@@ -54,11 +48,11 @@ def count(setup, proxy, kind, n):
     process = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"] + command,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_listening(tls)
+        bench.wait_port(tls, timeout=60)  # valgrind starts slowly
         if kind == "h1":
-            urls, args = [f"http://127.0.0.1:{plain}{p}" for p in setup.paths], ["--h1", "-c", "32", "-t", "1"]
+            urls, args = [f"http://127.0.0.1:{plain}{p}" for p in setup.paths], ["--h1", "-c", str(CLIENTS), "-t", "1"]
         else:
-            urls, args = [f"https://127.0.0.1:{tls}{p}" for p in setup.paths], ["-c", "32", "-m", "10", "-t", "1"]
+            urls, args = [f"https://127.0.0.1:{tls}{p}" for p in setup.paths], ["-c", str(CLIENTS), "-m", "10", "-t", "1"]
         bench.h2load(["-n", str(WARMUP)] + args, urls)
         # Count only the measured requests: zero the counters, load, dump.
         bench.run(["callgrind_control", "-z", str(process.pid)])
@@ -77,7 +71,7 @@ def count(setup, proxy, kind, n):
 
 def main():
     kind = sys.argv[1] if len(sys.argv) > 1 else "h1"
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 5000
+    passes = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     proxies = sys.argv[3:] or [os.path.join(bench.ROOT, "target/release/matrix-edge"), "nginx"]
     if not shutil.which("valgrind"):
         raise SystemExit("instructions: needs valgrind (apt-get install valgrind)")
@@ -86,6 +80,7 @@ def main():
     setup = bench.Setup(work)
     try:
         setup.start_stub()
+        n = CLIENTS * len(setup.paths) * passes
         for proxy in proxies:
             per_request, dump = count(setup, proxy, kind, n)
             print(f"{kind} {proxy}: {per_request:,.0f} instructions per request (user space; profile: callgrind_annotate {dump})")
