@@ -32,9 +32,9 @@ WARMUP = 1000
 CLIENTS = 32
 
 
-def count(setup, proxy, kind, n):
+def count(setup, index, proxy, kind, n):
     plain, tls = bench.free_port(), bench.free_port()
-    out = os.path.join(setup.work, f"callgrind.{len(os.listdir(setup.work))}")
+    out = os.path.join(setup.work, f"callgrind.{index}")
     if proxy == "nginx":
         conf = os.path.join(setup.work, "nginx-cg.conf")
         with open(conf, "w") as f:
@@ -81,8 +81,8 @@ def main():
     try:
         setup.start_stub()
         n = CLIENTS * len(setup.paths) * passes
-        for proxy in proxies:
-            per_request, dump = count(setup, proxy, kind, n)
+        for index, proxy in enumerate(proxies):
+            per_request, dump = count(setup, index, proxy, kind, n)
             print(f"{kind} {proxy}: {per_request:,.0f} instructions per request (user space; profile: callgrind_annotate {dump})")
     finally:
         setup.stop()
