@@ -3,7 +3,7 @@
 //! `cargo bench --bench routing`.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use matrix_edge::routes::{Group, Router};
+use matrix_edge::synapse::table::{Group, Router};
 
 fn requests() -> Vec<(String, String)> {
     include_str!("../tests/routing/requests.txt")

@@ -2,22 +2,28 @@
 //! from `EdgeConfig` in one place. A reload builds a new `Edge` and swaps it
 //! in whole, so a request sees one consistent snapshot.
 
-use crate::access::Limits;
-use crate::balance::{Member, Pool, Pools};
 use crate::config::values::ListenAddr;
 use crate::config::values::UpstreamAddr;
 use crate::config::{ConfigError, EdgeConfig, Role, Seg, Source};
 use crate::config::{SynapseConfig, WorkerList};
-use crate::routes::{Group, Methods, Router, Rule, Sticky};
+use crate::local::well_known::WellKnown;
+use crate::request::admission::Limits;
+use crate::sites::Sites;
+use crate::synapse::table::{Group, Methods, Router, Rule, Sticky};
 use crate::tls::{CertStore, CertifiedKey};
-use crate::upstream::Upstream;
-use crate::well_known::WellKnown;
+use crate::upstream::named::{NamedUpstream, NamedUpstreams};
+use crate::upstream::peer::Upstream;
+use crate::upstream::pool::{Member, Pool, Pools};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::Path;
 
 pub struct Edge {
     pub server_name: String,
+    /// Virtual hosts, the Matrix site first.
+    pub sites: crate::sites::Sites,
+    /// Upstreams that site routes name.
+    pub upstreams: crate::upstream::named::NamedUpstreams,
     pub router: Router,
     pub pools: Pools,
     pub health: HealthSettings,
@@ -28,14 +34,14 @@ pub struct Edge {
     pub admin_allow: Vec<ipnet::IpNet>,
     pub limits: Limits,
     pub connections: ConnectionLimits,
-    pub rate_limits: crate::ratelimit::RateLimits,
+    pub rate_limits: crate::request::ratelimit::RateLimits,
     pub config: EdgeConfig,
     /// Things that work but are probably not what the admin meant.
     pub warnings: Vec<String>,
     /// Certificate and key files, resolved, for change detection.
     pub certificate_files: Vec<std::path::PathBuf>,
     pub certificate_watch: Option<std::time::Duration>,
-    pub access_log: crate::access_log::AccessLogFormat,
+    pub access_log: crate::observe::access_log::AccessLogFormat,
     pub metrics_address: Option<std::net::SocketAddr>,
 }
 
@@ -92,6 +98,12 @@ pub struct Listener {
     pub roles: Vec<Role>,
 }
 
+impl crate::tls::CurrentCertificates for arc_swap::ArcSwap<Edge> {
+    fn current(&self) -> std::sync::Arc<CertStore> {
+        std::sync::Arc::clone(&self.load().certificates)
+    }
+}
+
 impl Edge {
     /// Reads, parses and checks a config file.
     pub fn load(file: &Path) -> Result<Edge, ConfigError> {
@@ -112,6 +124,9 @@ impl Edge {
             rate_limits,
             process,
             metrics,
+            upstreams: upstream_configs,
+            sites: _,
+            matrix_site: _,
         } = &config;
 
         if listeners.is_empty() {
@@ -217,6 +232,22 @@ impl Edge {
         check_limits(limits, rate_limits, source)?;
         let pools = build_pools(synapse, source)?;
         let router = build_router(synapse, &pools.declared(), source)?;
+        let mut named = Vec::with_capacity(upstream_configs.len());
+        for (name, upstream) in upstream_configs {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(source.error_at(
+                    &[Seg::Key("upstreams")],
+                    format!("upstream name {name:?}: use letters, digits, - and _"),
+                ));
+            }
+            let at = [Seg::Key("upstreams"), Seg::Name(name.clone())];
+            named.push(NamedUpstream::from_config(name, upstream).map_err(|e| source.error_at(&at, e))?);
+        }
+        let upstreams = NamedUpstreams::new(named);
+        let sites = Sites::from_config(&config, source, &upstreams)?;
+        if !sites.single_site() && !serves(Role::Sites) {
+            warnings.push("sites are configured but no listener serves `sites`".into());
+        }
         let health = HealthSettings {
             path: synapse.health_check.path.clone(),
             interval: synapse.health_check.interval.0,
@@ -225,6 +256,8 @@ impl Edge {
 
         Ok(Edge {
             server_name: server_name.0.clone(),
+            sites,
+            upstreams,
             router,
             pools,
             health,
@@ -240,7 +273,7 @@ impl Edge {
                 per_ip: limits.connections_per_ip,
                 keepalive_requests: limits.keepalive_requests,
             },
-            rate_limits: crate::ratelimit::RateLimits::from_config(rate_limits),
+            rate_limits: crate::request::ratelimit::RateLimits::from_config(rate_limits),
             warnings,
             certificate_files,
             certificate_watch: Some(tls.watch_interval.0).filter(|d| !d.is_zero()),
@@ -369,7 +402,7 @@ fn build_pools(synapse: &SynapseConfig, source: &Source) -> Result<Pools, Config
             let upstream = Upstream::new(address, &synapse.timeouts).map_err(|e| source.error_at(&at, e))?;
             members.push(Member::new(upstream, health, weight));
         }
-        pools.push(Pool::new(group, members));
+        pools.push((group, Pool::new(group.name(), members)));
     }
     Ok(Pools::new(pools))
 }

@@ -2,10 +2,10 @@
 //! that replays their corpus on stable Rust. Each one turns arbitrary bytes
 //! into the inputs a peer controls and checks properties, not just "no panic".
 
-use crate::access::{admit, normalised_views, path_of, Admission, Limits, RequestFacts};
 use crate::config::{Role, Source};
-use crate::routes::{Group, Router, Sticky};
-use crate::sticky::{self, KeySource};
+use crate::request::admission::{admit, normalised_views, path_of, Admission, Limits, RequestFacts};
+use crate::synapse::sticky::{self, KeySource};
+use crate::synapse::table::{Group, Router, Sticky};
 use once_cell::sync::Lazy;
 use std::net::IpAddr;
 

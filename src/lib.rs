@@ -4,47 +4,44 @@
 //!
 //! 1. A listener accepts; on TLS listeners [`tls::SniResolver`] picks the
 //!    certificate from a prebuilt name map (exact, wildcard, first).
-//! 2. [`proxy::EdgeProxy::new_ctx`] takes the current [`edge::Edge`]
+//! 2. [`server::proxy::EdgeProxy::new_ctx`] takes the current [`edge::Edge`]
 //!    snapshot, so one request sees one configuration even across reloads.
-//! 3. `request_filter` asks [`access::admit`] what to do with the target:
-//!    answer a well-known document ([`well_known`]), refuse with a Matrix
-//!    error ([`errors`]), or forward with a body limit.
-//! 4. `upstream_peer` returns the Synapse process ([`upstream`]).
+//! 3. `request_filter` picks the site by Host ([`sites::Sites::pick`]); the
+//!    site's router decides a [`sites::Target`]: the Matrix paths, where
+//!    [`request::admission::admit`] answers a well-known document
+//!    ([`local::well_known`]), refuses with a Matrix error
+//!    ([`request::errors`]) or forwards with a body limit; a named upstream
+//!    pool; or a local responder (static files, redirects).
+//! 4. `upstream_peer` returns the process: a Synapse group's worker
+//!    ([`synapse::table`], [`synapse::sticky`], [`upstream::pool`]) or a
+//!    named upstream's member.
 //! 5. `upstream_request_filter` rewrites forwarding headers only
-//!    ([`forward`]); the request target is sent as received.
+//!    ([`request::forward`]); the request target is sent as received
+//!    (unless a site route strips a prefix).
 //! 6. `request_body_filter` counts streamed body bytes against the limit.
-//! 7. `fail_to_proxy` turns any failure into Matrix JSON ([`errors`]).
-//! 8. `logging` counts the request ([`metrics`]) and writes the access line
-//!    ([`access_log`]) with tokens removed ([`redact`]).
+//! 7. `fail_to_proxy` turns any failure into Matrix JSON ([`request::errors`]).
+//! 8. `logging` counts the request ([`observe::metrics`]) and writes the
+//!    access line ([`observe::access_log`]) with tokens removed
+//!    ([`observe::redact`]).
 //!
-//! Beside requests: [`health`] checks workers, [`reload`] swaps in a new
-//! snapshot on SIGHUP or certificate changes, [`metrics`] serves Prometheus.
+//! Beside requests ([`services`]): health checks, reloads on SIGHUP or
+//! certificate changes, readiness, heap trimming.
+//!
+//! Layers, each importing only from those below it: `server`, `cli` and
+//! `services` on top; `edge` (the snapshot); `sites`; `local`; `request` and
+//! `upstream`; `config` and `tls`; `synapse` and `observe` at the bottom.
 
-pub mod access;
-pub mod access_log;
-pub mod balance;
+pub mod cli;
 pub mod config;
-pub mod connections;
 pub mod edge;
-pub mod errors;
-pub mod explain;
-pub mod forward;
-pub mod framing;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod health;
-pub mod heap;
-pub mod metrics;
-pub mod proxy;
-pub mod ratelimit;
-pub mod readiness;
-pub mod redact;
-pub mod reload;
-pub mod response;
-pub mod routes;
+pub mod local;
+pub mod observe;
+pub mod request;
 pub mod server;
-pub mod sticky;
+pub mod services;
+pub mod sites;
+pub mod synapse;
 pub mod tls;
-pub mod upgrade;
 pub mod upstream;
-pub mod well_known;

@@ -74,7 +74,8 @@ fn main() -> ExitCode {
             eprintln!("matrix-edge: not reloading: {error}");
             return ExitCode::FAILURE;
         }
-        return match matrix_edge::upgrade::reload(&cli.config, pid_file.as_ref(), socket.as_ref(), upgrade) {
+        return match matrix_edge::cli::reload_command::reload(&cli.config, pid_file.as_ref(), socket.as_ref(), upgrade)
+        {
             Ok(done) => {
                 println!("matrix-edge: {done}");
                 ExitCode::SUCCESS
@@ -101,7 +102,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some(Command::Routes) => {
-            print!("{}", matrix_edge::explain::routes_table(&edge));
+            print!("{}", matrix_edge::cli::explain::routes_table(&edge));
             return ExitCode::SUCCESS;
         }
         Some(Command::Reload { .. }) => return ExitCode::FAILURE,
@@ -114,7 +115,7 @@ fn main() -> ExitCode {
                 };
                 parsed.push((name.trim().to_string(), value.trim().to_string()));
             }
-            print!("{}", matrix_edge::explain::explain(&edge, &method.to_ascii_uppercase(), &target, &parsed));
+            print!("{}", matrix_edge::cli::explain::explain(&edge, &method.to_ascii_uppercase(), &target, &parsed));
             return ExitCode::SUCCESS;
         }
         None => {}

@@ -5,8 +5,8 @@
 
 use matrix_edge::config::Source;
 use matrix_edge::edge::Edge;
-use matrix_edge::routes::{Group, Router, BUILTIN};
-use matrix_edge::sticky::{self, Key, KeySource};
+use matrix_edge::synapse::sticky::{self, Key, KeySource};
+use matrix_edge::synapse::table::{Group, Router, BUILTIN};
 use std::collections::BTreeSet;
 
 const ROUTING_CONFIG: &str = r#"

@@ -9,7 +9,7 @@ mod support;
 
 use matrix_edge::config::Source;
 use matrix_edge::edge::Edge;
-use matrix_edge::sticky::{self, KeySource};
+use matrix_edge::synapse::sticky::{self, KeySource};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -273,7 +273,7 @@ synapse:
 }
 
 fn worker_for_origin(table: &Edge) -> String {
-    let pool = table.pools.get(matrix_edge::routes::Group::FederationInbound).unwrap();
+    let pool = table.pools.get(matrix_edge::synapse::table::Group::FederationInbound).unwrap();
     let index = pool.pick(Some(b"remote.example"), &[]).unwrap();
     pool.members[index].upstream.address.to_string()
 }

@@ -11,6 +11,8 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seg {
     Key(&'static str),
+    /// A key the user chose (an upstream's name).
+    Name(String),
     Index(usize),
 }
 
@@ -22,6 +24,7 @@ pub fn locate(text: &str, path: &[Seg]) -> Option<(usize, usize)> {
     for seg in path {
         let hit = match seg {
             Seg::Key(key) => find_key(&lines, &scope, key),
+            Seg::Name(key) => find_key(&lines, &scope, key),
             Seg::Index(index) => find_item(&lines, &scope, *index),
         };
         let Some((line, col)) = hit else { break };

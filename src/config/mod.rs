@@ -6,10 +6,12 @@
 //! (it is unmaintained upstream) changes one file.
 
 mod locate;
+pub mod sites;
 pub mod values;
 
 pub use locate::{locate, Seg};
 use serde::Deserialize;
+pub use sites::*;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -37,6 +39,15 @@ pub struct EdgeConfig {
     /// Prometheus metrics on their own listener; absent: no metrics.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// Upstreams that site routes name (MAS, LiveKit, anything HTTP).
+    #[serde(default)]
+    pub upstreams: UpstreamsConfig,
+    /// Virtual hosts beside the Matrix site, chosen by Host (`:authority`).
+    #[serde(default)]
+    pub sites: Vec<SiteConfig>,
+    /// The Matrix site's hosts and its routes outside the Matrix paths.
+    #[serde(default)]
+    pub matrix_site: MatrixSiteConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +76,8 @@ pub enum Role {
     Client,
     /// `/_matrix/federation/*`, `/_matrix/key/*` and `/_matrix/media/*`.
     Federation,
+    /// The virtual hosts under `sites` (and `matrix_site.routes`).
+    Sites,
 }
 
 impl fmt::Display for Role {
@@ -73,6 +86,7 @@ impl fmt::Display for Role {
             Role::WellKnown => "well_known",
             Role::Client => "client",
             Role::Federation => "federation",
+            Role::Sites => "sites",
         })
     }
 }
@@ -315,7 +329,7 @@ pub struct RouteConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct UpstreamTimeoutsConfig {
     pub connect: Span,
     /// Longest silence while waiting for Synapse: must outlast `/sync`
@@ -485,7 +499,7 @@ pub struct ProcessConfig {
     pub log_level: LogLevel,
     /// `combined` (default), `json` or `off`.
     #[serde(default)]
-    pub access_log: crate::access_log::AccessLogFormat,
+    pub access_log: crate::observe::access_log::AccessLogFormat,
 }
 
 impl Default for ProcessConfig {
@@ -617,6 +631,12 @@ pub fn render_path(path: &[Seg]) -> String {
     for seg in path {
         match seg {
             Seg::Key(key) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Seg::Name(key) => {
                 if !out.is_empty() {
                     out.push('.');
                 }

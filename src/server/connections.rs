@@ -10,7 +10,7 @@
 //! starts it again at the next request's first byte.
 
 use crate::edge::Edge;
-use crate::metrics::METRICS;
+use crate::observe::metrics::METRICS;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
@@ -282,7 +282,7 @@ fn matrix_answer_for(written: &[u8]) -> Option<Vec<u8>> {
     let status: u16 = std::str::from_utf8(status).ok()?.parse().ok()?;
     (400..600)
         .contains(&status)
-        .then(|| crate::errors::MatrixError::for_status(status).to_response().to_http1_closing())
+        .then(|| crate::request::errors::MatrixError::for_status(status).to_response().to_http1_closing())
 }
 
 impl AsyncWrite for HeadDeadline {

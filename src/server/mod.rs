@@ -1,9 +1,13 @@
 //! Turns an `Edge` into a Pingora server: one proxy service per listener,
 //! sharing one configuration snapshot cell and one certificate cell.
 
-use crate::connections::{CapFilter, ConnectionCounts, GuardedApp};
+pub mod connections;
+pub mod framing;
+pub mod proxy;
+
 use crate::edge::Edge;
-use crate::proxy::EdgeProxy;
+use crate::server::connections::{CapFilter, ConnectionCounts, GuardedApp};
+use crate::server::proxy::EdgeProxy;
 use crate::tls::SniResolver;
 use arc_swap::ArcSwap;
 use pingora::listeners::tls::TlsSettings;
@@ -48,7 +52,7 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    crate::reload::publish(&edge);
+    crate::services::reload::publish(&edge);
     let listeners = edge.listeners.clone();
     let metrics_address = edge.metrics_address;
     let edge = Arc::new(ArcSwap::from_pointee(edge));
@@ -63,7 +67,7 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
         let mut service = Service::new(name, app);
         service.set_connection_filter(Arc::new(CapFilter { counts: Arc::clone(&counts), edge: Arc::clone(&edge) }));
         if tls {
-            let resolver = SniResolver { edge: Arc::clone(&edge) };
+            let resolver = SniResolver { source: Arc::clone(&edge) };
             let mut settings = TlsSettings::with_callbacks(Box::new(resolver))
                 .map_err(|e| format!("cannot set up TLS for {address}: {e}"))?;
             settings.enable_h2();
@@ -79,22 +83,25 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     if let Some(address) = metrics_address {
         let mut metrics = pingora::services::listening::Service::new(
             "metrics".to_string(),
-            pingora::apps::http_app::HttpServer::new_app(crate::metrics::MetricsApp),
+            pingora::apps::http_app::HttpServer::new_app(crate::observe::metrics::MetricsApp),
         );
         metrics.add_tcp(&address.to_string());
         server.add_service(metrics);
     }
-    let reloader = crate::reload::Reloader { config_path: config_path.to_path_buf(), edge: Arc::clone(&edge) };
+    let reloader =
+        crate::services::reload::Reloader { config_path: config_path.to_path_buf(), edge: Arc::clone(&edge) };
     server.add_service(pingora::services::background::background_service("reload", reloader));
-    let readiness = crate::readiness::Readiness {
+    let readiness = crate::services::readiness::Readiness {
         addresses: edge.load().listeners.iter().map(|l| l.address).collect(),
         pid_file: options.pid_file.as_ref().map(std::path::PathBuf::from),
     };
     server.add_service(pingora::services::background::background_service("readiness", readiness));
-    server.add_service(pingora::services::background::background_service("heap trim", crate::heap::HeapTrimmer));
-    if !edge.load().pools.all().is_empty() {
-        let checker = crate::health::HealthChecker { edge: Arc::clone(&edge) };
-        server.add_service(pingora::services::background::background_service("worker health", checker));
-    }
+    server.add_service(pingora::services::background::background_service(
+        "heap trim",
+        crate::services::heap::HeapTrimmer,
+    ));
+    // Always running: a reload may add workers or upstreams with checks.
+    let checker = crate::services::health::HealthChecker { edge: Arc::clone(&edge) };
+    server.add_service(pingora::services::background::background_service("worker health", checker));
     Ok(server)
 }

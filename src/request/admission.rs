@@ -6,8 +6,8 @@
 //! itself is always forwarded with its original bytes.
 
 use crate::config::Role;
-use crate::errors::MatrixError;
-use crate::well_known::Document;
+use crate::local::well_known::Document;
+use crate::request::errors::MatrixError;
 use std::borrow::Cow;
 
 /// What to do with a request, decided from its target and the listener.
@@ -61,17 +61,23 @@ const CLIENT_PREFIXES: [&str; 2] = ["/_matrix/", "/_synapse/client/"];
 const FEDERATION_PREFIXES: [&str; 3] = ["/_matrix/federation/", "/_matrix/key/", "/_matrix/media/"];
 const FEDERATION_BODY_PREFIX: &str = "/_matrix/federation/";
 
-pub fn admit(roles: &[Role], facts: &RequestFacts<'_>, limits: &Limits) -> Admission {
+/// The size caps and the target form, which every request on every site meets.
+pub fn check_caps(facts: &RequestFacts<'_>, limits: &Limits) -> Result<(), MatrixError> {
     if facts.target.len() as u64 > limits.max_target_bytes {
-        return Admission::Reject(MatrixError::target_too_long(limits.max_target_bytes));
+        return Err(MatrixError::target_too_long(limits.max_target_bytes));
     }
     if facts.header_bytes > limits.max_header_bytes || facts.header_count > limits.max_headers {
-        return Admission::Reject(MatrixError::headers_too_large(limits.max_header_bytes, limits.max_headers));
+        return Err(MatrixError::headers_too_large(limits.max_header_bytes, limits.max_headers));
     }
     if facts.target.first() != Some(&b'/') {
-        return Admission::Reject(MatrixError::bad_request(
-            "Only origin-form request targets (starting with '/') are accepted",
-        ));
+        return Err(MatrixError::bad_request("Only origin-form request targets (starting with '/') are accepted"));
+    }
+    Ok(())
+}
+
+pub fn admit(roles: &[Role], facts: &RequestFacts<'_>, limits: &Limits) -> Admission {
+    if let Err(error) = check_caps(facts, limits) {
+        return Admission::Reject(error);
     }
     let path = path_of(facts.target);
     if roles.contains(&Role::WellKnown) {
@@ -90,7 +96,7 @@ pub fn admit(roles: &[Role], facts: &RequestFacts<'_>, limits: &Limits) -> Admis
     }
     let allowed_by = |v: &str| {
         roles.iter().any(|role| match role {
-            Role::WellKnown => false,
+            Role::WellKnown | Role::Sites => false,
             Role::Client => CLIENT_PREFIXES.iter().any(|p| v.starts_with(p)) || (is_admin && v.starts_with(ADMIN)),
             Role::Federation => FEDERATION_PREFIXES.iter().any(|p| v.starts_with(p)),
         })
@@ -168,7 +174,7 @@ fn normalise(path: &[u8]) -> Cow<'_, str> {
 }
 
 /// One round of percent-decoding, or `None` when there is nothing to decode.
-fn percent_decode(input: &[u8]) -> Option<Vec<u8>> {
+pub fn percent_decode(input: &[u8]) -> Option<Vec<u8>> {
     if !input.contains(&b'%') {
         return None;
     }

@@ -3,8 +3,8 @@
 //! connections both update. Picking reads atomics only.
 
 use crate::config::values::UpstreamAddr;
-use crate::routes::Group;
-use crate::upstream::Upstream;
+use crate::synapse::table::Group;
+use crate::upstream::peer::Upstream;
 use pingora_ketama::{Bucket, Continuum};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -62,16 +62,17 @@ fn crc32(bytes: &[u8]) -> u32 {
 }
 
 pub struct Pool {
-    pub group: Group,
+    /// The group or upstream name, as logs and metrics show it.
+    pub label: String,
     pub members: Vec<Member>,
     ring: Continuum,
     next: AtomicUsize,
 }
 
 impl Pool {
-    pub fn new(group: Group, members: Vec<Member>) -> Pool {
+    pub fn new(label: impl Into<String>, members: Vec<Member>) -> Pool {
         let buckets: Vec<Bucket> = members.iter().map(|m| Bucket::new(m.ring_id, m.weight)).collect();
-        Pool { group, ring: Continuum::new(&buckets), members, next: AtomicUsize::new(0) }
+        Pool { label: label.into(), ring: Continuum::new(&buckets), members, next: AtomicUsize::new(0) }
     }
 
     fn usable(&self, index: usize, avoid: &[usize]) -> bool {
@@ -120,9 +121,12 @@ impl Pool {
         let changed = member.set_healthy(healthy);
         if changed {
             let worker = member.upstream.address.to_string();
-            crate::metrics::METRICS.worker_up.with_label_values(&[self.group.name(), &worker]).set(i64::from(healthy));
+            crate::observe::metrics::METRICS
+                .worker_up
+                .with_label_values(&[&self.label, &worker])
+                .set(i64::from(healthy));
             let state = if healthy { "up" } else { "down" };
-            log::warn!("worker {worker} ({}) is {state}", self.group);
+            log::warn!("worker {worker} ({}) is {state}", self.label);
         }
         changed
     }
@@ -130,21 +134,32 @@ impl Pool {
     pub fn live_count(&self) -> usize {
         self.members.iter().filter(|m| m.is_healthy()).count()
     }
+
+    /// Carries member health over from a previous pool of the same name.
+    pub fn inherit_health(&self, previous: &Pool) {
+        for member in &self.members {
+            if let Some(same) = previous.members.iter().find(|m| m.upstream.address == member.upstream.address) {
+                member.set_healthy(same.is_healthy());
+            }
+        }
+    }
 }
 
 /// Every declared group's pool; groups without one go to main.
 #[derive(Default)]
 pub struct Pools {
+    groups: Vec<Group>,
     pools: Vec<Pool>,
 }
 
 impl Pools {
-    pub fn new(pools: Vec<Pool>) -> Pools {
-        Pools { pools }
+    pub fn new(pools: Vec<(Group, Pool)>) -> Pools {
+        let (groups, pools) = pools.into_iter().unzip();
+        Pools { groups, pools }
     }
 
     pub fn get(&self, group: Group) -> Option<&Pool> {
-        self.pools.iter().find(|p| p.group == group)
+        self.groups.iter().position(|g| *g == group).map(|index| &self.pools[index])
     }
 
     pub fn all(&self) -> &[Pool] {
@@ -154,18 +169,15 @@ impl Pools {
     /// Carries worker health over from the previous snapshot, so a reload
     /// does not send traffic to a worker known to be down.
     pub fn inherit_health(&self, old: &Pools) {
-        for pool in &self.pools {
-            let Some(previous) = old.get(pool.group) else { continue };
-            for member in &pool.members {
-                if let Some(same) = previous.members.iter().find(|m| m.upstream.address == member.upstream.address) {
-                    member.set_healthy(same.is_healthy());
-                }
+        for (group, pool) in self.groups.iter().zip(&self.pools) {
+            if let Some(previous) = old.get(*group) {
+                pool.inherit_health(previous);
             }
         }
     }
 
     pub fn declared(&self) -> Vec<Group> {
-        self.pools.iter().map(|p| p.group).collect()
+        self.groups.clone()
     }
 }
 
@@ -182,7 +194,7 @@ mod tests {
                 Member::new(Upstream::new(&address, &UpstreamTimeoutsConfig::default()).unwrap(), address, 1)
             })
             .collect();
-        Pool::new(Group::Synchrotron, members)
+        Pool::new(Group::Synchrotron.name(), members)
     }
 
     #[test]

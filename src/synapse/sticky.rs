@@ -2,7 +2,7 @@
 //! room's events and one server's transactions keep reaching one worker.
 //! Every function borrows from the request and allocates nothing.
 
-use crate::routes::Sticky;
+use crate::synapse::table::Sticky;
 
 /// The facts a key may come from.
 pub struct KeySource<'a> {

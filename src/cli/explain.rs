@@ -1,11 +1,11 @@
 //! `matrix-edge routes` and `matrix-edge route`: the routing table and one
 //! request's path through it, in words.
 
-use crate::access::{admit, Admission, RequestFacts};
 use crate::config::Role;
 use crate::edge::Edge;
-use crate::routes::Group;
-use crate::sticky::{self, KeySource};
+use crate::request::admission::{admit, Admission, RequestFacts};
+use crate::synapse::sticky::{self, KeySource};
+use crate::synapse::table::Group;
 use std::fmt::Write;
 
 /// Every rule in evaluation order with the group that serves it here.
@@ -77,7 +77,7 @@ pub fn explain(edge: &Edge, method: &str, target: &str, headers: &[(String, Stri
     let key = sticky::key(decision.sticky, &source);
     let how = match &key {
         Some(key) => format!("sticky by {}: key {:?}", decision.sticky, String::from_utf8_lossy(key.as_bytes())),
-        None if decision.sticky == crate::routes::Sticky::None => "round robin".to_string(),
+        None if decision.sticky == crate::synapse::table::Sticky::None => "round robin".to_string(),
         None => format!("sticky by {}, but the request carries no key: round robin", decision.sticky),
     };
     let _ = writeln!(out, "  group {} ({} workers), {how}", decision.group, pool.members.len());

@@ -39,6 +39,10 @@ pub struct Metrics {
     pub connections_refused: IntCounter,
     /// Requests refused with 429, by limit class.
     pub rate_limited: IntCounterVec,
+    /// WebSocket upgrades the upstream accepted (101), by upstream.
+    pub websocket_upgrades: IntCounterVec,
+    /// WebSockets open right now.
+    pub websockets_open: IntGauge,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -89,6 +93,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
             Opts::new("rate_limited_total", "Requests refused with 429 by limit class"),
             &["class"],
         )?,
+        websocket_upgrades: IntCounterVec::new(
+            Opts::new("websocket_upgrades_total", "WebSocket upgrades accepted by the upstream, by upstream"),
+            &["upstream"],
+        )?,
+        websockets_open: IntGauge::new("websockets_open", "WebSocket connections open through the edge")?,
         registry,
     };
     metrics.registry.register(Box::new(metrics.requests.clone()))?;
@@ -103,6 +112,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
     metrics.registry.register(Box::new(metrics.config_loaded_at.clone()))?;
     metrics.registry.register(Box::new(metrics.connections_refused.clone()))?;
     metrics.registry.register(Box::new(metrics.rate_limited.clone()))?;
+    metrics.registry.register(Box::new(metrics.websocket_upgrades.clone()))?;
+    metrics.registry.register(Box::new(metrics.websockets_open.clone()))?;
     Ok(metrics)
 }
 

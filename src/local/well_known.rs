@@ -5,8 +5,8 @@
 
 use crate::config::ConfigError;
 use crate::config::{ClientWellKnownConfig, Seg, Source, SupportWellKnownConfig, WellKnownConfig};
-use crate::errors::MatrixError;
-use crate::response::LocalResponse;
+use crate::request::errors::MatrixError;
+use crate::request::response::LocalResponse;
 use bytes::Bytes;
 use http::Method;
 use serde_json::{json, Map, Value};

@@ -4,7 +4,6 @@
 //! a handshake only looks a name up in a prebuilt map (no file IO, no
 //! allocation beyond lowercasing a name that is not already lowercase).
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
@@ -166,18 +165,23 @@ impl CertStore {
     }
 }
 
+/// Where the handshake finds the certificates in force. The running
+/// snapshot implements it, so a reload replaces certificates together with
+/// everything else, without this module knowing the snapshot's type.
+pub trait CurrentCertificates: Send + Sync + 'static {
+    fn current(&self) -> Arc<CertStore>;
+}
+
 /// Pingora's handshake hook: installs the chosen chain and key on the connection.
-/// It reads the certificates of the current `Edge` snapshot, so a reload
-/// replaces them together with everything else.
-pub struct SniResolver {
-    pub edge: Arc<ArcSwap<crate::edge::Edge>>,
+pub struct SniResolver<S> {
+    pub source: Arc<S>,
 }
 
 #[async_trait]
-impl TlsAccept for SniResolver {
+impl<S: CurrentCertificates> TlsAccept for SniResolver<S> {
     async fn certificate_callback(&self, ssl: &mut TlsRef) {
-        let edge = self.edge.load();
-        let Some(cert) = edge.certificates.select(ssl.servername(NameType::HOST_NAME)).cloned() else {
+        let store = self.source.current();
+        let Some(cert) = store.select(ssl.servername(NameType::HOST_NAME)).cloned() else {
             log::warn!("TLS handshake but no certificate is loaded");
             return;
         };
@@ -188,7 +192,7 @@ impl TlsAccept for SniResolver {
             .and_then(|_| pingora::tls::ext::ssl_use_private_key(ssl, &cert.key))
             .and_then(|_| cert.chain[1..].iter().try_for_each(|c| pingora::tls::ext::ssl_add_chain_cert(ssl, c)));
         if let Some(name) = cert.names.first() {
-            crate::metrics::METRICS.tls_handshakes_started.with_label_values(&[name]).inc();
+            crate::observe::metrics::METRICS.tls_handshakes_started.with_label_values(&[name]).inc();
         }
         if let Err(e) = installed {
             log::error!("cannot install the certificate for {:?}: {e}", cert.names.first());
@@ -196,10 +200,9 @@ impl TlsAccept for SniResolver {
     }
 
     async fn handshake_complete_callback(&self, ssl: &TlsRef) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
-        let edge = self.edge.load();
-        if let Some(name) = edge.certificates.select(ssl.servername(NameType::HOST_NAME)).and_then(|c| c.names.first())
-        {
-            crate::metrics::METRICS.tls_handshakes.with_label_values(&[name]).inc();
+        let store = self.source.current();
+        if let Some(name) = store.select(ssl.servername(NameType::HOST_NAME)).and_then(|c| c.names.first()) {
+            crate::observe::metrics::METRICS.tls_handshakes.with_label_values(&[name]).inc();
         }
         None
     }

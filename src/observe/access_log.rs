@@ -3,7 +3,7 @@
 //! Access tokens never appear: query values are redacted and the
 //! `Authorization` header is never logged.
 
-use crate::redact::target_for_log;
+use crate::observe::redact::target_for_log;
 use serde::Deserialize;
 use std::fmt::Write;
 use std::time::SystemTime;

@@ -134,7 +134,7 @@ impl RateLimits {
         let class = classify(facts.is_post, facts.target);
         match class {
             Class::Federation => {
-                let origin = crate::sticky::origin(facts.authorization);
+                let origin = crate::synapse::sticky::origin(facts.authorization);
                 check(&self.federation, origin.unwrap_or(address));
             }
             Class::Login => {
@@ -162,7 +162,7 @@ impl Class {
 }
 
 pub fn classify(is_post: bool, target: &[u8]) -> Class {
-    let path = crate::access::path_of(target);
+    let path = crate::request::admission::path_of(target);
     if path.starts_with(b"/_matrix/federation/") || path.starts_with(b"/_matrix/key/") {
         return Class::Federation;
     }

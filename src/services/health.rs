@@ -33,8 +33,24 @@ impl BackgroundService for HealthChecker {
                     });
                 }
             }
+            // Named upstreams with a health check, each with its own path.
+            let named_offset = edge.pools.all().len();
+            for (upstream_index, upstream) in edge.upstreams.all().iter().enumerate() {
+                let Some(check) = upstream.health.clone() else { continue };
+                for (member_index, member) in upstream.pool.members.iter().enumerate() {
+                    let target = member.health.clone();
+                    let path = check.path.clone();
+                    probes.spawn(async move {
+                        let healthy = probe(&target, &path, check.timeout).await;
+                        (named_offset + upstream_index, member_index, healthy)
+                    });
+                }
+            }
             while let Some(Ok((pool_index, member_index, healthy))) = probes.join_next().await {
-                edge.pools.all()[pool_index].mark(member_index, healthy);
+                match edge.pools.all().get(pool_index) {
+                    Some(pool) => pool.mark(member_index, healthy),
+                    None => edge.upstreams.all()[pool_index - named_offset].pool.mark(member_index, healthy),
+                };
             }
             tokio::select! {
                 _ = tokio::time::sleep(settings.interval) => {}

@@ -4,7 +4,7 @@
 //! every local error carries `Content-Type: application/json`, the `errcode`
 //! and `error` fields, and the CORS headers.
 
-use crate::response::LocalResponse;
+use crate::request::response::LocalResponse;
 use bytes::Bytes;
 use std::borrow::Cow;
 
@@ -62,6 +62,12 @@ impl MatrixError {
 
     pub fn not_found(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(404, ErrCode::NotFound, message)
+    }
+
+    /// No site here answers this host: 421, so a browser that reused a
+    /// connection for another name (HTTP/2 coalescing) retries on a new one.
+    pub fn misdirected() -> Self {
+        Self::new(421, ErrCode::Unrecognized, "No site here answers for this host")
     }
 
     pub fn method_not_allowed() -> Self {

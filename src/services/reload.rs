@@ -7,7 +7,7 @@
 //! finish with the snapshot they started with and new ones use the new one.
 
 use crate::edge::Edge;
-use crate::metrics::METRICS;
+use crate::observe::metrics::METRICS;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -48,6 +48,7 @@ impl Reloader {
             log::warn!("{warning}");
         }
         new.pools.inherit_health(&old.pools);
+        new.upstreams.inherit_health(&old.upstreams);
         publish(&new);
         self.edge.store(Arc::new(new));
         METRICS.reloads.with_label_values(&["ok"]).inc();
@@ -63,10 +64,11 @@ pub fn publish(edge: &Edge) {
             METRICS.certificate_expiry.with_label_values(&[name]).set(cert.not_after_unix);
         }
     }
-    for pool in edge.pools.all() {
+    let named = edge.upstreams.all().iter().map(|u| &u.pool);
+    for pool in edge.pools.all().iter().chain(named) {
         for member in &pool.members {
             let worker = member.upstream.address.to_string();
-            METRICS.worker_up.with_label_values(&[pool.group.name(), &worker]).set(i64::from(member.is_healthy()));
+            METRICS.worker_up.with_label_values(&[pool.label.as_str(), &worker]).set(i64::from(member.is_healthy()));
         }
     }
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);

@@ -1,0 +1,3 @@
+pub mod redirect;
+pub mod static_files;
+pub mod well_known;

@@ -1,0 +1,3 @@
+pub mod access_log;
+pub mod metrics;
+pub mod redact;

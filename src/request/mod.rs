@@ -1,0 +1,5 @@
+pub mod admission;
+pub mod errors;
+pub mod forward;
+pub mod ratelimit;
+pub mod response;

@@ -1,0 +1,4 @@
+pub mod health;
+pub mod heap;
+pub mod readiness;
+pub mod reload;

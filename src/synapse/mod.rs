@@ -1,0 +1,2 @@
+pub mod sticky;
+pub mod table;

@@ -1,0 +1,3 @@
+pub mod named;
+pub mod peer;
+pub mod pool;

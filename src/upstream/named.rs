@@ -1,0 +1,89 @@
+//! Named upstreams (`upstreams:` in the config): MAS, LiveKit, lk-jwt-service,
+//! anything HTTP, each a pool with the same machinery as Synapse's workers.
+
+use crate::config::sites::{Balance, NamedUpstreamConfig};
+use crate::config::values::UpstreamAddr;
+use crate::upstream::peer::Upstream;
+use crate::upstream::pool::{Member, Pool};
+use std::time::Duration;
+
+/// Active checks of one named upstream.
+#[derive(Debug, Clone)]
+pub struct NamedHealth {
+    pub path: String,
+    pub timeout: Duration,
+}
+
+pub struct NamedUpstream {
+    pub name: String,
+    pub pool: Pool,
+    pub balance: Balance,
+    /// Absent: failed connections skip a member for that request only,
+    /// since nothing would bring a member marked down back.
+    pub health: Option<NamedHealth>,
+}
+
+impl NamedUpstream {
+    pub fn from_config(name: &str, config: &NamedUpstreamConfig) -> Result<NamedUpstream, String> {
+        let addresses: Vec<&UpstreamAddr> = match (&config.address, config.members.as_slice()) {
+            (Some(address), []) => vec![address],
+            (None, members) if !members.is_empty() => members.iter().collect(),
+            (Some(_), _) => return Err("give either `address` or `members`, not both".into()),
+            (None, _) => return Err("give the upstream's `address` (or a list of `members`)".into()),
+        };
+        let mut members = Vec::with_capacity(addresses.len());
+        for address in addresses {
+            let upstream = Upstream::new(address, &config.timeouts)?;
+            members.push(Member::new(upstream, address.clone(), 1));
+        }
+        let health = config
+            .health_check
+            .as_ref()
+            .map(|check| NamedHealth { path: check.path.clone(), timeout: check.timeout.0 });
+        if let Some(check) = &health {
+            if !check.path.starts_with('/')
+                || check.path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+            {
+                return Err(format!("health_check.path {:?} must be a path starting with /", check.path));
+            }
+        }
+        Ok(NamedUpstream { name: name.to_string(), pool: Pool::new(name, members), balance: config.balance, health })
+    }
+}
+
+/// Every named upstream, addressed by its index (`UpstreamId`).
+#[derive(Default)]
+pub struct NamedUpstreams {
+    upstreams: Vec<NamedUpstream>,
+}
+
+/// Index of a named upstream in the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamId(pub usize);
+
+impl NamedUpstreams {
+    pub fn new(upstreams: Vec<NamedUpstream>) -> NamedUpstreams {
+        NamedUpstreams { upstreams }
+    }
+
+    pub fn id(&self, name: &str) -> Option<UpstreamId> {
+        self.upstreams.iter().position(|u| u.name == name).map(UpstreamId)
+    }
+
+    pub fn get(&self, id: UpstreamId) -> &NamedUpstream {
+        &self.upstreams[id.0]
+    }
+
+    pub fn all(&self) -> &[NamedUpstream] {
+        &self.upstreams
+    }
+
+    /// Keeps what health checks learnt across a reload.
+    pub fn inherit_health(&self, old: &NamedUpstreams) {
+        for upstream in &self.upstreams {
+            if let Some(previous) = old.id(&upstream.name).map(|id| old.get(id)) {
+                upstream.pool.inherit_health(&previous.pool);
+            }
+        }
+    }
+}
