@@ -27,7 +27,17 @@ fn conf_copy() -> (tempfile::TempDir, PathBuf) {
             std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
         }
     }
-    TestPki::new(&[&["example.com"], &["synapse.example.com"]]).copy_into(&dir.path().join("certs"));
+    let names: [&[&str]; 5] = [
+        &["example.com"],
+        &["synapse.example.com"],
+        &["element.example.com"],
+        &["auth.example.com"],
+        &["rtc.example.com"],
+    ];
+    TestPki::new(&names).copy_into(&dir.path().join("certs"));
+    // The static root conf/full-stack.yaml serves (Element Web's files).
+    std::fs::create_dir_all(dir.path().join("element-web")).unwrap();
+    std::fs::write(dir.path().join("element-web/index.html"), "<!doctype html>").unwrap();
     let path = dir.path().to_path_buf();
     (dir, path)
 }
@@ -47,7 +57,10 @@ fn every_example_config_passes_check() {
         }
     }
     checked.sort();
-    assert_eq!(checked, ["behind-load-balancer.yaml", "classic.yaml", "delegation.yaml", "workers.yaml"]);
+    assert_eq!(
+        checked,
+        ["behind-load-balancer.yaml", "classic.yaml", "delegation.yaml", "full-stack.yaml", "workers.yaml"]
+    );
 }
 
 /// Applies `edit` to conf/delegation.yaml and returns check's verdict.
@@ -225,4 +238,100 @@ fn routes_and_route_explain_the_table() {
     assert!(refused.contains("refused by the edge: 404 M_UNRECOGNIZED"), "{refused}");
     let unclaimed = explain("POST", "/_matrix/client/v3/logout", &[]);
     assert!(unclaimed.contains("no rule matches: the main process serves it"), "{unclaimed}");
+}
+
+/// Applies `edit` to conf/full-stack.yaml and returns check's exit code and stderr.
+fn check_full_stack_edited(edit: impl Fn(&str) -> String) -> (i32, String) {
+    let (_dir, path) = conf_copy();
+    let original = std::fs::read_to_string(path.join("full-stack.yaml")).unwrap();
+    let edited = edit(&original);
+    assert_ne!(edited, original, "the edit changed nothing");
+    let file = path.join("edited.yaml");
+    std::fs::write(&file, edited).unwrap();
+    let (code, stdout, stderr) = check(&file);
+    assert!(stdout.is_empty(), "{stdout}");
+    (code, stderr)
+}
+
+#[test]
+fn mistakes_in_sites_and_upstreams_are_located() {
+    let text = include_str!("../conf/full-stack.yaml");
+    let cases: [(&str, &str, &str, &str); 7] = [
+        (
+            "{ path: /sfu/get, upstream: lk-jwt }",
+            "{ path: /sfu/get, upstream: lk-jtw }",
+            "sites[2].routes[0].upstream: no upstream named \"lk-jtw\"",
+            "{ path: /sfu/get, upstream: lk-jwt }",
+        ),
+        (
+            "hosts: [auth.example.com]",
+            "hosts: [element.example.com]",
+            "element.example.com is already answered by sites[0]",
+            "hosts: [auth.example.com]",
+        ),
+        (
+            "root: element-web",
+            "root: no-such-dir",
+            "sites[0].routes[0].static.root: cannot open static root",
+            "root: element-web",
+        ),
+        (
+            "{ path: /healthz, upstream: lk-jwt }",
+            "{ path: /healthz, upstream: lk-jwt, websocket_idle_timeout: soon }",
+            "invalid duration \"soon\"",
+            "{ path: /healthz, upstream: lk-jwt }",
+        ),
+        (
+            "{ path: /, redirect: { to: \"https://element.example.com\", status: 301 } }",
+            "{ path: /_matrix/client, redirect: { to: \"https://element.example.com\", status: 301 } }",
+            "matrix_site.routes[0].path: /_matrix/client is a Matrix path",
+            "{ path: /, redirect:",
+        ),
+        (
+            "{ path: /metrics, upstream: mas, allow: [127.0.0.1/32] }",
+            "{ path: /metrics, upstream: mas, allow: [127.0.0.1/33] }",
+            "invalid",
+            "{ path: /metrics, upstream: mas",
+        ),
+        (
+            "livekit: { address: 127.0.0.1:7880 }",
+            "livekit: { adress: 127.0.0.1:7880 }",
+            "unknown field `adress`",
+            "livekit: { address: 127.0.0.1:7880 }",
+        ),
+    ];
+    for (from, to, message, located_at) in cases {
+        let (code, stderr) = check_full_stack_edited(|t| t.replace(from, to));
+        assert_eq!(code, 1, "{to}: {stderr}");
+        assert!(stderr.contains(message), "{to}: {stderr}");
+        let line = line_of(text, located_at);
+        assert!(stderr.contains(&format!("edited.yaml:{line}:")), "{to}: expected line {line}: {stderr}");
+    }
+}
+
+#[test]
+fn route_shows_the_site_choice() {
+    let (_dir, path) = conf_copy();
+    let config = path.join("full-stack.yaml");
+    let route = |args: &[&str]| {
+        let output = Command::new(support::binary()).arg("route").arg("-c").arg(&config).args(args).output().unwrap();
+        assert!(output.status.success());
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let rtc = route(&["GET", "/rtc?access_token=x", "-H", "Host: rtc.example.com"]);
+    assert!(rtc.contains("site: sites[2] rtc.example.com (host rtc.example.com)"), "{rtc}");
+    assert!(rtc.contains("-> upstream livekit [127.0.0.1:7880] as /rtc?access_token=x"), "{rtc}");
+    assert!(rtc.contains("WebSocket upgrades allowed, closed after 120s idle"), "{rtc}");
+    let admin = route(&["GET", "/api/admin/v1/users", "-H", "Host: auth.example.com"]);
+    assert!(
+        admin.contains("route sites[1].routes[1]: prefix /api/admin")
+            && admin.contains("only from: 10.0.0.0/8, 127.0.0.1/32"),
+        "{admin}"
+    );
+    let sync = route(&["GET", "/_matrix/client/v3/sync", "-H", "Host: synapse.example.com"]);
+    assert!(sync.contains("site: the Matrix site (host synapse.example.com)") && sync.contains("-> main"), "{sync}");
+    let landing = route(&["GET", "/", "-H", "Host: example.com"]);
+    assert!(landing.contains("answered by the edge: 301 to https://element.example.com/"), "{landing}");
+    let unknown = route(&["GET", "/", "-H", "Host: nobody.example.org"]);
+    assert!(unknown.contains("refused by the edge: 421"), "{unknown}");
 }

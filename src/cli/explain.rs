@@ -3,7 +3,8 @@
 
 use crate::config::Role;
 use crate::edge::Edge;
-use crate::request::admission::{admit, Admission, RequestFacts};
+use crate::request::admission::{admit, path_of, Admission, RequestFacts};
+use crate::sites::{Action, RouteRef, Target, MATRIX_SITE};
 use crate::synapse::sticky::{self, KeySource};
 use crate::synapse::table::Group;
 use std::fmt::Write;
@@ -43,7 +44,46 @@ pub fn explain(edge: &Edge, method: &str, target: &str, headers: &[(String, Stri
         header_bytes: headers.iter().map(|(name, value)| (name.len() + value.len()) as u64).sum(),
         header_count: headers.len(),
     };
-    let roles = [Role::WellKnown, Role::Client, Role::Federation];
+    let roles = [Role::WellKnown, Role::Client, Role::Federation, Role::Sites];
+    let host = header("host");
+    let (site, target_kind) = edge.sites.target(&roles, host, path_of(target.as_bytes()));
+    let host_text = host.map_or("(none)".into(), |h| String::from_utf8_lossy(h).into_owned());
+    match site {
+        _ if edge.sites.single_site() => {
+            let _ = writeln!(out, "  site: the Matrix site (no `sites` configured: it answers every host)");
+        }
+        Some(MATRIX_SITE) => {
+            let _ = writeln!(out, "  site: the Matrix site (host {host_text})");
+        }
+        Some(index) => {
+            let _ = writeln!(
+                out,
+                "  site: sites[{}] {} (host {host_text})",
+                index - 1,
+                edge.sites.site(index).hosts.join(", ")
+            );
+        }
+        None => {}
+    }
+    let at = match target_kind {
+        Target::Matrix => None,
+        Target::UnknownHost => {
+            let _ = writeln!(
+                out,
+                "  refused by the edge: 421, no site answers host {host_text} (give one with -H 'Host: ...')"
+            );
+            return out;
+        }
+        Target::NoRoute => {
+            let _ = writeln!(out, "  refused by the edge: 404, the site has no route for this path");
+            return out;
+        }
+        Target::Route(at, _) => Some(at),
+    };
+    if let Some(at) = at {
+        explain_site_route(&mut out, edge, at, target);
+        return out;
+    }
     match admit(&roles, &facts, &edge.limits) {
         Admission::WellKnown(document) => {
             let _ = writeln!(out, "  answered by the edge: well-known document {document:?}");
@@ -96,4 +136,33 @@ pub fn explain(edge: &Edge, method: &str, target: &str, headers: &[(String, Stri
     };
     let _ = writeln!(out, "  fallback: {fallback}");
     out
+}
+
+fn explain_site_route(out: &mut String, edge: &Edge, at: RouteRef, target: &str) {
+    let route = edge.sites.route(at);
+    let _ = writeln!(out, "  route {}: {}", route.position, route.matcher);
+    if let Some(allow) = &route.allow {
+        let networks: Vec<String> = allow.iter().map(ToString::to_string).collect();
+        let _ = writeln!(out, "  only from: {}", networks.join(", "));
+    }
+    match &route.action {
+        Action::Upstream(id) => {
+            let upstream = edge.upstreams.get(*id);
+            let sent = route.rewritten_target(target.as_bytes());
+            let sent = sent.as_deref().map_or(target.to_string(), |t| String::from_utf8_lossy(t).into_owned());
+            let members: Vec<String> = upstream.pool.members.iter().map(|m| m.label.clone()).collect();
+            let _ = writeln!(out, "  -> upstream {} [{}] as {sent}", upstream.name, members.join(", "));
+            if let Some(idle) = route.websocket_idle {
+                let _ = writeln!(out, "  WebSocket upgrades allowed, closed after {}s idle", idle.as_secs());
+            }
+        }
+        Action::Redirect(redirect) => {
+            let response = redirect.respond(target.as_bytes());
+            let location = response.headers.iter().find(|(n, _)| *n == "Location").map_or("", |(_, v)| v.as_str());
+            let _ = writeln!(out, "  answered by the edge: {} to {location}", redirect.status);
+        }
+        Action::Static(_) => {
+            let _ = writeln!(out, "  answered by the edge: a static file");
+        }
+    }
 }

@@ -44,21 +44,23 @@ pub enum StaticAnswer {
 }
 
 impl StaticRoot {
-    pub fn from_config(config: &StaticConfig, base: &Path) -> Result<StaticRoot, String> {
+    /// The root, or the key at fault and why.
+    pub fn from_config(config: &StaticConfig, base: &Path) -> Result<StaticRoot, (&'static str, String)> {
         let root = base.join(&config.root);
-        let root = root.canonicalize().map_err(|e| format!("cannot open static root {}: {e}", root.display()))?;
+        let root =
+            root.canonicalize().map_err(|e| ("root", format!("cannot open static root {}: {e}", root.display())))?;
         if !root.is_dir() {
-            return Err(format!("static root {} is not a directory", root.display()));
+            return Err(("root", format!("static root {} is not a directory", root.display())));
         }
         if config.index.is_empty() || config.index.contains('/') {
-            return Err(format!("index {:?} must be a file name", config.index));
+            return Err(("index", format!("index {:?} must be a file name", config.index)));
         }
         let mut cache = Vec::with_capacity(config.cache.len());
         for rule in &config.cache {
-            let pattern =
-                Regex::new(&rule.pattern).map_err(|e| format!("cache pattern {:?} is not valid: {e}", rule.pattern))?;
+            let pattern = Regex::new(&rule.pattern)
+                .map_err(|e| ("cache", format!("cache pattern {:?} is not valid: {e}", rule.pattern)))?;
             if http::HeaderValue::from_str(&rule.cache_control).is_err() {
-                return Err(format!("cache_control {:?} is not a valid header value", rule.cache_control));
+                return Err(("cache", format!("cache_control {:?} is not a valid header value", rule.cache_control)));
             }
             cache.push((pattern, rule.cache_control.clone()));
         }
@@ -66,7 +68,7 @@ impl StaticRoot {
         if let Some(fallback) = &fallback {
             let file = root.join(fallback);
             if !file.is_file() || fallback.split('/').any(|s| s == "..") {
-                return Err(format!("fallback {} is not a file under the root", file.display()));
+                return Err(("fallback", format!("fallback {} is not a file under the root", file.display())));
             }
         }
         Ok(StaticRoot { root, index: config.index.clone(), fallback, precompressed: config.precompressed, cache })

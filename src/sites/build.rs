@@ -148,9 +148,11 @@ fn build_routes(
             (None, Some(redirect), None) => Action::Redirect(
                 Redirect::new(&redirect.to.0, redirect.status, redirect.keep_path).map_err(|e| error("redirect", e))?,
             ),
-            (None, None, Some(files)) => {
-                Action::Static(StaticRoot::from_config(files, base).map_err(|e| error("static", e))?)
-            }
+            (None, None, Some(files)) => Action::Static(StaticRoot::from_config(files, base).map_err(|(key, e)| {
+                let mut path = at("static");
+                path.push(Seg::Key(key));
+                source.error_at(&path, e)
+            })?),
             _ => return Err(error("", "give exactly one of `upstream`, `redirect` or `static`".into())),
         };
         let is_upstream = matches!(action, Action::Upstream(_));
