@@ -12,87 +12,13 @@ mod support;
 
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::certs::TestPki;
-use support::matrix::{encode, synapse_python, Client, CLIENT_IP, FORGED_IP, HOST};
+use support::matrix::{encode, Client, CLIENT_IP, FORGED_IP, HOST};
+use support::synapse::Synapse;
 use support::{free_port, EdgeProcess};
 
 const SERVER_NAME: &str = "example.com";
-
-struct Synapse {
-    child: Child,
-    pub dir: PathBuf,
-}
-
-impl Synapse {
-    fn start(dir: &Path, port: u16, public_baseurl: &str) -> Synapse {
-        let python = synapse_python();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/synapse_dev.py");
-        let status = Command::new("python3")
-            .arg(&script)
-            .arg("config")
-            .arg(dir)
-            .args(["--port", &port.to_string(), "--server-name", SERVER_NAME, "--public-baseurl", public_baseurl])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let config = dir.join("homeserver.yaml");
-        let status = Command::new(&python)
-            .args(["-m", "synapse.app.homeserver", "--generate-keys", "-c"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "synapse --generate-keys failed");
-        let child = Command::new(&python)
-            .args(["-m", "synapse.app.homeserver", "-c"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut synapse = Synapse { child, dir: dir.to_path_buf() };
-        synapse.wait_healthy(port);
-        synapse
-    }
-
-    fn wait_healthy(&mut self, port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "Synapse exited ({status}): {}",
-                    std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
-                );
-            }
-            let (response, _) = match std::net::TcpStream::connect(("127.0.0.1", port)) {
-                Ok(_) => support::client::h1_plain(
-                    format!("127.0.0.1:{port}").parse().unwrap(),
-                    b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-                ),
-                Err(_) => {
-                    std::thread::sleep(Duration::from_millis(200));
-                    continue;
-                }
-            };
-            if response.status == 200 {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("Synapse did not become healthy on port {port}");
-    }
-}
-
-impl Drop for Synapse {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn room_messages(sync: &Value, room: &str) -> Vec<String> {
     sync["rooms"]["join"][room]["timeline"]["events"]
@@ -115,7 +41,7 @@ async fn a_real_client_flow_through_the_edge() {
     let synapse_port = free_port();
     let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let public_baseurl = format!("https://{HOST}:{}/", edge_addr.port());
-    let synapse = Synapse::start(&work.path().join("synapse"), synapse_port, &public_baseurl);
+    let synapse = Synapse::start(&work.path().join("synapse"), synapse_port, SERVER_NAME, &public_baseurl);
     let config = format!(
         r#"server_name: {SERVER_NAME}
 listeners:

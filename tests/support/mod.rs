@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod client;
 pub mod matrix;
+pub mod synapse;
 pub mod upstream;
 
 use std::io::Read;
