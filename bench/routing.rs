@@ -1,8 +1,11 @@
 //! Route selection over the full built-in table (every worker type
-//! declared), on the request lines of tests/routing/requests.txt.
+//! declared), on the request lines of tests/routing/requests.txt, and the
+//! site choice in front of it among 20 sites.
 //! `cargo bench --bench routing`.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use matrix_edge::config::{Role, Source};
+use matrix_edge::edge::Edge;
 use matrix_edge::synapse::table::{Group, Router};
 
 fn requests() -> Vec<(String, String)> {
@@ -39,5 +42,56 @@ fn route_selection(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, route_selection);
+/// An edge with the Matrix site and 20 more, each with a few routes.
+fn twenty_sites() -> Result<Edge, String> {
+    let mut text = String::from(
+        "server_name: example.com\nlisteners:\n  - { address: \"127.0.0.1:8448\", serves: [well_known, client, federation, sites] }\nsynapse:\n  main: 127.0.0.1:8008\nupstreams:\n  app: { address: 127.0.0.1:9000 }\nsites:\n",
+    );
+    for site in 0..20 {
+        let host =
+            if site % 4 == 0 { format!("\"*.wild{site}.example.org\"") } else { format!("site{site}.example.org") };
+        text.push_str(&format!(
+            "  - hosts: [{host}]\n    routes:\n      - {{ path: /healthz, upstream: app }}\n      - {{ prefix: /api/, upstream: app }}\n      - {{ prefix: /, redirect: {{ to: \"https://example.org\" }} }}\n"
+        ));
+    }
+    let source = Source { file: "bench.yaml".into(), text };
+    let config = source.parse().map_err(|e| e.to_string())?;
+    Edge::from_config(config, &source).map_err(|e| e.to_string())
+}
+
+fn site_selection(c: &mut Criterion) {
+    let edge = match twenty_sites() {
+        Ok(edge) => edge,
+        Err(error) => panic!("the 20-site bench config is refused: {error}"),
+    };
+    let roles = [Role::WellKnown, Role::Client, Role::Federation, Role::Sites];
+    let mut hosts: Vec<String> =
+        (0..20)
+            .map(|site| {
+                if site % 4 == 0 {
+                    format!("a.wild{site}.example.org")
+                } else {
+                    format!("Site{site}.example.org:443")
+                }
+            })
+            .collect();
+    hosts.push("example.com".into());
+    let paths = ["/api/v1/things?x=1", "/healthz", "/index.html", "/_matrix/client/v3/sync"];
+    let mut group = c.benchmark_group("site");
+    group.throughput(Throughput::Elements((hosts.len() * paths.len()) as u64));
+    group.bench_function("host and route among 20 sites", |b| {
+        b.iter(|| {
+            for host in &hosts {
+                for path in paths {
+                    let (site, _) =
+                        edge.sites.target(&roles, Some(black_box(host.as_bytes())), black_box(path.as_bytes()));
+                    black_box(site);
+                }
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, route_selection, site_selection);
 criterion_main!(benches);
