@@ -32,6 +32,7 @@ pub struct Edge {
     pub well_known: WellKnown,
     pub main: Upstream,
     pub admin_allow: Vec<ipnet::IpNet>,
+    pub mas_allow: Vec<ipnet::IpNet>,
     pub limits: Limits,
     pub connections: ConnectionLimits,
     pub rate_limits: crate::request::ratelimit::RateLimits,
@@ -96,6 +97,13 @@ pub struct Listener {
     pub address: std::net::SocketAddr,
     pub tls: bool,
     pub roles: Vec<Role>,
+}
+
+fn in_networks(networks: &[ipnet::IpNet], client: Option<IpAddr>) -> bool {
+    client.is_some_and(|ip| {
+        let ip = ip.to_canonical();
+        networks.iter().any(|net| net.contains(&ip))
+    })
 }
 
 impl crate::tls::CurrentCertificates for arc_swap::ArcSwap<Edge> {
@@ -202,6 +210,12 @@ impl Edge {
                 ));
             }
         }
+        if synapse.federation == crate::config::FederationMode::OpenidOnly && well_known.server.is_some() {
+            return Err(source.error_at(
+                &[Seg::Key("synapse"), Seg::Key("federation")],
+                "openid_only closes federation, but well_known.server invites other homeservers: remove one of them",
+            ));
+        }
         let documents_configured =
             well_known.server.is_some() || well_known.client.is_some() || well_known.support.is_some();
         if documents_configured && !serves(Role::WellKnown) {
@@ -266,7 +280,8 @@ impl Edge {
             well_known: WellKnown::from_config(well_known, source)?,
             main,
             admin_allow: admin_api.allow.iter().map(|c| c.0).collect(),
-            limits: Limits::from_config(limits),
+            mas_allow: admin_api.mas_allow.iter().map(|c| c.0).collect(),
+            limits: Limits { federation: synapse.federation, ..Limits::from_config(limits) },
             connections: ConnectionLimits {
                 header_timeout: limits.header_timeout.0,
                 body_idle_timeout: limits.body_idle_timeout.0,
@@ -284,10 +299,11 @@ impl Edge {
     }
 
     pub fn admin_allowed(&self, client: Option<IpAddr>) -> bool {
-        client.is_some_and(|ip| {
-            let ip = ip.to_canonical();
-            self.admin_allow.iter().any(|net| net.contains(&ip))
-        })
+        in_networks(&self.admin_allow, client)
+    }
+
+    pub fn mas_api_allowed(&self, client: Option<IpAddr>) -> bool {
+        in_networks(&self.mas_allow, client)
     }
 
     /// One line for `check`: what this config will do.
@@ -319,7 +335,7 @@ type Section<'a> = (&'static str, [(Group, &'a Option<WorkerList>); 9]);
 
 /// Every declared group with where it sits in the file; config keys are the
 /// groups' own names.
-fn declared_groups(synapse: &SynapseConfig) -> Vec<(Group, [Seg; 3], &WorkerList)> {
+fn declared_groups(synapse: &SynapseConfig) -> Vec<(Group, Vec<Seg>, &WorkerList)> {
     let w = &synapse.workers;
     let s = &synapse.stream_writers;
     let sections: [Section<'_>; 2] = [
@@ -352,15 +368,19 @@ fn declared_groups(synapse: &SynapseConfig) -> Vec<(Group, [Seg; 3], &WorkerList
             ],
         ),
     ];
-    sections
+    let mut declared: Vec<(Group, Vec<Seg>, &WorkerList)> = sections
         .into_iter()
         .flat_map(|(section, groups)| {
             groups.into_iter().filter_map(move |(group, list)| {
                 list.as_ref()
-                    .map(|list| (group, [Seg::Key("synapse"), Seg::Key(section), Seg::Key(group.name())], list))
+                    .map(|list| (group, vec![Seg::Key("synapse"), Seg::Key(section), Seg::Key(group.name())], list))
             })
         })
-        .collect()
+        .collect();
+    if let Some(mas) = &synapse.mas {
+        declared.push((Group::Mas, vec![Seg::Key("synapse"), Seg::Key("mas")], mas));
+    }
+    declared
 }
 
 fn build_pools(synapse: &SynapseConfig, source: &Source) -> Result<Pools, ConfigError> {
@@ -374,6 +394,12 @@ fn build_pools(synapse: &SynapseConfig, source: &Source) -> Result<Pools, Config
             return Err(source.error_at(
                 &at,
                 format!("Synapse allows exactly one {group} stream writer (its `stream_writers.{group}` takes one instance), but {} are listed", entries.len()),
+            ));
+        }
+        if group == Group::Sso && synapse.mas.is_some() {
+            return Err(source.error_at(
+                &at,
+                "with the Matrix Authentication Service (synapse.mas) handling logins, Synapse's own SSO is off: remove the sso worker",
             ));
         }
         if group == Group::Sso && entries.len() > 1 {
@@ -435,7 +461,13 @@ fn build_router(synapse: &SynapseConfig, declared: &[Group], source: &Source) ->
             Some("origin") => Sticky::Origin,
             Some(other) => return Err(source.error_at(&at("sticky"), format!("{other:?} is not user, room or origin"))),
         };
-        rules.push(Rule { pattern: route.path.clone().into(), methods, chain: vec![group].into(), sticky });
+        rules.push(Rule {
+            pattern: route.path.clone().into(),
+            methods,
+            chain: vec![group].into(),
+            sticky,
+            only_if_declared: false,
+        });
     }
     Router::new(rules, declared).map_err(|e| source.error_at(&[Seg::Key("synapse"), Seg::Key("routes")], e.to_string()))
 }

@@ -54,6 +54,8 @@ pub fn router(data: &[u8]) {
         target: request.target,
         has_upgrade: header(&request, "upgrade").is_some(),
         admin_allowed: false,
+        mas_api_allowed: false,
+        is_options: request.method == "OPTIONS",
         content_length: header(&request, "content-length")
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.parse().ok()),

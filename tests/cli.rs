@@ -218,6 +218,9 @@ fn routes_and_route_explain_the_table() {
     assert!(table.lines().count() > 100, "{table}");
     assert!(table.contains("^/_matrix/client/(r0|v3)/sync$") && table.contains("synchrotron"), "{table}");
     assert!(table.contains("(config)"), "user rules are marked: {table}");
+    assert!(table.starts_with("# Synapse's own routing, as of Synapse 1.163"), "{table}");
+    assert!(table.contains("simplified_msc3575/sync$"), "{table}");
+    assert!(table.contains("(skipped: no mas)"), "MAS's rule without MAS: {table}");
     let explain = |method: &str, target: &str, headers: &[&str]| {
         let mut command = Command::new(support::binary());
         command.arg("route").arg("-c").arg(&config).arg(method).arg(target);

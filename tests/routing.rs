@@ -38,6 +38,11 @@ synapse:
     - { path: "^/_matrix/client/v3/rooms/[^/]+/report", methods: [POST], to: main }
 "#;
 
+/// The same deployment with MAS handling logins (and so no sso worker).
+fn mas_config() -> String {
+    ROUTING_CONFIG.replace("    sso: 127.0.0.1:9012\n", "").replace("  routes:\n", "  mas: 127.0.0.1:9030\n  routes:\n")
+}
+
 struct Case {
     line: usize,
     method: String,
@@ -48,8 +53,15 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    include_str!("routing/requests.txt")
-        .lines()
+    parse_cases(include_str!("routing/requests.txt"))
+}
+
+fn mas_cases() -> Vec<Case> {
+    parse_cases(include_str!("routing/requests-mas.txt"))
+}
+
+fn parse_cases(text: &str) -> Vec<Case> {
+    text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'))
         .map(|(index, line)| {
@@ -76,7 +88,11 @@ fn cases() -> Vec<Case> {
 }
 
 fn edge() -> Edge {
-    let source = Source { file: "routing.yaml".into(), text: ROUTING_CONFIG.to_string() };
+    edge_from(ROUTING_CONFIG)
+}
+
+fn edge_from(text: &str) -> Edge {
+    let source = Source { file: "routing.yaml".into(), text: text.to_string() };
     Edge::from_config(source.parse().unwrap(), &source).unwrap()
 }
 
@@ -94,9 +110,17 @@ fn at_least_200_real_request_lines() {
 
 #[test]
 fn every_request_line_reaches_its_group_with_its_key() {
-    let edge = edge();
+    check_cases(&edge(), cases());
+}
+
+#[test]
+fn with_mas_its_paths_go_to_mas_and_the_rest_stays() {
+    check_cases(&edge_from(&mas_config()), mas_cases());
+}
+
+fn check_cases(edge: &Edge, cases: Vec<Case>) {
     let mut failures = Vec::new();
-    for case in cases() {
+    for case in cases {
         let decision = edge.router.route(&case.method, case.target.as_bytes());
         let authorization =
             case.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("authorization")).map(|(_, v)| v.as_bytes());
@@ -120,8 +144,14 @@ fn every_request_line_reaches_its_group_with_its_key() {
 
 #[test]
 fn compiled_set_agrees_with_the_first_match_scan() {
-    let edge = edge();
-    let mut targets: Vec<(String, String)> = cases().into_iter().map(|c| (c.method, c.target)).collect();
+    for edge in [edge(), edge_from(&mas_config())] {
+        compiled_agrees(&edge);
+    }
+}
+
+fn compiled_agrees(edge: &Edge) {
+    let mut targets: Vec<(String, String)> =
+        cases().into_iter().chain(mas_cases()).map(|c| (c.method, c.target)).collect();
     // Also every line under every other method.
     let extra: Vec<(String, String)> = targets
         .iter()
@@ -139,14 +169,17 @@ fn compiled_set_agrees_with_the_first_match_scan() {
 
 #[test]
 fn every_builtin_rule_is_exercised() {
-    let edge = edge();
-    let user_rules = edge.router.user_rule_count();
-    let hit: BTreeSet<usize> = cases()
-        .iter()
-        .filter_map(|c| edge.router.route(&c.method, c.target.as_bytes()).rule)
-        .filter(|index| *index >= user_rules)
-        .map(|index| index - user_rules)
-        .collect();
+    let mut hit: BTreeSet<usize> = BTreeSet::new();
+    for (edge, cases) in [(edge(), cases()), (edge_from(&mas_config()), mas_cases())] {
+        let user_rules = edge.router.user_rule_count();
+        hit.extend(
+            cases
+                .iter()
+                .filter_map(|c| edge.router.route(&c.method, c.target.as_bytes()).rule)
+                .filter(|index| *index >= user_rules)
+                .map(|index| index - user_rules),
+        );
+    }
     let missed: Vec<&str> =
         BUILTIN.iter().enumerate().filter(|(i, _)| !hit.contains(i)).map(|(_, r)| r.pattern.as_ref()).collect();
     assert!(missed.is_empty(), "rules no line exercises: {missed:#?}");

@@ -12,11 +12,18 @@ use std::fmt::Write;
 /// Every rule in evaluation order with the group that serves it here.
 pub fn routes_table(edge: &Edge) -> String {
     let mut out = String::new();
+    let _ = writeln!(out, "# Synapse's own routing, as of Synapse {}", crate::synapse::table::SYNAPSE_VERSION);
     let _ = writeln!(out, "{:>3}  {:<9} {:<88} {:<26} key", "#", "methods", "path", "group");
     for (index, rule) in edge.router.rules().iter().enumerate() {
         let group = edge.router.serving_group(rule);
         let chain: Vec<&str> = rule.chain.iter().map(|g| g.name()).collect();
-        let serving = if group.name() == chain[0] { group.to_string() } else { format!("{group} (no {})", chain[0]) };
+        let serving = if !edge.router.applies(index) {
+            format!("(skipped: no {})", chain[0])
+        } else if group.name() == chain[0] {
+            group.to_string()
+        } else {
+            format!("{group} (no {})", chain[0])
+        };
         let origin = if index < edge.router.user_rule_count() { " (config)" } else { "" };
         let _ = writeln!(
             out,
@@ -40,6 +47,8 @@ pub fn explain(edge: &Edge, method: &str, target: &str, headers: &[(String, Stri
         target: target.as_bytes(),
         has_upgrade: header("upgrade").is_some(),
         admin_allowed: true,
+        mas_api_allowed: true,
+        is_options: method == "OPTIONS",
         content_length: header("content-length").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()),
         header_bytes: headers.iter().map(|(name, value)| (name.len() + value.len()) as u64).sum(),
         header_count: headers.len(),
@@ -91,6 +100,10 @@ pub fn explain(edge: &Edge, method: &str, target: &str, headers: &[(String, Stri
         }
         Admission::Reject(error) => {
             let _ = writeln!(out, "  refused by the edge: {error}");
+            return out;
+        }
+        Admission::RendezvousPreflight => {
+            let _ = writeln!(out, "  answered by the edge: 204, the rendezvous CORS preflight");
             return out;
         }
         Admission::Forward { body_limit } => {

@@ -155,9 +155,22 @@ pub struct ClientWellKnownConfig {
     /// `m.identity_server.base_url`.
     #[serde(default)]
     pub identity_server: Option<HttpUrl>,
+    /// Element Call's backends (MatrixRTC foci), published as
+    /// `org.matrix.msc4143.rtc_foci`: `[{ type: livekit, livekit_service_url: https://... }]`.
+    #[serde(default)]
+    pub rtc_foci: Vec<RtcFocusConfig>,
     /// Further namespaced keys (`io.element.e2ee`, `org.matrix.msc2965.authentication`...).
     #[serde(default)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// One MatrixRTC focus: its `type` and that type's fields.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RtcFocusConfig {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(flatten)]
+    pub fields: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,6 +209,23 @@ pub struct SynapseConfig {
     /// Extra rules evaluated before the built-in table.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// The Matrix Authentication Service: `/login`, `/logout` and `/refresh`
+    /// (the compatibility layer) go to it instead of Synapse.
+    #[serde(default)]
+    pub mas: Option<WorkerList>,
+    /// `open` (default), or `openid_only` for a homeserver that does not
+    /// federate but lets lk-jwt-service check OpenID tokens.
+    #[serde(default)]
+    pub federation: FederationMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FederationMode {
+    #[default]
+    Open,
+    /// Only `/_matrix/federation/v1/openid/userinfo` of the federation API.
+    OpenidOnly,
 }
 
 /// One worker address, or several.
@@ -358,6 +388,10 @@ pub struct AdminApiConfig {
     /// Networks allowed to reach `/_synapse/admin`; empty (the default) means nobody.
     #[serde(default)]
     pub allow: Vec<Cidr>,
+    /// Networks allowed to reach `/_synapse/mas/` (MAS's private API into
+    /// Synapse, for a MAS that calls Synapse through the edge); default nobody.
+    #[serde(default)]
+    pub mas_allow: Vec<Cidr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

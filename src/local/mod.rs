@@ -1,3 +1,4 @@
+pub mod preflight;
 pub mod redirect;
 pub mod static_files;
 pub mod well_known;

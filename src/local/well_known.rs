@@ -103,14 +103,57 @@ fn is_namespaced(key: &str) -> bool {
         && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
 }
 
+/// The well-known key MatrixRTC clients read (MSC4143).
+const RTC_FOCI: &str = "org.matrix.msc4143.rtc_foci";
+
+/// The foci as published: each `{"type": ..., fields...}`, checked first.
+/// A LiveKit focus needs an https `livekit_service_url` (lk-jwt-service's
+/// address): Element Call fails silently on anything else.
+fn rtc_foci(config: &ClientWellKnownConfig, source: &Source) -> Result<Value, ConfigError> {
+    let mut foci = Vec::with_capacity(config.rtc_foci.len());
+    for (index, focus) in config.rtc_foci.iter().enumerate() {
+        let at =
+            |key| [Seg::Key("well_known"), Seg::Key("client"), Seg::Key("rtc_foci"), Seg::Index(index), Seg::Key(key)];
+        if focus.kind.is_empty() {
+            return Err(source.error_at(&at("type"), "a focus needs a type, such as livekit"));
+        }
+        if focus.kind == "livekit" {
+            let url = focus.fields.get("livekit_service_url").and_then(Value::as_str);
+            let valid = url.and_then(|u| u.strip_prefix("https://")).is_some_and(|rest| {
+                let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+                !host.is_empty() && !rest.chars().any(char::is_whitespace)
+            });
+            if !valid {
+                return Err(source.error_at(
+                    &at("type"),
+                    "a livekit focus needs livekit_service_url, the https:// URL of lk-jwt-service (for example https://rtc.example.com)",
+                ));
+            }
+        }
+        let mut entry = Map::new();
+        entry.insert("type".into(), Value::String(focus.kind.clone()));
+        for (key, value) in &focus.fields {
+            entry.insert(key.clone(), value.clone());
+        }
+        foci.push(Value::Object(entry));
+    }
+    Ok(Value::Array(foci))
+}
+
 fn client_document(config: &ClientWellKnownConfig, source: &Source) -> Result<Bytes, ConfigError> {
     let mut document = Map::new();
     document.insert("m.homeserver".into(), json!({ "base_url": config.homeserver.0 }));
     if let Some(identity) = &config.identity_server {
         document.insert("m.identity_server".into(), json!({ "base_url": identity.0 }));
     }
+    if !config.rtc_foci.is_empty() {
+        document.insert(RTC_FOCI.into(), rtc_foci(config, source)?);
+    }
     for (key, value) in &config.extra {
         let path = [Seg::Key("well_known"), Seg::Key("client"), Seg::Key("extra")];
+        if key == RTC_FOCI && !config.rtc_foci.is_empty() {
+            return Err(source.error_at(&path, format!("{RTC_FOCI} is set by `rtc_foci`; keep one of them")));
+        }
         if key == "m.homeserver" || key == "m.identity_server" {
             return Err(
                 source.error_at(&path, format!("{key:?} is set by `homeserver`/`identity_server`, not in `extra`"))
@@ -264,5 +307,28 @@ mod tests {
         assert_eq!(Document::from_path(b"/.well-known/matrix/server"), Some(Document::Server));
         assert_eq!(Document::from_path(b"/.well-known/matrix/server/"), None);
         assert_eq!(Document::from_path(b"/.well-known/matrix/"), None);
+    }
+
+    #[test]
+    fn rtc_foci_are_published_and_checked() {
+        let wk = build("  client:\n    homeserver: https://matrix.example.com\n    rtc_foci:\n      - { type: livekit, livekit_service_url: \"https://rtc.example.com\" }\n").unwrap();
+        let response = wk.respond(Document::Client, &http::Method::GET);
+        assert_eq!(
+            body(&response)["org.matrix.msc4143.rtc_foci"],
+            json!([{"type": "livekit", "livekit_service_url": "https://rtc.example.com"}])
+        );
+        for bad in [
+            "      - { type: livekit, livekit_service_url: \"http://rtc.example.com\" }\n",
+            "      - { type: livekit }\n",
+            "      - { type: livekit, livekit_service_url: \"https://\" }\n",
+            "      - { type: \"\" }\n",
+        ] {
+            let err = build(&format!("  client:\n    homeserver: https://matrix.example.com\n    rtc_foci:\n{bad}"))
+                .unwrap_err();
+            assert!(err.key.as_deref().is_some_and(|k| k.starts_with("well_known.client.rtc_foci[0]")), "{bad}: {err}");
+            assert_eq!(err.line, Some(8), "{bad}: {err}");
+        }
+        let both = build("  client:\n    homeserver: https://matrix.example.com\n    rtc_foci: [{ type: livekit, livekit_service_url: \"https://rtc.example.com\" }]\n    extra: { org.matrix.msc4143.rtc_foci: [] }\n").unwrap_err();
+        assert!(both.message.contains("keep one of them"), "{both}");
     }
 }

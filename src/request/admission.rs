@@ -5,7 +5,7 @@
 //! doubled-slash or dot-segment variants cannot slip past a rule; the request
 //! itself is always forwarded with its original bytes.
 
-use crate::config::Role;
+use crate::config::{FederationMode, Role};
 use crate::local::well_known::Document;
 use crate::request::errors::MatrixError;
 use std::borrow::Cow;
@@ -15,6 +15,9 @@ use std::borrow::Cow;
 pub enum Admission {
     /// Answer from the edge's own well-known documents.
     WellKnown(Document),
+    /// A CORS preflight for QR-code login's rendezvous, answered by the edge
+    /// with the headers those endpoints need (ETag exposed, If-Match allowed).
+    RendezvousPreflight,
     /// Forward to Synapse, with the body limit for this path.
     Forward { body_limit: u64 },
     /// Answer with this error.
@@ -28,6 +31,9 @@ pub struct RequestFacts<'a> {
     pub has_upgrade: bool,
     /// The client's address is in `admin_api.allow`.
     pub admin_allowed: bool,
+    /// The client's address is in `admin_api.mas_allow`.
+    pub mas_api_allowed: bool,
+    pub is_options: bool,
     pub content_length: Option<u64>,
     /// Total bytes of header names and values.
     pub header_bytes: u64,
@@ -40,6 +46,7 @@ pub struct Limits {
     pub max_target_bytes: u64,
     pub max_header_bytes: u64,
     pub max_headers: usize,
+    pub federation: FederationMode,
 }
 
 impl Limits {
@@ -50,6 +57,7 @@ impl Limits {
             max_target_bytes: limits.max_target_bytes.0,
             max_header_bytes: limits.max_header_bytes.0,
             max_headers: limits.max_headers,
+            federation: FederationMode::Open,
         }
     }
 }
@@ -60,6 +68,18 @@ const ADMIN: &str = "/_synapse/admin";
 const CLIENT_PREFIXES: [&str; 2] = ["/_matrix/", "/_synapse/client/"];
 const FEDERATION_PREFIXES: [&str; 3] = ["/_matrix/federation/", "/_matrix/key/", "/_matrix/media/"];
 const FEDERATION_BODY_PREFIX: &str = "/_matrix/federation/";
+/// MAS's private API into Synapse, authenticated by the shared secret alone.
+const MAS_API: &str = "/_synapse/mas";
+/// The one federation endpoint a non-federating homeserver still needs:
+/// lk-jwt-service checks Element Call users' OpenID tokens there.
+const OPENID_USERINFO: &str = "/_matrix/federation/v1/openid/userinfo";
+const FEDERATION_API: [&str; 2] = ["/_matrix/federation/", "/_matrix/key/"];
+/// QR-code login's rendezvous endpoints (MSC4108, MSC4388).
+const RENDEZVOUS: [&str; 3] = [
+    "/_matrix/client/unstable/org.matrix.msc4108/rendezvous",
+    "/_matrix/client/unstable/io.element.msc4388/rendezvous",
+    "/_synapse/client/rendezvous",
+];
 
 /// The size caps and the target form, which every request on every site meets.
 pub fn check_caps(facts: &RequestFacts<'_>, limits: &Limits) -> Result<(), MatrixError> {
@@ -94,10 +114,25 @@ pub fn admit(roles: &[Role], facts: &RequestFacts<'_>, limits: &Limits) -> Admis
     if is_admin && !facts.admin_allowed {
         return Admission::Reject(MatrixError::forbidden("The admin API is not available from this address"));
     }
+    let is_mas_api =
+        any_view(&|v| v.starts_with(MAS_API) && matches!(v.as_bytes().get(MAS_API.len()), None | Some(b'/')));
+    if is_mas_api && !facts.mas_api_allowed {
+        return Admission::Reject(MatrixError::forbidden("MAS's API into Synapse is not available from this address"));
+    }
+    if limits.federation == FederationMode::OpenidOnly
+        && any_view(&|v| FEDERATION_API.iter().any(|p| v.starts_with(p)))
+        && !views.iter().all(|v| v == OPENID_USERINFO)
+    {
+        return Admission::Reject(MatrixError::unrecognized());
+    }
     let allowed_by = |v: &str| {
         roles.iter().any(|role| match role {
             Role::WellKnown | Role::Sites => false,
-            Role::Client => CLIENT_PREFIXES.iter().any(|p| v.starts_with(p)) || (is_admin && v.starts_with(ADMIN)),
+            Role::Client => {
+                CLIENT_PREFIXES.iter().any(|p| v.starts_with(p))
+                    || (is_admin && v.starts_with(ADMIN))
+                    || (is_mas_api && v.starts_with(MAS_API))
+            }
             Role::Federation => FEDERATION_PREFIXES.iter().any(|p| v.starts_with(p)),
         })
     };
@@ -106,6 +141,9 @@ pub fn admit(roles: &[Role], facts: &RequestFacts<'_>, limits: &Limits) -> Admis
     }
     if facts.has_upgrade {
         return Admission::Reject(MatrixError::bad_request("Protocol upgrades are not supported on Matrix endpoints"));
+    }
+    if facts.is_options && views.iter().all(|v| RENDEZVOUS.iter().any(|p| v.starts_with(p))) {
+        return Admission::RendezvousPreflight;
     }
     let federation = views.iter().all(|v| v.starts_with(FEDERATION_BODY_PREFIX));
     let body_limit = if federation { limits.federation_max_body } else { limits.max_upload_size };
@@ -207,6 +245,7 @@ mod tests {
         max_target_bytes: 200,
         max_header_bytes: 300,
         max_headers: 5,
+        federation: FederationMode::Open,
     };
     const CLIENT: &[Role] = &[Role::WellKnown, Role::Client, Role::Federation];
     const FEDERATION: &[Role] = &[Role::Federation];
@@ -216,6 +255,8 @@ mod tests {
             target: target.as_bytes(),
             has_upgrade: false,
             admin_allowed,
+            mas_api_allowed: false,
+            is_options: false,
             content_length: None,
             header_bytes: 0,
             header_count: 0,
@@ -305,6 +346,8 @@ mod tests {
             target: b"/_matrix/client/v3/sync",
             has_upgrade: true,
             admin_allowed: false,
+            mas_api_allowed: false,
+            is_options: false,
             content_length: None,
             header_bytes: 0,
             header_count: 0,
@@ -318,6 +361,8 @@ mod tests {
             target: target.as_bytes(),
             has_upgrade: false,
             admin_allowed: false,
+            mas_api_allowed: false,
+            is_options: false,
             content_length: Some(length),
             header_bytes: 0,
             header_count: 0,
@@ -339,6 +384,8 @@ mod tests {
             target: b"/_matrix/client/v3/sync",
             has_upgrade: false,
             admin_allowed: false,
+            mas_api_allowed: false,
+            is_options: false,
             content_length: None,
             header_bytes: bytes,
             header_count: count,
@@ -346,5 +393,74 @@ mod tests {
         assert_eq!(status(&admit(CLIENT, &head(300, 5), &LIMITS)), 200);
         assert_eq!(status(&admit(CLIENT, &head(301, 5), &LIMITS)), 431);
         assert_eq!(status(&admit(CLIENT, &head(10, 6), &LIMITS)), 431);
+    }
+
+    fn facts<'a>(target: &'a str, mas_api_allowed: bool, is_options: bool) -> RequestFacts<'a> {
+        RequestFacts {
+            target: target.as_bytes(),
+            has_upgrade: false,
+            admin_allowed: false,
+            mas_api_allowed,
+            is_options,
+            content_length: None,
+            header_bytes: 0,
+            header_count: 0,
+        }
+    }
+
+    #[test]
+    fn the_mas_api_is_for_listed_networks_only() {
+        for target in [
+            "/_synapse/mas/provision_user",
+            "/_synapse/%6das/query_user?localpart=a",
+            "/_synapse//mas/x",
+            "/_SYNAPSE/MAS",
+        ] {
+            assert_eq!(status(&admit(CLIENT, &facts(target, false, false), &LIMITS)), 403, "{target}");
+        }
+        assert_eq!(
+            admit(CLIENT, &facts("/_synapse/mas/provision_user", true, false), &LIMITS),
+            Admission::Forward { body_limit: 100 }
+        );
+        // Not a prefix of other paths.
+        assert_eq!(status(&admit(CLIENT, &facts("/_synapse/massive", true, false), &LIMITS)), 404);
+    }
+
+    #[test]
+    fn rendezvous_preflights_are_answered_by_the_edge() {
+        for target in [
+            "/_matrix/client/unstable/org.matrix.msc4108/rendezvous",
+            "/_matrix/client/unstable/io.element.msc4388/rendezvous/abc",
+            "/_synapse/client/rendezvous/01HXYZ",
+        ] {
+            assert_eq!(admit(CLIENT, &facts(target, false, true), &LIMITS), Admission::RendezvousPreflight, "{target}");
+            assert!(
+                matches!(admit(CLIENT, &facts(target, false, false), &LIMITS), Admission::Forward { .. }),
+                "{target}"
+            );
+        }
+        let other = admit(CLIENT, &facts("/_matrix/client/v3/sync", false, true), &LIMITS);
+        assert!(matches!(other, Admission::Forward { .. }));
+    }
+
+    #[test]
+    fn openid_only_federation_keeps_userinfo_alone() {
+        let limits = Limits { federation: FederationMode::OpenidOnly, ..LIMITS };
+        let userinfo = "/_matrix/federation/v1/openid/userinfo?access_token=abc";
+        assert!(matches!(admit(FEDERATION, &facts(userinfo, false, false), &limits), Admission::Forward { .. }));
+        assert!(matches!(admit(CLIENT, &facts(userinfo, false, false), &limits), Admission::Forward { .. }));
+        for target in [
+            "/_matrix/federation/v1/send/txn1",
+            "/_matrix/federation/v1/version",
+            "/_matrix/key/v2/server",
+            "/_matrix/federation/v1/openid/userinfo/../../send/x",
+            "/_matrix/federation/v1/%6fpenid/userinfo/x",
+        ] {
+            assert_eq!(status(&admit(CLIENT, &facts(target, false, false), &limits)), 404, "{target}");
+        }
+        assert!(matches!(
+            admit(CLIENT, &facts("/_matrix/client/v3/sync", false, false), &limits),
+            Admission::Forward { .. }
+        ));
     }
 }

@@ -273,6 +273,12 @@ impl EdgeProxy {
                 write_local(session, &response).await?;
                 Ok(true)
             }
+            Admission::RendezvousPreflight => {
+                let mut response = crate::local::preflight::rendezvous();
+                response.close = has_body(request, content_length);
+                write_local(session, &response).await?;
+                Ok(true)
+            }
             Admission::Reject(error) => refuse(session, ctx, error, content_length).await,
         }
     }
@@ -313,6 +319,8 @@ impl ProxyHttp for EdgeProxy {
             target: request.raw_path(),
             has_upgrade: request.headers.contains_key(http::header::UPGRADE),
             admin_allowed: edge.admin_allowed(client_ip(session)),
+            mas_api_allowed: edge.mas_api_allowed(client_ip(session)),
+            is_options: request.method == http::Method::OPTIONS,
             content_length: content_length(request),
             header_bytes: request.headers.iter().map(|(name, value)| (name.as_str().len() + value.len()) as u64).sum(),
             header_count: request.headers.len(),

@@ -1,5 +1,14 @@
 //! Synapse's worker routing table, as data.
 //!
+//! It follows `docs/workers.md` of Synapse v1.157.1 (unchanged up to the
+//! newest commit read, a58ad44), plus what deployments route and workers.md
+//! does not list, each checked against the servlets Synapse 1.163 registers
+//! on workers (`synapse/rest/__init__.py`): Simplified Sliding Sync, MatrixRTC
+//! transports, OAuth metadata, MSC4308, and the main-only rendezvous and
+//! delayed-event paths. With the Matrix Authentication Service declared,
+//! `/login`, `/logout` and `/refresh` go to it (Synapse registers none of
+//! them then).
+//!
 //! Each rule is one line of Synapse's `docs/workers.md`: a regular expression
 //! on the raw path (no query), the methods it covers, the groups that may
 //! serve it in order of preference, and the sticky key its requests hash on.
@@ -37,10 +46,15 @@ pub enum Group {
     DeviceLists,
     QuarantinedMediaChanges,
     ThreadSubscriptions,
+    /// The Matrix Authentication Service (`synapse.mas`), not a Synapse process.
+    Mas,
 }
 
+/// The Synapse release whose routing this table follows (shown by `routes`).
+pub const SYNAPSE_VERSION: &str = "1.163 (workers.md of 1.157.1, servlets of 1.163.2)";
+
 impl Group {
-    pub const ALL: [Group; 19] = [
+    pub const ALL: [Group; 20] = [
         Group::Main,
         Group::Synchrotron,
         Group::InitialSync,
@@ -60,6 +74,7 @@ impl Group {
         Group::DeviceLists,
         Group::QuarantinedMediaChanges,
         Group::ThreadSubscriptions,
+        Group::Mas,
     ];
 
     /// The config key naming this group (`synapse.workers.*` or `synapse.stream_writers.*`).
@@ -84,6 +99,7 @@ impl Group {
             Group::DeviceLists => "device_lists",
             Group::QuarantinedMediaChanges => "quarantined_media_changes",
             Group::ThreadSubscriptions => "thread_subscriptions",
+            Group::Mas => "mas",
         }
     }
 
@@ -92,10 +108,11 @@ impl Group {
     }
 
     /// Whether requests may go to the main process when every member is down.
-    /// Media workers own the media store (`enable_media_repo: false` on main)
-    /// and SSO sessions live in one process, so neither falls back.
+    /// Media workers own the media store (`enable_media_repo: false` on main),
+    /// SSO sessions live in one process, and with MAS on Synapse has no
+    /// `/login` at all, so none of them falls back.
     pub fn falls_back_to_main(self) -> bool {
-        !matches!(self, Group::MediaRepository | Group::Sso)
+        !matches!(self, Group::MediaRepository | Group::Sso | Group::Mas)
     }
 
     /// Stream writers Synapse allows only one of.
@@ -198,10 +215,23 @@ pub struct Rule {
     /// Groups in order of preference; the first one declared serves.
     pub chain: Cow<'static, [Group]>,
     pub sticky: Sticky,
+    /// The rule applies only where a group of its chain is declared;
+    /// elsewhere the rules after it decide (MAS's paths without MAS).
+    pub only_if_declared: bool,
 }
 
 const fn rule(pattern: &'static str, methods: Methods, chain: &'static [Group], sticky: Sticky) -> Rule {
-    Rule { pattern: Cow::Borrowed(pattern), methods, chain: Cow::Borrowed(chain), sticky }
+    Rule { pattern: Cow::Borrowed(pattern), methods, chain: Cow::Borrowed(chain), sticky, only_if_declared: false }
+}
+
+const fn rule_if_declared(pattern: &'static str, chain: &'static [Group]) -> Rule {
+    Rule {
+        pattern: Cow::Borrowed(pattern),
+        methods: Methods::Any,
+        chain: Cow::Borrowed(chain),
+        sticky: Sticky::None,
+        only_if_declared: true,
+    }
 }
 
 use Group as G;
@@ -212,6 +242,16 @@ use Sticky::{None as Rr, Origin, Room, User};
 /// owned by one kind of process), stream writers (they override the generic
 /// lists), GET-only generic paths, then the generic groups.
 pub const BUILTIN: &[Rule] = &[
+    // The Matrix Authentication Service's compatibility layer, when declared
+    // (MAS docs "homeserver.md"; ESS's Prefix paths). Not `v1/login/get_token`,
+    // which stays Synapse's.
+    rule_if_declared(r"^/_matrix/client/(api/v1|r0|v3|unstable)/(login|logout|refresh)(/.*)?$", &[G::Mas]),
+    // Main process only: rendezvous sessions (QR login) live in one process;
+    // delayed events' send and cancel are registered on main alone.
+    rule(r"^/_matrix/client/unstable/org\.matrix\.msc4108/rendezvous$", Any, &[G::Main], Rr),
+    rule(r"^/_matrix/client/unstable/io\.element\.msc4388/rendezvous(/[^/]+)?$", Any, &[G::Main], Rr),
+    rule(r"^/_synapse/client/rendezvous", Any, &[G::Main], Rr),
+    rule(r"^/_matrix/client/unstable/org\.matrix\.msc4140/delayed_events/[^/]+/(send|cancel)$", Any, &[G::Main], Rr),
     // SSO: every step of a login must reach the same single process.
     rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/login/sso/redirect", Any, &[G::Sso], Rr),
     rule(r"^/_synapse/client/pick_idp$", Any, &[G::Sso], Rr),
@@ -243,6 +283,7 @@ pub const BUILTIN: &[Rule] = &[
     ),
     rule(r"^/_synapse/admin/v1/quarantine_media/.*$", Any, &[G::QuarantinedMediaChanges, G::MediaRepository], Rr),
     rule(r"^/_matrix/client/unstable/io.element.msc4306/.*", Any, &[G::ThreadSubscriptions], Rr),
+    rule(r"^/_matrix/client/unstable/io\.element\.msc4308/thread_subscriptions$", Any, &[G::ThreadSubscriptions], Rr),
     // Readable by any generic worker, written only by the stream's writer.
     rule(r"^/_matrix/client/(api/v1|r0|v3|unstable)/pushrules/", Write, &[G::PushRules], Rr),
     rule(r"^/_matrix/client/(r0|v3|unstable)/.*/tags", Write, &[G::AccountData], Rr),
@@ -267,6 +308,8 @@ pub const BUILTIN: &[Rule] = &[
     rule(r"^/_matrix/client/(api/v1|r0|v3)/events$", Any, &[G::Synchrotron], User),
     rule(r"^/_matrix/client/(api/v1|r0|v3)/initialSync$", Any, &[G::Synchrotron], User),
     rule(r"^/_matrix/client/(api/v1|r0|v3)/rooms/[^/]+/initialSync$", Any, &[G::Synchrotron], User),
+    // Simplified Sliding Sync (MSC4186), Element X's only sync: not in workers.md.
+    rule(r"^/_matrix/client/unstable/org\.matrix\.simplified_msc3575/sync$", Any, &[G::Synchrotron], User),
     // Federation.
     rule(r"^/_matrix/federation/v1/send/", Any, &[G::FederationInbound, G::FederationReader], Origin),
     rule(r"^/_matrix/federation/v1/version$", Any, &[G::FederationReader], Rr),
@@ -346,6 +389,10 @@ pub const BUILTIN: &[Rule] = &[
     rule(r"^/_matrix/client/(r0|v3|unstable)/password_policy$", Any, &[G::ClientReader], Rr),
     rule(r"^/_matrix/client/unstable/org.matrix.msc4140/delayed_events(/.*/restart)?$", Any, &[G::ClientReader], Rr),
     rule(r"^/_matrix/client/(r0|v3|unstable)/auth/.*/fallback/web$", Any, &[G::ClientReader], Rr),
+    // Not in workers.md, registered on every client worker.
+    rule(r"^/_matrix/client/(v1|unstable/org\.matrix\.msc4143)/rtc/transports$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/(v1|unstable/org\.matrix\.msc2965)/auth_metadata$", Any, &[G::ClientReader], Rr),
+    rule(r"^/_matrix/client/unstable/org\.matrix\.msc2965/auth_issuer$", Any, &[G::ClientReader], Rr),
 ];
 
 /// Where one request goes, and why.
@@ -364,6 +411,8 @@ pub struct Router {
     /// Each rule's pattern on its own, for the naive scan and for `routes`.
     singles: Vec<Regex>,
     declared: Vec<Group>,
+    /// Per rule: whether it applies in this deployment (see `Rule::only_if_declared`).
+    applies: Vec<bool>,
     /// Whether the pattern list is only the built-in table (for display).
     user_rules: usize,
 }
@@ -376,7 +425,9 @@ impl Router {
         rules.extend_from_slice(BUILTIN);
         let set = RegexSet::new(rules.iter().map(|r| r.pattern.as_ref()))?;
         let singles = rules.iter().map(|r| Regex::new(&r.pattern)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Router { rules, set, singles, declared: declared.to_vec(), user_rules: count })
+        let applies =
+            rules.iter().map(|r| !r.only_if_declared || r.chain.iter().any(|g| declared.contains(g))).collect();
+        Ok(Router { rules, set, singles, declared: declared.to_vec(), applies, user_rules: count })
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -385,6 +436,11 @@ impl Router {
 
     pub fn user_rule_count(&self) -> usize {
         self.user_rules
+    }
+
+    /// Whether a rule applies in this deployment.
+    pub fn applies(&self, index: usize) -> bool {
+        self.applies[index]
     }
 
     /// The group that serves a rule here: the first of its chain declared, else main.
@@ -410,7 +466,7 @@ impl Router {
         // table order whose methods fit wins.
         let matches = self.set.matches(path);
         for index in matches.iter() {
-            if self.rules[index].methods.allows(method) {
+            if self.applies[index] && self.rules[index].methods.allows(method) {
                 return self.decide(index, query);
             }
         }
@@ -423,7 +479,7 @@ impl Router {
         let (path, query) = split_target(target);
         let Ok(path) = std::str::from_utf8(path) else { return MAIN };
         for (index, (rule, regex)) in self.rules.iter().zip(&self.singles).enumerate() {
-            if rule.methods.allows(method) && regex.is_match(path) {
+            if self.applies[index] && rule.methods.allows(method) && regex.is_match(path) {
                 return self.decide(index, query);
             }
         }
@@ -445,7 +501,8 @@ fn is_initial_sync(rule: &Rule, query: &[u8]) -> bool {
     if rule.pattern.contains("initialSync") {
         return true;
     }
-    if !rule.pattern.contains("/sync$") {
+    // Only the classic `/sync`: sliding sync has no `since` (it uses `pos`).
+    if !rule.pattern.ends_with("(r0|v3)/sync$") {
         return false;
     }
     let mut since = None;

@@ -1,0 +1,16 @@
+//! CORS preflights the edge answers itself.
+
+use crate::request::response::LocalResponse;
+
+/// QR-code login's rendezvous (MSC4108, MSC4388): the browser must be allowed
+/// to send `If-Match`/`If-None-Match` and to read `ETag`, which Synapse's
+/// generic CORS answer does not grant. The headers are the ones Element
+/// Server Suite answers with.
+pub fn rendezvous() -> LocalResponse {
+    LocalResponse::empty(204)
+        .with_header("Access-Control-Allow-Origin", "*".into())
+        .with_header("Access-Control-Allow-Methods", "GET, PUT, POST, DELETE, OPTIONS".into())
+        .with_header("Access-Control-Allow-Headers", "Origin, Content-Type, Accept, If-Match, If-None-Match".into())
+        .with_header("Access-Control-Expose-Headers", "Synapse-Trace-Id, Server, ETag".into())
+        .with_header("Access-Control-Max-Age", "86400".into())
+}
