@@ -3,7 +3,10 @@
 
   synapse_dev.py config DIR --port P --server-name NAME --public-baseurl URL
       Writes a single-process config (SQLite, plain HTTP on 127.0.0.1,
-      x_forwarded) to DIR/homeserver.yaml.
+      x_forwarded) to DIR/homeserver.yaml. With --mas URL --mas-secret S,
+      logins are delegated to the Matrix Authentication Service at URL
+      (Synapse's `matrix_authentication_service`; registration and password
+      login off, as Synapse requires then).
 
   synapse_dev.py workers DIR --server-name NAME --public-baseurl URL
       Starts PostgreSQL and Redis on free loopback ports, then Synapse's main
@@ -78,8 +81,9 @@ def log_config(path: str, logfile: str) -> None:
             """))
 
 
-def write_config(base, port, server_name, public_baseurl, max_upload_size="50M", database=None, extra=""):
-    """The main process's config; `database` is YAML for the database section."""
+def write_config(base, port, server_name, public_baseurl, max_upload_size="50M", database=None, extra="", mas=None):
+    """The main process's config; `database` is YAML for the database section;
+    `mas` is (endpoint, shared secret) to delegate authentication to MAS."""
     base = os.path.abspath(base)
     os.makedirs(os.path.join(base, "media"), exist_ok=True)
     if database is None:
@@ -107,7 +111,7 @@ def write_config(base, port, server_name, public_baseurl, max_upload_size="50M",
         registration_shared_secret: "{secrets.token_hex(16)}"
         macaroon_secret_key: "{secrets.token_hex(16)}"
         form_secret: "{secrets.token_hex(16)}"
-        enable_registration: true
+        enable_registration: {"false" if mas else "true"}
         enable_registration_without_verification: true
         trusted_key_servers: []
         suppress_key_server_warning: true
@@ -122,6 +126,17 @@ def write_config(base, port, server_name, public_baseurl, max_upload_size="50M",
           account: {GENEROUS}
           failed_attempts: {GENEROUS}
         """) + extra
+    if mas:
+        endpoint, secret = mas
+        config += textwrap.dedent(
+            f"""\
+            matrix_authentication_service:
+              enabled: true
+              endpoint: "{endpoint}"
+              secret: "{secret}"
+            password_config:
+              enabled: false
+            """)
     path = os.path.join(base, "homeserver.yaml")
     with open(path, "w") as f:
         f.write(config)
@@ -130,7 +145,8 @@ def write_config(base, port, server_name, public_baseurl, max_upload_size="50M",
 
 
 def cmd_config(args) -> None:
-    print(write_config(args.dir, args.port, args.server_name, args.public_baseurl, args.max_upload_size))
+    mas = (args.mas, args.mas_secret) if args.mas else None
+    print(write_config(args.dir, args.port, args.server_name, args.public_baseurl, args.max_upload_size, mas=mas))
 
 
 def as_postgres(command):
@@ -289,6 +305,8 @@ def main() -> None:
     config.add_argument("--server-name", required=True)
     config.add_argument("--public-baseurl", required=True)
     config.add_argument("--max-upload-size", default="50M")
+    config.add_argument("--mas", help="the Matrix Authentication Service's URL, as Synapse reaches it")
+    config.add_argument("--mas-secret", default="")
     workers = sub.add_parser("workers")
     workers.add_argument("dir")
     workers.add_argument("--server-name", required=True)

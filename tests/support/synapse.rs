@@ -14,6 +14,11 @@ impl Synapse {
     /// Writes a single-process config (SQLite, registration open) and
     /// starts Synapse on 127.0.0.1:`port`, returning once `/health` answers.
     pub fn start(dir: &Path, port: u16, server_name: &str, public_baseurl: &str) -> Synapse {
+        Self::start_with(dir, port, server_name, public_baseurl, &[])
+    }
+
+    /// As `start`, with more arguments for `synapse_dev.py config` (`--mas URL --mas-secret S`).
+    pub fn start_with(dir: &Path, port: u16, server_name: &str, public_baseurl: &str, extra: &[&str]) -> Synapse {
         let python = synapse_python();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/synapse_dev.py");
         let status = Command::new("python3")
@@ -21,6 +26,7 @@ impl Synapse {
             .arg("config")
             .arg(dir)
             .args(["--port", &port.to_string(), "--server-name", server_name, "--public-baseurl", public_baseurl])
+            .args(extra)
             .stdout(Stdio::null())
             .status()
             .unwrap();
