@@ -218,6 +218,21 @@ synapse:
     }
     assert!(found, "the message never appeared in /sync");
 
+    // Simplified Sliding Sync, as Element X syncs: the same synchrotron as /sync.
+    let mut position: Option<String> = None;
+    for _ in 0..3 {
+        let target = match &position {
+            Some(pos) => format!("/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?pos={pos}&timeout=0"),
+            None => "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?timeout=0".to_string(),
+        };
+        let request = json!({"lists": {"all": {"ranges": [[0, 10]], "timeline_limit": 1, "required_state": []}}});
+        let (status, body) = alice.json(reqwest::Method::POST, &target, Some(request)).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body["pos"].is_string(), "{body}");
+        position = body["pos"].as_str().map(str::to_string);
+        sent("POST", &target, t);
+    }
+
     let messages = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=5", encode(&room_id));
     let (status, _) = alice.json(reqwest::Method::GET, &messages, None).await;
     assert_eq!(status, 200);
@@ -268,8 +283,12 @@ synapse:
         want.sort();
         assert_eq!(deployment.served(worker), want, "requests served by {worker}");
     }
-    // Both synchrotrons exist; the user's syncs all went to one of them.
+    // Both synchrotrons exist; the user's syncs, sliding ones included, all went to one of them.
     assert!(expected.keys().filter(|w| w.starts_with("synchrotron")).count() == 1, "{expected:?}");
+    let synchrotron = expected.keys().find(|w| w.starts_with("synchrotron")).unwrap();
+    let sliding =
+        deployment.served(synchrotron).iter().filter(|(_, path)| path.ends_with("simplified_msc3575/sync")).count();
+    assert_eq!(sliding, 3, "{synchrotron} served {:?}", deployment.served(synchrotron));
 }
 
 fn worker_for_origin(table: &Edge) -> String {
