@@ -75,6 +75,10 @@ pub enum Class {
     Federation,
 }
 
+impl Class {
+    pub const ALL: [Class; 3] = [Class::Login, Class::Client, Class::Federation];
+}
+
 /// The limiters of one configuration; shared with the next configuration
 /// when their settings are unchanged, so a reload does not reset counts.
 #[derive(Default, Clone)]

@@ -71,6 +71,21 @@ pub fn publish(edge: &Edge) {
             METRICS.worker_up.with_label_values(&[pool.label.as_str(), &worker]).set(i64::from(member.is_healthy()));
         }
     }
+    // Counters a dashboard or an alert reads exist from the start, at 0, so
+    // `increase()` sees their first event and panels are not "no data".
+    for result in ["ok", "error"] {
+        METRICS.reloads.with_label_values(&[result]);
+    }
+    for class in crate::request::ratelimit::Class::ALL {
+        METRICS.rate_limited.with_label_values(&[class.name()]);
+    }
+    for site in edge.sites.all() {
+        for route in site.routes.iter().filter(|r| r.websocket_idle.is_some()) {
+            if let crate::sites::Action::Upstream(id) = route.action {
+                METRICS.websocket_upgrades.with_label_values(&[edge.upstreams.get(id).name.as_str()]);
+            }
+        }
+    }
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     METRICS.config_loaded_at.set(now);
 }
