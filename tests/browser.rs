@@ -3,8 +3,9 @@
 //! `/.well-known/matrix/client` from the server name, calls
 //! `/_matrix/client/versions` on the homeserver it names (another host, so
 //! CORS for real, preflights included), and registers a user on the real
-//! Synapse behind the edge. The page writes its outcome into the DOM, which
-//! Chromium prints.
+//! Synapse behind the edge, then reads the edge's JSON refusal of an admin
+//! path (its CORS preflight answered 204, as browsers need). The page writes
+//! its outcome into the DOM, which Chromium prints.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -45,6 +46,11 @@ async function run() {
     const whoami = await json(await fetch(base + "/_matrix/client/v3/account/whoami",
       { headers: { Authorization: "Bearer " + second.body.access_token } }));
     out.whoami = whoami.body.user_id;
+    // A path the edge refuses, called as admin tools do (a preflighted request):
+    // the page must read the edge's JSON refusal, not "Failed to fetch".
+    const admin = await json(await fetch(base + "/_synapse/admin/v1/server_version",
+      { headers: { Authorization: "Bearer " + second.body.access_token } }));
+    out.admin = [admin.status, admin.body.errcode];
   } catch (error) {
     out.error = String(error);
   }
@@ -133,6 +139,7 @@ process: {{ threads: 2 }}
     assert_eq!(result["first_status"], 401);
     assert_eq!(result["user_id"], format!("@browser:{SERVER_NAME}"));
     assert_eq!(result["whoami"], format!("@browser:{SERVER_NAME}"));
+    assert_eq!(result["admin"], serde_json::json!([403, "M_FORBIDDEN"]), "{result}");
     // The page came from the static site; the API calls reached Synapse
     // through the Matrix site, the preflights too.
     let log = edge.log_text();

@@ -65,8 +65,13 @@ fn every_example_config_passes_check() {
 
 /// Applies `edit` to conf/delegation.yaml and returns check's verdict.
 fn check_edited(edit: impl Fn(&str) -> String) -> (i32, String) {
+    check_conf_edited("delegation.yaml", edit)
+}
+
+/// Applies `edit` to one of conf/'s files and returns check's exit code and stderr.
+fn check_conf_edited(name: &str, edit: impl Fn(&str) -> String) -> (i32, String) {
     let (_dir, path) = conf_copy();
-    let original = std::fs::read_to_string(path.join("delegation.yaml")).unwrap();
+    let original = std::fs::read_to_string(path.join(name)).unwrap();
     let edited = edit(&original);
     assert_ne!(edited, original, "the edit changed nothing");
     let file = path.join("edited.yaml");
@@ -243,19 +248,6 @@ fn routes_and_route_explain_the_table() {
     assert!(unclaimed.contains("no rule matches: the main process serves it"), "{unclaimed}");
 }
 
-/// Applies `edit` to conf/full-stack.yaml and returns check's exit code and stderr.
-fn check_full_stack_edited(edit: impl Fn(&str) -> String) -> (i32, String) {
-    let (_dir, path) = conf_copy();
-    let original = std::fs::read_to_string(path.join("full-stack.yaml")).unwrap();
-    let edited = edit(&original);
-    assert_ne!(edited, original, "the edit changed nothing");
-    let file = path.join("edited.yaml");
-    std::fs::write(&file, edited).unwrap();
-    let (code, stdout, stderr) = check(&file);
-    assert!(stdout.is_empty(), "{stdout}");
-    (code, stderr)
-}
-
 #[test]
 fn mistakes_in_sites_and_upstreams_are_located() {
     let text = include_str!("../conf/full-stack.yaml");
@@ -304,7 +296,7 @@ fn mistakes_in_sites_and_upstreams_are_located() {
         ),
     ];
     for (from, to, message, located_at) in cases {
-        let (code, stderr) = check_full_stack_edited(|t| t.replace(from, to));
+        let (code, stderr) = check_conf_edited("full-stack.yaml", |t| t.replace(from, to));
         assert_eq!(code, 1, "{to}: {stderr}");
         assert!(stderr.contains(message), "{to}: {stderr}");
         let line = line_of(text, located_at);

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 use support::certs::TestPki;
-use support::client::{self, read_response};
+use support::client::{self, connect_from, read_response};
 use support::upstream::RecordingUpstream;
 use support::{free_port, EdgeProcess};
 
@@ -116,17 +116,6 @@ fn tls_exchange(s: &Setup, addr: SocketAddr, raw: &[u8]) -> Outcome {
 }
 
 /// A connection from another loopback address (127.0.0.0/8 is all local).
-fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-        let stream = socket.connect(addr).await.unwrap().into_std().unwrap();
-        stream.set_nonblocking(false).unwrap();
-        stream
-    })
-}
-
 /// The request lines that reached the upstream, after letting stragglers arrive.
 fn upstream_lines(upstream: &RecordingUpstream) -> Vec<String> {
     std::thread::sleep(Duration::from_millis(150));
@@ -222,6 +211,14 @@ fn framing_cases() -> Vec<Case> {
         case("te_quoted", post("Transfer-Encoding: \"chunked\"\r\n", "0\r\n\r\n"), &[400], CLOSED),
         // Line endings and bytes that parse differently elsewhere.
         case("bare_lf_everywhere", format!("GET {T} HTTP/1.1\nHost: {HOST}\n\n"), &[400], CLOSED),
+        // Request lines RFC 9112 does not allow: never rewritten and forwarded.
+        case("target_with_space", format!("GET {T} x HTTP/1.1\r\nHost: {HOST}\r\n\r\n"), &[400], CLOSED),
+        case("target_with_tab", format!("GET {T}\tx HTTP/1.1\r\nHost: {HOST}\r\n\r\n"), &[400], CLOSED),
+        case("target_with_control_byte", format!("GET {T}\x01 HTTP/1.1\r\nHost: {HOST}\r\n\r\n"), &[400], CLOSED),
+        case("target_with_del", format!("GET {T}\x7f HTTP/1.1\r\nHost: {HOST}\r\n\r\n"), &[400], CLOSED),
+        case("double_space_separator", format!("GET  {T} HTTP/1.1\r\nHost: {HOST}\r\n\r\n"), &[400], CLOSED),
+        case("tab_separator", format!("GET\t{T} HTTP/1.1\r\nHost: {HOST}\r\n\r\n"), &[400], CLOSED),
+        case("four_part_request_line", format!("GET {T} HTTP/1.1 x\r\nHost: {HOST}\r\n\r\n"), &[400], CLOSED),
         case("bare_lf_in_header", format!("GET {T} HTTP/1.1\r\nHost: {HOST}\nX-A: b\r\n\r\n"), &[400], CLOSED),
         case("bare_cr_in_header", format!("GET {T} HTTP/1.1\r\nX-A: a\rb\r\nHost: {HOST}\r\n\r\n"), &[400], CLOSED),
         case("nul_in_header", format!("GET {T} HTTP/1.1\r\nX-A: a\0b\r\nHost: {HOST}\r\n\r\n"), &[400], CLOSED),

@@ -289,3 +289,56 @@ fn metrics_move_as_requests_are_made() {
     let (public, _) = client::h1_tls(tls, SNI, &pki.root_pem, &client::get("/metrics", SNI));
     assert_eq!(public.status, 404);
 }
+
+/// The login limit's counters outlive a SIGHUP and a certificate renewal
+/// (both rebuild the snapshot); only a change of the limit's own settings
+/// starts them afresh.
+#[test]
+fn rate_limit_counters_survive_reloads_and_renewals() {
+    let pki = TestPki::new(&[&[SNI]]);
+    let upstream = RecordingUpstream::start();
+    let (tls, plain, metrics) = (
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+    );
+    let limited = |requests: u32| {
+        format!(
+            "{}rate_limits: {{ login: {{ requests: {requests}, per: 60s }} }}\n",
+            config(tls, plain, metrics, upstream.addr, "synapse.example.com:443")
+        )
+    };
+    let edge = EdgeProcess::start(&limited(3), Some(&pki), &[tls, plain, metrics]);
+    let login = || {
+        let body = r#"{"type":"m.login.password"}"#;
+        let raw = format!(
+            "POST /_matrix/client/v3/login HTTP/1.1\r\nHost: {SNI}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        client::h1_plain(plain, raw.as_bytes()).0.status
+    };
+    let reloads_seen = |count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while edge.log_text().matches("configuration reloaded").count() < count {
+            assert!(Instant::now() < deadline, "no reload: {}", edge.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!([login(), login(), login()], [200, 200, 200]);
+    assert_eq!(login(), 429);
+    EdgeProcess::signal(edge.pid(), "HUP");
+    reloads_seen(1);
+    assert_eq!(login(), 429, "a SIGHUP gave the client a fresh budget");
+    // A renewal on disk (same certificate rewritten) reloads too.
+    let cert = edge.path().join(format!("certs/{SNI}/fullchain.pem"));
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&cert, std::fs::read(&cert).unwrap()).unwrap();
+    reloads_seen(2);
+    assert_eq!(login(), 429, "a certificate renewal gave the client a fresh budget");
+    // New settings for the limit: new counters.
+    std::fs::write(&edge.config, limited(5)).unwrap();
+    EdgeProcess::signal(edge.pid(), "HUP");
+    reloads_seen(3);
+    assert_eq!(login(), 200);
+    assert_eq!(upstream.records().len(), 4);
+}

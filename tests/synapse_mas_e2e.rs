@@ -145,7 +145,7 @@ process: {{ threads: 2 }}
         .send()
         .await
         .unwrap();
-    assert_eq!(provision.status().as_u16(), 403);
+    assert_eq!(provision.status().as_u16(), 404);
 
     // Logout goes to MAS too; the token is dead for Synapse afterwards.
     let (status, _) = client.json(reqwest::Method::POST, "/_matrix/client/v3/logout", Some(json!({}))).await;

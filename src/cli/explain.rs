@@ -102,8 +102,8 @@ pub fn explain(edge: &Edge, method: &str, target: &str, headers: &[(String, Stri
             let _ = writeln!(out, "  refused by the edge: {error}");
             return out;
         }
-        Admission::RendezvousPreflight => {
-            let _ = writeln!(out, "  answered by the edge: 204, the rendezvous CORS preflight");
+        Admission::Preflight(kind) => {
+            let _ = writeln!(out, "  answered by the edge: 204, a CORS preflight ({kind:?})");
             return out;
         }
         Admission::Forward { body_limit } => {

@@ -15,13 +15,25 @@ use std::borrow::Cow;
 pub enum Admission {
     /// Answer from the edge's own well-known documents.
     WellKnown(Document),
-    /// A CORS preflight for QR-code login's rendezvous, answered by the edge
-    /// with the headers those endpoints need (ETag exposed, If-Match allowed).
-    RendezvousPreflight,
+    /// A CORS preflight on a Matrix path, answered by the edge.
+    Preflight(Preflight),
     /// Forward to Synapse, with the body limit for this path.
     Forward { body_limit: u64 },
     /// Answer with this error.
     Reject(MatrixError),
+}
+
+/// Which CORS preflight answer a Matrix path gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preflight {
+    /// Synapse's own CORS headers. Answered by the edge for every Matrix
+    /// path, refused ones included: a browser that gets a refusal to its
+    /// preflight never sends the request, and reports "Failed to fetch"
+    /// instead of the JSON refusal the request itself gets.
+    Matrix,
+    /// QR-code login's rendezvous: `If-Match`/`If-None-Match` allowed and
+    /// `ETag` exposed, as those endpoints need.
+    Rendezvous,
 }
 
 /// The request facts admission depends on.
@@ -74,6 +86,8 @@ const MAS_API: &str = "/_synapse/mas";
 /// lk-jwt-service checks Element Call users' OpenID tokens there.
 const OPENID_USERINFO: &str = "/_matrix/federation/v1/openid/userinfo";
 const FEDERATION_API: [&str; 2] = ["/_matrix/federation/", "/_matrix/key/"];
+/// Where browsers send CORS preflights the edge answers.
+const MATRIX_PATHS: [&str; 2] = ["/_matrix/", "/_synapse/"];
 /// QR-code login's rendezvous endpoints (MSC4108, MSC4388).
 const RENDEZVOUS: [&str; 3] = [
     "/_matrix/client/unstable/org.matrix.msc4108/rendezvous",
@@ -107,6 +121,10 @@ pub fn admit(roles: &[Role], facts: &RequestFacts<'_>, limits: &Limits) -> Admis
     }
     let views = normalised_views(path);
     let any_view = |test: &dyn Fn(&str) -> bool| views.iter().any(|v| test(v));
+    if facts.is_options && any_view(&|v| MATRIX_PATHS.iter().any(|p| v.starts_with(p))) {
+        let rendezvous = views.iter().all(|v| RENDEZVOUS.iter().any(|p| v.starts_with(p)));
+        return Admission::Preflight(if rendezvous { Preflight::Rendezvous } else { Preflight::Matrix });
+    }
     if any_view(&|v| NEVER_PUBLIC.iter().any(|p| v.starts_with(p))) {
         return Admission::Reject(MatrixError::unrecognized());
     }
@@ -117,7 +135,8 @@ pub fn admit(roles: &[Role], facts: &RequestFacts<'_>, limits: &Limits) -> Admis
     let is_mas_api =
         any_view(&|v| v.starts_with(MAS_API) && matches!(v.as_bytes().get(MAS_API.len()), None | Some(b'/')));
     if is_mas_api && !facts.mas_api_allowed {
-        return Admission::Reject(MatrixError::forbidden("MAS's API into Synapse is not available from this address"));
+        // Not public, like replication: to anyone else the path does not exist.
+        return Admission::Reject(MatrixError::unrecognized());
     }
     if limits.federation == FederationMode::OpenidOnly
         && any_view(&|v| FEDERATION_API.iter().any(|p| v.starts_with(p)))
@@ -141,9 +160,6 @@ pub fn admit(roles: &[Role], facts: &RequestFacts<'_>, limits: &Limits) -> Admis
     }
     if facts.has_upgrade {
         return Admission::Reject(MatrixError::bad_request("Protocol upgrades are not supported on Matrix endpoints"));
-    }
-    if facts.is_options && views.iter().all(|v| RENDEZVOUS.iter().any(|p| v.starts_with(p))) {
-        return Admission::RendezvousPreflight;
     }
     let federation = views.iter().all(|v| v.starts_with(FEDERATION_BODY_PREFIX));
     let body_limit = if federation { limits.federation_max_body } else { limits.max_upload_size };
@@ -416,7 +432,7 @@ mod tests {
             "/_synapse//mas/x",
             "/_SYNAPSE/MAS",
         ] {
-            assert_eq!(status(&admit(CLIENT, &facts(target, false, false), &LIMITS)), 403, "{target}");
+            assert_eq!(status(&admit(CLIENT, &facts(target, false, false), &LIMITS)), 404, "{target}");
         }
         assert_eq!(
             admit(CLIENT, &facts("/_synapse/mas/provision_user", true, false), &LIMITS),
@@ -433,14 +449,30 @@ mod tests {
             "/_matrix/client/unstable/io.element.msc4388/rendezvous/abc",
             "/_synapse/client/rendezvous/01HXYZ",
         ] {
-            assert_eq!(admit(CLIENT, &facts(target, false, true), &LIMITS), Admission::RendezvousPreflight, "{target}");
+            assert_eq!(
+                admit(CLIENT, &facts(target, false, true), &LIMITS),
+                Admission::Preflight(Preflight::Rendezvous),
+                "{target}"
+            );
             assert!(
                 matches!(admit(CLIENT, &facts(target, false, false), &LIMITS), Admission::Forward { .. }),
                 "{target}"
             );
         }
-        let other = admit(CLIENT, &facts("/_matrix/client/v3/sync", false, true), &LIMITS);
-        assert!(matches!(other, Admission::Forward { .. }));
+        // Every other Matrix path, refused or not, gets Synapse's preflight answer.
+        for target in [
+            "/_matrix/client/v3/sync",
+            "/_synapse/admin/v1/server_version",
+            "/_synapse/replication/x",
+            "/_synapse/mas/x",
+        ] {
+            assert_eq!(
+                admit(CLIENT, &facts(target, false, true), &LIMITS),
+                Admission::Preflight(Preflight::Matrix),
+                "{target}"
+            );
+        }
+        assert_eq!(status(&admit(CLIENT, &facts("/other", false, true), &LIMITS)), 404);
     }
 
     #[test]

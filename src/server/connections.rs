@@ -128,6 +128,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> GuardedApp<A> {
     ) -> Option<Stream> {
         let mut carried: Option<HttpPersistentSettings> = None;
         loop {
+            if let Some(guarded) = stream.as_any().downcast_ref::<HeadDeadline>() {
+                guarded.expect_request_line();
+            }
             let mut byte = [0u8; 1];
             let mut watch = shutdown.clone();
             if *watch.borrow() {
@@ -207,18 +210,69 @@ pub struct HeadDeadline {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Pingora's own error answer, rewritten as Matrix JSON, and how much of it is written.
     rewrite: Option<(Vec<u8>, usize)>,
+    /// HTTP/1 only: the request line as received, checked before Pingora's
+    /// parser percent-encodes what it finds illegal in it (a target with a
+    /// space would otherwise reach Synapse rewritten).
+    line: RequestLineWatch,
+}
+
+/// Collects each request's first line from the bytes read, up to its LF.
+#[derive(Default)]
+struct RequestLineWatch {
+    enabled: bool,
+    /// Set between requests: the next bytes read begin a request line.
+    expected: std::sync::atomic::AtomicBool,
+    collecting: Option<Vec<u8>>,
+    refusal: Mutex<Option<&'static str>>,
+}
+
+/// Longer lines are left to the target-length cap (414).
+const REQUEST_LINE_WATCH_LIMIT: usize = 64 << 10;
+
+impl RequestLineWatch {
+    fn observe(&mut self, bytes: &[u8]) {
+        if self.expected.swap(false, Ordering::Relaxed) {
+            self.collecting = Some(Vec::new());
+            *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        let Some(line) = self.collecting.as_mut() else { return };
+        match bytes.iter().position(|&b| b == b'\n') {
+            Some(end) => {
+                line.extend_from_slice(&bytes[..end]);
+                let verdict = crate::server::framing::check_request_line(line).err();
+                *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = verdict;
+                self.collecting = None;
+            }
+            None if line.len() + bytes.len() > REQUEST_LINE_WATCH_LIMIT => self.collecting = None,
+            None => line.extend_from_slice(bytes),
+        }
+    }
 }
 
 const DISARMED: u64 = u64::MAX;
 
 impl HeadDeadline {
+    /// `timeout`: HTTP/1, whose heads (and request lines) this stream watches;
+    /// `None`: HTTP/2, whose frames the h2 library checks.
     pub fn new(inner: Stream, timeout: Option<Duration>) -> HeadDeadline {
         let epoch = Instant::now();
         let deadline = match timeout {
             Some(t) => t.as_millis().min(u128::from(DISARMED - 1)) as u64,
             None => DISARMED,
         };
-        HeadDeadline { inner, timeout, deadline: AtomicU64::new(deadline), epoch, timer: None, rewrite: None }
+        let line = RequestLineWatch {
+            enabled: timeout.is_some(),
+            expected: std::sync::atomic::AtomicBool::new(timeout.is_some()),
+            ..RequestLineWatch::default()
+        };
+        HeadDeadline { inner, timeout, deadline: AtomicU64::new(deadline), epoch, timer: None, rewrite: None, line }
+    }
+
+    /// The next bytes read start a new request (the previous one is done).
+    fn expect_request_line(&self) {
+        if self.line.enabled {
+            self.line.expected.store(true, Ordering::Relaxed);
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -242,6 +296,12 @@ fn timed_out() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, "request head not received in time")
 }
 
+/// Why the request line of the session's current request is refused, if it is.
+pub fn request_line_refusal(session: &pingora::proxy::Session) -> Option<&'static str> {
+    let stream = session.as_downstream().stream()?.as_any().downcast_ref::<HeadDeadline>()?;
+    *stream.line.refusal.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Stops the head clock of the session's connection (the head is parsed).
 pub fn head_complete(session: &pingora::proxy::Session) {
     if let Some(stream) = session.as_downstream().stream().and_then(|s| s.as_any().downcast_ref::<HeadDeadline>()) {
@@ -252,7 +312,11 @@ pub fn head_complete(session: &pingora::proxy::Session) {
 impl AsyncRead for HeadDeadline {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.line.enabled && buf.filled().len() > before {
+            this.line.observe(&buf.filled()[before..]);
+        }
         let deadline = this.deadline.load(Ordering::Relaxed);
         if deadline == DISARMED {
             this.timer = None;

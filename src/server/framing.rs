@@ -2,10 +2,13 @@
 //! (Pingora's included) would accept it, because another parser behind or in
 //! front of it might frame the same bytes differently (request smuggling).
 //!
-//! The rule is RFC 9112's strict reading: one `Content-Length` of plain
-//! digits, or one `Transfer-Encoding: chunked`, never both; `chunked` only
-//! on HTTP/1.1; exactly one `Host` on HTTP/1.1; CRLF line endings only.
-//! Every refusal is a 400 and closes the connection.
+//! The rule is RFC 9112's strict reading: a request line of exactly method,
+//! target and version separated by single spaces, the target visible ASCII
+//! only (a lenient parser would re-encode a space and forward a target the
+//! client never sent); one `Content-Length` of plain digits, or one
+//! `Transfer-Encoding: chunked`, never both; `chunked` only on HTTP/1.1;
+//! exactly one `Host` on HTTP/1.1; CRLF line endings only. Every refusal is
+//! a 400 and closes the connection.
 
 use http::{HeaderMap, Version};
 
@@ -14,6 +17,9 @@ pub fn check(version: Version, headers: &HeaderMap, raw_head: Option<&[u8]>) -> 
     if version == Version::HTTP_2 {
         // The h2 library enforces h2 framing; connection-specific headers are refused there.
         return Ok(());
+    }
+    if let Some(head) = raw_head {
+        check_request_line(head)?;
     }
     let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
     let length = lengths.next();
@@ -49,6 +55,26 @@ pub fn check(version: Version, headers: &HeaderMap, raw_head: Option<&[u8]>) -> 
     Ok(())
 }
 
+/// `method SP request-target SP HTTP-version` and nothing else (RFC 9112 §3).
+pub fn check_request_line(head: &[u8]) -> Result<(), &'static str> {
+    let end = head.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(head.len());
+    let mut parts = head[..end].split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("The request line must be a method, a target and a version, separated by single spaces");
+    };
+    if method.is_empty() || !method.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+        return Err("The request method is not a token");
+    }
+    if target.is_empty() || !target.iter().all(|&b| (0x21..=0x7e).contains(&b)) {
+        return Err("The request target holds spaces or control bytes");
+    }
+    if !matches!(version, b"HTTP/1.1" | b"HTTP/1.0") {
+        return Err("The request line does not end in HTTP/1.1 or HTTP/1.0");
+    }
+    Ok(())
+}
+
 /// Whether a raw head has a header field `name` (lowercase).
 fn has_field(head: &[u8], name: &[u8]) -> bool {
     head.split(|&b| b == b'\n').skip(1).any(|line| {
@@ -74,6 +100,32 @@ mod tests {
             );
         }
         map
+    }
+
+    #[test]
+    fn request_lines_are_three_parts_of_visible_ascii() {
+        let good =
+            ["GET /_matrix/client/versions HTTP/1.1\r\n", "POST /x?a=%20b HTTP/1.0\r\n", "OPTIONS * HTTP/1.1\r\n"];
+        for line in good {
+            assert_eq!(check_request_line(line.as_bytes()), Ok(()), "{line:?}");
+        }
+        let bad = [
+            "GET /a b HTTP/1.1\r\n",
+            "GET  /a HTTP/1.1\r\n",
+            "GET\t/a HTTP/1.1\r\n",
+            "GET /a\tb HTTP/1.1\r\n",
+            "GET /a\x01 HTTP/1.1\r\n",
+            "GET /a\x7f HTTP/1.1\r\n",
+            "GET /aé HTTP/1.1\r\n",
+            "GET /a HTTP/1.1 extra\r\n",
+            "GET /a\r\n",
+            "GET /a HTTP/2.0\r\n",
+            "G(T /a HTTP/1.1\r\n",
+            " GET /a HTTP/1.1\r\n",
+        ];
+        for line in bad {
+            assert!(check_request_line(line.as_bytes()).is_err(), "{line:?}");
+        }
     }
 
     fn check11(lines: &[(&str, &str)]) -> Result<(), &'static str> {

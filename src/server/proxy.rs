@@ -273,8 +273,8 @@ impl EdgeProxy {
                 write_local(session, &response).await?;
                 Ok(true)
             }
-            Admission::RendezvousPreflight => {
-                let mut response = crate::local::preflight::rendezvous();
+            Admission::Preflight(kind) => {
+                let mut response = crate::local::preflight::answer(kind);
                 response.close = has_body(request, content_length);
                 write_local(session, &response).await?;
                 Ok(true)
@@ -328,7 +328,11 @@ impl ProxyHttp for EdgeProxy {
         // Framing first: a request framed two ways is refused whatever its
         // site or path.
         let raw_head = (request.version != http::Version::HTTP_2).then(|| session.as_downstream().to_h1_raw());
-        if let Err(reason) = crate::server::framing::check(request.version, &request.headers, raw_head.as_deref()) {
+        let framing = match crate::server::connections::request_line_refusal(session) {
+            Some(reason) => Err(reason),
+            None => crate::server::framing::check(request.version, &request.headers, raw_head.as_deref()),
+        };
+        if let Err(reason) = framing {
             return refuse(session, ctx, MatrixError::bad_request(reason), facts.content_length).await;
         }
         let (_, target) = edge.sites.target(&self.listener.roles, request_host(request), path_of(facts.target));

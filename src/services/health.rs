@@ -46,7 +46,9 @@ impl BackgroundService for HealthChecker {
                     });
                 }
             }
-            while let Some(Ok((pool_index, member_index, healthy))) = probes.join_next().await {
+            // A probe that failed to run (a panic) costs only its own result.
+            while let Some(joined) = probes.join_next().await {
+                let Ok((pool_index, member_index, healthy)) = joined else { continue };
                 match edge.pools.all().get(pool_index) {
                     Some(pool) => pool.mark(member_index, healthy),
                     None => edge.upstreams.all()[pool_index - named_offset].pool.mark(member_index, healthy),
@@ -60,18 +62,35 @@ impl BackgroundService for HealthChecker {
     }
 }
 
+/// `HTTP/1.1 200`: the bytes that decide.
+const STATUS_LINE_START: usize = 12;
+
+/// Reads until the status code is in, however the peer splits its writes
+/// (a short first read must not mark a healthy worker down).
+async fn read_status<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, head: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < head.len() {
+        let read = stream.read(&mut head[filled..]).await?;
+        if read == 0 {
+            break;
+        }
+        filled += read;
+    }
+    Ok(filled)
+}
+
 /// One `GET <path>`; healthy means a 200 status line within `timeout`.
 pub async fn probe(target: &UpstreamAddr, path: &str, timeout: Duration) -> bool {
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: matrix-edge-health\r\nConnection: close\r\n\r\n"
     );
     let exchange = async {
-        let mut head = [0u8; 16];
+        let mut head = [0u8; STATUS_LINE_START];
         let read = match target {
             UpstreamAddr::Tcp(addr) => {
                 let mut stream = tokio::net::TcpStream::connect(addr).await?;
                 stream.write_all(request.as_bytes()).await?;
-                stream.read(&mut head).await?
+                read_status(&mut stream, &mut head).await?
             }
             // A TLS worker is only checked for a connection.
             UpstreamAddr::Tls(addr, _) => {
@@ -81,10 +100,49 @@ pub async fn probe(target: &UpstreamAddr, path: &str, timeout: Duration) -> bool
             UpstreamAddr::Unix(path) => {
                 let mut stream = tokio::net::UnixStream::connect(path).await?;
                 stream.write_all(request.as_bytes()).await?;
-                stream.read(&mut head).await?
+                read_status(&mut stream, &mut head).await?
             }
         };
         Ok(head[..read].starts_with(b"HTTP/1.1 200") || head[..read].starts_with(b"HTTP/1.0 200"))
     };
     matches!(tokio::time::timeout(timeout, exchange).await, Ok(Ok(true)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A worker that answers `status`, written in two pieces with a pause between.
+    async fn worker(first: &'static [u8], rest: &'static [u8]) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 512];
+            let _ = stream.read(&mut request).await;
+            stream.write_all(first).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = stream.write_all(rest).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_status_line_split_across_writes_still_counts() {
+        let healthy = worker(b"HTTP/1.1 2", b"00 OK\r\nContent-Length: 0\r\n\r\n").await;
+        assert!(probe(&UpstreamAddr::Tcp(healthy), "/health", Duration::from_secs(2)).await);
+        let failing = worker(b"HTTP/1.1 5", b"03 Service Unavailable\r\n\r\n").await;
+        assert!(!probe(&UpstreamAddr::Tcp(failing), "/health", Duration::from_secs(2)).await);
+    }
+
+    #[tokio::test]
+    async fn a_silent_worker_fails_within_the_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let started = std::time::Instant::now();
+        assert!(!probe(&UpstreamAddr::Tcp(addr), "/health", Duration::from_millis(300)).await);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(listener);
+    }
 }

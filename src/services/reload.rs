@@ -30,7 +30,7 @@ impl Reloader {
     /// Loads the config file again; on success the new snapshot serves every
     /// request that starts from now on.
     pub fn reload(&self, why: &str) -> bool {
-        let new = match Edge::load(&self.config_path) {
+        let mut new = match Edge::load(&self.config_path) {
             Ok(new) => new,
             Err(error) => {
                 METRICS.reloads.with_label_values(&["error"]).inc();
@@ -49,6 +49,8 @@ impl Reloader {
         }
         new.pools.inherit_health(&old.pools);
         new.upstreams.inherit_health(&old.upstreams);
+        // A reload or a certificate renewal must not hand every client a fresh budget.
+        new.rate_limits.inherit(&old.rate_limits);
         publish(&new);
         self.edge.store(Arc::new(new));
         METRICS.reloads.with_label_values(&["ok"]).inc();

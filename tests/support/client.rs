@@ -212,3 +212,16 @@ pub fn h2_tls(
             .map_err(|e| e.to_string())?
     })
 }
+
+/// A TCP connection from a chosen loopback source address (127.0.0.2 and
+/// up), for tests where the client's address matters.
+pub fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let stream = socket.connect(addr).await.unwrap().into_std().unwrap();
+        stream.set_nonblocking(false).unwrap();
+        stream
+    })
+}
