@@ -87,6 +87,7 @@ upstreams:
 matrix_site:
   routes:
     - {{ path: /, redirect: {{ to: "https://element.example.com", status: 301 }} }}
+    - {{ prefix: /auth/, upstream: mas }}
 sites:
   - hosts: [element.example.com]
     routes:
@@ -167,6 +168,7 @@ fn three_sites_share_one_listener_by_host_and_sni() {
     let mas = s.get("auth.example.com", "/.well-known/openid-configuration", &[]);
     assert_eq!(mas.status, 200);
     assert_eq!(s.mas.records()[0].target(), "/.well-known/openid-configuration");
+    let mas_requests = s.mas.records().len();
     // Over HTTP/2 the site comes from :authority.
     let h2 = h2_tls(s.public, "element.example.com", &s.pki.root_pem, "GET", "/version", &[], None).unwrap();
     assert_eq!((h2.status, h2.body.as_slice()), (200, &b"1.12.0\n"[..]));
@@ -183,6 +185,11 @@ fn three_sites_share_one_listener_by_host_and_sni() {
     let raw = b"GET /_matrix/key/v2/server HTTP/1.1\r\nHost: example.com:8448\r\n\r\n";
     let (federation, _) = h1_tls(s.federation, "example.com", &s.pki.root_pem, raw);
     assert_eq!(federation.status, 200);
+    // MAS mounted under /auth on the Matrix host: the prefix is kept.
+    let auth = s.get("synapse.example.com", "/auth/login?next=%2Faccount", &[]);
+    assert_eq!(auth.status, 200);
+    assert_eq!(s.mas.records().len(), mas_requests + 1);
+    assert_eq!(s.mas.records().last().unwrap().request_line, "GET /auth/login?next=%2Faccount HTTP/1.1");
     // ... and a landing redirect on its own root.
     let root = s.get("example.com", "/", &[]);
     assert_eq!((root.status, root.header("location")), (301, Some("https://element.example.com/")));
