@@ -115,7 +115,6 @@ fn tls_exchange(s: &Setup, addr: SocketAddr, raw: &[u8]) -> Outcome {
     exchange(Box::new(stream), &|t| handle.set_read_timeout(Some(t)).unwrap(), raw, Duration::from_millis(400))
 }
 
-/// A connection from another loopback address (127.0.0.0/8 is all local).
 /// The request lines that reached the upstream, after letting stragglers arrive.
 fn upstream_lines(upstream: &RecordingUpstream) -> Vec<String> {
     std::thread::sleep(Duration::from_millis(150));
@@ -596,17 +595,25 @@ fn rate_limits_answer_429_with_retry_after() {
     assert_eq!(upstream_lines(&s.upstream).iter().filter(|l| l.starts_with("POST")).count(), 4);
 
     s.upstream.clear();
-    let send = |origin: &str| {
-        let raw = format!(
+    let raw = |origin: &str| {
+        format!(
             "PUT /_matrix/federation/v1/send/{origin}1 HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: X-Matrix origin=\"{origin}\",key=\"ed25519:a\",sig=\"s\"\r\nContent-Length: 2\r\n\r\n{{}}"
-        );
-        tls_exchange(&s, s.federation, raw.as_bytes())
+        )
     };
+    let send = |origin: &str| tls_exchange(&s, s.federation, raw(origin).as_bytes());
     assert_eq!(send("a.example").statuses, [200]);
     assert_eq!(send("a.example").statuses, [200]);
     let limited = send("a.example");
     assert_eq!((limited.statuses, limited.errcodes), (vec![429], vec!["M_LIMIT_EXCEEDED".to_string()]));
-    assert_eq!(send("b.example").statuses, [200], "another origin has its own count");
+    // The origin is not verified here: the same claim from another address
+    // has its own budget, so a forger cannot spend a.example's...
+    let mut forger = connect_from("127.0.0.3", s.plain);
+    forger.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    forger.write_all(raw("a.example").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut BufReader::new(&forger), false).unwrap().status, 200);
+    // ... and inventing origins does not escape an address's budget.
+    let invented = send("b.example");
+    assert_eq!(invented.statuses, [429], "another origin from a spent address");
     assert_eq!(upstream_lines(&s.upstream).len(), 3);
 }
 

@@ -487,8 +487,8 @@ pub struct RateLimitsConfig {
     /// Every client API request, per client address. Off by default.
     #[serde(default)]
     pub client: Option<RateConfig>,
-    /// Federation requests, per origin server (from `X-Matrix`), else per
-    /// address. Off by default.
+    /// Federation requests, per claimed origin server (from `X-Matrix`) and
+    /// address, and per address. Off by default.
     #[serde(default)]
     pub federation: Option<RateConfig>,
 }

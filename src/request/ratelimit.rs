@@ -1,5 +1,5 @@
 //! Request rate limits: per client address for logins and the client API,
-//! per origin server for federation.
+//! per origin server and address (and per address) for federation.
 //!
 //! Counting uses pingora-limits' sliding-window estimator (a count-min sketch
 //! per window): memory stays fixed however many addresses a flood comes
@@ -31,16 +31,29 @@ impl Limiter {
     /// key is over its rate. Refused requests are not counted, so a client
     /// that waits as told gets through.
     pub fn admit(&self, key: &[u8]) -> Result<(), Duration> {
+        self.admit_all(&[key])
+    }
+
+    /// Counts one request against every key, or none of them when any key
+    /// is over its rate (the longest wait is returned).
+    pub fn admit_all(&self, keys: &[&[u8]]) -> Result<(), Duration> {
         let allowed = f64::from(self.config.requests);
-        let wait = self.rate.rate_with(&key, |c: RateComponents| {
-            wait_time(c.prev_samples, c.curr_samples, c.current_interval_fraction, c.interval, allowed)
-        });
-        if wait.is_zero() {
-            self.rate.observe(&key, 1);
-            Ok(())
-        } else {
-            Err(wait)
+        let wait = keys
+            .iter()
+            .map(|key| {
+                self.rate.rate_with(key, |c: RateComponents| {
+                    wait_time(c.prev_samples, c.curr_samples, c.current_interval_fraction, c.interval, allowed)
+                })
+            })
+            .max()
+            .unwrap_or_default();
+        if !wait.is_zero() {
+            return Err(wait);
         }
+        for key in keys {
+            self.rate.observe(key, 1);
+        }
+        Ok(())
     }
 }
 
@@ -138,8 +151,27 @@ impl RateLimits {
         let class = classify(facts.is_post, facts.target);
         match class {
             Class::Federation => {
-                let origin = crate::synapse::sticky::origin(facts.authorization);
-                check(&self.federation, origin.unwrap_or(address));
+                // The origin a request claims is not verified here, so it is
+                // counted together with the address it came from: a forged
+                // origin from elsewhere costs the real server nothing. The
+                // address alone is counted too, so inventing origins does not
+                // multiply one address's budget.
+                if let Some(limiter) = &self.federation {
+                    let origin = crate::synapse::sticky::origin(facts.authorization).unwrap_or_default();
+                    let origin = &origin[..origin.len().min(MAX_ORIGIN)];
+                    let mut pair = [0u8; MAX_ORIGIN + 10];
+                    pair[0] = b'o';
+                    pair[1..=address.len()].copy_from_slice(address);
+                    pair[1 + address.len()] = b'/';
+                    let end = 2 + address.len() + origin.len();
+                    pair[2 + address.len()..end].copy_from_slice(origin);
+                    let mut alone = [0u8; 9];
+                    alone[0] = b'a';
+                    alone[1..=address.len()].copy_from_slice(address);
+                    if let Err(w) = limiter.admit_all(&[&pair[..end], &alone[..=address.len()]]) {
+                        wait = wait.max(w);
+                    }
+                }
             }
             Class::Login => {
                 check(&self.login, address);
@@ -164,6 +196,9 @@ impl Class {
         }
     }
 }
+
+/// Longest origin counted: a server name is at most 255 bytes.
+const MAX_ORIGIN: usize = 255;
 
 pub fn classify(is_post: bool, target: &[u8]) -> Class {
     let path = crate::request::admission::path_of(target);
@@ -256,14 +291,27 @@ mod tests {
     }
 
     #[test]
-    fn federation_limit_is_per_origin() {
+    fn federation_is_counted_per_origin_and_address_and_per_address() {
         let limits = RateLimits { federation: Some(limiter(2, Duration::from_secs(60))), ..Default::default() };
         let send = b"/_matrix/federation/v1/send/1";
-        let (a, b) = (Some(&b"X-Matrix origin=a.example,key=k,sig=s"[..]), Some(&b"X-Matrix origin=b.example"[..]));
-        assert!(limits.admit(&facts(true, send, "192.0.2.1", a)).is_ok());
-        assert!(limits.admit(&facts(true, send, "192.0.2.2", a)).is_ok());
-        assert!(limits.admit(&facts(true, send, "192.0.2.3", a)).is_err());
-        assert!(limits.admit(&facts(true, send, "192.0.2.1", b)).is_ok());
+        let real = Some(&b"X-Matrix origin=a.example,key=k,sig=s"[..]);
+        // Someone claiming a.example from elsewhere spends only their own budget...
+        assert!(limits.admit(&facts(true, send, "203.0.113.9", real)).is_ok());
+        assert!(limits.admit(&facts(true, send, "203.0.113.9", real)).is_ok());
+        assert!(limits.admit(&facts(true, send, "203.0.113.9", real)).is_err());
+        // ... while the real a.example, from its own address, keeps its whole budget.
+        assert!(limits.admit(&facts(true, send, "192.0.2.1", real)).is_ok());
+        assert!(limits.admit(&facts(true, send, "192.0.2.1", real)).is_ok());
+        assert!(limits.admit(&facts(true, send, "192.0.2.1", real)).is_err());
+        // Inventing origins from one address does not escape the address's budget.
+        let invented = |n: u32| format!("X-Matrix origin=fake{n}.example");
+        let (one, two, three) = (invented(1), invented(2), invented(3));
+        assert!(limits.admit(&facts(true, send, "198.51.100.7", Some(one.as_bytes()))).is_ok());
+        assert!(limits.admit(&facts(true, send, "198.51.100.7", Some(two.as_bytes()))).is_ok());
+        assert!(limits.admit(&facts(true, send, "198.51.100.7", Some(three.as_bytes()))).is_err());
+        // A refused request counts nowhere: another origin from the real address is fine.
+        let b = Some(&b"X-Matrix origin=b.example"[..]);
+        assert!(limits.admit(&facts(true, send, "192.0.2.9", b)).is_ok());
     }
 
     #[test]
