@@ -577,3 +577,48 @@ fn access_log_never_shows_access_tokens() {
     assert!(log.contains("access_token=<redacted>"), "{log}");
     assert!(!log.contains("secretsecret"), "{log}");
 }
+
+/// A client that writes its whole body before reading, as browsers and most
+/// HTTP libraries do without `Expect: 100-continue`, still receives the
+/// 413: the edge reads and discards the rest (bounded in time) instead of
+/// closing with unread bytes, which the kernel answers with a reset that
+/// destroys the response before the client reads it (Synapse #20022).
+#[test]
+fn an_oversized_upload_sent_in_full_still_gets_its_413() {
+    let s = setup();
+    let body = vec![b'x'; 4 << 20];
+    let head = format!(
+        "POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: {SNI}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    // Plain HTTP/1.1.
+    let mut plain = TcpStream::connect(s.plain).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    plain.write_all(head.as_bytes()).unwrap();
+    if let Err(e) = plain.write_all(&body) {
+        panic!("the edge stopped reading the body: {e}\n{}", s.edge.log_text());
+    }
+    let response = read_response(&mut BufReader::new(&plain), false).expect("no response after the body");
+    response.assert_matrix_error(413, "M_TOO_LARGE");
+    // HTTP/1.1 over TLS.
+    let mut tls = client::tls_connect(s.public, SNI, &s.pki.root_pem, &["http/1.1"]);
+    tls.write_all(head.as_bytes()).unwrap();
+    if let Err(e) = tls.write_all(&body) {
+        panic!("the edge stopped reading the body over TLS: {e}\n{}", s.edge.log_text());
+    }
+    let response = read_response(&mut BufReader::new(tls), false).expect("no response after the body over TLS");
+    response.assert_matrix_error(413, "M_TOO_LARGE");
+    // HTTP/2: the answer, then the stream reset with NO_ERROR.
+    let length = body.len().to_string();
+    let h2 = h2_tls(
+        s.public,
+        SNI,
+        &s.pki.root_pem,
+        "POST",
+        "/_matrix/media/v3/upload",
+        &[("content-length", &length)],
+        Some(body.clone()),
+    );
+    h2.expect("no HTTP/2 response").assert_matrix_error(413, "M_TOO_LARGE");
+    assert!(s.upstream.heads().is_empty());
+}

@@ -210,6 +210,9 @@ pub struct HeadDeadline {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Pingora's own error answer, rewritten as Matrix JSON, and how much of it is written.
     rewrite: Option<(Vec<u8>, usize)>,
+    /// Close the sending side before the next read: the answer is complete,
+    /// and what is read from now on is only drained (see `half_close`).
+    half_close: std::sync::atomic::AtomicBool,
     /// HTTP/1 only: the request line as received, checked before Pingora's
     /// parser percent-encodes what it finds illegal in it (a target with a
     /// space would otherwise reach Synapse rewritten).
@@ -260,12 +263,22 @@ impl HeadDeadline {
             Some(t) => t.as_millis().min(u128::from(DISARMED - 1)) as u64,
             None => DISARMED,
         };
+        let half_close = std::sync::atomic::AtomicBool::new(false);
         let line = RequestLineWatch {
             enabled: timeout.is_some(),
             expected: std::sync::atomic::AtomicBool::new(timeout.is_some()),
             ..RequestLineWatch::default()
         };
-        HeadDeadline { inner, timeout, deadline: AtomicU64::new(deadline), epoch, timer: None, rewrite: None, line }
+        HeadDeadline {
+            inner,
+            timeout,
+            deadline: AtomicU64::new(deadline),
+            epoch,
+            timer: None,
+            rewrite: None,
+            half_close,
+            line,
+        }
     }
 
     /// The next bytes read start a new request (the previous one is done).
@@ -296,6 +309,16 @@ fn timed_out() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, "request head not received in time")
 }
 
+/// The answer on the session's connection is complete and the connection
+/// will close: signal the end (FIN, or TLS close_notify) before the edge
+/// drains what the client still sends, as nginx's lingering close does, so
+/// the client sees the end of the answer at once.
+pub fn half_close(session: &pingora::proxy::Session) {
+    if let Some(stream) = session.as_downstream().stream().and_then(|s| s.as_any().downcast_ref::<HeadDeadline>()) {
+        stream.half_close.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Why the request line of the session's current request is refused, if it is.
 pub fn request_line_refusal(session: &pingora::proxy::Session) -> Option<&'static str> {
     let stream = session.as_downstream().stream()?.as_any().downcast_ref::<HeadDeadline>()?;
@@ -312,6 +335,13 @@ pub fn head_complete(session: &pingora::proxy::Session) {
 impl AsyncRead for HeadDeadline {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if this.half_close.load(Ordering::Relaxed) {
+            if Pin::new(&mut this.inner).poll_shutdown(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Done or failed, the sending side is finished with.
+            this.half_close.store(false, Ordering::Relaxed);
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if this.line.enabled && buf.filled().len() > before {

@@ -153,10 +153,38 @@ async fn refuse(
     content_length: Option<u64>,
 ) -> Result<bool> {
     let mut response = error.to_response();
-    response.close = error.status == 400 || has_body(session.req_header(), content_length);
+    let unread_body = has_body(session.req_header(), content_length);
+    response.close = error.status == 400 || unread_body;
+    // A malformed request's body is not to be trusted as one: it may hold a
+    // smuggled request. Any other refused body is read and dropped.
+    let discard = unread_body && error.status != 400;
     ctx.local_error = Some(error);
     write_local(session, &response).await?;
+    if discard {
+        discard_request_body(session).await;
+    }
     Ok(true)
+}
+
+/// How long the edge keeps reading (and dropping) a refused request body,
+/// in all and per read (nginx's `lingering_time` and `lingering_timeout`).
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+const DISCARD_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops the rest of a request body after an early answer, so the
+/// connection closes with nothing unread: closing with unread bytes makes
+/// the kernel send a reset, which destroys the answer in the client's
+/// receive buffer before a client that writes its whole body first (most
+/// HTTP libraries, browsers) reads it. HTTP/2 needs none of this: the
+/// stream is reset with NO_ERROR after the answer.
+async fn discard_request_body(session: &mut Session) {
+    if session.req_header().version == http::Version::HTTP_2 {
+        return;
+    }
+    session.set_read_timeout(Some(DISCARD_READ_TIMEOUT));
+    crate::server::connections::half_close(session);
+    let drain = async { while let Ok(Some(_)) = session.read_request_body().await {} };
+    let _ = tokio::time::timeout(DISCARD_TIME, drain).await;
 }
 
 /// The host a request names: `:authority` on HTTP/2, else `Host`.
