@@ -11,6 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 use support::certs::TestPki;
 use support::client::{self, connect_from, read_response};
+use support::h2frames::{frame, literal};
 use support::upstream::RecordingUpstream;
 use support::{free_port, EdgeProcess};
 
@@ -694,27 +695,6 @@ enum H2End {
     Reset(u32),
     GoAway(u32),
     Closed,
-}
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-    out.extend_from_slice(&[kind, flags]);
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// An HPACK literal without indexing: a static-table name index, or a new
-/// name when `name_index` is 0 (short names and values only).
-fn literal(name_index: u8, name: &str, value: &str) -> Vec<u8> {
-    let mut out = vec![name_index];
-    if name_index == 0 {
-        out.push(name.len() as u8);
-        out.extend_from_slice(name.as_bytes());
-    }
-    out.push(value.len() as u8);
-    out.extend_from_slice(value.as_bytes());
-    out
 }
 
 /// A POST head: `:method POST`, `:scheme https`, `:authority`, then `:path`

@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod h2frames;
 pub mod matrix;
 pub mod synapse;
 pub mod upstream;

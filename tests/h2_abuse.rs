@@ -1,0 +1,224 @@
+//! HTTP/2 abuse against the real binary over TLS, one attack connection at
+//! a time, each bounded in size: rapid reset (CVE-2023-44487), CONTINUATION
+//! flood (CVE-2024-27316), an HPACK bomb, SETTINGS and PING floods, a reader
+//! that never opens its window, and more streams than allowed. During each,
+//! an honest HTTP/2 client on another connection must be served promptly;
+//! across all of them the edge's memory must stay bounded, and the attacks
+//! may reach Synapse only as far as the limits allow.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use support::certs::TestPki;
+use support::client::{self, h2_tls};
+use support::h2frames::{frame, literal, preface};
+use support::upstream::RecordingUpstream;
+use support::{free_port, EdgeProcess};
+
+const HOST: &str = "synapse.example.com";
+const PATH: &str = "/_matrix/federation/v1/version";
+
+struct Setup {
+    pki: TestPki,
+    upstream: RecordingUpstream,
+    edge: EdgeProcess,
+    public: SocketAddr,
+}
+
+fn setup() -> Setup {
+    let pki = TestPki::new(&[&[HOST]]);
+    let upstream = RecordingUpstream::start();
+    let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = format!(
+        r#"server_name: example.com
+listeners:
+  - {{ address: "{public}", tls: true, serves: [client, federation] }}
+tls:
+  certificates: [{{ cert: certs/{HOST}/fullchain.pem, key: certs/{HOST}/privkey.pem }}]
+synapse:
+  main: "{}"
+process: {{ threads: 2, access_log: off }}
+"#,
+        upstream.addr
+    );
+    let edge = EdgeProcess::start(&config, Some(&pki), &[public]);
+    Setup { pki, upstream, edge, public }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A GET head for `PATH`: `:method GET`, `:scheme https`, `:authority`, `:path`.
+fn get_head() -> Vec<u8> {
+    let mut block = vec![0x82, 0x87];
+    block.extend(literal(1, "", HOST));
+    block.extend(literal(4, "", PATH));
+    block
+}
+
+/// An attack connection: the bytes go out from one thread while another
+/// reads and drops whatever the edge answers, and reports how it ended.
+fn attack(s: &Setup, bytes: Vec<u8>, hold: Duration, read_back: bool) -> &'static str {
+    let stream = client::tls_connect(s.public, HOST, &s.pki.root_pem, &["h2"]);
+    stream.get_ref().set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let stream = std::sync::Arc::new(std::sync::Mutex::new(stream));
+    let writer = std::sync::Arc::clone(&stream);
+    let sent = std::thread::spawn(move || {
+        for chunk in bytes.chunks(16 << 10) {
+            if writer.lock().unwrap().write_all(chunk).is_err() {
+                return false;
+            }
+        }
+        true
+    });
+    let deadline = Instant::now() + hold;
+    let mut ended = "held open";
+    let mut buffer = [0u8; 16 << 10];
+    while Instant::now() < deadline {
+        if !read_back {
+            // This attacker never reads: what the edge sends piles up on its side.
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        match stream.lock().unwrap().read(&mut buffer) {
+            Ok(0) => {
+                ended = "closed by the edge";
+                break;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => {
+                ended = "reset by the edge";
+                break;
+            }
+        }
+    }
+    let _ = sent.join();
+    ended
+}
+
+/// Five honest requests on fresh HTTP/2 connections: all answered, each promptly.
+fn honest_requests_served(s: &Setup, during: &str) {
+    for _ in 0..5 {
+        let started = Instant::now();
+        let response = h2_tls(s.public, HOST, &s.pki.root_pem, "GET", PATH, &[], None)
+            .unwrap_or_else(|e| panic!("an honest request failed during {during}: {e}"));
+        assert_eq!(response.status, 200, "during {during}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "an honest request took {:?} during {during}",
+            started.elapsed()
+        );
+    }
+}
+
+/// Runs an attack in the background while honest requests go on.
+fn under_attack(s: &Setup, name: &str, bytes: Vec<u8>, hold: Duration, read_back: bool) -> &'static str {
+    std::thread::scope(|scope| {
+        let attacker = scope.spawn(|| attack(s, bytes, hold, read_back));
+        std::thread::sleep(Duration::from_millis(200));
+        honest_requests_served(s, name);
+        attacker.join().unwrap()
+    })
+}
+
+#[test]
+fn h2_abuse_costs_bounded_memory_and_leaves_honest_clients_served() {
+    let s = setup();
+    honest_requests_served(&s, "warm-up");
+    let before = rss_kib(s.edge.pid());
+    let mut report = Vec::new();
+
+    // Rapid reset: streams opened and cancelled at once, 5,000 of them.
+    let mut bytes = preface();
+    for n in 0..5000u32 {
+        let id = 2 * n + 1;
+        bytes.extend(frame(1, 0x5, id, &get_head()));
+        bytes.extend(frame(3, 0, id, &8u32.to_be_bytes()));
+    }
+    s.upstream.clear();
+    let ended = under_attack(&s, "rapid reset", bytes, Duration::from_secs(3), true);
+    let reached = s.upstream.records().len();
+    report.push(format!("rapid reset: {ended}, {reached} of 5000 requests reached the upstream"));
+    assert!(reached < 5000, "every cancelled request still reached Synapse");
+
+    // CONTINUATION flood: a header block that never ends, 100,000 frames.
+    let mut bytes = preface();
+    bytes.extend(frame(1, 0x1, 1, &get_head()));
+    let piece = literal(0, "x-flood", "aaaaaaaaaaaaaaaa");
+    for _ in 0..100_000 {
+        bytes.extend(frame(9, 0, 1, &piece));
+    }
+    let ended = under_attack(&s, "CONTINUATION flood", bytes, Duration::from_secs(3), true);
+    report.push(format!("CONTINUATION flood: {ended}"));
+    assert_ne!(ended, "held open", "a header block that never ends was kept");
+
+    // HPACK bomb: one 4,000-byte field into the dynamic table, then 20,000 references to it.
+    let mut block = get_head();
+    block.push(0x40);
+    block.push(6);
+    block.extend_from_slice(b"x-bomb");
+    block.extend_from_slice(&[0x7f, 0x81, 0x1e]); // length 127 + 0x1e + 0x80 = 4000: HPACK integer
+    block.extend(std::iter::repeat_n(b'b', 4000));
+    block.extend(std::iter::repeat_n(0xbe, 20_000)); // index 62, the newest dynamic entry
+    let mut bytes = preface();
+    let mut chunks = block.chunks(16 << 10).peekable();
+    let mut first = true;
+    while let Some(chunk) = chunks.next() {
+        let last = chunks.peek().is_none();
+        let flags = if last { 0x4 | 0x1 } else { 0x1 };
+        bytes.extend(frame(if first { 1 } else { 9 }, if first { flags } else { flags & 0x4 }, 1, chunk));
+        first = false;
+    }
+    s.upstream.clear();
+    let ended = under_attack(&s, "HPACK bomb", bytes, Duration::from_secs(3), true);
+    report.push(format!("HPACK bomb (80 MB decoded): {ended}"));
+    let bombs = s.upstream.records().iter().filter(|r| !r.header_values("x-bomb").is_empty()).count();
+    assert_eq!(bombs, 0, "the bomb's request reached Synapse");
+
+    // SETTINGS and PING floods, 100,000 each.
+    let mut bytes = preface();
+    for _ in 0..100_000 {
+        bytes.extend(frame(4, 0, 0, &[]));
+    }
+    let ended = under_attack(&s, "SETTINGS flood", bytes, Duration::from_secs(3), true);
+    report.push(format!("SETTINGS flood: {ended}"));
+    let mut bytes = preface();
+    for n in 0..100_000u64 {
+        bytes.extend(frame(6, 0, 0, &n.to_be_bytes()));
+    }
+    let ended = under_attack(&s, "PING flood", bytes, Duration::from_secs(3), true);
+    report.push(format!("PING flood: {ended}"));
+
+    // A reader with a zero window that never reads: 100 requests whose answers cannot be sent.
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(frame(4, 0, 0, &[0, 4, 0, 0, 0, 0])); // SETTINGS_INITIAL_WINDOW_SIZE = 0
+    for n in 0..100u32 {
+        bytes.extend(frame(1, 0x5, 2 * n + 1, &get_head()));
+    }
+    let ended = under_attack(&s, "zero-window reader", bytes, Duration::from_secs(3), false);
+    report.push(format!("zero-window reader: {ended}"));
+
+    // More streams than allowed, all left open (no END_STREAM).
+    let mut bytes = preface();
+    for n in 0..2000u32 {
+        bytes.extend(frame(1, 0x4, 2 * n + 1, &get_head()));
+    }
+    s.upstream.clear();
+    let ended = under_attack(&s, "stream-count abuse", bytes, Duration::from_secs(3), true);
+    let reached = s.upstream.heads().len();
+    report.push(format!("2,000 open streams: {ended}, {reached} reached the upstream"));
+    assert!(reached < 2000, "every stream of one connection reached Synapse");
+
+    let after = rss_kib(s.edge.pid());
+    report.push(format!("edge RSS {before} KiB before the attacks, {after} KiB after"));
+    eprintln!("{}", report.join("\n"));
+    assert!(after.saturating_sub(before) < 64 << 10, "RSS grew {} KiB: {}", after - before, report.join("; "));
+    honest_requests_served(&s, "the aftermath");
+}
