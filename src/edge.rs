@@ -3,7 +3,7 @@
 //! in whole, so a request sees one consistent snapshot.
 
 use crate::config::values::ListenAddr;
-use crate::config::values::UpstreamAddr;
+use crate::config::values::{UpstreamAddr, RESOLVE_TIMEOUT};
 use crate::config::{ConfigError, EdgeConfig, Role, Seg, Source};
 use crate::config::{SynapseConfig, WorkerList};
 use crate::local::well_known::WellKnown;
@@ -232,7 +232,10 @@ impl Edge {
                 "must stay below 60s: Synapse closes idle connections after about 60s, and reusing one it just closed fails the request",
             ));
         }
-        let main = Upstream::new(&synapse.main, timeouts)
+        let main = synapse
+            .main
+            .resolve(RESOLVE_TIMEOUT)
+            .and_then(|address| Upstream::new(&address, timeouts))
             .map_err(|e| source.error_at(&[Seg::Key("synapse"), Seg::Key("main")], e))?;
         let metrics_address = metrics.as_ref().map(|m| m.address.0);
         if let Some(address) = metrics_address {
@@ -410,7 +413,8 @@ fn build_pools(synapse: &SynapseConfig, source: &Source) -> Result<Pools, Config
         }
         let mut members = Vec::with_capacity(entries.len());
         for entry in entries {
-            let address = entry.address();
+            let address = entry.address().resolve(RESOLVE_TIMEOUT).map_err(|e| source.error_at(&at, e))?;
+            let address = &address;
             let (health_port, weight) = match entry {
                 crate::config::WorkerConfig::Address(_) => (synapse.health_check.port, 1),
                 crate::config::WorkerConfig::Detailed(d) => (d.health_port.or(synapse.health_check.port), d.weight),

@@ -196,7 +196,7 @@ pub struct SupportContactConfig {
 #[serde(deny_unknown_fields)]
 pub struct SynapseConfig {
     /// The main process: `host:port`, `https://host:port` or `unix:/path`.
-    pub main: UpstreamAddr,
+    pub main: UpstreamTarget,
     #[serde(default)]
     pub timeouts: UpstreamTimeoutsConfig,
     /// Worker processes by type (Synapse's `docs/workers.md`).
@@ -228,6 +228,39 @@ pub enum FederationMode {
     OpenidOnly,
 }
 
+impl SynapseConfig {
+    /// Every upstream the section names: main, workers, stream writers, MAS.
+    pub fn targets(&self) -> Vec<&UpstreamTarget> {
+        let (w, s) = (&self.workers, &self.stream_writers);
+        let lists = [
+            &w.synchrotron,
+            &w.initial_sync,
+            &w.client_reader,
+            &w.event_creator,
+            &w.federation_reader,
+            &w.federation_inbound,
+            &w.media_repository,
+            &w.sso,
+            &w.user_directory,
+            &s.typing,
+            &s.to_device,
+            &s.account_data,
+            &s.presence,
+            &s.push_rules,
+            &s.receipts,
+            &s.device_lists,
+            &s.quarantined_media_changes,
+            &s.thread_subscriptions,
+            &self.mas,
+        ];
+        let mut targets = vec![&self.main];
+        for list in lists.into_iter().flatten() {
+            targets.extend(list.entries().iter().map(WorkerConfig::address));
+        }
+        targets
+    }
+}
+
 /// One worker address, or several.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -249,14 +282,14 @@ impl WorkerList {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum WorkerConfig {
-    Address(UpstreamAddr),
+    Address(UpstreamTarget),
     Detailed(DetailedWorkerConfig),
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DetailedWorkerConfig {
-    pub address: UpstreamAddr,
+    pub address: UpstreamTarget,
     /// Where `GET /health` goes, when a separate listener answers it.
     #[serde(default)]
     pub health_port: Option<u16>,
@@ -269,7 +302,7 @@ fn default_weight() -> u32 {
 }
 
 impl WorkerConfig {
-    pub fn address(&self) -> &UpstreamAddr {
+    pub fn address(&self) -> &UpstreamTarget {
         match self {
             WorkerConfig::Address(address) => address,
             WorkerConfig::Detailed(detailed) => &detailed.address,
@@ -714,6 +747,13 @@ mod tests {
         assert!(err.message.contains("invalid listen address"), "{err}");
         assert_eq!(err.line, Some(3));
         assert!(err.to_string().starts_with("test.yaml:3:"), "{err}");
+    }
+
+    #[test]
+    fn upstream_names_are_not_looked_up_while_parsing() {
+        let config = parse(&MINIMAL.replace("main: 127.0.0.1:8009", "main: synapse.invalid:8009")).unwrap();
+        assert!(!config.synapse.main.is_literal());
+        assert_eq!(config.synapse.targets().len(), 1);
     }
 
     #[test]

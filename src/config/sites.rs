@@ -1,7 +1,7 @@
 //! The schema of virtual hosts (`sites`), their routes, and the named
 //! upstreams (`upstreams`) those routes send to.
 
-use super::values::{Cidr, HttpUrl, Span, UpstreamAddr};
+use super::values::{Cidr, HttpUrl, Span, UpstreamTarget};
 use super::UpstreamTimeoutsConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -163,9 +163,9 @@ pub struct CacheRuleConfig {
 #[serde(deny_unknown_fields)]
 pub struct NamedUpstreamConfig {
     #[serde(default)]
-    pub address: Option<UpstreamAddr>,
+    pub address: Option<UpstreamTarget>,
     #[serde(default)]
-    pub members: Vec<UpstreamAddr>,
+    pub members: Vec<UpstreamTarget>,
     #[serde(default)]
     pub balance: Balance,
     /// Active checks; absent: members are only marked down by failed

@@ -89,7 +89,7 @@ impl TryFrom<String> for Cidr {
     }
 }
 
-/// Where Synapse (or one of its workers) listens.
+/// Where Synapse (or one of its workers, or a named upstream) listens, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamAddr {
     /// Plain HTTP over TCP.
@@ -100,7 +100,21 @@ pub enum UpstreamAddr {
     Unix(PathBuf),
 }
 
-impl TryFrom<String> for UpstreamAddr {
+/// An upstream as written in the config: `host:port`, `https://host:port`
+/// or `unix:/path`. Only its form is checked while parsing; a name is
+/// looked up when the running snapshot is built ([`UpstreamTarget::resolve`]),
+/// so parsing (`check`'s first step, a reload, the fuzz target) never waits
+/// on DNS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTarget {
+    Tcp { host: String, port: u16, tls: bool },
+    Unix(PathBuf),
+}
+
+/// How long one upstream name may take to resolve while a snapshot is built.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl TryFrom<String> for UpstreamTarget {
     type Error = String;
     fn try_from(text: String) -> Result<Self, String> {
         let expected = "expected host:port, https://host:port or unix:/path";
@@ -108,7 +122,7 @@ impl TryFrom<String> for UpstreamAddr {
             if !path.starts_with('/') {
                 return Err(format!("invalid upstream {text:?}: a unix socket path must be absolute ({expected})"));
             }
-            return Ok(UpstreamAddr::Unix(PathBuf::from(path)));
+            return Ok(UpstreamTarget::Unix(PathBuf::from(path)));
         }
         let (authority, tls) = match text.strip_prefix("https://") {
             Some(rest) => (rest.trim_end_matches('/'), true),
@@ -117,31 +131,77 @@ impl TryFrom<String> for UpstreamAddr {
         if authority.contains('/') {
             return Err(format!("invalid upstream {text:?}: no path is allowed ({expected})"));
         }
-        // Resolve once, here: a hostname resolved per request would block.
-        let addr = resolve(authority)
-            .ok_or_else(|| format!("invalid upstream {text:?}: cannot resolve it to an address ({expected})"))?;
-        if tls {
-            let host = authority
-                .rsplit_once(':')
-                .map_or(authority, |(host, _)| host)
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
-            Ok(UpstreamAddr::Tls(addr, host))
-        } else {
-            Ok(UpstreamAddr::Tcp(addr))
+        // Require an explicit port: guessing 8008 would hide mistakes.
+        let parsed = authority.rsplit_once(':').and_then(|(host, port)| {
+            let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+            let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+            let valid = match bare {
+                Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+                None => host.parse::<std::net::Ipv4Addr>().is_ok() || is_dns_name(host),
+            };
+            valid.then(|| (bare.unwrap_or(host).to_string(), port))
+        });
+        match parsed {
+            Some((host, port)) => Ok(UpstreamTarget::Tcp { host, port, tls }),
+            None => Err(format!("invalid upstream {text:?}: {expected}")),
         }
     }
 }
 
-fn resolve(authority: &str) -> Option<SocketAddr> {
-    if let Ok(addr) = authority.parse::<SocketAddr>() {
-        return Some(addr);
+impl UpstreamTarget {
+    /// Whether it names an address outright (an IP literal or a socket path).
+    pub fn is_literal(&self) -> bool {
+        match self {
+            UpstreamTarget::Tcp { host, .. } => host.parse::<IpAddr>().is_ok(),
+            UpstreamTarget::Unix(_) => true,
+        }
     }
-    // Require an explicit port: guessing 8008 would hide mistakes.
-    let (_, port) = authority.rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
-    authority.to_socket_addrs().ok()?.next()
+
+    /// The address to connect to; a name is looked up (first answer), and
+    /// a lookup that takes longer than `timeout` is an error.
+    pub fn resolve(&self, timeout: Duration) -> Result<UpstreamAddr, String> {
+        let (host, port, tls) = match self {
+            UpstreamTarget::Unix(path) => return Ok(UpstreamAddr::Unix(path.clone())),
+            UpstreamTarget::Tcp { host, port, tls } => (host, *port, *tls),
+        };
+        let addr = match host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port),
+            Err(_) => lookup(host, port, timeout)?,
+        };
+        Ok(if tls { UpstreamAddr::Tls(addr, host.clone()) } else { UpstreamAddr::Tcp(addr) })
+    }
+}
+
+/// The system resolver has no timeout of its own: it runs on a thread of
+/// its own, and a late answer is dropped with it.
+fn lookup(host: &str, port: u16, timeout: Duration) -> Result<SocketAddr, String> {
+    let (answer, wait) = std::sync::mpsc::channel();
+    let name = host.to_string();
+    std::thread::spawn(move || {
+        let _ = answer.send((name.as_str(), port).to_socket_addrs().map(|mut addrs| addrs.next()));
+    });
+    match wait.recv_timeout(timeout) {
+        Ok(Ok(Some(addr))) => Ok(addr),
+        Ok(Ok(None)) => Err(format!("{host} has no address")),
+        Ok(Err(e)) => Err(format!("cannot resolve {host}: {e}")),
+        Err(_) => Err(format!("resolving {host} took longer than {}s", timeout.as_secs())),
+    }
+}
+
+impl fmt::Display for UpstreamTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamTarget::Tcp { host, port, tls } => {
+                let scheme = if *tls { "https://" } else { "" };
+                if host.contains(':') {
+                    write!(f, "{scheme}[{host}]:{port}")
+                } else {
+                    write!(f, "{scheme}{host}:{port}")
+                }
+            }
+            UpstreamTarget::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
 }
 
 impl fmt::Display for UpstreamAddr {
@@ -290,7 +350,7 @@ deserialize_from_str! {
     ByteSize => "a size such as 50M",
     Span => "a duration such as 5s",
     Cidr => "a network such as 10.0.0.0/8",
-    UpstreamAddr => "host:port, https://host:port or unix:/path",
+    UpstreamTarget => "host:port, https://host:port or unix:/path",
     ServerAddress => "a hostname with an optional port",
     ServerName => "a server name such as example.com",
     HttpUrl => "an https:// URL",
@@ -330,19 +390,32 @@ mod tests {
         }
     }
 
+    fn target(text: &str) -> Result<UpstreamTarget, String> {
+        UpstreamTarget::try_from(text.to_string())
+    }
+
     #[test]
     fn upstream_forms() {
-        assert_eq!(
-            UpstreamAddr::try_from("127.0.0.1:8008".to_string()),
-            Ok(UpstreamAddr::Tcp("127.0.0.1:8008".parse().unwrap()))
-        );
-        assert!(matches!(UpstreamAddr::try_from("unix:/run/synapse.sock".to_string()), Ok(UpstreamAddr::Unix(_))));
-        assert!(
-            matches!(UpstreamAddr::try_from("https://127.0.0.1:8448".to_string()), Ok(UpstreamAddr::Tls(_, h)) if h == "127.0.0.1")
-        );
-        assert!(UpstreamAddr::try_from("127.0.0.1".to_string()).is_err());
-        assert!(UpstreamAddr::try_from("unix:relative.sock".to_string()).is_err());
-        assert!(UpstreamAddr::try_from("http://127.0.0.1:8008/path".to_string()).is_err());
+        let resolve = |text: &str| target(text).unwrap().resolve(RESOLVE_TIMEOUT);
+        assert_eq!(resolve("127.0.0.1:8008"), Ok(UpstreamAddr::Tcp("127.0.0.1:8008".parse().unwrap())));
+        assert_eq!(resolve("[::1]:8008"), Ok(UpstreamAddr::Tcp("[::1]:8008".parse().unwrap())));
+        assert!(matches!(resolve("unix:/run/synapse.sock"), Ok(UpstreamAddr::Unix(_))));
+        assert!(matches!(resolve("https://127.0.0.1:8448"), Ok(UpstreamAddr::Tls(_, h)) if h == "127.0.0.1"));
+        for bad in ["127.0.0.1", "unix:relative.sock", "http://127.0.0.1:8008/path", "host:0", "ho st:80", "[::1:80"] {
+            assert!(target(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_are_only_checked_when_parsed_and_looked_up_when_resolved() {
+        // Parsing accepts the form without a lookup (`.invalid` never
+        // resolves, RFC 6761); tests stay off the network, so the only name
+        // looked up here is localhost, which /etc/hosts answers.
+        let named = target("synapse.invalid:8008").unwrap();
+        assert!(!named.is_literal());
+        assert_eq!(named.to_string(), "synapse.invalid:8008");
+        let local = target("localhost:8008").unwrap().resolve(RESOLVE_TIMEOUT).unwrap();
+        assert!(matches!(local, UpstreamAddr::Tcp(addr) if addr.ip().is_loopback() && addr.port() == 8008));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! anything HTTP, each a pool with the same machinery as Synapse's workers.
 
 use crate::config::sites::{Balance, NamedUpstreamConfig};
-use crate::config::values::UpstreamAddr;
+use crate::config::values::{UpstreamTarget, RESOLVE_TIMEOUT};
 use crate::upstream::peer::Upstream;
 use crate::upstream::pool::{Member, Pool};
 use std::time::Duration;
@@ -25,16 +25,17 @@ pub struct NamedUpstream {
 
 impl NamedUpstream {
     pub fn from_config(name: &str, config: &NamedUpstreamConfig) -> Result<NamedUpstream, String> {
-        let addresses: Vec<&UpstreamAddr> = match (&config.address, config.members.as_slice()) {
+        let addresses: Vec<&UpstreamTarget> = match (&config.address, config.members.as_slice()) {
             (Some(address), []) => vec![address],
             (None, members) if !members.is_empty() => members.iter().collect(),
             (Some(_), _) => return Err("give either `address` or `members`, not both".into()),
             (None, _) => return Err("give the upstream's `address` (or a list of `members`)".into()),
         };
         let mut members = Vec::with_capacity(addresses.len());
-        for address in addresses {
-            let upstream = Upstream::new(address, &config.timeouts)?;
-            members.push(Member::new(upstream, address.clone(), 1));
+        for target in addresses {
+            let address = target.resolve(RESOLVE_TIMEOUT)?;
+            let upstream = Upstream::new(&address, &config.timeouts)?;
+            members.push(Member::new(upstream, address, 1));
         }
         let health = config
             .health_check
