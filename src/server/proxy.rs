@@ -40,8 +40,11 @@ pub struct RequestCtx {
     decision: Option<Decision>,
     /// The site route forwarding this request to a named upstream.
     route: Option<RouteRef>,
-    /// A WebSocket is open through this request (counted in the gauge).
-    websocket_open: bool,
+    /// A WebSocket is open through this request (counted in the gauge while it lives).
+    websocket_open: Option<GaugeGuard>,
+    /// Counts this request in `requests_in_flight` until the context is
+    /// dropped, whichever way the request ends (logging may never run).
+    _in_flight: GaugeGuard,
     /// The pool member serving the current attempt, if a worker does.
     member: Option<usize>,
     /// Members already tried, so a retry goes elsewhere.
@@ -53,6 +56,22 @@ pub struct RequestCtx {
     /// When Synapse's response header arrived, from `started`.
     upstream_time: Option<std::time::Duration>,
     request_id: RequestId,
+}
+
+/// One unit of a gauge, given back when dropped.
+struct GaugeGuard(&'static prometheus::IntGauge);
+
+impl GaugeGuard {
+    fn new(gauge: &'static prometheus::IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Pool members tried by one request, kept inline: the request path
@@ -322,13 +341,13 @@ impl ProxyHttp for EdgeProxy {
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
-        METRICS.in_flight.inc();
         RequestCtx {
+            _in_flight: GaugeGuard::new(&METRICS.in_flight),
             edge: self.edge.load_full(),
             started: Instant::now(),
             decision: None,
             route: None,
-            websocket_open: false,
+            websocket_open: None,
             member: None,
             tried: Tried::default(),
             body_limit: 0,
@@ -552,19 +571,14 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_time = Some(ctx.started.elapsed());
-        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.websocket_open {
-            ctx.websocket_open = true;
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS && ctx.websocket_open.is_none() {
+            ctx.websocket_open = Some(GaugeGuard::new(&METRICS.websockets_open));
             METRICS.websocket_upgrades.with_label_values(&[group_name(ctx)]).inc();
-            METRICS.websockets_open.inc();
         }
         Ok(())
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
-        METRICS.in_flight.dec();
-        if ctx.websocket_open {
-            METRICS.websockets_open.dec();
-        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         let group = group_name(ctx);
