@@ -12,6 +12,14 @@ use std::net::IpAddr;
 static ROUTER: Lazy<Option<Router>> = Lazy::new(|| Router::new(Vec::new(), &Group::ALL).ok());
 static LIMITS: Lazy<Limits> = Lazy::new(|| Limits::from_config(&crate::config::LimitsConfig::default()));
 
+/// Sites for the router target: the Matrix site, an exact host, a wildcard,
+/// and an allow-listed prefix (no files, no names to look up).
+static SITES: Lazy<Option<crate::edge::Edge>> = Lazy::new(|| {
+    let text = "server_name: example.com\nlisteners: [{ address: \"127.0.0.1:1\", serves: [client, sites] }]\nsynapse: { main: \"127.0.0.1:2\" }\nupstreams: { app: { address: \"127.0.0.1:3\" } }\nsites:\n  - hosts: [a.example.org, \"*.b.example.org\"]\n    routes:\n      - { prefix: /, upstream: app }\n      - { prefix: /admin/, upstream: app, allow: [10.0.0.0/8] }\n";
+    let source = Source { file: "fuzz-sites.yaml".into(), text: text.into() };
+    crate::edge::Edge::from_config(source.parse().ok()?, &source).ok()
+});
+
 /// A request from fuzz bytes: the first line is the method, the second the
 /// target, the rest `Name: value` header lines. The first byte picks roles.
 struct FuzzRequest<'a> {
@@ -66,11 +74,20 @@ pub fn router(data: &[u8]) {
         assert!(body_limit >= LIMITS.max_upload_size);
         for view in normalised_views(path_of(request.target)) {
             let lower = view.to_ascii_lowercase();
-            for private in ["/_synapse/replication", "/_synapse/metrics", "/_synapse/admin"] {
+            for private in ["/_synapse/replication", "/_synapse/metrics", "/_synapse/admin", "/_synapse/mas/"] {
                 assert!(!lower.starts_with(private), "forwarded {:?} as {view:?}", request.target);
             }
         }
     }
+    // A request line the edge accepts has a token method and a target of visible ASCII only.
+    let mut line = request.method.as_bytes().to_vec();
+    line.push(b' ');
+    line.extend_from_slice(request.target);
+    line.extend_from_slice(b" HTTP/1.1");
+    if crate::server::framing::check_request_line(&line).is_ok() {
+        assert!(request.target.iter().all(|b| (0x21..=0x7e).contains(b)), "accepted {line:?}");
+    }
+    site_choice(&request);
     let Some(router) = ROUTER.as_ref() else { return };
     let compiled = router.route(request.method, request.target);
     assert_eq!(compiled, router.route_naive(request.method, request.target));
@@ -80,6 +97,31 @@ pub fn router(data: &[u8]) {
         client_ip: Some(IpAddr::from([127, 0, 0, 1])),
     };
     let _ = sticky::key(compiled.sticky, &source);
+}
+
+/// The site and route a Host picks do not depend on its case or port, and
+/// an allow-listed route refuses an outside client under every spelling.
+fn site_choice(request: &FuzzRequest<'_>) {
+    let Some(edge) = SITES.as_ref() else { return };
+    let roles = [Role::Client, Role::Sites];
+    let host = header(request, "host");
+    let path = path_of(request.target);
+    let (site, target) = edge.sites.target(&roles, host, path);
+    if let Some(host) = host {
+        let upper = host.to_ascii_uppercase();
+        assert_eq!(edge.sites.pick(Some(&upper)), site, "case changed the site of {host:?}");
+    }
+    if let crate::sites::Target::Route(at, _) = target {
+        let facts = crate::sites::RouteFacts {
+            target: request.target,
+            upgrade: None,
+            client: Some(IpAddr::from([192, 0, 2, 1])),
+            content_length: None,
+        };
+        let admitted = edge.sites.admit_route(at, &facts, &edge.limits).is_ok();
+        let admin = normalised_views(path).iter().any(|v| v.starts_with("/admin/"));
+        assert!(!(admitted && admin), "{:?} reached the allow-listed route from outside", request.target);
+    }
 }
 
 /// Sticky keys: any key is borrowed from the request bytes (never a rewritten
@@ -136,5 +178,23 @@ pub fn config(data: &[u8]) {
     }
     if let Err(error) = crate::edge::Edge::from_config(config, &source) {
         assert!(error.to_string().starts_with("fuzz.yaml"), "unlocated error: {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_site_fixture_builds_and_known_inputs_hold() {
+        assert!(SITES.is_some(), "the fuzz site fixture does not build");
+        for input in [
+            &b"\x03GET\n/admin/users\nhost: A.Example.org:443\n"[..],
+            b"\x03GET\n/%61dmin/users\nhost: x.b.example.org\n",
+            b"\x03POST\n//admin/x\nhost: a.example.org.\n",
+            b"\x03GET\n/_synapse/mas/provision_user\nhost: example.com\n",
+        ] {
+            router(input);
+        }
     }
 }

@@ -29,10 +29,23 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
-/// Open connections per client address.
+/// Open connections per client address, in shards picked by address so
+/// that accepts from different clients do not queue on one lock.
 #[derive(Debug, Default)]
 pub struct ConnectionCounts {
-    open: Mutex<HashMap<IpAddr, u32>>,
+    shards: [Mutex<HashMap<IpAddr, u32>>; SHARDS],
+}
+
+const SHARDS: usize = 16;
+
+impl ConnectionCounts {
+    fn shard(&self, ip: IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
+        let hash = match ip {
+            IpAddr::V4(v4) => u32::from(v4) as usize,
+            IpAddr::V6(v6) => (u128::from(v6) >> 64) as usize ^ u128::from(v6) as usize,
+        };
+        &self.shards[(hash ^ hash >> 16) % SHARDS]
+    }
 }
 
 /// One counted connection; dropping it releases the count.
@@ -46,7 +59,7 @@ impl ConnectionCounts {
     /// (`cap` 0: no cap).
     pub fn acquire(self: &Arc<Self>, ip: IpAddr, cap: u32) -> Option<Slot> {
         let ip = ip.to_canonical();
-        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut open = self.shard(ip).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let count = open.entry(ip).or_insert(0);
         if cap != 0 && *count >= cap {
             return None;
@@ -56,14 +69,15 @@ impl ConnectionCounts {
     }
 
     pub fn open(&self, ip: IpAddr) -> u32 {
-        let open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        open.get(&ip.to_canonical()).copied().unwrap_or(0)
+        let ip = ip.to_canonical();
+        let open = self.shard(ip).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        open.get(&ip).copied().unwrap_or(0)
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = self.counts.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut open = self.counts.shard(self.ip).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(count) = open.get_mut(&self.ip) {
             *count -= 1;
             if *count == 0 {
@@ -532,7 +546,7 @@ mod tests {
         assert!(third.is_some());
         drop((second, third));
         assert_eq!(counts.open(ip), 0);
-        assert!(counts.open.lock().unwrap().is_empty());
+        assert!(counts.shards.iter().all(|shard| shard.lock().unwrap().is_empty()));
         assert!(counts.acquire(ip, 0).is_some(), "0 means no cap");
     }
 }
