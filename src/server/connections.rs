@@ -233,35 +233,27 @@ pub struct HeadDeadline {
     line: RequestLineWatch,
 }
 
-/// Collects each request's first line from the bytes read, up to its LF.
+/// Checks each request's first line in the bytes read, up to its LF.
 #[derive(Default)]
 struct RequestLineWatch {
     enabled: bool,
     /// Set between requests: the next bytes read begin a request line.
     expected: std::sync::atomic::AtomicBool,
-    collecting: Option<Vec<u8>>,
+    /// The line being checked; `None` once decided.
+    checking: Option<crate::server::framing::RequestLineCheck>,
     refusal: Mutex<Option<&'static str>>,
 }
-
-/// Longer lines are left to the target-length cap (414).
-const REQUEST_LINE_WATCH_LIMIT: usize = 64 << 10;
 
 impl RequestLineWatch {
     fn observe(&mut self, bytes: &[u8]) {
         if self.expected.swap(false, Ordering::Relaxed) {
-            self.collecting = Some(Vec::new());
+            self.checking = Some(Default::default());
             *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
-        let Some(line) = self.collecting.as_mut() else { return };
-        match bytes.iter().position(|&b| b == b'\n') {
-            Some(end) => {
-                line.extend_from_slice(&bytes[..end]);
-                let verdict = crate::server::framing::check_request_line(line).err();
-                *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = verdict;
-                self.collecting = None;
-            }
-            None if line.len() + bytes.len() > REQUEST_LINE_WATCH_LIMIT => self.collecting = None,
-            None => line.extend_from_slice(bytes),
+        let Some(check) = self.checking.as_mut() else { return };
+        if let Some(verdict) = check.feed(bytes) {
+            *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = verdict.err();
+            self.checking = None;
         }
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! The rule is RFC 9112's strict reading: a request line of exactly method,
 //! target and version separated by single spaces, the target visible ASCII
-//! only (a lenient parser would re-encode a space and forward a target the
-//! client never sent); one `Content-Length` of plain digits, or one
+//! only (checked on the bytes as received by the connection wrapper, since
+//! Pingora's parser re-encodes a space and would forward a target the client
+//! never sent); one `Content-Length` of plain digits, or one
 //! `Transfer-Encoding: chunked`, never both; `chunked` only on HTTP/1.1;
 //! exactly one `Host` on HTTP/1.1; CRLF line endings only. Every refusal is
 //! a 400 and closes the connection.
@@ -17,9 +18,6 @@ pub fn check(version: Version, headers: &HeaderMap, raw_head: Option<&[u8]>) -> 
     if version == Version::HTTP_2 {
         // The h2 library enforces h2 framing; connection-specific headers are refused there.
         return Ok(());
-    }
-    if let Some(head) = raw_head {
-        check_request_line(head)?;
     }
     let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
     let length = lengths.next();
@@ -55,24 +53,85 @@ pub fn check(version: Version, headers: &HeaderMap, raw_head: Option<&[u8]>) -> 
     Ok(())
 }
 
-/// `method SP request-target SP HTTP-version` and nothing else (RFC 9112 §3).
-pub fn check_request_line(head: &[u8]) -> Result<(), &'static str> {
-    let end = head.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(head.len());
-    let mut parts = head[..end].split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("The request line must be a method, a target and a version, separated by single spaces");
-    };
-    if method.is_empty() || !method.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
-        return Err("The request method is not a token");
+/// `method SP request-target SP HTTP-version` and nothing else (RFC 9112 §3),
+/// checked a byte at a time as the line arrives, so checking it needs no
+/// copy of it. `feed` returns the verdict once the line's LF is in.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RequestLineCheck {
+    part: LinePart,
+    /// Bytes of the current part so far.
+    len: usize,
+    version: [u8; 8],
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum LinePart {
+    #[default]
+    Method,
+    Target,
+    Version,
+    Done,
+}
+
+const SEPARATORS: &str = "The request line must be a method, a target and a version, separated by single spaces";
+
+impl RequestLineCheck {
+    /// Feeds bytes of the line; `Some` once it is decided (at its LF, or at
+    /// the first byte that cannot belong to a valid line).
+    pub fn feed(&mut self, bytes: &[u8]) -> Option<Result<(), &'static str>> {
+        for &byte in bytes {
+            if let Some(verdict) = self.step(byte) {
+                self.part = LinePart::Done;
+                return Some(verdict);
+            }
+        }
+        None
     }
-    if target.is_empty() || !target.iter().all(|&b| (0x21..=0x7e).contains(&b)) {
-        return Err("The request target holds spaces or control bytes");
+
+    fn step(&mut self, byte: u8) -> Option<Result<(), &'static str>> {
+        match (self.part, byte) {
+            (LinePart::Done, _) => None,
+            (LinePart::Method | LinePart::Target, b' ') if self.len == 0 => Some(Err(SEPARATORS)),
+            (LinePart::Method, b' ') => self.next(LinePart::Target),
+            (LinePart::Method, _) if byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte) => self.grow(),
+            (LinePart::Method, b'\r' | b'\n') => Some(Err(SEPARATORS)),
+            (LinePart::Method, _) => Some(Err("The request method is not a token")),
+            (LinePart::Target, b' ') => self.next(LinePart::Version),
+            (LinePart::Target, b'\r' | b'\n') => Some(Err(SEPARATORS)),
+            (LinePart::Target, 0x21..=0x7e) => self.grow(),
+            (LinePart::Target, _) => Some(Err("The request target holds spaces or control bytes")),
+            (LinePart::Version, b' ') => Some(Err(SEPARATORS)),
+            (LinePart::Version, b'\r') => None,
+            (LinePart::Version, b'\n') => {
+                let version = &self.version[..self.len.min(8)];
+                let known = self.len == 8 && matches!(version, b"HTTP/1.1" | b"HTTP/1.0");
+                Some(if known { Ok(()) } else { Err("The request line does not end in HTTP/1.1 or HTTP/1.0") })
+            }
+            (LinePart::Version, _) => {
+                if let Some(slot) = self.version.get_mut(self.len) {
+                    *slot = byte;
+                }
+                self.grow()
+            }
+        }
     }
-    if !matches!(version, b"HTTP/1.1" | b"HTTP/1.0") {
-        return Err("The request line does not end in HTTP/1.1 or HTTP/1.0");
+
+    fn grow(&mut self) -> Option<Result<(), &'static str>> {
+        self.len += 1;
+        None
     }
-    Ok(())
+
+    fn next(&mut self, part: LinePart) -> Option<Result<(), &'static str>> {
+        self.part = part;
+        self.len = 0;
+        None
+    }
+}
+
+/// A whole request line (with or without its line end).
+pub fn check_request_line(line: &[u8]) -> Result<(), &'static str> {
+    let mut check = RequestLineCheck::default();
+    check.feed(line).or_else(|| check.feed(b"\n")).unwrap_or(Err(SEPARATORS))
 }
 
 /// Whether a raw head has a header field `name` (lowercase).
@@ -125,6 +184,12 @@ mod tests {
         ];
         for line in bad {
             assert!(check_request_line(line.as_bytes()).is_err(), "{line:?}");
+        }
+        // Arriving a byte at a time changes nothing.
+        for line in good.iter().chain(&bad) {
+            let mut check = RequestLineCheck::default();
+            let verdict = line.as_bytes().chunks(1).find_map(|byte| check.feed(byte));
+            assert_eq!(verdict, Some(check_request_line(line.as_bytes())), "{line:?}");
         }
     }
 

@@ -14,6 +14,7 @@ use crate::request::response::LocalResponse;
 use crate::sites::{Action, RouteFacts, RouteRef, Target};
 use crate::synapse::sticky::{self, KeySource};
 use crate::synapse::table::Decision;
+use crate::upstream::named::UpstreamId;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -38,8 +39,8 @@ pub struct RequestCtx {
     started: Instant,
     /// Where the Synapse table sent this request.
     decision: Option<Decision>,
-    /// The site route forwarding this request to a named upstream.
-    route: Option<RouteRef>,
+    /// The site route forwarding this request, and the named upstream it names.
+    route: Option<(RouteRef, UpstreamId)>,
     /// A WebSocket is open through this request (counted in the gauge while it lives).
     websocket_open: Option<GaugeGuard>,
     /// Counts this request in `requests_in_flight` until the context is
@@ -149,6 +150,10 @@ fn rate_limit(edge: &Edge, session: &Session) -> std::result::Result<(), MatrixE
     })
 }
 
+/// Writes an answer the edge gives itself. One that leaves a request body
+/// unread (`close`) then reads and drops that body, unless the request was
+/// malformed (400): the body of a request framed two ways may hold a
+/// smuggled request and is not to be consumed as one.
 async fn write_local(session: &mut Session, response: &LocalResponse) -> Result<()> {
     let head_only = session.req_header().method == http::Method::HEAD;
     if response.close {
@@ -159,6 +164,10 @@ async fn write_local(session: &mut Session, response: &LocalResponse) -> Result<
     session.write_response_header(Box::new(header), end).await?;
     if !end {
         session.write_response_body(Some(response.body.clone()), true).await?;
+    }
+    let request = session.req_header();
+    if response.close && response.status != 400 && has_body(request, content_length(request)) {
+        discard_request_body(session).await;
     }
     Ok(())
 }
@@ -172,16 +181,9 @@ async fn refuse(
     content_length: Option<u64>,
 ) -> Result<bool> {
     let mut response = error.to_response();
-    let unread_body = has_body(session.req_header(), content_length);
-    response.close = error.status == 400 || unread_body;
-    // A malformed request's body is not to be trusted as one: it may hold a
-    // smuggled request. Any other refused body is read and dropped.
-    let discard = unread_body && error.status != 400;
+    response.close = error.status == 400 || has_body(session.req_header(), content_length);
     ctx.local_error = Some(error);
     write_local(session, &response).await?;
-    if discard {
-        discard_request_body(session).await;
-    }
     Ok(true)
 }
 
@@ -217,11 +219,13 @@ fn request_host(request: &RequestHeader) -> Option<&[u8]> {
 }
 
 /// A member of the named upstream a site route forwards to.
-fn named_peer(edge: &Edge, at: RouteRef, session: &Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+fn named_peer(
+    edge: &Edge,
+    (at, id): (RouteRef, UpstreamId),
+    session: &Session,
+    ctx: &mut RequestCtx,
+) -> Result<Box<HttpPeer>> {
     let route = edge.sites.route(at);
-    let Action::Upstream(id) = route.action else {
-        return Error::e_explain(ErrorType::InternalError, "a local route reached upstream selection");
-    };
     let upstream = edge.upstreams.get(id);
     let mut octets = [0u8; 16];
     let key = match (upstream.balance, client_ip(session)) {
@@ -362,11 +366,12 @@ impl ProxyHttp for EdgeProxy {
         let edge = Arc::clone(&ctx.edge);
         crate::server::connections::head_complete(session);
         let request = session.req_header();
+        let client = client_ip(session);
         let facts = RequestFacts {
             target: request.raw_path(),
             has_upgrade: request.headers.contains_key(http::header::UPGRADE),
-            admin_allowed: edge.admin_allowed(client_ip(session)),
-            mas_api_allowed: edge.mas_api_allowed(client_ip(session)),
+            admin_allowed: edge.admin_allowed(client),
+            mas_api_allowed: edge.mas_api_allowed(client),
             is_options: request.method == http::Method::OPTIONS,
             content_length: content_length(request),
             header_bytes: request.headers.iter().map(|(name, value)| (name.as_str().len() + value.len()) as u64).sum(),
@@ -383,29 +388,27 @@ impl ProxyHttp for EdgeProxy {
             return refuse(session, ctx, MatrixError::bad_request(reason), facts.content_length).await;
         }
         let (_, target) = edge.sites.target(&self.listener.roles, request_host(request), path_of(facts.target));
-        let at = match target {
-            Target::Matrix => {
-                let admission = self.matrix_admission(session, &edge, &facts);
-                let content_length = facts.content_length;
-                return self.matrix_request(session, ctx, &edge, admission, content_length).await;
+        if let Target::Matrix = target {
+            let admission = self.matrix_admission(session, &edge, &facts);
+            let content_length = facts.content_length;
+            return self.matrix_request(session, ctx, &edge, admission, content_length).await;
+        }
+        // Matrix admission checks the caps itself; every other target here.
+        let at = match (check_caps(&facts, &edge.limits), target) {
+            (Err(error), _) => return refuse(session, ctx, error, facts.content_length).await,
+            (Ok(()), Target::Route(at, _)) => at,
+            (Ok(()), Target::UnknownHost) => {
+                return refuse(session, ctx, MatrixError::misdirected(), facts.content_length).await
             }
-            Target::UnknownHost | Target::NoRoute => {
-                let error = match (check_caps(&facts, &edge.limits), target) {
-                    (Err(error), _) => error,
-                    (Ok(()), Target::UnknownHost) => MatrixError::misdirected(),
-                    (Ok(()), _) => MatrixError::not_found("Nothing is served at this path"),
-                };
+            (Ok(()), _) => {
+                let error = MatrixError::not_found("Nothing is served at this path");
                 return refuse(session, ctx, error, facts.content_length).await;
             }
-            Target::Route(at, _) => at,
         };
-        if let Err(error) = check_caps(&facts, &edge.limits) {
-            return refuse(session, ctx, error, facts.content_length).await;
-        }
         let route_facts = RouteFacts {
             target: facts.target,
             upgrade: request.headers.get(http::header::UPGRADE).map(|v| v.as_bytes()),
-            client: client_ip(session),
+            client,
             content_length: facts.content_length,
         };
         let body_limit = match edge.sites.admit_route(at, &route_facts, &edge.limits) {
@@ -416,8 +419,8 @@ impl ProxyHttp for EdgeProxy {
         let route = edge.sites.route(at);
         let closing = has_body(request, facts.content_length);
         match &route.action {
-            Action::Upstream(_) => {
-                ctx.route = Some(at);
+            Action::Upstream(id) => {
+                ctx.route = Some((at, *id));
                 ctx.body_limit = body_limit;
                 let idle = match route.websocket_idle {
                     Some(idle) if upgrade => idle,
@@ -458,8 +461,8 @@ impl ProxyHttp for EdgeProxy {
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         let edge = Arc::clone(&ctx.edge);
         ctx.member = None;
-        if let Some(at) = ctx.route {
-            return named_peer(&edge, at, session, ctx);
+        if let Some(route) = ctx.route {
+            return named_peer(&edge, route, session, ctx);
         }
         let Some(decision) = ctx.decision else { return Ok(edge.main.peer()) };
         let Some(pool) = edge.pools.get(decision.group) else { return Ok(edge.main.peer()) };
@@ -489,17 +492,15 @@ impl ProxyHttp for EdgeProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the worker, so any request may go to another one.
-        if let (Some(at), Some(member)) = (ctx.route, ctx.member) {
-            if let Action::Upstream(id) = ctx.edge.sites.route(at).action {
-                let upstream = ctx.edge.upstreams.get(id);
-                log::debug!("connecting to member {member} of upstream {} failed: {e}", upstream.name);
-                // Without health checks nothing would bring it back up; the
-                // retry avoids it for this request all the same.
-                if upstream.health.is_some() {
-                    upstream.pool.mark(member, false);
-                }
-                e.set_retry(true);
+        if let (Some((_, id)), Some(member)) = (ctx.route, ctx.member) {
+            let upstream = ctx.edge.upstreams.get(id);
+            log::debug!("connecting to member {member} of upstream {} failed: {e}", upstream.name);
+            // Without health checks nothing would bring it back up; the
+            // retry avoids it for this request all the same.
+            if upstream.health.is_some() {
+                upstream.pool.mark(member, false);
             }
+            e.set_retry(true);
         }
         if let (Some(decision), Some(member)) = (ctx.decision, ctx.member) {
             if let Some(pool) = ctx.edge.pools.get(decision.group) {
@@ -518,7 +519,7 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         prepare_upstream_request(upstream_request, client_ip(session), self.listener.tls)?;
-        if let Some(at) = ctx.route {
+        if let Some((at, _)) = ctx.route {
             let route = ctx.edge.sites.route(at);
             if let Some(target) = route.rewritten_target(upstream_request.raw_path()) {
                 upstream_request.set_raw_path(&target)?;
@@ -664,20 +665,16 @@ fn status_label(status: u16) -> &'static str {
 
 /// The group label: the Synapse group, the named upstream, or `edge`.
 fn group_name(ctx: &RequestCtx) -> &str {
-    if let Some(at) = ctx.route {
-        if let Action::Upstream(id) = ctx.edge.sites.route(at).action {
-            return ctx.edge.upstreams.get(id).name.as_str();
-        }
+    if let Some((_, id)) = ctx.route {
+        return ctx.edge.upstreams.get(id).name.as_str();
     }
     ctx.decision.map_or("edge", |d| d.group.name())
 }
 
 /// The worker label: its address, `main`, or `edge` for local answers.
 fn worker_name(ctx: &RequestCtx) -> &str {
-    if let (Some(at), Some(member)) = (ctx.route, ctx.member) {
-        if let Action::Upstream(id) = ctx.edge.sites.route(at).action {
-            return ctx.edge.upstreams.get(id).pool.members[member].label.as_str();
-        }
+    if let (Some((_, id)), Some(member)) = (ctx.route, ctx.member) {
+        return ctx.edge.upstreams.get(id).pool.members[member].label.as_str();
     }
     match (ctx.decision, ctx.member) {
         (Some(decision), Some(member)) => {
