@@ -28,7 +28,14 @@ pub struct Edge {
     pub pools: Pools,
     pub health: HealthSettings,
     pub listeners: Vec<Listener>,
-    pub certificates: std::sync::Arc<CertStore>,
+    /// Swapped alone when ACME renews a certificate, so a renewal never
+    /// depends on the config file being readable at that moment.
+    pub certificates: arc_swap::ArcSwap<CertStore>,
+    /// From `tls.certificates`, kept to rebuild `certificates` with new ACME ones.
+    pub file_certificates: Vec<std::sync::Arc<CertifiedKey>>,
+    pub acme: Option<crate::acme::AcmePlan>,
+    /// Where the `redirect` role sends plain HTTP: the first TLS listener's port.
+    pub https_port: Option<u16>,
     pub well_known: WellKnown,
     pub main: Upstream,
     pub admin_allow: Vec<ipnet::IpNet>,
@@ -108,8 +115,45 @@ fn in_networks(networks: &[ipnet::IpNet], client: Option<IpAddr>) -> bool {
 
 impl crate::tls::CurrentCertificates for arc_swap::ArcSwap<Edge> {
     fn current(&self) -> std::sync::Arc<CertStore> {
-        std::sync::Arc::clone(&self.load().certificates)
+        self.load().certificates.load_full()
     }
+}
+
+/// File certificates first (they win the names they cover), then ACME's,
+/// stored or placeholder.
+fn certificate_store(
+    files: &[std::sync::Arc<CertifiedKey>],
+    acme: Option<&crate::acme::AcmePlan>,
+) -> Result<CertStore, String> {
+    let mut all = files.to_vec();
+    if let Some(plan) = acme {
+        all.extend(plan.certificates()?.into_iter().map(std::sync::Arc::new));
+    }
+    Ok(CertStore::new(all))
+}
+
+/// The names the edge answers over TLS, in the order the default certificate
+/// should be picked: the server name (delegation), the federation and client
+/// hosts, then every site host.
+fn served_names(config: &EdgeConfig) -> Vec<String> {
+    let mut names = vec![config.server_name.0.clone()];
+    if let Some(server) = &config.well_known.server {
+        names.push(server.host.clone());
+    }
+    if let Some(client) = &config.well_known.client {
+        let host = client.homeserver.0.split("://").nth(1).and_then(|rest| rest.split(['/', ':']).next());
+        names.extend(host.map(str::to_string));
+    }
+    names.extend(config.matrix_site.hosts.iter().flatten().map(|h| h.0.clone()));
+    names.extend(config.sites.iter().flat_map(|site| site.hosts.iter().map(|h| h.0.clone())));
+    let mut unique = Vec::with_capacity(names.len());
+    for name in names {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if !unique.contains(&name) {
+            unique.push(name);
+        }
+    }
+    unique
 }
 
 impl Edge {
@@ -156,8 +200,24 @@ impl Edge {
             if roles.len() != listener.serves.len() {
                 return Err(source.error_at(&at("serves"), "a role is listed twice"));
             }
-            if listener.tls && tls.certificates.is_empty() {
-                return Err(source.error_at(&at("tls"), "this listener uses TLS but tls.certificates is empty"));
+            if listener.tls && tls.certificates.is_empty() && tls.acme.is_none() {
+                return Err(source.error_at(
+                    &at("tls"),
+                    "this listener uses TLS but there is no certificate: fill tls.certificates or set up tls.acme",
+                ));
+            }
+            if roles.contains(&Role::Redirect) && roles.iter().any(|r| !matches!(r, Role::Acme | Role::Redirect)) {
+                return Err(source.error_at(
+                    &at("serves"),
+                    "`redirect` answers every path with a redirect to https; it goes with `acme` alone",
+                ));
+            }
+            let plain_only = [Role::Acme, Role::Redirect];
+            if let Some(role) = plain_only.iter().find(|r| listener.tls && roles.contains(r)) {
+                return Err(source.error_at(
+                    &at("serves"),
+                    format!("`{role}` is for a plain-HTTP listener (port 80); remove it here or set tls: false"),
+                ));
             }
             if !listener.tls && roles.contains(&Role::Federation) {
                 warnings.push(format!(
@@ -190,8 +250,26 @@ impl Edge {
             if cert.not_after_unix < now {
                 warnings.push(format!("certificate {} has expired", files.cert.display()));
             }
-            certs.push(cert);
+            certs.push(std::sync::Arc::new(cert));
         }
+        let file_store = CertStore::new(certs.clone());
+        let acme = match &tls.acme {
+            Some(acme) => {
+                let served = served_names(&config);
+                let plan = crate::acme::AcmePlan::from_config(acme, &served, &|n| file_store.covers(n), source)?;
+                let challenge_listener = compiled.iter().any(|l| l.roles.contains(&Role::Acme));
+                if !challenge_listener {
+                    return Err(source.error_at(
+                        &[Seg::Key("tls"), Seg::Key("acme")],
+                        "HTTP-01 needs a plain-HTTP listener on port 80 that serves `acme`: add `{ address: \"[::]:80\", serves: [acme, redirect] }` to listeners",
+                    ));
+                }
+                Some(plan)
+            }
+            None => None,
+        };
+        let certificates = certificate_store(&certs, acme.as_ref())
+            .map_err(|e| source.error_at(&[Seg::Key("tls"), Seg::Key("acme")], e))?;
 
         let serves = |role| compiled.iter().any(|l| l.roles.contains(&role));
         if let Some(server) = &well_known.server {
@@ -278,8 +356,11 @@ impl Edge {
             router,
             pools,
             health,
+            https_port: compiled.iter().find(|l| l.tls).map(|l| l.address.port()),
             listeners: compiled,
-            certificates: std::sync::Arc::new(CertStore::new(certs)),
+            certificates: arc_swap::ArcSwap::from_pointee(certificates),
+            file_certificates: certs,
+            acme,
             well_known: WellKnown::from_config(well_known, source)?,
             main,
             admin_allow: admin_api.allow.iter().map(|c| c.0).collect(),
@@ -301,6 +382,16 @@ impl Edge {
         })
     }
 
+    /// Builds the SNI map again from the file certificates and what the ACME
+    /// store holds now, and swaps it in: new handshakes get the new
+    /// certificates, established connections keep theirs.
+    pub fn refresh_acme_certificates(&self) -> Result<(), String> {
+        let store = certificate_store(&self.file_certificates, self.acme.as_ref())?;
+        self.certificates.store(std::sync::Arc::new(store));
+        crate::services::reload::publish_certificates(self);
+        Ok(())
+    }
+
     pub fn admin_allowed(&self, client: Option<IpAddr>) -> bool {
         in_networks(&self.admin_allow, client)
     }
@@ -311,6 +402,7 @@ impl Edge {
 
     /// One line for `check`: what this config will do.
     pub fn summary(&self) -> String {
+        let certificates = self.certificates.load();
         let listeners: Vec<String> = self
             .listeners
             .iter()
@@ -320,10 +412,14 @@ impl Edge {
             })
             .collect();
         let names: Vec<&str> =
-            self.certificates.certificates().iter().filter_map(|c| c.names.first().map(String::as_str)).collect();
+            certificates.certificates().iter().filter_map(|c| c.names.first().map(String::as_str)).collect();
         let documents = self.well_known.configured();
+        let acme = match &self.acme {
+            Some(plan) => format!(" (ACME from {} for {})", plan.directory_url, plan.names.join(", ")),
+            None => String::new(),
+        };
         format!(
-            "server_name {}; listeners {}; certificates [{}]; well-known [{}]; synapse main {}",
+            "server_name {}; listeners {}; certificates [{}]{acme}; well-known [{}]; synapse main {}",
             self.server_name,
             listeners.join(", "),
             names.join(", "),

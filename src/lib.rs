@@ -31,6 +31,7 @@
 //! `services` on top; `edge` (the snapshot); `sites`; `local`; `request` and
 //! `upstream`; `config` and `tls`; `synapse` and `observe` at the bottom.
 
+pub mod acme;
 pub mod cli;
 pub mod config;
 pub mod edge;

@@ -45,6 +45,9 @@ enum Command {
         #[arg(long)]
         upgrade: bool,
     },
+    /// Renew ACME certificates now (all, or the names given): marks them in
+    /// the state directory and signals the running instance.
+    Renew { names: Vec<String> },
     /// Explain where one request would go and why, e.g. `route GET '/_matrix/client/v3/sync?since=x'`.
     Route {
         method: String,
@@ -106,6 +109,19 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some(Command::Reload { .. }) => return ExitCode::FAILURE,
+        Some(Command::Renew { names }) => {
+            let pid_file = cli.pid_file.clone().unwrap_or_else(|| runtime_path("matrix-edge.pid"));
+            return match matrix_edge::cli::renew::request(&edge, &names, pid_file.as_ref()) {
+                Ok(done) => {
+                    println!("matrix-edge: {done}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("matrix-edge: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Command::Route { method, target, headers }) => {
             let mut parsed = Vec::with_capacity(headers.len());
             for header in &headers {

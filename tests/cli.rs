@@ -59,7 +59,14 @@ fn every_example_config_passes_check() {
     checked.sort();
     assert_eq!(
         checked,
-        ["behind-load-balancer.yaml", "classic.yaml", "delegation.yaml", "full-stack.yaml", "workers.yaml"]
+        [
+            "acme.yaml",
+            "behind-load-balancer.yaml",
+            "classic.yaml",
+            "delegation.yaml",
+            "full-stack.yaml",
+            "workers.yaml"
+        ]
     );
 }
 
@@ -162,7 +169,50 @@ fn tls_listener_without_certificates_is_refused() {
         format!("{}{}", &t[..start], &t[end..])
     });
     assert_eq!(code, 1);
-    assert!(stderr.contains("listeners[0].tls: this listener uses TLS but tls.certificates is empty"), "{stderr}");
+    assert!(stderr.contains("listeners[0].tls: this listener uses TLS but there is no certificate"), "{stderr}");
+}
+
+#[test]
+fn acme_mistakes_are_located() {
+    type Edit<'a> = &'a dyn Fn(&str) -> String;
+    let cases: [(Edit, &str); 7] = [
+        (
+            &|t| t.replace("contact: admin@example.com", "contact: admin"),
+            "tls.acme.contact: \"admin\" is not an email address",
+        ),
+        (
+            &|t| t.replace("directory: letsencrypt", "directory: http://ca.example/dir"),
+            "tls.acme.directory: \"http://ca.example/dir\": use letsencrypt",
+        ),
+        (
+            &|t| t.replace("    state_dir:", "    names: [\"*.example.com\"]\n    state_dir:"),
+            "tls.acme.names[0]: *.example.com: wildcard certificates need DNS-01",
+        ),
+        (
+            &|t| t.replace("  - { address: \"[::]:80\", serves: [acme, redirect] }\n", ""),
+            "tls.acme: HTTP-01 needs a plain-HTTP listener",
+        ),
+        (
+            &|t| {
+                t.replace("serves: [well_known, client, federation]", "serves: [well_known, client, federation, acme]")
+            },
+            "listeners[0].serves: `acme` is for a plain-HTTP listener",
+        ),
+        (
+            &|t| t.replace("serves: [acme, redirect]", "serves: [acme, redirect, client]"),
+            "`redirect` answers every path",
+        ),
+        (
+            &|t| t.replace("    state_dir:", "    ca_file: certs/missing.pem\n    state_dir:"),
+            "tls.acme.ca_file: cannot read",
+        ),
+    ];
+    for (edit, expected) in cases {
+        let (code, stderr) = check_conf_edited("acme.yaml", edit);
+        assert_eq!(code, 1, "{expected}: {stderr}");
+        assert!(stderr.contains(expected), "expected {expected:?} in {stderr}");
+        assert!(stderr.contains("edited.yaml:"), "{stderr}");
+    }
 }
 
 #[test]

@@ -88,6 +88,10 @@ pub fn explain(edge: &Edge, method: &str, target: &str, headers: &[(String, Stri
             return out;
         }
         Target::Route(at, _) => Some(at),
+        Target::AcmeChallenge(_) | Target::ToHttps => {
+            let _ = writeln!(out, "  answered by the edge's plain-HTTP listener (ACME challenge or redirect to https)");
+            return out;
+        }
     };
     if let Some(at) = at {
         explain_site_route(&mut out, edge, at, target);

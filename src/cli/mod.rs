@@ -1,2 +1,3 @@
 pub mod explain;
 pub mod reload_command;
+pub mod renew;

@@ -13,7 +13,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn read_pid(pid_file: &Path) -> Result<i32, String> {
+pub fn read_pid(pid_file: &Path) -> Result<i32, String> {
     let text = std::fs::read_to_string(pid_file)
         .map_err(|e| format!("cannot read the pid file {}: {e}", pid_file.display()))?;
     text.trim().parse::<i32>().map_err(|_| format!("{} does not hold a process ID", pid_file.display()))

@@ -78,6 +78,10 @@ pub enum Role {
     Federation,
     /// The virtual hosts under `sites` (and `matrix_site.routes`).
     Sites,
+    /// `/.well-known/acme-challenge/<token>` for `tls.acme` (plain HTTP only).
+    Acme,
+    /// Everything else: a 308 to the same host and target over https (plain HTTP only).
+    Redirect,
 }
 
 impl fmt::Display for Role {
@@ -87,6 +91,8 @@ impl fmt::Display for Role {
             Role::Client => "client",
             Role::Federation => "federation",
             Role::Sites => "sites",
+            Role::Acme => "acme",
+            Role::Redirect => "redirect",
         })
     }
 }
@@ -101,6 +107,50 @@ pub struct TlsConfig {
     /// renewals are picked up without a signal); `0s` turns it off.
     #[serde(default = "default_watch_interval")]
     pub watch_interval: Span,
+    /// Certificates ordered and renewed by the edge itself (Let's Encrypt or
+    /// any RFC 8555 CA), beside or instead of `certificates`.
+    #[serde(default)]
+    pub acme: Option<AcmeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// Where the CA writes about expiring certificates and problems (an email address).
+    pub contact: String,
+    /// `letsencrypt` (the default), `letsencrypt-staging`, or the https URL
+    /// of any RFC 8555 directory.
+    #[serde(default = "default_acme_directory")]
+    pub directory: String,
+    /// A PEM root to trust for the directory's own HTTPS (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// External Account Binding, for CAs that require one (ZeroSSL, Google, Sectigo).
+    #[serde(default)]
+    pub external_account: Option<ExternalAccountConfig>,
+    /// The names to order; absent: every name the edge serves over TLS that
+    /// no file in `certificates` covers.
+    #[serde(default)]
+    pub names: Option<Vec<String>>,
+    /// Account and certificates, kept across restarts (systemd's `StateDirectory=`).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalAccountConfig {
+    pub key_id: String,
+    /// The MAC key as the CA hands it out: base64url.
+    pub hmac_key: String,
+}
+
+fn default_acme_directory() -> String {
+    "letsencrypt".into()
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/matrix-edge")
 }
 
 fn default_watch_interval() -> Span {
@@ -109,7 +159,7 @@ fn default_watch_interval() -> Span {
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        TlsConfig { certificates: Vec::new(), watch_interval: default_watch_interval() }
+        TlsConfig { certificates: Vec::new(), watch_interval: default_watch_interval(), acme: None }
     }
 }
 

@@ -1,3 +1,4 @@
+pub mod plain_http;
 pub mod preflight;
 pub mod redirect;
 pub mod static_files;

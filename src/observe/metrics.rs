@@ -43,6 +43,10 @@ pub struct Metrics {
     pub websocket_upgrades: IntCounterVec,
     /// WebSockets open right now.
     pub websockets_open: IntGauge,
+    /// ACME orders by name and result (`ok`, `error`).
+    pub acme_orders: IntCounterVec,
+    /// When the edge will next try to renew each ACME name (Unix seconds).
+    pub acme_next_renewal: IntGaugeVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -98,6 +102,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
             &["upstream"],
         )?,
         websockets_open: IntGauge::new("websockets_open", "WebSocket connections open through the edge")?,
+        acme_orders: IntCounterVec::new(
+            Opts::new("acme_orders_total", "ACME certificate orders by name and result"),
+            &["name", "result"],
+        )?,
+        acme_next_renewal: IntGaugeVec::new(
+            Opts::new("acme_next_renewal_timestamp_seconds", "When each ACME name is next due for renewal"),
+            &["name"],
+        )?,
         registry,
     };
     metrics.registry.register(Box::new(metrics.requests.clone()))?;
@@ -114,6 +126,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
     metrics.registry.register(Box::new(metrics.rate_limited.clone()))?;
     metrics.registry.register(Box::new(metrics.websocket_upgrades.clone()))?;
     metrics.registry.register(Box::new(metrics.websockets_open.clone()))?;
+    metrics.registry.register(Box::new(metrics.acme_orders.clone()))?;
+    metrics.registry.register(Box::new(metrics.acme_next_renewal.clone()))?;
     Ok(metrics)
 }
 

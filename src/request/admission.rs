@@ -146,7 +146,7 @@ pub fn admit(roles: &[Role], facts: &RequestFacts<'_>, limits: &Limits) -> Admis
     }
     let allowed_by = |v: &str| {
         roles.iter().any(|role| match role {
-            Role::WellKnown | Role::Sites => false,
+            Role::WellKnown | Role::Sites | Role::Acme | Role::Redirect => false,
             Role::Client => {
                 CLIENT_PREFIXES.iter().any(|p| v.starts_with(p))
                     || (is_admin && v.starts_with(ADMIN))

@@ -57,12 +57,17 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     let metrics_address = edge.metrics_address;
     let edge = Arc::new(ArcSwap::from_pointee(edge));
     let counts = Arc::new(ConnectionCounts::default());
+    let challenges: crate::acme::SharedChallenges = Arc::default();
+    let reloaded = Arc::new(tokio::sync::Notify::new());
     for listener in listeners {
         let address = listener.address.to_string();
         let name = format!("matrix-edge {address}");
         let tls = listener.tls;
         let buffers = L4BufferSettings::default().read(CLIENT_READ_BUFFER);
-        let proxy = pingora::proxy::http_proxy(&server.configuration, EdgeProxy { listener, edge: Arc::clone(&edge) });
+        let proxy = pingora::proxy::http_proxy(
+            &server.configuration,
+            EdgeProxy { listener, edge: Arc::clone(&edge), challenges: Arc::clone(&challenges) },
+        );
         let app = GuardedApp { inner: Arc::new(proxy), edge: Arc::clone(&edge), counts: Arc::clone(&counts) };
         let mut service = Service::new(name, app);
         service.set_connection_filter(Arc::new(CapFilter { counts: Arc::clone(&counts), edge: Arc::clone(&edge) }));
@@ -88,8 +93,11 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
         metrics.add_tcp(&address.to_string());
         server.add_service(metrics);
     }
-    let reloader =
-        crate::services::reload::Reloader { config_path: config_path.to_path_buf(), edge: Arc::clone(&edge) };
+    let reloader = crate::services::reload::Reloader {
+        config_path: config_path.to_path_buf(),
+        edge: Arc::clone(&edge),
+        reloaded: Arc::clone(&reloaded),
+    };
     server.add_service(pingora::services::background::background_service("reload", reloader));
     let readiness = crate::services::readiness::Readiness {
         addresses: edge.load().listeners.iter().map(|l| l.address).collect(),
@@ -103,5 +111,8 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     // Always running: a reload may add workers or upstreams with checks.
     let checker = crate::services::health::HealthChecker { edge: Arc::clone(&edge) };
     server.add_service(pingora::services::background::background_service("worker health", checker));
+    // Always running too: idle without `tls.acme`, and a reload may add it.
+    let acme = crate::services::acme::AcmeManager { edge: Arc::clone(&edge), challenges, wake: reloaded };
+    server.add_service(pingora::services::background::background_service("acme", acme));
     Ok(server)
 }

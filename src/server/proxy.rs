@@ -32,6 +32,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 pub struct EdgeProxy {
     pub listener: Listener,
     pub edge: Arc<ArcSwap<Edge>>,
+    /// ACME HTTP-01 tokens on offer; outlives snapshots.
+    pub challenges: crate::acme::SharedChallenges,
 }
 
 pub struct RequestCtx {
@@ -397,6 +399,19 @@ impl ProxyHttp for EdgeProxy {
         let at = match (check_caps(&facts, &edge.limits), target) {
             (Err(error), _) => return refuse(session, ctx, error, facts.content_length).await,
             (Ok(()), Target::Route(at, _)) => at,
+            (Ok(()), Target::AcmeChallenge(token)) => {
+                let mut response = crate::local::plain_http::challenge(self.challenges.answer(token));
+                response.close = has_body(request, facts.content_length);
+                write_local(session, &response).await?;
+                return Ok(true);
+            }
+            (Ok(()), Target::ToHttps) => {
+                let mut response =
+                    crate::local::plain_http::to_https(request_host(request), edge.https_port, request.raw_path());
+                response.close |= has_body(request, facts.content_length);
+                write_local(session, &response).await?;
+                return Ok(true);
+            }
             (Ok(()), Target::UnknownHost) => {
                 return refuse(session, ctx, MatrixError::misdirected(), facts.content_length).await
             }

@@ -1,3 +1,4 @@
+pub mod acme;
 pub mod health;
 pub mod heap;
 pub mod readiness;

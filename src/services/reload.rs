@@ -19,6 +19,8 @@ use std::time::{Duration, SystemTime};
 pub struct Reloader {
     pub config_path: PathBuf,
     pub edge: Arc<ArcSwap<Edge>>,
+    /// Told after each successful reload (the ACME service looks again).
+    pub reloaded: Arc<tokio::sync::Notify>,
 }
 
 /// Modification times of the files a snapshot depends on.
@@ -55,17 +57,14 @@ impl Reloader {
         self.edge.store(Arc::new(new));
         METRICS.reloads.with_label_values(&["ok"]).inc();
         log::info!("configuration reloaded ({why})");
+        self.reloaded.notify_one();
         true
     }
 }
 
 /// Gauges that describe a loaded snapshot.
 pub fn publish(edge: &Edge) {
-    for cert in edge.certificates.certificates() {
-        if let Some(name) = cert.names.first() {
-            METRICS.certificate_expiry.with_label_values(&[name]).set(cert.not_after_unix);
-        }
-    }
+    publish_certificates(edge);
     let named = edge.upstreams.all().iter().map(|u| &u.pool);
     for pool in edge.pools.all().iter().chain(named) {
         for member in &pool.members {
@@ -90,6 +89,14 @@ pub fn publish(edge: &Edge) {
     }
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     METRICS.config_loaded_at.set(now);
+}
+
+pub fn publish_certificates(edge: &Edge) {
+    for cert in edge.certificates.load().certificates() {
+        if let Some(name) = cert.names.first() {
+            METRICS.certificate_expiry.with_label_values(&[name]).set(cert.not_after_unix);
+        }
+    }
 }
 
 #[async_trait]

@@ -92,6 +92,10 @@ pub enum Target<'a> {
     NoRoute,
     /// No site here answers this host (on this listener).
     UnknownHost,
+    /// An ACME HTTP-01 challenge token (`acme` listeners).
+    AcmeChallenge(&'a [u8]),
+    /// Anything else on a `redirect` listener: the same URL over https.
+    ToHttps,
 }
 
 /// A route by position, for the request context.
@@ -133,8 +137,16 @@ impl Sites {
     }
 
     /// The target of a request, all of it decided here.
-    pub fn target(&self, roles: &[Role], host: Option<&[u8]>, path: &[u8]) -> (Option<usize>, Target<'_>) {
+    pub fn target<'p>(&'p self, roles: &[Role], host: Option<&[u8]>, path: &'p [u8]) -> (Option<usize>, Target<'p>) {
+        if roles.contains(&Role::Acme) {
+            if let Some(token) = path.strip_prefix(crate::local::plain_http::ACME_CHALLENGE_PREFIX) {
+                return (None, Target::AcmeChallenge(token));
+            }
+        }
         let Some(site) = self.pick(host) else { return (None, Target::UnknownHost) };
+        if roles.contains(&Role::Redirect) {
+            return (Some(site), Target::ToHttps);
+        }
         let matrix_listener = roles.iter().any(|r| matches!(r, Role::Client | Role::WellKnown | Role::Federation));
         if site == MATRIX_SITE {
             if !matrix_listener {

@@ -23,6 +23,8 @@ pub struct CertifiedKey {
     pub names: Vec<String>,
     /// Seconds since the epoch after which the leaf is invalid.
     pub not_after_unix: i64,
+    /// Seconds since the epoch from which the leaf is valid.
+    pub not_before_unix: i64,
 }
 
 /// Which file is wrong and how; rendered next to the config key that names it.
@@ -81,7 +83,8 @@ impl CertifiedKey {
             return Err(CertError::NoNames { path: cert_name.to_string() });
         }
         let not_after_unix = asn1_to_unix(leaf.not_after());
-        Ok(CertifiedKey { chain, key, names, not_after_unix })
+        let not_before_unix = asn1_to_unix(leaf.not_before());
+        Ok(CertifiedKey { chain, key, names, not_after_unix, not_before_unix })
     }
 }
 
@@ -123,7 +126,7 @@ pub struct CertStore {
 impl CertStore {
     /// The first certificate that claims a name wins it, so the config order
     /// decides overlaps and the first one is the default.
-    pub fn new(certs: Vec<CertifiedKey>) -> CertStore {
+    pub fn new(certs: Vec<Arc<CertifiedKey>>) -> CertStore {
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
         for (index, cert) in certs.iter().enumerate() {
@@ -134,7 +137,13 @@ impl CertStore {
                 };
             }
         }
-        CertStore { certs: certs.into_iter().map(Arc::new).collect(), exact, wildcard }
+        CertStore { certs, exact, wildcard }
+    }
+
+    /// Whether a certificate here serves `name` by its own names (not as the default).
+    pub fn covers(&self, name: &str) -> bool {
+        self.exact.contains_key(name)
+            || name.split_once('.').is_some_and(|(_, parent)| self.wildcard.contains_key(parent))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -220,10 +229,12 @@ mod tests {
     #[test]
     fn sni_prefers_exact_then_wildcard_then_default() {
         let store = CertStore::new(vec![
-            self_signed(&["default.example"]),
-            self_signed(&["*.example.com"]),
-            self_signed(&["matrix.example.com"]),
+            Arc::new(self_signed(&["default.example"])),
+            Arc::new(self_signed(&["*.example.com"])),
+            Arc::new(self_signed(&["matrix.example.com"])),
         ]);
+        assert!(store.covers("chat.example.com") && store.covers("default.example"));
+        assert!(!store.covers("example.com") && !store.covers("a.b.example.com"));
         let pick = |name: Option<&str>| store.select(name).unwrap().names[0].clone();
         assert_eq!(pick(Some("matrix.example.com")), "matrix.example.com");
         assert_eq!(pick(Some("MATRIX.Example.com.")), "matrix.example.com");

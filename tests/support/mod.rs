@@ -154,6 +154,32 @@ impl EdgeProcess {
     }
 }
 
+impl EdgeProcess {
+    /// Stops the process (SIGKILL, as a crash would) and starts it again on
+    /// the same directory and config; the new log replaces the old one.
+    pub fn restart(&mut self, wait_for: &[SocketAddr]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let log = self.dir.path().join(format!("edge-restarted-{}.log", self.child.id()));
+        self.child = Command::new(binary())
+            .arg("-c")
+            .arg(&self.config)
+            .arg("--pid-file")
+            .arg(self.dir.path().join("edge.pid"))
+            .arg("--upgrade-socket")
+            .arg(self.dir.path().join("upgrade.sock"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.log = log;
+        for addr in wait_for {
+            self.wait_listening(*addr);
+        }
+    }
+}
+
 impl Drop for EdgeProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
