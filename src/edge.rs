@@ -39,6 +39,8 @@ pub struct Edge {
     pub well_known: WellKnown,
     pub main: Upstream,
     pub admin_allow: Vec<ipnet::IpNet>,
+    /// HTTP proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub mas_allow: Vec<ipnet::IpNet>,
     pub limits: Limits,
     pub connections: ConnectionLimits,
@@ -104,6 +106,20 @@ pub struct Listener {
     pub address: std::net::SocketAddr,
     pub tls: bool,
     pub roles: Vec<Role>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// PROXY protocol on a listener: who must send the header, and how fast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocol {
+    pub from: Vec<ipnet::IpNet>,
+    pub timeout: std::time::Duration,
+}
+
+impl ProxyProtocol {
+    pub fn expected_from(&self, peer: Option<IpAddr>) -> bool {
+        in_networks(&self.from, peer)
+    }
 }
 
 fn in_networks(networks: &[ipnet::IpNet], client: Option<IpAddr>) -> bool {
@@ -179,6 +195,7 @@ impl Edge {
             upstreams: upstream_configs,
             sites: _,
             matrix_site: _,
+            trusted_proxies,
         } = &config;
 
         if listeners.is_empty() {
@@ -224,7 +241,25 @@ impl Edge {
                     "listener {address} serves federation without TLS: other homeservers only connect over TLS, so a TLS-terminating load balancer must sit in front"
                 ));
             }
-            compiled.push(Listener { address, tls: listener.tls, roles: roles.into_iter().collect() });
+            let proxy_protocol = match &listener.proxy_protocol {
+                Some(proxy) if proxy.from.is_empty() => {
+                    return Err(source.error_at(
+                        &[Seg::Key("listeners"), Seg::Index(index), Seg::Key("proxy_protocol"), Seg::Key("from")],
+                        "list the load balancers' networks; without them no connection would be read as PROXY",
+                    ))
+                }
+                Some(proxy) if proxy.timeout.0.is_zero() || proxy.timeout.0 > std::time::Duration::from_secs(30) => {
+                    return Err(source.error_at(
+                        &[Seg::Key("listeners"), Seg::Index(index), Seg::Key("proxy_protocol"), Seg::Key("timeout")],
+                        "must be between 1ms and 30s",
+                    ))
+                }
+                Some(proxy) => {
+                    Some(ProxyProtocol { from: proxy.from.iter().map(|c| c.0).collect(), timeout: proxy.timeout.0 })
+                }
+                None => None,
+            };
+            compiled.push(Listener { address, tls: listener.tls, roles: roles.into_iter().collect(), proxy_protocol });
         }
 
         let mut certs = Vec::with_capacity(tls.certificates.len());
@@ -364,6 +399,7 @@ impl Edge {
             well_known: WellKnown::from_config(well_known, source)?,
             main,
             admin_allow: admin_api.allow.iter().map(|c| c.0).collect(),
+            trusted_proxies: trusted_proxies.iter().map(|c| c.0).collect(),
             mas_allow: admin_api.mas_allow.iter().map(|c| c.0).collect(),
             limits: Limits { federation: synapse.federation, ..Limits::from_config(limits) },
             connections: ConnectionLimits {

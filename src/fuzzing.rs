@@ -173,12 +173,41 @@ pub fn config(data: &[u8]) {
         .any(|target| !target.is_literal());
     let static_roots =
         config.sites.iter().flat_map(|s| &s.routes).chain(&config.matrix_site.routes).any(|r| r.static_files.is_some());
-    if !config.tls.certificates.is_empty() || names_a_host || static_roots {
+    if !config.tls.certificates.is_empty() || config.tls.acme.is_some() || names_a_host || static_roots {
         return;
     }
     if let Err(error) = crate::edge::Edge::from_config(config, &source) {
         assert!(error.to_string().starts_with("fuzz.yaml"), "unlocated error: {error}");
     }
+}
+
+/// PROXY protocol headers as a load balancer (or an attacker on a listed
+/// address) might send them: the reader never asks for a byte past the
+/// header's end (what follows is TLS or HTTP and must not be swallowed),
+/// never buffers more than the limits, and parsing never panics.
+pub fn proxy_header(data: &[u8]) {
+    use crate::server::proxy_protocol::{next_read, parse, Need};
+    let mut header: Vec<u8> = Vec::new();
+    loop {
+        match next_read(&header) {
+            Err(_) => break,
+            Ok(Need::Complete) => {
+                assert!(header.len() <= 16 + 2048, "a {} byte header was accepted", header.len());
+                if header.starts_with(b"PROXY ") {
+                    assert!(header.len() <= 107, "a {} byte v1 line was accepted", header.len());
+                }
+                let _ = parse(&header);
+                break;
+            }
+            Ok(Need::More(count)) => {
+                assert!(count > 0, "asked for nothing");
+                let start = header.len();
+                let Some(more) = data.get(start..start + count) else { break };
+                header.extend_from_slice(more);
+            }
+        }
+    }
+    let _ = parse(data);
 }
 
 #[cfg(test)]

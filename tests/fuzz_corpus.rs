@@ -32,3 +32,8 @@ fn sticky_key_seeds() {
 fn config_seeds() {
     replay("config", matrix_edge::fuzzing::config);
 }
+
+#[test]
+fn proxy_header_seeds() {
+    replay("proxy_header", matrix_edge::fuzzing::proxy_header);
+}

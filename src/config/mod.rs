@@ -48,6 +48,10 @@ pub struct EdgeConfig {
     /// The Matrix site's hosts and its routes outside the Matrix paths.
     #[serde(default)]
     pub matrix_site: MatrixSiteConfig,
+    /// HTTP proxies in front whose `X-Forwarded-For` is believed: the
+    /// client is the right-most address not in these networks.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -64,6 +68,25 @@ pub struct ListenerConfig {
     #[serde(default)]
     pub tls: bool,
     pub serves: Vec<Role>,
+    /// Read a PROXY protocol (v1 or v2) header first on connections from
+    /// these networks: an L4 load balancer in front.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocolConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocolConfig {
+    /// The load balancers' addresses. Their connections must start with a
+    /// valid header (else they are closed); others are served as they are.
+    pub from: Vec<Cidr>,
+    /// How long the header may take to arrive.
+    #[serde(default = "default_proxy_header_timeout")]
+    pub timeout: Span,
+}
+
+fn default_proxy_header_timeout() -> Span {
+    Span(std::time::Duration::from_secs(5))
 }
 
 /// What a listener answers. Paths outside its roles get a 404.

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub websocket_upgrades: IntCounterVec,
     /// WebSockets open right now.
     pub websockets_open: IntGauge,
+    /// Connections from a listed load balancer closed for a missing or bad PROXY header.
+    pub proxy_protocol_refused: IntCounter,
     /// ACME orders by name and result (`ok`, `error`).
     pub acme_orders: IntCounterVec,
     /// When the edge will next try to renew each ACME name (Unix seconds).
@@ -102,6 +104,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
             &["upstream"],
         )?,
         websockets_open: IntGauge::new("websockets_open", "WebSocket connections open through the edge")?,
+        proxy_protocol_refused: IntCounter::new(
+            "proxy_protocol_refused_total",
+            "Connections from a listed load balancer closed for a missing or invalid PROXY header",
+        )?,
         acme_orders: IntCounterVec::new(
             Opts::new("acme_orders_total", "ACME certificate orders by name and result"),
             &["name", "result"],
@@ -127,6 +133,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     metrics.registry.register(Box::new(metrics.websocket_upgrades.clone()))?;
     metrics.registry.register(Box::new(metrics.websockets_open.clone()))?;
     metrics.registry.register(Box::new(metrics.acme_orders.clone()))?;
+    metrics.registry.register(Box::new(metrics.proxy_protocol_refused.clone()))?;
     metrics.registry.register(Box::new(metrics.acme_next_renewal.clone()))?;
     Ok(metrics)
 }

@@ -93,6 +93,9 @@ impl Drop for Slot {
 pub struct CapFilter {
     pub counts: Arc<ConnectionCounts>,
     pub edge: Arc<ArcSwap<Edge>>,
+    /// A balancer's connections carry many clients; they are counted per
+    /// client once the PROXY header is read.
+    pub proxy: Option<crate::edge::ProxyProtocol>,
 }
 
 impl std::fmt::Debug for CapFilter {
@@ -105,7 +108,8 @@ impl std::fmt::Debug for CapFilter {
 impl pingora::listeners::ConnectionFilter for CapFilter {
     async fn should_accept(&self, addr: Option<&std::net::SocketAddr>) -> bool {
         let cap = self.edge.load().connections.per_ip;
-        let accept = cap == 0 || addr.is_none_or(|addr| self.counts.open(addr.ip()) < cap);
+        let balancer = self.proxy.as_ref().is_some_and(|p| p.expected_from(addr.map(|a| a.ip())));
+        let accept = cap == 0 || balancer || addr.is_none_or(|addr| self.counts.open(addr.ip()) < cap);
         if !accept {
             METRICS.connections_refused.inc();
         }
@@ -118,6 +122,8 @@ pub struct GuardedApp<A> {
     pub inner: Arc<A>,
     pub edge: Arc<ArcSwap<Edge>>,
     pub counts: Arc<ConnectionCounts>,
+    /// On plain listeners only: TLS listeners read it before the handshake.
+    pub plain_proxy: Option<crate::edge::ProxyProtocol>,
 }
 
 /// How long an HTTP/1 connection may sit idle between requests.
@@ -183,7 +189,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> GuardedApp<A> {
 
 #[async_trait]
 impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
-    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        if let Some(proxy) = &self.plain_proxy {
+            let fd = stream
+                .as_any()
+                .downcast_ref::<pingora::protocols::l4::stream::Stream>()
+                .map(std::os::unix::io::AsRawFd::as_raw_fd)?;
+            crate::server::proxy_protocol::accept(&mut *stream, fd, proxy).await.ok()?;
+        }
         let limits = self.edge.load().connections;
         let peer = stream.get_socket_digest().and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         let _slot = match peer {

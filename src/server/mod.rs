@@ -4,6 +4,7 @@
 pub mod connections;
 pub mod framing;
 pub mod proxy;
+pub mod proxy_protocol;
 
 use crate::edge::Edge;
 use crate::server::connections::{CapFilter, ConnectionCounts, GuardedApp};
@@ -63,14 +64,28 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
         let address = listener.address.to_string();
         let name = format!("matrix-edge {address}");
         let tls = listener.tls;
+        let proxy = listener.proxy_protocol.clone();
         let buffers = L4BufferSettings::default().read(CLIENT_READ_BUFFER);
-        let proxy = pingora::proxy::http_proxy(
+        let http_app = pingora::proxy::http_proxy(
             &server.configuration,
             EdgeProxy { listener, edge: Arc::clone(&edge), challenges: Arc::clone(&challenges) },
         );
-        let app = GuardedApp { inner: Arc::new(proxy), edge: Arc::clone(&edge), counts: Arc::clone(&counts) };
+        let app = GuardedApp {
+            inner: Arc::new(http_app),
+            edge: Arc::clone(&edge),
+            counts: Arc::clone(&counts),
+            plain_proxy: proxy.clone().filter(|_| !tls),
+        };
         let mut service = Service::new(name, app);
-        service.set_connection_filter(Arc::new(CapFilter { counts: Arc::clone(&counts), edge: Arc::clone(&edge) }));
+        service.set_connection_filter(Arc::new(CapFilter {
+            counts: Arc::clone(&counts),
+            edge: Arc::clone(&edge),
+            proxy: proxy.clone(),
+        }));
+        if let Some(proxy) = proxy.filter(|_| tls) {
+            let header = crate::server::proxy_protocol::PreTlsHeader { proxy };
+            service.endpoints().set_pre_tls_callback(Arc::new(header));
+        }
         if tls {
             let resolver = SniResolver { source: Arc::clone(&edge) };
             let mut settings = TlsSettings::with_callbacks(Box::new(resolver))

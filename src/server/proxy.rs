@@ -38,6 +38,9 @@ pub struct EdgeProxy {
 
 pub struct RequestCtx {
     edge: Arc<Edge>,
+    /// The client: the peer, the PROXY header's address, or the right-most
+    /// untrusted `X-Forwarded-For` entry behind `trusted_proxies`.
+    client: Option<IpAddr>,
     started: Instant,
     /// Where the Synapse table sent this request.
     decision: Option<Decision>,
@@ -120,9 +123,12 @@ impl std::fmt::Display for RequestId {
     }
 }
 
-fn client_ip(session: &Session) -> Option<IpAddr> {
+/// The connection's peer: the PROXY header's client when a balancer sent one.
+fn peer_ip(session: &Session) -> Option<IpAddr> {
     session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
 }
+
+static X_FORWARDED_FOR: http::header::HeaderName = http::header::HeaderName::from_static("x-forwarded-for");
 
 fn content_length(request: &RequestHeader) -> Option<u64> {
     let value = request.headers.get(http::header::CONTENT_LENGTH)?;
@@ -135,7 +141,7 @@ fn has_body(request: &RequestHeader, content_length: Option<u64>) -> bool {
 }
 
 /// The configured request rates; a refusal is a 429 with the wait.
-fn rate_limit(edge: &Edge, session: &Session) -> std::result::Result<(), MatrixError> {
+fn rate_limit(edge: &Edge, session: &Session, client: Option<IpAddr>) -> std::result::Result<(), MatrixError> {
     if edge.rate_limits.is_empty() {
         return Ok(());
     }
@@ -143,7 +149,7 @@ fn rate_limit(edge: &Edge, session: &Session) -> std::result::Result<(), MatrixE
     let facts = RateFacts {
         is_post: request.method == http::Method::POST,
         target: request.raw_path(),
-        client_ip: client_ip(session),
+        client_ip: client,
         authorization: request.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
     };
     edge.rate_limits.admit(&facts).map_err(|(class, wait)| {
@@ -230,7 +236,7 @@ fn named_peer(
     let route = edge.sites.route(at);
     let upstream = edge.upstreams.get(id);
     let mut octets = [0u8; 16];
-    let key = match (upstream.balance, client_ip(session)) {
+    let key = match (upstream.balance, ctx.client) {
         (Balance::ClientIp, Some(std::net::IpAddr::V4(ip))) => {
             octets[..4].copy_from_slice(&ip.octets());
             Some(&octets[..4])
@@ -292,9 +298,15 @@ async fn send_file(session: &mut Session, file: &FileAnswer, head_only: bool, cl
 
 impl EdgeProxy {
     /// Synapse's paths on the Matrix site: the listener's policy, then the rates.
-    fn matrix_admission(&self, session: &Session, edge: &Edge, facts: &RequestFacts<'_>) -> Admission {
+    fn matrix_admission(
+        &self,
+        session: &Session,
+        edge: &Edge,
+        facts: &RequestFacts<'_>,
+        client: Option<IpAddr>,
+    ) -> Admission {
         match admit(&self.listener.roles, facts, &edge.limits) {
-            Admission::Forward { body_limit } => match rate_limit(edge, session) {
+            Admission::Forward { body_limit } => match rate_limit(edge, session, client) {
                 Ok(()) => Admission::Forward { body_limit },
                 Err(error) => Admission::Reject(error),
             },
@@ -361,6 +373,7 @@ impl ProxyHttp for EdgeProxy {
             local_error: None,
             upstream_time: None,
             request_id: RequestId::next(),
+            client: None,
         }
     }
 
@@ -368,7 +381,13 @@ impl ProxyHttp for EdgeProxy {
         let edge = Arc::clone(&ctx.edge);
         crate::server::connections::head_complete(session);
         let request = session.req_header();
-        let client = client_ip(session);
+        let client = if edge.trusted_proxies.is_empty() {
+            peer_ip(session)
+        } else {
+            let forwarded = request.headers.get_all(&X_FORWARDED_FOR).iter().map(|v| v.as_bytes());
+            crate::request::forward::client_behind_proxies(peer_ip(session), forwarded, &edge.trusted_proxies)
+        };
+        ctx.client = client;
         let facts = RequestFacts {
             target: request.raw_path(),
             has_upgrade: request.headers.contains_key(http::header::UPGRADE),
@@ -391,7 +410,7 @@ impl ProxyHttp for EdgeProxy {
         }
         let (_, target) = edge.sites.target(&self.listener.roles, request_host(request), path_of(facts.target));
         if let Target::Matrix = target {
-            let admission = self.matrix_admission(session, &edge, &facts);
+            let admission = self.matrix_admission(session, &edge, &facts, client);
             let content_length = facts.content_length;
             return self.matrix_request(session, ctx, &edge, admission, content_length).await;
         }
@@ -485,7 +504,7 @@ impl ProxyHttp for EdgeProxy {
         let source = KeySource {
             target: request.raw_path(),
             authorization: request.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
-            client_ip: client_ip(session),
+            client_ip: ctx.client,
         };
         let key = sticky::key(decision.sticky, &source);
         match pool.pick(key.as_ref().map(|k| k.as_bytes()), ctx.tried.as_slice()) {
@@ -529,11 +548,11 @@ impl ProxyHttp for EdgeProxy {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        prepare_upstream_request(upstream_request, client_ip(session), self.listener.tls)?;
+        prepare_upstream_request(upstream_request, ctx.client, self.listener.tls)?;
         if let Some((at, _)) = ctx.route {
             let route = ctx.edge.sites.route(at);
             if let Some(target) = route.rewritten_target(upstream_request.raw_path()) {
@@ -619,7 +638,8 @@ impl ProxyHttp for EdgeProxy {
         let header = |name: http::header::HeaderName| request.headers.get(name).and_then(|v| v.to_str().ok());
         let request_id = ctx.request_id.to_string();
         let entry = access_log::Entry {
-            client: client_ip(session),
+            // Refused before request_filter ran: the connection's own peer.
+            client: ctx.client.or_else(|| peer_ip(session)),
             method: request.method.as_str(),
             target: request.raw_path(),
             version: match request.version {

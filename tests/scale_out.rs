@@ -1,0 +1,259 @@
+//! Running behind an L4 load balancer: Debian's HAProxy in TCP mode in
+//! front, sending PROXY v2 to a TLS and a plain listener, and a real Synapse
+//! behind. Clients connect to HAProxy from different loopback addresses
+//! (127.0.0.x), so every "real client" is distinct while HAProxy's own
+//! connections to the edge all come from 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use openssl::ssl::SslStream;
+use std::io::{BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::certs::TestPki;
+use support::client::{connect_from, connector, read_response, Response};
+use support::synapse::Synapse;
+use support::{free_port, EdgeProcess};
+
+struct Helper(Child);
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_listening(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on {addr}");
+}
+
+/// HAProxy in TCP mode: `front_tls` -> `edge_tls`, `front_plain` -> `edge_plain`,
+/// both with `send-proxy-v2`.
+fn start_haproxy(dir: &Path, routes: &[(SocketAddr, SocketAddr)]) -> Helper {
+    assert!(Path::new("/usr/sbin/haproxy").exists(), "haproxy is missing: scripts/install-deps installs it");
+    let mut config = String::from(
+        "global\n  maxconn 500\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n",
+    );
+    for (index, (front, back)) in routes.iter().enumerate() {
+        config.push_str(&format!(
+            "frontend in{index}\n  bind {front}\n  default_backend out{index}\nbackend out{index}\n  server edge {back} send-proxy-v2\n"
+        ));
+    }
+    let file = dir.join("haproxy.cfg");
+    std::fs::write(&file, config).unwrap();
+    let check = Command::new("/usr/sbin/haproxy").arg("-c").arg("-f").arg(&file).output().unwrap();
+    assert!(check.status.success(), "haproxy -c: {}", String::from_utf8_lossy(&check.stderr));
+    let child = Command::new("/usr/sbin/haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("haproxy.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let helper = Helper(child);
+    for (front, _) in routes {
+        wait_listening(*front, "haproxy");
+    }
+    helper
+}
+
+fn exchange<S: Read + Write>(mut stream: S, request: &str) -> Option<Response> {
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut reader = BufReader::new(stream);
+    read_response(&mut reader, false)
+}
+
+fn tls_from(source: &str, addr: SocketAddr, root: &str) -> SslStream<TcpStream> {
+    let tcp = connect_from(source, addr);
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    connector(root, &["http/1.1"]).connect("matrix.example.com", tcp).unwrap()
+}
+
+fn request(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: matrix.example.com\r\nConnection: close\r\n\r\n")
+}
+
+fn login() -> String {
+    let body = r#"{"type":"m.login.password","identifier":{"type":"m.id.user","user":"nobody"},"password":"x"}"#;
+    format!(
+        "POST /_matrix/client/v3/login HTTP/1.1\r\nHost: matrix.example.com\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Whether the server closed without answering.
+fn closed_without_answer(mut stream: impl Read + Write, request: &str) -> bool {
+    let _ = stream.write_all(request.as_bytes());
+    let mut buffer = [0u8; 64];
+    matches!(stream.read(&mut buffer), Ok(0) | Err(_))
+}
+
+fn synapse_access_lines(synapse: &Synapse) -> Vec<String> {
+    let log = std::fs::read_to_string(synapse.dir.join("homeserver.log")).unwrap_or_default();
+    log.lines().filter(|l| l.contains("synapse.access.http")).map(str::to_string).collect()
+}
+
+#[test]
+fn haproxy_in_front_with_proxy_v2_gives_the_edge_and_synapse_the_real_client() {
+    let work = tempfile::tempdir().unwrap();
+    let synapse_port = free_port();
+    let synapse =
+        Synapse::start(&work.path().join("synapse"), synapse_port, "example.com", "https://matrix.example.com/");
+    let pki = TestPki::new(&[&["matrix.example.com"]]);
+    let (edge_tls, edge_plain, metrics) = (free_port(), free_port(), free_port());
+    let config = format!(
+        r#"server_name: example.com
+listeners:
+  - address: "127.0.0.1:{edge_tls}"
+    tls: true
+    serves: [well_known, client, federation]
+    proxy_protocol: {{ from: [127.0.0.1/32], timeout: 2s }}
+  - address: "127.0.0.1:{edge_plain}"
+    serves: [client]
+    proxy_protocol: {{ from: [127.0.0.1/32], timeout: 2s }}
+tls:
+  certificates:
+    - {{ cert: certs/matrix.example.com/fullchain.pem, key: certs/matrix.example.com/privkey.pem }}
+synapse:
+  main: "127.0.0.1:{synapse_port}"
+admin_api:
+  allow: [127.0.0.9/32]
+limits:
+  connections_per_ip: 2
+rate_limits:
+  login: {{ requests: 2, per: 60s }}
+metrics: {{ address: "127.0.0.1:{metrics}" }}
+"#
+    );
+    let edge_tls_addr: SocketAddr = format!("127.0.0.1:{edge_tls}").parse().unwrap();
+    let edge_plain_addr: SocketAddr = format!("127.0.0.1:{edge_plain}").parse().unwrap();
+    let edge = EdgeProcess::start(&config, Some(&pki), &[edge_tls_addr, edge_plain_addr]);
+    let front_tls: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let front_plain: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _haproxy = start_haproxy(work.path(), &[(front_tls, edge_tls_addr), (front_plain, edge_plain_addr)]);
+    let root = pki.root_pem.clone();
+
+    // Synapse records the real client, over TLS and over plain HTTP.
+    let over_tls = exchange(tls_from("127.0.0.2", front_tls, &root), &request("/_matrix/client/versions")).unwrap();
+    assert_eq!(over_tls.status, 200);
+    let over_plain = exchange(connect_from("127.0.0.3", front_plain), &request("/_matrix/client/versions")).unwrap();
+    assert_eq!(over_plain.status, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = synapse_access_lines(&synapse);
+    assert!(lines.iter().any(|l| l.contains("127.0.0.2 ")), "Synapse did not see 127.0.0.2: {lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("127.0.0.3 ")), "Synapse did not see 127.0.0.3: {lines:#?}");
+    let edge_log = edge.log_text();
+    assert!(edge_log.contains("127.0.0.2") && edge_log.contains("127.0.0.3"), "{edge_log}");
+
+    // The admin allow-list sees the real client too.
+    let allowed = exchange(connect_from("127.0.0.9", front_plain), &request("/_synapse/admin/v1/server_version"));
+    assert_eq!(allowed.unwrap().status, 200);
+    let refused = exchange(connect_from("127.0.0.8", front_plain), &request("/_synapse/admin/v1/server_version"));
+    refused.unwrap().assert_matrix_error(403, "M_FORBIDDEN");
+
+    // Rate limits per real client: 127.0.0.4 spends its two logins, 127.0.0.5 still has its own.
+    for _ in 0..2 {
+        let answer = exchange(tls_from("127.0.0.4", front_tls, &root), &login()).unwrap();
+        assert_ne!(answer.status, 429);
+    }
+    let limited = exchange(tls_from("127.0.0.4", front_tls, &root), &login()).unwrap();
+    limited.assert_matrix_error(429, "M_LIMIT_EXCEEDED");
+    let other = exchange(tls_from("127.0.0.5", front_tls, &root), &login()).unwrap();
+    assert_ne!(other.status, 429, "another client was limited with 127.0.0.4");
+
+    // Per-address connection caps per real client: two held from 127.0.0.6,
+    // the third refused, while 127.0.0.7 is served.
+    let held: Vec<TcpStream> = (0..2).map(|_| connect_from("127.0.0.6", front_plain)).collect();
+    std::thread::sleep(Duration::from_millis(600));
+    let third = connect_from("127.0.0.6", front_plain);
+    third.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(closed_without_answer(third, &request("/_matrix/client/versions")), "the third connection was served");
+    let neighbour = exchange(connect_from("127.0.0.7", front_plain), &request("/_matrix/client/versions"));
+    assert_eq!(neighbour.unwrap().status, 200);
+    drop(held);
+
+    // A listed address that sends no header is closed, TLS or not.
+    let direct = connect_from("127.0.0.1", edge_plain_addr);
+    direct.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(closed_without_answer(direct, &request("/_matrix/client/versions")));
+    let direct_tls = connect_from("127.0.0.1", edge_tls_addr);
+    direct_tls.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(connector(&root, &["http/1.1"]).connect("matrix.example.com", direct_tls).is_err());
+    // Silence from a listed address is cut at the header timeout (2 s), not held.
+    let mut silent = connect_from("127.0.0.1", edge_plain_addr);
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let mut buffer = [0u8; 16];
+    assert!(matches!(silent.read(&mut buffer), Ok(0) | Err(_)));
+    assert!(started.elapsed() < Duration::from_secs(6), "held for {:?}", started.elapsed());
+
+    // A header from an address not listed is not believed: plain is a 400,
+    // TLS a failed handshake; Synapse never sees the claimed address.
+    let forged = "PROXY TCP4 198.51.100.66 127.0.0.1 1234 443\r\n".to_string() + &request("/_matrix/client/versions");
+    let answer = exchange(connect_from("127.0.0.2", edge_plain_addr), &forged).unwrap();
+    assert_eq!(answer.status, 400);
+    let mut forged_tls = connect_from("127.0.0.2", edge_tls_addr);
+    forged_tls.write_all(b"PROXY TCP4 198.51.100.66 127.0.0.1 1234 443\r\n").unwrap();
+    forged_tls.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(connector(&root, &["http/1.1"]).connect("matrix.example.com", forged_tls).is_err());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(synapse_access_lines(&synapse).iter().all(|l| !l.contains("198.51.100.66")));
+
+    let (metrics_page, _) = support::client::h1_plain(
+        format!("127.0.0.1:{metrics}").parse().unwrap(),
+        b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    );
+    let text = String::from_utf8(metrics_page.body).unwrap();
+    let refused_count = text
+        .lines()
+        .find(|l| l.starts_with("matrix_edge_proxy_protocol_refused_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap();
+    assert!(refused_count >= 3.0, "{refused_count}");
+}
+
+#[test]
+fn behind_a_trusted_http_proxy_the_forwarded_client_counts() {
+    let synapse = support::upstream::RecordingUpstream::start();
+    let port = free_port();
+    let config = format!(
+        r#"server_name: example.com
+listeners:
+  - {{ address: "127.0.0.1:{port}", serves: [client] }}
+synapse:
+  main: "{}"
+trusted_proxies: [127.0.0.1/32]
+rate_limits:
+  login: {{ requests: 1, per: 60s }}
+"#,
+        synapse.addr
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let _edge = EdgeProcess::start(&config, None, &[addr]);
+    let via = |source: &str, forwarded: &str, head: &str| {
+        let request = head.replacen("\r\n", &format!("\r\nX-Forwarded-For: {forwarded}\r\n"), 1);
+        exchange(connect_from(source, addr), &request).unwrap()
+    };
+    // From the trusted proxy: the right-most untrusted entry, the forged left part ignored.
+    assert_eq!(via("127.0.0.1", "6.6.6.6, 203.0.113.9", &request("/_matrix/client/versions")).status, 200);
+    // From anyone else: the header means nothing.
+    assert_eq!(via("127.0.0.2", "203.0.113.10", &request("/_matrix/client/versions")).status, 200);
+    let seen: Vec<String> = synapse.wait_for(2).iter().map(|r| r.header_values("x-forwarded-for").join("|")).collect();
+    assert_eq!(seen, ["203.0.113.9", "127.0.0.2"]);
+    // Rate limits per forwarded client: one login each, the second from the same client refused.
+    assert_ne!(via("127.0.0.1", "203.0.113.20", &login()).status, 429);
+    assert_ne!(via("127.0.0.1", "203.0.113.21", &login()).status, 429);
+    via("127.0.0.1", "6.6.6.6, 203.0.113.20", &login()).assert_matrix_error(429, "M_LIMIT_EXCEEDED");
+}
