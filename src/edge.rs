@@ -45,6 +45,8 @@ pub struct Edge {
     pub limits: Limits,
     pub connections: ConnectionLimits,
     pub rate_limits: crate::request::ratelimit::RateLimits,
+    /// Counters in Redis shared with other edges (`rate_limits.shared`).
+    pub shared_limits: Option<std::sync::Arc<crate::upstream::shared_limits::SharedCounters>>,
     pub config: EdgeConfig,
     /// Things that work but are probably not what the admin meant.
     pub warnings: Vec<String>,
@@ -360,6 +362,13 @@ impl Edge {
             }
         }
         check_limits(limits, rate_limits, source)?;
+        let shared_limits = match &rate_limits.shared {
+            Some(shared) => Some(std::sync::Arc::new(
+                crate::upstream::shared_limits::SharedCounters::new(shared)
+                    .map_err(|e| source.error_at(&[Seg::Key("rate_limits"), Seg::Key("shared")], e))?,
+            )),
+            None => None,
+        };
         let pools = build_pools(synapse, source)?;
         let router = build_router(synapse, &pools.declared(), source)?;
         let mut named = Vec::with_capacity(upstream_configs.len());
@@ -409,6 +418,7 @@ impl Edge {
                 keepalive_requests: limits.keepalive_requests,
             },
             rate_limits: crate::request::ratelimit::RateLimits::from_config(rate_limits),
+            shared_limits,
             warnings,
             certificate_files,
             certificate_watch: Some(tls.watch_interval.0).filter(|d| !d.is_zero()),

@@ -257,3 +257,79 @@ rate_limits:
     assert_ne!(via("127.0.0.1", "203.0.113.21", &login()).status, 429);
     via("127.0.0.1", "6.6.6.6, 203.0.113.20", &login()).assert_matrix_error(429, "M_LIMIT_EXCEEDED");
 }
+
+fn metric_value(metrics: SocketAddr, name: &str) -> Option<f64> {
+    let (page, _) = support::client::h1_plain(metrics, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let text = String::from_utf8(page.body).unwrap();
+    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn two_edges_share_one_budget_through_redis_and_keep_serving_without_it() {
+    let work = tempfile::tempdir().unwrap();
+    let redis_port = free_port();
+    let redis = Helper(
+        Command::new("redis-server")
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(work.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/install-deps installs it)"),
+    );
+    wait_listening(format!("127.0.0.1:{redis_port}").parse().unwrap(), "redis");
+    let synapse = support::upstream::RecordingUpstream::start();
+    let edges: Vec<(EdgeProcess, SocketAddr, SocketAddr)> = (0..2)
+        .map(|_| {
+            let (port, metrics) = (free_port(), free_port());
+            let config = format!(
+                r#"server_name: example.com
+listeners:
+  - {{ address: "127.0.0.1:{port}", serves: [client] }}
+synapse:
+  main: "{}"
+rate_limits:
+  login: {{ requests: 4, per: 60s }}
+  shared: {{ redis: "redis://127.0.0.1:{redis_port}/0", prefix: test, timeout: 200ms }}
+metrics: {{ address: "127.0.0.1:{metrics}" }}
+"#,
+                synapse.addr
+            );
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let edge = EdgeProcess::start(&config, None, &[addr]);
+            (edge, addr, format!("127.0.0.1:{metrics}").parse().unwrap())
+        })
+        .collect();
+
+    // One client alternating between the edges gets the configured 4, not 8.
+    let mut admitted = 0;
+    for round in 0..10 {
+        let (_, addr, _) = &edges[round % 2];
+        let answer = exchange(connect_from("127.0.0.2", *addr), &login()).unwrap();
+        if answer.status == 429 {
+            answer.assert_matrix_error(429, "M_LIMIT_EXCEEDED");
+        } else {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 4, "the two edges did not share one budget");
+    assert_eq!(metric_value(edges[0].2, "matrix_edge_rate_limit_fallbacks_total"), Some(0.0));
+
+    // Redis stops mid-test: requests are still served, counted on each edge,
+    // and the fallback is logged and counted.
+    drop(redis);
+    std::thread::sleep(Duration::from_millis(300));
+    let (edge, addr, metrics) = &edges[0];
+    let fresh = exchange(connect_from("127.0.0.3", *addr), &login()).unwrap();
+    assert_ne!(fresh.status, 429);
+    assert_ne!(fresh.status, 500);
+    let plain = exchange(connect_from("127.0.0.3", *addr), &request("/_matrix/client/versions")).unwrap();
+    assert_eq!(plain.status, 200);
+    // Local limits still hold without Redis.
+    let statuses: Vec<u16> =
+        (0..6).map(|_| exchange(connect_from("127.0.0.4", *addr), &login()).unwrap().status).collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(metric_value(*metrics, "matrix_edge_rate_limit_fallbacks_total").is_some_and(|n| n >= 1.0));
+    let log = edge.log_text();
+    assert!(log.contains("shared rate limits: Redis"), "{log}");
+}

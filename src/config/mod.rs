@@ -597,12 +597,37 @@ pub struct RateLimitsConfig {
     /// address, and per address. Off by default.
     #[serde(default)]
     pub federation: Option<RateConfig>,
+    /// Count in Redis, shared by every edge pointed at it, instead of in
+    /// this process alone. Unreachable Redis: each edge counts alone.
+    #[serde(default)]
+    pub shared: Option<SharedLimitsConfig>,
 }
 
 impl Default for RateLimitsConfig {
     fn default() -> Self {
-        RateLimitsConfig { login: default_login_rate(), client: None, federation: None }
+        RateLimitsConfig { login: default_login_rate(), client: None, federation: None, shared: None }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedLimitsConfig {
+    /// `redis://host:port/db` (or `redis+unix:///path`); the one Synapse's workers use will do.
+    pub redis: String,
+    /// Prepended to every key, so several deployments can share a Redis.
+    #[serde(default = "default_shared_prefix")]
+    pub prefix: String,
+    /// How long a request waits for Redis before counting locally.
+    #[serde(default = "default_shared_timeout")]
+    pub timeout: Span,
+}
+
+fn default_shared_prefix() -> String {
+    "matrix-edge".into()
+}
+
+fn default_shared_timeout() -> Span {
+    Span(std::time::Duration::from_millis(50))
 }
 
 fn default_login_rate() -> Option<RateConfig> {

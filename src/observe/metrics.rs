@@ -43,6 +43,8 @@ pub struct Metrics {
     pub websocket_upgrades: IntCounterVec,
     /// WebSockets open right now.
     pub websockets_open: IntGauge,
+    /// Rate-limit checks counted on this edge alone because Redis did not answer.
+    pub rate_limit_fallbacks: IntCounter,
     /// Connections from a listed load balancer closed for a missing or bad PROXY header.
     pub proxy_protocol_refused: IntCounter,
     /// ACME orders by name and result (`ok`, `error`).
@@ -104,6 +106,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
             &["upstream"],
         )?,
         websockets_open: IntGauge::new("websockets_open", "WebSocket connections open through the edge")?,
+        rate_limit_fallbacks: IntCounter::new(
+            "rate_limit_fallbacks_total",
+            "Rate-limit checks counted on this edge alone because the shared Redis did not answer",
+        )?,
         proxy_protocol_refused: IntCounter::new(
             "proxy_protocol_refused_total",
             "Connections from a listed load balancer closed for a missing or invalid PROXY header",
@@ -134,6 +140,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     metrics.registry.register(Box::new(metrics.websockets_open.clone()))?;
     metrics.registry.register(Box::new(metrics.acme_orders.clone()))?;
     metrics.registry.register(Box::new(metrics.proxy_protocol_refused.clone()))?;
+    metrics.registry.register(Box::new(metrics.rate_limit_fallbacks.clone()))?;
     metrics.registry.register(Box::new(metrics.acme_next_renewal.clone()))?;
     Ok(metrics)
 }

@@ -37,6 +37,23 @@ impl Limiter {
     /// Counts one request against every key, or none of them when any key
     /// is over its rate (the longest wait is returned).
     pub fn admit_all(&self, keys: &[&[u8]]) -> Result<(), Duration> {
+        let wait = self.wait_for(keys);
+        if !wait.is_zero() {
+            return Err(wait);
+        }
+        self.observe_all(keys);
+        Ok(())
+    }
+
+    /// Counts one request against every key without asking (the shared
+    /// store already admitted it; this keeps the local fallback warm).
+    pub fn observe_all(&self, keys: &[&[u8]]) {
+        for key in keys {
+            self.rate.observe(key, 1);
+        }
+    }
+
+    fn wait_for(&self, keys: &[&[u8]]) -> Duration {
         let allowed = f64::from(self.config.requests);
         let wait = keys
             .iter()
@@ -47,19 +64,13 @@ impl Limiter {
             })
             .max()
             .unwrap_or_default();
-        if !wait.is_zero() {
-            return Err(wait);
-        }
-        for key in keys {
-            self.rate.observe(key, 1);
-        }
-        Ok(())
+        wait
     }
 }
 
 /// How long until the sliding estimate `prev * (1 - fraction) + curr` drops
 /// below `allowed`; zero when it already is.
-fn wait_time(prev: isize, curr: isize, fraction: f64, interval: Duration, allowed: f64) -> Duration {
+pub fn wait_time(prev: isize, curr: isize, fraction: f64, interval: Duration, allowed: f64) -> Duration {
     let prev = prev.max(0) as f64;
     let curr = curr.max(0) as f64;
     let fraction = fraction.clamp(0.0, 1.0);
@@ -139,13 +150,26 @@ impl RateLimits {
     /// its class and the longest wait among the limits it is over.
     pub fn admit(&self, facts: &RateFacts<'_>) -> Result<(), (Class, Duration)> {
         let mut wait = Duration::ZERO;
-        let mut check = |limiter: &Option<Arc<Limiter>>, key: &[u8]| {
-            if let Some(limiter) = limiter {
-                if let Err(w) = limiter.admit(key) {
-                    wait = wait.max(w);
-                }
+        let class = self.each_check(facts, |_, limiter, keys| {
+            if let Err(w) = limiter.admit_all(keys) {
+                wait = wait.max(w);
             }
-        };
+        });
+        if wait.is_zero() {
+            Ok(())
+        } else {
+            Err((class, wait))
+        }
+    }
+
+    /// Calls `check` with each limit that applies to the request and the keys
+    /// it counts under (the limit's name for shared counters, the limiter,
+    /// the keys), and returns the request's class. Counting is the caller's.
+    pub fn each_check(
+        &self,
+        facts: &RateFacts<'_>,
+        mut check: impl FnMut(&'static str, &Arc<Limiter>, &[&[u8]]),
+    ) -> Class {
         let address = facts.client_ip.map(address_key);
         let address = address.as_ref().map_or(&[][..], |a| a.as_slice());
         let class = classify(facts.is_post, facts.target);
@@ -168,22 +192,24 @@ impl RateLimits {
                     let mut alone = [0u8; 9];
                     alone[0] = b'a';
                     alone[1..=address.len()].copy_from_slice(address);
-                    if let Err(w) = limiter.admit_all(&[&pair[..end], &alone[..=address.len()]]) {
-                        wait = wait.max(w);
-                    }
+                    check("federation", limiter, &[&pair[..end], &alone[..=address.len()]]);
                 }
             }
             Class::Login => {
-                check(&self.login, address);
-                check(&self.client, address);
+                if let Some(limiter) = &self.login {
+                    check("login", limiter, &[address]);
+                }
+                if let Some(limiter) = &self.client {
+                    check("client", limiter, &[address]);
+                }
             }
-            Class::Client => check(&self.client, address),
+            Class::Client => {
+                if let Some(limiter) = &self.client {
+                    check("client", limiter, &[address]);
+                }
+            }
         }
-        if wait.is_zero() {
-            Ok(())
-        } else {
-            Err((class, wait))
-        }
+        class
     }
 }
 

@@ -141,7 +141,7 @@ fn has_body(request: &RequestHeader, content_length: Option<u64>) -> bool {
 }
 
 /// The configured request rates; a refusal is a 429 with the wait.
-fn rate_limit(edge: &Edge, session: &Session, client: Option<IpAddr>) -> std::result::Result<(), MatrixError> {
+async fn rate_limit(edge: &Edge, session: &Session, client: Option<IpAddr>) -> std::result::Result<(), MatrixError> {
     if edge.rate_limits.is_empty() {
         return Ok(());
     }
@@ -152,7 +152,11 @@ fn rate_limit(edge: &Edge, session: &Session, client: Option<IpAddr>) -> std::re
         client_ip: client,
         authorization: request.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
     };
-    edge.rate_limits.admit(&facts).map_err(|(class, wait)| {
+    let outcome = match &edge.shared_limits {
+        Some(shared) => crate::upstream::shared_limits::admit_shared(&edge.rate_limits, shared, &facts).await,
+        None => edge.rate_limits.admit(&facts),
+    };
+    outcome.map_err(|(class, wait)| {
         METRICS.rate_limited.with_label_values(&[class.name()]).inc();
         MatrixError::rate_limited(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1))
     })
@@ -298,7 +302,7 @@ async fn send_file(session: &mut Session, file: &FileAnswer, head_only: bool, cl
 
 impl EdgeProxy {
     /// Synapse's paths on the Matrix site: the listener's policy, then the rates.
-    fn matrix_admission(
+    async fn matrix_admission(
         &self,
         session: &Session,
         edge: &Edge,
@@ -306,7 +310,7 @@ impl EdgeProxy {
         client: Option<IpAddr>,
     ) -> Admission {
         match admit(&self.listener.roles, facts, &edge.limits) {
-            Admission::Forward { body_limit } => match rate_limit(edge, session, client) {
+            Admission::Forward { body_limit } => match rate_limit(edge, session, client).await {
                 Ok(()) => Admission::Forward { body_limit },
                 Err(error) => Admission::Reject(error),
             },
@@ -410,7 +414,7 @@ impl ProxyHttp for EdgeProxy {
         }
         let (_, target) = edge.sites.target(&self.listener.roles, request_host(request), path_of(facts.target));
         if let Target::Matrix = target {
-            let admission = self.matrix_admission(session, &edge, &facts, client);
+            let admission = self.matrix_admission(session, &edge, &facts, client).await;
             let content_length = facts.content_length;
             return self.matrix_request(session, ctx, &edge, admission, content_length).await;
         }

@@ -53,6 +53,11 @@ impl Reloader {
         new.upstreams.inherit_health(&old.upstreams);
         // A reload or a certificate renewal must not hand every client a fresh budget.
         new.rate_limits.inherit(&old.rate_limits);
+        if let (Some(new_shared), Some(old_shared)) = (&new.shared_limits, &old.shared_limits) {
+            if new_shared.config == old_shared.config {
+                new.shared_limits = Some(std::sync::Arc::clone(old_shared));
+            }
+        }
         publish(&new);
         self.edge.store(Arc::new(new));
         METRICS.reloads.with_label_values(&["ok"]).inc();

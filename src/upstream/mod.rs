@@ -1,3 +1,4 @@
 pub mod named;
 pub mod peer;
 pub mod pool;
+pub mod shared_limits;
