@@ -55,7 +55,15 @@ pub struct Edge {
     pub certificate_watch: Option<std::time::Duration>,
     pub access_log: crate::observe::access_log::AccessLogFormat,
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// The text this snapshot was built from: DNS discovery rebuilds from it
+    /// (not from the file, which may have changed or broken since).
+    pub source: Source,
+    /// Worker addresses from DNS this snapshot was built with.
+    pub discovered: Discovered,
 }
+
+/// Addresses found for each `{ discover: ... }` name.
+pub type Discovered = std::collections::BTreeMap<crate::config::values::DiscoverName, Vec<std::net::SocketAddr>>;
 
 /// Per-connection protections, read when a connection is accepted.
 #[derive(Debug, Clone, Copy)]
@@ -177,12 +185,23 @@ fn served_names(config: &EdgeConfig) -> Vec<String> {
 impl Edge {
     /// Reads, parses and checks a config file.
     pub fn load(file: &Path) -> Result<Edge, ConfigError> {
+        Edge::load_with(file, &Discovered::new())
+    }
+
+    /// Loads a config file with the worker addresses DNS discovery knows now.
+    pub fn load_with(file: &Path, discovered: &Discovered) -> Result<Edge, ConfigError> {
         let source = Source::read(file)?;
         let config = source.parse()?;
-        Edge::from_config(config, &source)
+        Edge::from_config_with(config, &source, discovered)
     }
 
     pub fn from_config(config: EdgeConfig, source: &Source) -> Result<Edge, ConfigError> {
+        Edge::from_config_with(config, source, &Discovered::new())
+    }
+
+    /// Builds the snapshot; workers given as `{ discover: ... }` get the
+    /// addresses in `discovered` (none yet: their groups go to main).
+    pub fn from_config_with(config: EdgeConfig, source: &Source, discovered: &Discovered) -> Result<Edge, ConfigError> {
         let EdgeConfig {
             server_name,
             listeners,
@@ -369,7 +388,7 @@ impl Edge {
             )),
             None => None,
         };
-        let pools = build_pools(synapse, source)?;
+        let pools = build_pools(synapse, source, discovered)?;
         let router = build_router(synapse, &pools.declared(), source)?;
         let mut named = Vec::with_capacity(upstream_configs.len());
         for (name, upstream) in upstream_configs {
@@ -425,6 +444,8 @@ impl Edge {
             access_log: process.access_log,
             metrics_address,
             config,
+            source: source.clone(),
+            discovered: discovered.clone(),
         })
     }
 
@@ -528,7 +549,7 @@ fn declared_groups(synapse: &SynapseConfig) -> Vec<(Group, Vec<Seg>, &WorkerList
     declared
 }
 
-fn build_pools(synapse: &SynapseConfig, source: &Source) -> Result<Pools, ConfigError> {
+fn build_pools(synapse: &SynapseConfig, source: &Source, discovered: &Discovered) -> Result<Pools, ConfigError> {
     let mut pools = Vec::new();
     for (group, at, list) in declared_groups(synapse) {
         let entries = list.entries();
@@ -553,26 +574,48 @@ fn build_pools(synapse: &SynapseConfig, source: &Source) -> Result<Pools, Config
                 "every step of an SSO login must reach the same process, so list exactly one sso worker",
             ));
         }
+        let fixed = group.single_writer() || group == Group::Sso || group == Group::Mas;
+        if fixed && entries.iter().any(|e| matches!(e, crate::config::WorkerConfig::Discovered(_))) {
+            return Err(source.error_at(
+                &at,
+                format!("{group} must be one known process: give its address, not a name to discover"),
+            ));
+        }
         let mut members = Vec::with_capacity(entries.len());
         for entry in entries {
-            let address = entry.address().resolve(RESOLVE_TIMEOUT).map_err(|e| source.error_at(&at, e))?;
-            let address = &address;
             let (health_port, weight) = match entry {
                 crate::config::WorkerConfig::Address(_) => (synapse.health_check.port, 1),
                 crate::config::WorkerConfig::Detailed(d) => (d.health_port.or(synapse.health_check.port), d.weight),
+                crate::config::WorkerConfig::Discovered(d) => (d.health_port.or(synapse.health_check.port), d.weight),
             };
             if weight == 0 {
                 return Err(source.error_at(&at, "a worker's weight must be at least 1"));
             }
-            let health = match (health_port, address) {
-                (Some(port), UpstreamAddr::Tcp(addr)) => UpstreamAddr::Tcp(std::net::SocketAddr::new(addr.ip(), port)),
-                (Some(port), UpstreamAddr::Tls(addr, host)) => {
-                    UpstreamAddr::Tls(std::net::SocketAddr::new(addr.ip(), port), host.clone())
-                }
-                _ => address.clone(),
+            let addresses = match entry {
+                crate::config::WorkerConfig::Discovered(d) => discovered
+                    .get(&d.discover)
+                    .map(|found| found.iter().map(|a| UpstreamAddr::Tcp(*a)).collect())
+                    .unwrap_or_default(),
+                _ => match entry.address() {
+                    Some(target) => vec![target.resolve(RESOLVE_TIMEOUT).map_err(|e| source.error_at(&at, e))?],
+                    None => Vec::new(),
+                },
             };
-            let upstream = Upstream::new(address, &synapse.timeouts).map_err(|e| source.error_at(&at, e))?;
-            members.push(Member::new(upstream, health, weight));
+            for address in addresses.iter() {
+                let health = match (health_port, address) {
+                    (Some(port), UpstreamAddr::Tcp(addr)) => {
+                        UpstreamAddr::Tcp(std::net::SocketAddr::new(addr.ip(), port))
+                    }
+                    (Some(port), UpstreamAddr::Tls(addr, host)) => {
+                        UpstreamAddr::Tls(std::net::SocketAddr::new(addr.ip(), port), host.clone())
+                    }
+                    _ => address.clone(),
+                };
+                let upstream = Upstream::new(address, &synapse.timeouts).map_err(|e| source.error_at(&at, e))?;
+                if !members.iter().any(|m: &Member| m.upstream.address == upstream.address) {
+                    members.push(Member::new(upstream, health, weight));
+                }
+            }
         }
         pools.push((group, Pool::new(group.name(), members)));
     }

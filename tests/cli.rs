@@ -380,3 +380,26 @@ fn route_shows_the_site_choice() {
     let unknown = route(&["GET", "/", "-H", "Host: nobody.example.org"]);
     assert!(unknown.contains("refused by the edge: 421"), "{unknown}");
 }
+
+#[test]
+fn discovered_workers_are_checked_without_dns() {
+    // A discover name is accepted by check without any lookup.
+    let (_dir, path) = conf_copy();
+    let text = std::fs::read_to_string(path.join("workers.yaml")).unwrap().replace(
+        "synchrotron: [127.0.0.1:8083, 127.0.0.1:8084]",
+        "synchrotron: [{ discover: \"_synapse-http._tcp.sync.invalid\" }]",
+    );
+    std::fs::write(path.join("discovered.yaml"), text).unwrap();
+    let (code, _, stderr) = check(&path.join("discovered.yaml"));
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stderr) = check_conf_edited("workers.yaml", |t| {
+        t.replace("synchrotron: [127.0.0.1:8083, 127.0.0.1:8084]", "synchrotron: [{ discover: \"sync.invalid\" }]")
+    });
+    assert_eq!(code, 1);
+    assert!(stderr.contains("edited.yaml:") && stderr.contains("synchrotron"), "{stderr}");
+    let (code, stderr) = check_conf_edited("workers.yaml", |t| {
+        t.replace("typing: 127.0.0.1:8092", "typing: { discover: \"typing.internal:8092\" }")
+    });
+    assert_eq!(code, 1);
+    assert!(stderr.contains("stream_writers.typing: typing must be one known process"), "{stderr}");
+}

@@ -12,6 +12,7 @@ use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::certs::TestPki;
 use support::client::{connect_from, connector, read_response, Response};
@@ -332,4 +333,159 @@ metrics: {{ address: "127.0.0.1:{metrics}" }}
     assert!(metric_value(*metrics, "matrix_edge_rate_limit_fallbacks_total").is_some_and(|n| n >= 1.0));
     let log = edge.log_text();
     assert!(log.contains("shared rate limits: Redis"), "{log}");
+}
+
+/// Who answered: the recording upstream names itself in its JSON.
+fn served_by(response: &Response) -> String {
+    let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_default();
+    body["upstream"].as_str().unwrap_or("?").to_string()
+}
+
+fn sync_as(edge: SocketAddr, user: usize) -> Result<String, String> {
+    let request = format!(
+        "GET /_matrix/client/v3/sync?timeout=0 HTTP/1.1\r\nHost: matrix.example.com\r\nAuthorization: Bearer syt_user{user}_token\r\nConnection: close\r\n\r\n"
+    );
+    let stream = TcpStream::connect(edge).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    match exchange(stream, &request) {
+        Some(response) if response.status == 200 => Ok(served_by(&response)),
+        Some(response) => Err(format!("status {}", response.status)),
+        None => Err("no response".into()),
+    }
+}
+
+fn placement(edge: SocketAddr, users: usize) -> Vec<String> {
+    (0..users).map(|user| sync_as(edge, user).unwrap()).collect()
+}
+
+#[test]
+fn workers_found_by_dns_come_and_go_while_traffic_flows() {
+    let work = tempfile::tempdir().unwrap();
+    let hosts = work.path().join("hosts");
+    let sync_port = free_port();
+    let fed_port = free_port();
+    std::fs::write(&hosts, "127.0.0.2 sync.test\n127.0.0.3 sync.test\n127.0.0.5 fedhost.test\n").unwrap();
+    let dns_port = free_port();
+    let dnsmasq = Helper(
+        Command::new("/usr/sbin/dnsmasq")
+            .arg("--keep-in-foreground")
+            .arg(format!("--port={dns_port}"))
+            .args(["--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts", "--user=root"])
+            .args(["--pid-file=", "--local-ttl=1", "--conf-file=/dev/null"])
+            .arg(format!("--addn-hosts={}", hosts.display()))
+            .arg(format!("--srv-host=_synapse-http._tcp.fed.test,fedhost.test,{fed_port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.path().join("dnsmasq.log")).unwrap())
+            .spawn()
+            .expect("dnsmasq (scripts/install-deps installs it)"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let main = support::upstream::RecordingUpstream::start_named("main", 0);
+    let at = |ip: [u8; 4], port| SocketAddr::from((ip, port));
+    let sync2 = support::upstream::RecordingUpstream::start_at("sync2", at([127, 0, 0, 2], sync_port));
+    let sync3 = support::upstream::RecordingUpstream::start_at("sync3", at([127, 0, 0, 3], sync_port));
+    let sync4 = support::upstream::RecordingUpstream::start_at("sync4", at([127, 0, 0, 4], sync_port));
+    let _fed = support::upstream::RecordingUpstream::start_at("fed", at([127, 0, 0, 5], fed_port));
+    let port = free_port();
+    let config = format!(
+        r#"server_name: example.com
+listeners:
+  - {{ address: "127.0.0.1:{port}", serves: [client, federation] }}
+synapse:
+  main: "{}"
+  workers:
+    synchrotron: [{{ discover: "sync.test:{sync_port}" }}]
+    federation_reader: [{{ discover: "_synapse-http._tcp.fed.test" }}]
+  discovery: {{ servers: ["127.0.0.1:{dns_port}"], interval: 1s }}
+rate_limits:
+  login: null
+"#,
+        main.addr
+    );
+    let edge_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let edge = EdgeProcess::start(&config, None, &[edge_addr]);
+    let users = 24;
+    // A placement is read request by request, so a swap can land in the
+    // middle of one: settled means the same placement twice in a row.
+    let settled = |want: &dyn Fn(&[String]) -> bool, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut previous = Vec::new();
+        loop {
+            let now = placement(edge_addr, users);
+            if want(&now) && now == previous {
+                return now;
+            }
+            previous = now.clone();
+            assert!(Instant::now() < deadline, "{what}: {now:?}\n{}", edge.log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let before = settled(&|p| p.iter().all(|w| w == "sync2" || w == "sync3"), "the first answer in use");
+    assert!(before.contains(&"sync2".to_string()) && before.contains(&"sync3".to_string()), "{before:?}");
+    // Until the first answer the group's requests go to main; from now on never.
+    let main_syncs = || main.records().iter().filter(|r| r.target().contains("/sync")).count();
+    let main_syncs_before = main_syncs();
+    // SRV: the federation reader's target and port.
+    let federation = exchange(
+        TcpStream::connect(edge_addr).unwrap(),
+        "GET /_matrix/federation/v1/event/$x HTTP/1.1\r\nHost: matrix.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(served_by(&federation), "fed");
+
+    // Traffic throughout the changes; none of it may fail.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let load = {
+        let (stop, failures) = (stop.clone(), failures.clone());
+        std::thread::spawn(move || {
+            let mut user = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Err(error) = sync_as(edge_addr, 1000 + user % 50) {
+                    failures.lock().unwrap().push(error);
+                }
+                user += 1;
+            }
+        })
+    };
+
+    // A new synchrotron: it receives requests; every other key stays where it was.
+    std::fs::write(&hosts, "127.0.0.2 sync.test\n127.0.0.3 sync.test\n127.0.0.4 sync.test\n127.0.0.5 fedhost.test\n")
+        .unwrap();
+    EdgeProcess::signal(dnsmasq.0.id(), "HUP");
+    let grown = settled(&|p| p.iter().any(|w| w == "sync4"), "the new synchrotron in use");
+    for (old, new) in before.iter().zip(&grown) {
+        assert!(new == old || new == "sync4", "a key moved between unchanged members: {before:?} -> {grown:?}");
+    }
+    assert!(!sync4.records().is_empty());
+
+    // One removed: it stops receiving requests; keys on the others stay.
+    std::fs::write(&hosts, "127.0.0.3 sync.test\n127.0.0.4 sync.test\n127.0.0.5 fedhost.test\n").unwrap();
+    EdgeProcess::signal(dnsmasq.0.id(), "HUP");
+    let shrunk = settled(&|p| p.iter().all(|w| w != "sync2"), "sync2 out of use");
+    for (old, new) in grown.iter().zip(&shrunk) {
+        if old != "sync2" {
+            assert_eq!(old, new, "a key of a member that stayed moved: {grown:?} -> {shrunk:?}");
+        }
+    }
+    let sync2_count = sync2.records().len();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(sync2.records().len(), sync2_count, "the removed synchrotron still receives requests");
+
+    // DNS gone: the last answer stays in use.
+    drop(dnsmasq);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !edge.log_text().contains("keeping the last answer (2 addresses)") {
+        assert!(Instant::now() < deadline, "no failed lookup logged: {}", edge.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let kept = placement(edge_addr, users);
+    assert_eq!(kept, shrunk);
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.join().unwrap();
+    let failures = failures.lock().unwrap();
+    assert!(failures.is_empty(), "requests failed while members changed: {failures:?}");
+    assert_eq!(main_syncs(), main_syncs_before, "sync fell back to main while members changed");
+    let _ = sync3;
 }

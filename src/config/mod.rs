@@ -290,6 +290,9 @@ pub struct SynapseConfig {
     /// federate but lets lk-jwt-service check OpenID tokens.
     #[serde(default)]
     pub federation: FederationMode,
+    /// How workers given as `{ discover: ... }` are looked up.
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -302,10 +305,9 @@ pub enum FederationMode {
 }
 
 impl SynapseConfig {
-    /// Every upstream the section names: main, workers, stream writers, MAS.
-    pub fn targets(&self) -> Vec<&UpstreamTarget> {
+    fn lists(&self) -> [&Option<WorkerList>; 19] {
         let (w, s) = (&self.workers, &self.stream_writers);
-        let lists = [
+        [
             &w.synchrotron,
             &w.initial_sync,
             &w.client_reader,
@@ -325,18 +327,37 @@ impl SynapseConfig {
             &s.quarantined_media_changes,
             &s.thread_subscriptions,
             &self.mas,
-        ];
+        ]
+    }
+
+    /// Every upstream the section names: main, workers, stream writers, MAS.
+    pub fn targets(&self) -> Vec<&UpstreamTarget> {
+        let lists = self.lists();
         let mut targets = vec![&self.main];
         for list in lists.into_iter().flatten() {
-            targets.extend(list.entries().iter().map(WorkerConfig::address));
+            targets.extend(list.entries().iter().filter_map(WorkerConfig::address));
         }
         targets
+    }
+
+    /// Every name a worker list asks to discover.
+    pub fn discovered(&self) -> Vec<&DiscoverName> {
+        let mut names = Vec::new();
+        for list in self.lists().into_iter().flatten() {
+            for entry in list.entries() {
+                if let WorkerConfig::Discovered(d) = entry {
+                    if !names.contains(&&d.discover) {
+                        names.push(&d.discover);
+                    }
+                }
+            }
+        }
+        names
     }
 }
 
 /// One worker address, or several.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum WorkerList {
     One(WorkerConfig),
     Many(Vec<WorkerConfig>),
@@ -352,11 +373,37 @@ impl WorkerList {
 }
 
 /// `127.0.0.1:8083`, or `{ address: 127.0.0.1:8083, health_port: 9083, weight: 2 }`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum WorkerConfig {
     Address(UpstreamTarget),
     Detailed(DetailedWorkerConfig),
+    /// Members found in DNS and followed while the edge runs.
+    Discovered(DiscoveredWorkerConfig),
+}
+
+/// `{ discover: "_synapse-http._tcp.synchrotron.example.org" }` (SRV: each
+/// target and port) or `{ discover: "synchrotrons.example.org:8083" }` (every
+/// A/AAAA record, on that port).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveredWorkerConfig {
+    pub discover: DiscoverName,
+    #[serde(default)]
+    pub health_port: Option<u16>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// How `synapse.discovery` looks names up.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// DNS servers (`IP:port`) to ask; default: the system's resolv.conf.
+    #[serde(default)]
+    pub servers: Vec<std::net::SocketAddr>,
+    /// Longest time between lookups; a shorter record TTL wins. Default 30s.
+    #[serde(default)]
+    pub interval: Option<Span>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -374,11 +421,51 @@ fn default_weight() -> u32 {
     1
 }
 
+// By hand rather than `untagged`, so a mistake inside one worker is named
+// ("is not a port") instead of "data did not match any variant".
+impl<'de> Deserialize<'de> for WorkerList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_yaml::Value::deserialize(deserializer)?;
+        match value {
+            serde_yaml::Value::Sequence(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(index, item)| worker_from(item).map_err(|e| D::Error::custom(format!("[{index}]: {e}"))))
+                .collect::<Result<Vec<_>, _>>()
+                .map(WorkerList::Many),
+            one => worker_from(one).map(WorkerList::One).map_err(D::Error::custom),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkerConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        worker_from(serde_yaml::Value::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
+fn worker_from(value: serde_yaml::Value) -> Result<WorkerConfig, serde_yaml::Error> {
+    use serde_yaml::Value;
+    match &value {
+        Value::String(_) => UpstreamTarget::deserialize(value).map(WorkerConfig::Address),
+        Value::Mapping(map) if map.contains_key("discover") => {
+            DiscoveredWorkerConfig::deserialize(value).map(WorkerConfig::Discovered)
+        }
+        Value::Mapping(_) => DetailedWorkerConfig::deserialize(value).map(WorkerConfig::Detailed),
+        _ => Err(serde::de::Error::custom(
+            "a worker is an address (127.0.0.1:8083), { address: ..., health_port: ..., weight: ... } or { discover: ... }",
+        )),
+    }
+}
+
 impl WorkerConfig {
-    pub fn address(&self) -> &UpstreamTarget {
+    /// The fixed address, when it is not discovered.
+    pub fn address(&self) -> Option<&UpstreamTarget> {
         match self {
-            WorkerConfig::Address(address) => address,
-            WorkerConfig::Detailed(detailed) => &detailed.address,
+            WorkerConfig::Address(address) => Some(address),
+            WorkerConfig::Detailed(detailed) => Some(&detailed.address),
+            WorkerConfig::Discovered(_) => None,
         }
     }
 }
@@ -735,6 +822,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// The text of a config file and where it came from, for locating errors.
+#[derive(Debug, Clone)]
 pub struct Source {
     pub file: PathBuf,
     pub text: String,

@@ -354,11 +354,29 @@ deserialize_from_str! {
     ServerAddress => "a hostname with an optional port",
     ServerName => "a server name such as example.com",
     HttpUrl => "an https:// URL",
+    DiscoverName => "an SRV name or host:port",
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discover_names_are_srv_or_host_and_port() {
+        let parse = |s: &str| DiscoverName::try_from(s.to_string());
+        assert_eq!(
+            parse("_synapse-http._tcp.Sync.Example.org.").unwrap(),
+            DiscoverName::Srv("_synapse-http._tcp.sync.example.org".into())
+        );
+        assert_eq!(
+            parse("workers.internal:8083").unwrap(),
+            DiscoverName::Host { host: "workers.internal".into(), port: 8083 }
+        );
+        for bad in ["workers.internal", "workers.internal:0", "workers.internal:x", "_synapse._udp.x", "a b:80", ":80"]
+        {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn sizes_use_binary_suffixes() {
@@ -423,5 +441,52 @@ mod tests {
         assert_eq!(Cidr::try_from("::1".to_string()).unwrap().0.to_string(), "::1/128");
         assert_eq!(Cidr::try_from("10.1.2.3/8".to_string()).unwrap().0.to_string(), "10.0.0.0/8");
         assert!(Cidr::try_from("10.0.0.0/33".to_string()).is_err());
+    }
+}
+
+/// A DNS name whose records list workers: an SRV name (`_service._tcp.zone`)
+/// or a host name with the port its addresses serve on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DiscoverName {
+    Srv(String),
+    Host { host: String, port: u16 },
+}
+
+impl TryFrom<String> for DiscoverName {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let text = text.trim().trim_end_matches('.').to_ascii_lowercase();
+        let plain = |name: &str| {
+            !name.is_empty()
+                && name.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                })
+        };
+        if text.starts_with('_') {
+            if text.contains(':') || !plain(&text) || !text.contains("._tcp.") {
+                return Err(format!("{text:?}: an SRV name looks like _synapse-http._tcp.example.org"));
+            }
+            return Ok(DiscoverName::Srv(text));
+        }
+        match text.rsplit_once(':') {
+            Some((host, port)) if plain(host) => match port.parse::<u16>() {
+                Ok(port) if port > 0 => Ok(DiscoverName::Host { host: host.to_string(), port }),
+                _ => Err(format!("{text:?}: {port:?} is not a port")),
+            },
+            _ => Err(format!(
+                "{text:?}: give an SRV name (_synapse-http._tcp.example.org) or host:port (synchrotrons.example.org:8083)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DiscoverName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiscoverName::Srv(name) => f.write_str(name),
+            DiscoverName::Host { host, port } => write!(f, "{host}:{port}"),
+        }
     }
 }

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub websocket_upgrades: IntCounterVec,
     /// WebSockets open right now.
     pub websockets_open: IntGauge,
+    /// Worker discovery lookups that failed (the last answer was kept).
+    pub discovery_failures: IntCounter,
     /// Rate-limit checks counted on this edge alone because Redis did not answer.
     pub rate_limit_fallbacks: IntCounter,
     /// Connections from a listed load balancer closed for a missing or bad PROXY header.
@@ -106,6 +108,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
             &["upstream"],
         )?,
         websockets_open: IntGauge::new("websockets_open", "WebSocket connections open through the edge")?,
+        discovery_failures: IntCounter::new(
+            "worker_discovery_failures_total",
+            "Worker discovery lookups that failed or came back empty (the last answer was kept)",
+        )?,
         rate_limit_fallbacks: IntCounter::new(
             "rate_limit_fallbacks_total",
             "Rate-limit checks counted on this edge alone because the shared Redis did not answer",
@@ -141,6 +147,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     metrics.registry.register(Box::new(metrics.acme_orders.clone()))?;
     metrics.registry.register(Box::new(metrics.proxy_protocol_refused.clone()))?;
     metrics.registry.register(Box::new(metrics.rate_limit_fallbacks.clone()))?;
+    metrics.registry.register(Box::new(metrics.discovery_failures.clone()))?;
     metrics.registry.register(Box::new(metrics.acme_next_renewal.clone()))?;
     Ok(metrics)
 }

@@ -126,6 +126,8 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     // Always running: a reload may add workers or upstreams with checks.
     let checker = crate::services::health::HealthChecker { edge: Arc::clone(&edge) };
     server.add_service(pingora::services::background::background_service("worker health", checker));
+    let discovery = crate::services::discovery::Discovery { edge: Arc::clone(&edge) };
+    server.add_service(pingora::services::background::background_service("worker discovery", discovery));
     // Always running too: idle without `tls.acme`, and a reload may add it.
     let acme = crate::services::acme::AcmeManager { edge: Arc::clone(&edge), challenges, wake: reloaded };
     server.add_service(pingora::services::background::background_service("acme", acme));

@@ -32,7 +32,8 @@ impl Reloader {
     /// Loads the config file again; on success the new snapshot serves every
     /// request that starts from now on.
     pub fn reload(&self, why: &str) -> bool {
-        let mut new = match Edge::load(&self.config_path) {
+        let old = self.edge.load();
+        let new = match Edge::load_with(&self.config_path, &old.discovered) {
             Ok(new) => new,
             Err(error) => {
                 METRICS.reloads.with_label_values(&["error"]).inc();
@@ -40,7 +41,6 @@ impl Reloader {
                 return false;
             }
         };
-        let old = self.edge.load();
         if new.listeners != old.listeners {
             log::warn!(
                 "listener changes take effect at the next restart or binary upgrade; the running listeners stay"
@@ -49,22 +49,46 @@ impl Reloader {
         for warning in &new.warnings {
             log::warn!("{warning}");
         }
-        new.pools.inherit_health(&old.pools);
-        new.upstreams.inherit_health(&old.upstreams);
-        // A reload or a certificate renewal must not hand every client a fresh budget.
-        new.rate_limits.inherit(&old.rate_limits);
-        if let (Some(new_shared), Some(old_shared)) = (&new.shared_limits, &old.shared_limits) {
-            if new_shared.config == old_shared.config {
-                new.shared_limits = Some(std::sync::Arc::clone(old_shared));
-            }
-        }
-        publish(&new);
-        self.edge.store(Arc::new(new));
+        install(&self.edge, new);
         METRICS.reloads.with_label_values(&["ok"]).inc();
         log::info!("configuration reloaded ({why})");
         self.reloaded.notify_one();
         true
     }
+}
+
+/// Swaps a new snapshot in, carrying over what must outlive snapshots:
+/// worker health, rate-limit counts, the shared-limits connection.
+pub fn install(cell: &ArcSwap<Edge>, mut new: Edge) {
+    let old = cell.load();
+    new.pools.inherit_health(&old.pools);
+    new.upstreams.inherit_health(&old.upstreams);
+    // A reload or a certificate renewal must not hand every client a fresh budget.
+    new.rate_limits.inherit(&old.rate_limits);
+    if let (Some(new_shared), Some(old_shared)) = (&new.shared_limits, &old.shared_limits) {
+        if new_shared.config == old_shared.config {
+            new.shared_limits = Some(std::sync::Arc::clone(old_shared));
+        }
+    }
+    // Members that left (a reload, DNS discovery) leave the worker gauge too,
+    // or dashboards would show them up or down forever.
+    let named_old = old.upstreams.all().iter().map(|u| &u.pool);
+    for pool in old.pools.all().iter().chain(named_old) {
+        for member in &pool.members {
+            let named_new = new.upstreams.all().iter().map(|u| &u.pool);
+            let stays = new
+                .pools
+                .all()
+                .iter()
+                .chain(named_new)
+                .any(|p| p.label == pool.label && p.members.iter().any(|m| m.label == member.label));
+            if !stays {
+                let _ = METRICS.worker_up.remove_label_values(&[pool.label.as_str(), &member.label]);
+            }
+        }
+    }
+    publish(&new);
+    cell.store(Arc::new(new));
 }
 
 /// Gauges that describe a loaded snapshot.

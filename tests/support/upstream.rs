@@ -46,7 +46,12 @@ impl RecordingUpstream {
 
     /// An upstream that names itself in every JSON answer, on a given port (0: any).
     pub fn start_named(name: &str, port: u16) -> RecordingUpstream {
-        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        Self::start_at(name, SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// On a given loopback address (127.0.0.x) and port.
+    pub fn start_at(name: &str, address: SocketAddr) -> RecordingUpstream {
+        let listener = TcpListener::bind(address).unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(Mutex::new(Vec::<TcpStream>::new()));
         let name = Arc::new(name.to_string());
