@@ -45,6 +45,28 @@ enum Command {
         #[arg(long)]
         upgrade: bool,
     },
+    /// Check the deployment from outside, as another homeserver and a client
+    /// see it; each failure with its fix, exit 1 on any failure.
+    Doctor {
+        /// The server name to check (default: the config's `server_name`).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// curl's HOST:PORT:CONNECT-TO-HOST:CONNECT-TO-PORT (repeatable): test before DNS points here.
+        #[arg(long = "connect-to")]
+        connect_to: Vec<String>,
+        /// A CA certificate (PEM) to trust besides the system's.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Synapse's signing key: also send a signed federation request through the edge.
+        #[arg(long)]
+        signing_key: Option<PathBuf>,
+        /// DNS server (IP:port) for SRV lookups.
+        #[arg(long)]
+        dns: Option<std::net::SocketAddr>,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Renew ACME certificates now (all, or the names given): marks them in
     /// the state directory and signals the running instance.
     Renew { names: Vec<String> },
@@ -89,6 +111,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Doctor { server_name, connect_to, ca, signing_key, dns, json }) = &cli.command {
+        return doctor(&cli.config, server_name.clone(), connect_to, ca.clone(), signing_key.clone(), *dns, *json);
+    }
     let edge = match Edge::load(&cli.config) {
         Ok(edge) => edge,
         Err(error) => {
@@ -108,7 +133,7 @@ fn main() -> ExitCode {
             print!("{}", matrix_edge::cli::explain::routes_table(&edge));
             return ExitCode::SUCCESS;
         }
-        Some(Command::Reload { .. }) => return ExitCode::FAILURE,
+        Some(Command::Reload { .. }) | Some(Command::Doctor { .. }) => return ExitCode::FAILURE,
         Some(Command::Renew { names }) => {
             let pid_file = cli.pid_file.clone().unwrap_or_else(|| runtime_path("matrix-edge.pid"));
             return match matrix_edge::cli::renew::request(&edge, &names, pid_file.as_ref()) {
@@ -151,5 +176,51 @@ fn main() -> ExitCode {
             eprintln!("matrix-edge: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The server name comes from `--server-name` or, failing that, the config
+/// (a config is not needed otherwise: the doctor looks from outside).
+fn doctor(
+    config: &std::path::Path,
+    server_name: Option<String>,
+    connect_to: &[String],
+    ca: Option<PathBuf>,
+    signing_key: Option<PathBuf>,
+    dns: Option<std::net::SocketAddr>,
+    json: bool,
+) -> ExitCode {
+    use matrix_edge::cli::doctor;
+    let server_name = match server_name {
+        Some(name) => name,
+        None => match Edge::load(config) {
+            Ok(edge) => edge.server_name.clone(),
+            Err(error) => {
+                eprintln!("matrix-edge: give --server-name, or a config that loads: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let mut rules = Vec::with_capacity(connect_to.len());
+    for rule in connect_to {
+        match rule.parse::<doctor::fetch::ConnectTo>() {
+            Ok(rule) => rules.push(rule),
+            Err(error) => {
+                eprintln!("matrix-edge: --connect-to {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let options = doctor::Options { server_name: server_name.clone(), connect_to: rules, ca, signing_key, dns };
+    let findings = doctor::run(&options);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&findings).unwrap_or_default());
+    } else {
+        print!("{}", doctor::render(&server_name, &findings));
+    }
+    if findings.iter().any(|f| f.verdict == doctor::Verdict::Fail) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }

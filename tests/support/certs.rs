@@ -50,6 +50,21 @@ impl TestPki {
         }
     }
 
+    /// A leaf for `sans` that expired long ago.
+    pub fn issue_expired(&self, sans: &[&str]) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, sans[0]);
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let cert = params.signed_by(&key, &self.intermediate, &self.intermediate_key).unwrap();
+        Leaf {
+            name: sans[0].to_string(),
+            fullchain_pem: format!("{}{}", cert.pem(), self.intermediate.pem()),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     /// Writes `DIR/<name>/fullchain.pem`, `privkey.pem` and `DIR/ca.pem`.
     pub fn copy_into(&self, dir: &Path) {
         std::fs::create_dir_all(dir).unwrap();

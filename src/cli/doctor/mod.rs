@@ -1,0 +1,670 @@
+//! `matrix-edge doctor`: the deployment as another homeserver and a client
+//! see it, from outside, each failure with its fix.
+//!
+//! Server discovery follows the spec's order (IP literal, explicit port,
+//! `/.well-known/matrix/server` with its certificate, SRV `_matrix-fed._tcp`
+//! then `_matrix._tcp`, port 8448); then the federation endpoint, the
+//! signing keys (self-signature verified), optionally a request signed with
+//! Synapse's own key (proof that signatures survive every hop), and the
+//! client side: `/.well-known/matrix/client` with CORS, `/versions`, MAS's
+//! `auth_metadata` and the MatrixRTC foci it publishes.
+
+pub mod fetch;
+
+use fetch::{Client, Fetched};
+use openssl::pkey::{Id, PKey};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Finding {
+    pub check: String,
+    pub verdict: Verdict,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+pub struct Options {
+    pub server_name: String,
+    pub connect_to: Vec<fetch::ConnectTo>,
+    pub ca: Option<PathBuf>,
+    pub signing_key: Option<PathBuf>,
+    /// DNS server for SRV lookups (`IP:port`); default: the system's.
+    pub dns: Option<std::net::SocketAddr>,
+}
+
+struct Report {
+    findings: Vec<Finding>,
+    /// Hosts whose certificate was judged already (one line each).
+    judged: Vec<String>,
+}
+
+impl Report {
+    fn add(&mut self, check: impl Into<String>, verdict: Verdict, detail: impl Into<String>, fix: Option<&str>) {
+        self.findings.push(Finding {
+            check: check.into(),
+            verdict,
+            detail: detail.into(),
+            fix: fix.map(str::to_string),
+        });
+    }
+    fn ok(&mut self, check: impl Into<String>, detail: impl Into<String>) {
+        self.add(check, Verdict::Ok, detail, None);
+    }
+    fn warn(&mut self, check: impl Into<String>, detail: impl Into<String>, fix: &str) {
+        self.add(check, Verdict::Warn, detail, Some(fix));
+    }
+    fn fail(&mut self, check: impl Into<String>, detail: impl Into<String>, fix: &str) {
+        self.add(check, Verdict::Fail, detail, Some(fix));
+    }
+}
+
+/// `host`, `host:port`, `[v6]:port` or an IP literal.
+fn split_host_port(name: &str) -> (String, Option<u16>) {
+    if let Some(rest) = name.strip_prefix('[') {
+        if let Some((host, after)) = rest.split_once(']') {
+            return (host.to_string(), after.strip_prefix(':').and_then(|p| p.parse().ok()));
+        }
+    }
+    if name.parse::<std::net::Ipv6Addr>().is_ok() {
+        return (name.to_string(), None);
+    }
+    match name.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => (host.to_string(), port.parse().ok()),
+        _ => (name.to_string(), None),
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Judges the certificate a host served: verified for the name, chain
+/// complete and in order, not near its end.
+fn judge_certificate(report: &mut Report, what: &str, fetched: &Fetched) {
+    if report.judged.iter().any(|w| w == what) {
+        return;
+    }
+    report.judged.push(what.to_string());
+    let check = format!("certificate of {what}");
+    if let Some(problem) = &fetched.certificate_problem {
+        let fix = if problem.contains("local issuer") || problem.contains("unable to get issuer") {
+            "serve the full chain (leaf, then intermediates: certbot's fullchain.pem, not cert.pem)"
+        } else if problem.contains("expired") {
+            "renew the certificate (with tls.acme the edge does it itself)"
+        } else if problem.contains("mismatch") || problem.contains("hostname") {
+            "get a certificate that names this host (a SAN for it), or point the name elsewhere"
+        } else {
+            "serve a certificate from a public CA (or pass --ca for a private one) that names this host"
+        };
+        report.fail(&check, format!("does not verify: {problem}"), fix);
+        return;
+    }
+    let Some(leaf) = fetched.chain.first() else {
+        report.fail(&check, "no certificate was sent", "check the TLS setup of this host");
+        return;
+    };
+    let epoch = openssl::asn1::Asn1Time::from_unix(0);
+    let expires = epoch
+        .as_ref()
+        .ok()
+        .and_then(|epoch| epoch.diff(leaf.not_after()).ok())
+        .map_or(0, |d| i64::from(d.days) * 86_400 + i64::from(d.secs));
+    let days = (expires - unix_now()) / 86_400;
+    if days < 14 {
+        report.warn(&check, format!("valid, but expires in {days} days"), "renew it soon");
+    } else {
+        report.ok(&check, format!("valid for the name, chain complete, expires in {days} days"));
+    }
+}
+
+/// The spec's canonical JSON: keys sorted (serde_json's maps are), no spaces.
+fn canonical(value: &serde_json::Value) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn decode_unpadded(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD_NO_PAD.decode(text.trim_end_matches('=')).ok()
+}
+
+fn encode_unpadded(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
+}
+
+/// Checks `/_matrix/key/v2/server`'s self-signature with its own keys.
+fn verify_server_keys(document: &serde_json::Value, server_name: &str) -> Result<String, String> {
+    let named = document["server_name"].as_str().unwrap_or("");
+    if named != server_name {
+        return Err(format!("the keys are for {named:?}, not {server_name:?}"));
+    }
+    let signatures =
+        document["signatures"][server_name].as_object().ok_or("the document is not signed by the server")?;
+    let keys = document["verify_keys"].as_object().ok_or("no verify_keys")?;
+    let mut unsigned = document.clone();
+    if let Some(map) = unsigned.as_object_mut() {
+        map.remove("signatures");
+        map.remove("unsigned");
+    }
+    let message = canonical(&unsigned);
+    for (key_id, signature) in signatures {
+        let (Some(public), Some(signature)) = (
+            keys.get(key_id).and_then(|k| k["key"].as_str()).and_then(decode_unpadded),
+            signature.as_str().and_then(decode_unpadded),
+        ) else {
+            continue;
+        };
+        let key = PKey::public_key_from_raw_bytes(&public, Id::ED25519).map_err(|e| e.to_string())?;
+        let mut verifier = openssl::sign::Verifier::new_without_digest(&key).map_err(|e| e.to_string())?;
+        if verifier.verify_oneshot(&signature, message.as_bytes()).unwrap_or(false) {
+            return Ok(key_id.clone());
+        }
+        return Err(format!("the signature by {key_id} does not verify"));
+    }
+    Err("no signature by a listed key".into())
+}
+
+/// Synapse's signing key file: `ed25519 <version> <base64 seed>`.
+fn read_signing_key(path: &std::path::Path) -> Result<(String, PKey<openssl::pkey::Private>), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut parts = text.split_whitespace();
+    let (Some("ed25519"), Some(version), Some(seed)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("{} is not a Synapse signing key (ed25519 <version> <key>)", path.display()));
+    };
+    let seed = decode_unpadded(seed).ok_or_else(|| format!("{}: the key is not base64", path.display()))?;
+    let key = PKey::private_key_from_raw_bytes(&seed, Id::ED25519).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((format!("ed25519:{version}"), key))
+}
+
+/// An `Authorization: X-Matrix` header for a GET from `origin` to `destination`.
+fn x_matrix(
+    origin: &str,
+    destination: &str,
+    uri: &str,
+    key_id: &str,
+    key: &PKey<openssl::pkey::Private>,
+) -> Result<String, String> {
+    let request = serde_json::json!({ "method": "GET", "uri": uri, "origin": origin, "destination": destination });
+    let mut signer = openssl::sign::Signer::new_without_digest(key).map_err(|e| e.to_string())?;
+    let signature = signer.sign_oneshot_to_vec(canonical(&request).as_bytes()).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "X-Matrix origin=\"{origin}\",destination=\"{destination}\",key=\"{key_id}\",sig=\"{}\"",
+        encode_unpadded(&signature)
+    ))
+}
+
+fn srv_lookup(name: &str, dns: Option<std::net::SocketAddr>) -> Result<Option<(String, u16)>, String> {
+    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let mut builder = match dns {
+            Some(server) => {
+                let mut config = ResolverConfig::from_name_servers(Vec::new());
+                let mut udp = ConnectionConfig::udp();
+                udp.port = server.port();
+                config.add_name_server(NameServerConfig::new(server.ip(), true, vec![udp]));
+                hickory_resolver::TokioResolver::builder_with_config(
+                    config,
+                    hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+                )
+            }
+            None => hickory_resolver::TokioResolver::builder_tokio().map_err(|e| e.to_string())?,
+        };
+        builder.options_mut().timeout = std::time::Duration::from_secs(3);
+        builder.options_mut().attempts = 1;
+        let resolver = builder.build().map_err(|e| e.to_string())?;
+        match resolver.srv_lookup(format!("{name}.")).await {
+            Ok(answer) => Ok(answer.answers().iter().find_map(|record| match &record.data {
+                hickory_resolver::proto::rr::RData::SRV(srv) => {
+                    Some((srv.target.to_string().trim_end_matches('.').to_string(), srv.port))
+                }
+                _ => None,
+            })),
+            Err(error) if error.to_string().contains("no record") || error.to_string().contains("NXDomain") => Ok(None),
+            Err(error) => Err(error.to_string()),
+        }
+    })
+}
+
+/// Runs every check; the caller prints and sets the exit code.
+pub fn run(options: &Options) -> Vec<Finding> {
+    let mut report = Report { findings: Vec::new(), judged: Vec::new() };
+    let client = match Client::new(options.connect_to.clone(), options.ca.as_deref()) {
+        Ok(client) => client,
+        Err(error) => {
+            report.fail("options", error, "fix the --ca file");
+            return report.findings;
+        }
+    };
+    let server_name = options.server_name.trim().to_ascii_lowercase();
+    let (host, port) = split_host_port(&server_name);
+    let literal = host.parse::<std::net::IpAddr>().is_ok();
+
+    // 1. Where other homeservers send federation.
+    let (target_host, target_port, tls_name) = if literal || port.is_some() {
+        report.ok("server name", format!("{server_name} names its address directly: no delegation is looked up"));
+        (host.clone(), port.unwrap_or(8448), host.clone())
+    } else {
+        let delegated = well_known_server(&mut report, &client, &host);
+        let (name, name_port) = match &delegated {
+            Some(m_server) => split_host_port(m_server),
+            None => (host.clone(), None),
+        };
+        if name.parse::<std::net::IpAddr>().is_ok() || name_port.is_some() {
+            (name.clone(), name_port.unwrap_or(8448), name)
+        } else if client.overridden(&name) {
+            report.ok("SRV records", format!("not looked up: --connect-to redirects {name}"));
+            (name.clone(), 8448, name)
+        } else {
+            let mut found = None;
+            for service in ["_matrix-fed._tcp", "_matrix._tcp"] {
+                match srv_lookup(&format!("{service}.{name}"), options.dns) {
+                    Ok(Some(target)) => {
+                        report.ok("SRV records", format!("{service}.{name} points at {}:{}", target.0, target.1));
+                        found = Some(target);
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        report.warn("SRV records", format!("{service}.{name}: {error}"), "check DNS for the name");
+                    }
+                }
+            }
+            match found {
+                Some((target, target_port)) => (target, target_port, name),
+                None => (name.clone(), 8448, name),
+            }
+        }
+    };
+    let federation = format!("{target_host}:{target_port}");
+
+    // 2. The federation endpoint, its certificate and the server's keys.
+    match client.get(&target_host, target_port, "/_matrix/federation/v1/version", &[]) {
+        Err(error) => report.fail(
+            "federation endpoint",
+            format!("{federation}: {error}"),
+            "make sure a listener serves `federation` on that port, and that m.server (or SRV) names the right host and port",
+        ),
+        Ok(fetched) => {
+            if tls_name == target_host {
+                judge_certificate(&mut report, &federation, &fetched);
+            }
+            match (fetched.status, fetched.json()) {
+                (200, Ok(body)) if body["server"].is_object() => report.ok(
+                    "federation endpoint",
+                    format!("{federation} answers /_matrix/federation/v1/version: {}", body["server"]),
+                ),
+                (status, _) => report.fail(
+                    "federation endpoint",
+                    format!("{federation} answered /_matrix/federation/v1/version with {status}"),
+                    "the edge must forward /_matrix/federation/ to Synapse on this listener",
+                ),
+            }
+        }
+    }
+    match client.get(&target_host, target_port, "/_matrix/key/v2/server", &[]) {
+        Err(error) => report.fail("signing keys", error, "forward /_matrix/key/ to Synapse"),
+        Ok(fetched) => match fetched.json().and_then(|document| verify_server_keys(&document, &server_name)) {
+            Ok(key_id) => {
+                report.ok("signing keys", format!("/_matrix/key/v2/server is signed by {key_id} of {server_name}"))
+            }
+            Err(error) => report.fail(
+                "signing keys",
+                error,
+                "Synapse's server_name must equal the name other servers use, and its keys must come through unchanged",
+            ),
+        },
+    }
+    if let Some(path) = &options.signing_key {
+        signed_request(&mut report, &client, &server_name, &target_host, target_port, path);
+    }
+
+    // 3. What clients see.
+    client_side(&mut report, &client, &host);
+    report.findings
+}
+
+fn well_known_server(report: &mut Report, client: &Client, host: &str) -> Option<String> {
+    let check = ".well-known/matrix/server";
+    let mut target = "/.well-known/matrix/server".to_string();
+    let mut where_host = host.to_string();
+    let mut where_port = 443;
+    for _ in 0..5 {
+        let fetched = match client.get(&where_host, where_port, &target, &[]) {
+            Ok(fetched) => fetched,
+            Err(error) => {
+                report.warn(
+                    check,
+                    format!("not reachable ({error}); other servers fall back to SRV and port 8448"),
+                    "serve it when Synapse is not on this host's port 8448",
+                );
+                return None;
+            }
+        };
+        if (300..400).contains(&fetched.status) {
+            let Some(location) = fetched.header("location") else { break };
+            let Some(rest) = location.strip_prefix("https://") else {
+                report.fail(
+                    check,
+                    format!("redirects to {location}, which is not https"),
+                    "redirect to https or answer directly",
+                );
+                return None;
+            };
+            let (authority, path) = rest.split_once('/').map_or((rest, "/"), |(a, p)| (a, p));
+            let (h, p) = split_host_port(authority);
+            where_host = h;
+            where_port = p.unwrap_or(443);
+            target = format!("/{}", path.trim_start_matches('/'));
+            continue;
+        }
+        if fetched.certificate_problem.is_some() {
+            judge_certificate(report, &format!("{where_host}:{where_port} (for the well-known)"), &fetched);
+            report.fail(
+                check,
+                "served over a certificate that does not verify: other servers ignore it",
+                "fix the certificate for this host",
+            );
+            return None;
+        }
+        if fetched.status == 404 {
+            report.warn(
+                check,
+                "not found: other servers use SRV records, then port 8448",
+                "publish it (well_known.server) to delegate federation",
+            );
+            return None;
+        }
+        if fetched.status != 200 {
+            report.fail(check, format!("answered {}", fetched.status), "answer 200 with {\"m.server\": \"host:port\"}");
+            return None;
+        }
+        let m_server = match fetched.json() {
+            Ok(body) => body["m.server"].as_str().map(str::to_string),
+            Err(error) => {
+                report.fail(
+                    check,
+                    format!("invalid: {error}"),
+                    "serve {\"m.server\": \"host:port\"} as JSON (the edge's well_known.server does)",
+                );
+                return None;
+            }
+        };
+        let Some(m_server) = m_server else {
+            report.fail(check, "has no m.server string", "serve {\"m.server\": \"host:port\"}");
+            return None;
+        };
+        if fetched.header("cache-control").is_none() {
+            report.warn(check, "no Cache-Control: servers cache it for 24 hours by default", "set well_known.max_age");
+        }
+        report.ok(check, format!("delegates to {m_server}"));
+        return Some(m_server);
+    }
+    report.fail(check, "too many redirects", "answer it directly");
+    None
+}
+
+fn signed_request(
+    report: &mut Report,
+    client: &Client,
+    server_name: &str,
+    host: &str,
+    port: u16,
+    key: &std::path::Path,
+) {
+    let check = "signed federation request";
+    let (key_id, key) = match read_signing_key(key) {
+        Ok(key) => key,
+        Err(error) => {
+            report.fail(check, error, "pass Synapse's signing key file (signing_key_path in homeserver.yaml)");
+            return;
+        }
+    };
+    // Percent-encoded `@` and `:` and an encoded slash: exactly what a proxy
+    // that "normalises" URIs rewrites, which breaks the signature.
+    let uri =
+        format!("/_matrix/federation/v1/query/profile?user_id=%40doctor%3A{server_name}&field=displayname&probe=a%2Fb");
+    let authorization = match x_matrix(server_name, server_name, &uri, &key_id, &key) {
+        Ok(header) => header,
+        Err(error) => {
+            report.fail(check, error, "check the signing key");
+            return;
+        }
+    };
+    match client.get(host, port, &uri, &[("Authorization", authorization)]) {
+        Err(error) => report.fail(check, error, "the federation endpoint must be reachable"),
+        Ok(fetched) if fetched.status == 401 || fetched.status == 403 => report.fail(
+            check,
+            format!(
+                "Synapse refused a request signed with its own key ({}: {}): something on the way changed the request target",
+                fetched.status,
+                String::from_utf8_lossy(&fetched.body)
+            ),
+            "forward the request target byte for byte (nginx: proxy_pass without a URI part; no normalising proxy in front)",
+        ),
+        Ok(fetched) => report.ok(check, format!("Synapse accepted a signed request through the edge ({})", fetched.status)),
+    }
+}
+
+fn client_side(report: &mut Report, client: &Client, host: &str) {
+    let check = ".well-known/matrix/client";
+    let fetched =
+        match client.get(host, 443, "/.well-known/matrix/client", &[("Origin", "https://app.element.io".into())]) {
+            Ok(fetched) => fetched,
+            Err(error) => {
+                report.warn(
+                    check,
+                    format!("not reachable: {error}"),
+                    "publish it so clients find the homeserver from the user ID",
+                );
+                return;
+            }
+        };
+    if fetched.status == 404 {
+        report.warn(
+            check,
+            "not found: clients must be told the homeserver URL by hand",
+            "publish it (well_known.client)",
+        );
+        return;
+    }
+    let cors = fetched.header("access-control-allow-origin") == Some("*");
+    let body = match (fetched.status, fetched.json()) {
+        (200, Ok(body)) => body,
+        (200, Err(error)) => {
+            report.fail(check, format!("invalid: {error}"), "serve valid JSON (the edge's well_known.client does)");
+            return;
+        }
+        (status, _) => {
+            report.fail(check, format!("answered {status}"), "answer 200 with the client document");
+            return;
+        }
+    };
+    if !cors {
+        report.fail(
+            check,
+            "no Access-Control-Allow-Origin: * — web clients (Element Web) cannot read it",
+            "add CORS headers (the edge sends them on every answer)",
+        );
+    }
+    let Some(base_url) = body["m.homeserver"]["base_url"].as_str() else {
+        report.fail(check, "no m.homeserver.base_url", "set well_known.client.homeserver");
+        return;
+    };
+    if cors {
+        report.ok(check, format!("m.homeserver is {base_url}, with CORS"));
+    }
+    match client.get(host, 443, "/.well-known/matrix/doctor-probe", &[("Origin", "https://app.element.io".into())]) {
+        Ok(missing) if missing.header("access-control-allow-origin").is_none() => report.warn(
+            "CORS on errors",
+            format!(
+                "a {} from the well-known path carries no CORS headers: web clients see only a network error",
+                missing.status
+            ),
+            "send CORS headers on error answers too",
+        ),
+        _ => {}
+    }
+    let Some(rest) = base_url.strip_prefix("https://") else {
+        report.fail("homeserver URL", format!("{base_url} is not https"), "use an https:// base_url");
+        return;
+    };
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let (api_host, api_port) = split_host_port(authority);
+    let api_port = api_port.unwrap_or(443);
+    let prefix = format!("/{}", path.trim_end_matches('/'));
+    let prefix = if prefix == "/" { String::new() } else { prefix };
+    match client.get(
+        &api_host,
+        api_port,
+        &format!("{prefix}/_matrix/client/versions"),
+        &[("Origin", "https://app.element.io".into())],
+    ) {
+        Err(error) => report.fail(
+            "client API",
+            format!("{base_url}: {error}"),
+            "the base_url must reach a listener serving `client`",
+        ),
+        Ok(fetched) => {
+            judge_certificate(report, &format!("{api_host}:{api_port}"), &fetched);
+            match (fetched.status, fetched.json()) {
+                (200, Ok(body)) if body["versions"].is_array() => {
+                    report.ok("client API", format!("{base_url} answers /versions"))
+                }
+                (status, _) => report.fail(
+                    "client API",
+                    format!("{base_url}/_matrix/client/versions answered {status}"),
+                    "forward /_matrix/client/ to Synapse",
+                ),
+            }
+            auth_and_foci(report, client, &api_host, api_port, &prefix, &body);
+        }
+    }
+}
+
+/// MAS: `auth_metadata`'s issuer must be https; MatrixRTC foci must answer.
+fn auth_and_foci(
+    report: &mut Report,
+    client: &Client,
+    host: &str,
+    port: u16,
+    prefix: &str,
+    client_document: &serde_json::Value,
+) {
+    if let Ok(fetched) =
+        client.get(host, port, &format!("{prefix}/_matrix/client/unstable/org.matrix.msc2965/auth_metadata"), &[])
+    {
+        if fetched.status == 200 {
+            match fetched.json().map(|b| b["issuer"].as_str().map(str::to_string)) {
+                Ok(Some(issuer)) if issuer.starts_with("https://") => {
+                    report.ok("authentication (MAS)", format!("auth_metadata issuer is {issuer}"))
+                }
+                other => report.fail(
+                    "authentication (MAS)",
+                    format!("auth_metadata has no https issuer ({other:?})"),
+                    "set MAS's http.public_base to its https URL",
+                ),
+            }
+        }
+    }
+    let foci = client_document["org.matrix.msc4143.rtc_foci"].as_array().cloned().unwrap_or_default();
+    for focus in foci {
+        let Some(url) = focus["livekit_service_url"].as_str() else { continue };
+        let Some(rest) = url.strip_prefix("https://") else {
+            report.fail("MatrixRTC focus", format!("{url} is not https"), "publish an https livekit_service_url");
+            continue;
+        };
+        let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+        let (focus_host, focus_port) = split_host_port(authority);
+        match client.get(&focus_host, focus_port.unwrap_or(443), &format!("/{path}"), &[]) {
+            Ok(fetched) => report.ok("MatrixRTC focus", format!("{url} answers ({})", fetched.status)),
+            Err(error) => {
+                report.fail("MatrixRTC focus", format!("{url}: {error}"), "route the focus URL to lk-jwt-service")
+            }
+        }
+    }
+}
+
+/// Text for a terminal: one line per check, fixes indented under failures.
+pub fn render(server_name: &str, findings: &[Finding]) -> String {
+    let mut out = format!("matrix-edge doctor: {server_name}\n");
+    for finding in findings {
+        let label = match finding.verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Warn => "WARN",
+            Verdict::Fail => "FAIL",
+        };
+        let _ = writeln!(out, "  {label} {}: {}", finding.check, finding.detail);
+        if let (Some(fix), true) = (&finding.fix, finding.verdict != Verdict::Ok) {
+            let _ = writeln!(out, "       fix: {fix}");
+        }
+    }
+    let count = |v| findings.iter().filter(|f| f.verdict == v).count();
+    let _ = writeln!(
+        out,
+        "{} ok, {} warnings, {} failures",
+        count(Verdict::Ok),
+        count(Verdict::Warn),
+        count(Verdict::Fail)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn server_names_split_as_the_spec_reads_them() {
+        assert_eq!(split_host_port("example.org"), ("example.org".into(), None));
+        assert_eq!(split_host_port("example.org:8448"), ("example.org".into(), Some(8448)));
+        assert_eq!(split_host_port("[2001:db8::1]:8448"), ("2001:db8::1".into(), Some(8448)));
+        assert_eq!(split_host_port("2001:db8::1"), ("2001:db8::1".into(), None));
+        assert_eq!(split_host_port("192.0.2.1"), ("192.0.2.1".into(), None));
+    }
+
+    #[test]
+    fn key_documents_are_verified_and_signed_requests_verify() {
+        let key = PKey::generate_ed25519().unwrap();
+        let public = key.raw_public_key().unwrap();
+        let mut document = serde_json::json!({
+            "server_name": "example.org",
+            "valid_until_ts": 1,
+            "verify_keys": { "ed25519:a_1": { "key": encode_unpadded(&public) } },
+            "old_verify_keys": {},
+        });
+        let mut signer = openssl::sign::Signer::new_without_digest(&key).unwrap();
+        let signature = signer.sign_oneshot_to_vec(canonical(&document).as_bytes()).unwrap();
+        document["signatures"] = serde_json::json!({ "example.org": { "ed25519:a_1": encode_unpadded(&signature) } });
+        assert_eq!(verify_server_keys(&document, "example.org").unwrap(), "ed25519:a_1");
+        assert!(verify_server_keys(&document, "other.org").unwrap_err().contains("not \"other.org\""));
+        let mut tampered = document.clone();
+        tampered["valid_until_ts"] = serde_json::json!(2);
+        assert!(verify_server_keys(&tampered, "example.org").unwrap_err().contains("does not verify"));
+        let header = x_matrix("a.org", "b.org", "/x?y=%40z", "ed25519:a_1", &key).unwrap();
+        assert!(header.starts_with("X-Matrix origin=\"a.org\",destination=\"b.org\",key=\"ed25519:a_1\",sig=\""));
+    }
+
+    #[test]
+    fn rendering_shows_fixes_under_failures_only() {
+        let findings = vec![
+            Finding { check: "a".into(), verdict: Verdict::Ok, detail: "fine".into(), fix: None },
+            Finding { check: "b".into(), verdict: Verdict::Fail, detail: "broken".into(), fix: Some("mend it".into()) },
+        ];
+        let text = render("example.org", &findings);
+        assert!(text.contains("  ok   a: fine\n"));
+        assert!(text.contains("  FAIL b: broken\n       fix: mend it\n"));
+        assert!(text.ends_with("1 ok, 0 warnings, 1 failures\n"));
+    }
+}

@@ -1,0 +1,215 @@
+//! `matrix-edge doctor` against a real Synapse behind the real edge: a good
+//! deployment passes, and each broken one built here is named.
+//!
+//! Names live under `doctor.test`; `--connect-to` sends them to the edge on
+//! loopback and `--ca` trusts the test PKI, as an admin would test before
+//! DNS points at a new host.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use support::certs::TestPki;
+use support::synapse::Synapse;
+use support::{free_port, EdgeProcess};
+
+const SERVER_NAME: &str = "doctor.test";
+const HOMESERVER: &str = "matrix.doctor.test";
+
+struct Helper(Child);
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Outcome {
+    code: i32,
+    text: String,
+}
+
+impl Outcome {
+    fn line(&self, start: &str) -> &str {
+        self.text
+            .lines()
+            .find(|l| l.trim_start().starts_with(start))
+            .unwrap_or_else(|| panic!("no line {start:?} in:\n{}", self.text))
+    }
+}
+
+fn doctor(edge_port: u16, ca: &Path, signing_key: Option<&Path>, extra: &[&str]) -> Outcome {
+    let mut command = Command::new(support::binary());
+    command
+        .args(["doctor", "--server-name", SERVER_NAME])
+        .arg("--connect-to")
+        .arg(format!("{SERVER_NAME}:443:127.0.0.1:{edge_port}"))
+        .arg("--connect-to")
+        .arg(format!("{HOMESERVER}:443:127.0.0.1:{edge_port}"))
+        .arg("--ca")
+        .arg(ca)
+        .args(extra);
+    if let Some(key) = signing_key {
+        command.arg("--signing-key").arg(key);
+    }
+    let output = command.output().unwrap();
+    Outcome {
+        code: output.status.code().unwrap_or(-1),
+        text: String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr),
+    }
+}
+
+fn edge_config(port: u16, synapse: SocketAddr, m_server: &str, certs: &str, extra: &str) -> String {
+    format!(
+        r#"server_name: {SERVER_NAME}
+listeners:
+  - {{ address: "127.0.0.1:{port}", tls: true, serves: [well_known, client, federation, sites] }}
+tls:
+  certificates:
+{certs}
+well_known:
+  server: "{m_server}"
+  client: {{ homeserver: "https://{HOMESERVER}" }}
+  max_age: 1h
+synapse:
+  main: "{synapse}"
+{extra}"#
+    )
+}
+
+const GOOD_CERTS: &str = "    - { cert: certs/doctor.test/fullchain.pem, key: certs/doctor.test/privkey.pem }\n    - { cert: certs/matrix.doctor.test/fullchain.pem, key: certs/matrix.doctor.test/privkey.pem }";
+
+fn start(config: &str, pki: &TestPki, port: u16) -> EdgeProcess {
+    EdgeProcess::start(config, Some(pki), &[SocketAddr::from(([127, 0, 0, 1], port))])
+}
+
+#[test]
+fn doctor_passes_a_good_deployment_and_names_each_broken_one() {
+    let work = tempfile::tempdir().unwrap();
+    let synapse_port = free_port();
+    let synapse =
+        Synapse::start(&work.path().join("synapse"), synapse_port, SERVER_NAME, &format!("https://{HOMESERVER}/"));
+    let synapse_addr = SocketAddr::from(([127, 0, 0, 1], synapse_port));
+    let signing_key: PathBuf = synapse.dir.join("signing.key");
+    assert!(signing_key.exists(), "no signing key at {}", signing_key.display());
+    let pki = TestPki::new(&[&[SERVER_NAME], &[HOMESERVER]]);
+    let ca = work.path().join("ca.pem");
+    std::fs::write(&ca, &pki.root_pem).unwrap();
+    let port = free_port();
+    let m_server = format!("{HOMESERVER}:443");
+
+    // A good deployment: every check passes, the signed request included.
+    let edge = start(&edge_config(port, synapse_addr, &m_server, GOOD_CERTS, ""), &pki, port);
+    let good = doctor(port, &ca, Some(&signing_key), &[]);
+    assert_eq!(good.code, 0, "{}", good.text);
+    for line in [
+        "ok   .well-known/matrix/server: delegates to matrix.doctor.test:443",
+        "ok   certificate of matrix.doctor.test:443",
+        "ok   federation endpoint",
+        "ok   signing keys: /_matrix/key/v2/server is signed by ed25519:",
+        "ok   signed federation request: Synapse accepted",
+        "ok   .well-known/matrix/client: m.homeserver is https://matrix.doctor.test, with CORS",
+        "ok   client API",
+    ] {
+        assert!(good.text.contains(line), "missing {line:?} in:\n{}", good.text);
+    }
+    assert!(!good.text.contains("FAIL"), "{}", good.text);
+    // The same as JSON.
+    let json = doctor(port, &ca, None, &["--json"]);
+    let findings: serde_json::Value = serde_json::from_str(&json.text).unwrap();
+    assert!(findings.as_array().unwrap().iter().all(|f| f["verdict"] != "fail"), "{findings}");
+    drop(edge);
+
+    // A proxy that percent-decodes targets between the edge and Synapse: the
+    // signature no longer matches what Synapse sees.
+    let proxy_port = free_port();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/py/canonicalising_proxy.py");
+    let _proxy = Helper(
+        Command::new("python3")
+            .arg(&script)
+            .arg(proxy_port.to_string())
+            .arg(synapse_port.to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let proxy_addr = SocketAddr::from(([127, 0, 0, 1], proxy_port));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let edge = start(&edge_config(port, proxy_addr, &m_server, GOOD_CERTS, ""), &pki, port);
+    let canonicalised = doctor(port, &ca, Some(&signing_key), &[]);
+    assert_eq!(canonicalised.code, 1, "{}", canonicalised.text);
+    let line = canonicalised.line("FAIL signed federation request");
+    assert!(line.contains("changed the request target"), "{line}");
+    assert!(canonicalised.text.contains("fix: forward the request target byte for byte"), "{}", canonicalised.text);
+    drop(edge);
+
+    // A certificate for the wrong name.
+    let other = pki.issue(&["other.test"]);
+    let dir = work.path().join("wrong");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("fullchain.pem"), &other.fullchain_pem).unwrap();
+    std::fs::write(dir.join("privkey.pem"), &other.key_pem).unwrap();
+    let wrong_certs = format!("    - {{ cert: {0}/fullchain.pem, key: {0}/privkey.pem }}", dir.display());
+    let edge = start(&edge_config(port, synapse_addr, &m_server, &wrong_certs, ""), &pki, port);
+    let wrong = doctor(port, &ca, None, &[]);
+    assert_eq!(wrong.code, 1);
+    let line = wrong.line("FAIL certificate of");
+    assert!(line.contains("does not verify") && line.contains("mismatch"), "{line}");
+    drop(edge);
+
+    // An expired certificate for the homeserver.
+    let expired = pki.issue_expired(&[HOMESERVER]);
+    let dir = work.path().join("expired");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("fullchain.pem"), &expired.fullchain_pem).unwrap();
+    std::fs::write(dir.join("privkey.pem"), &expired.key_pem).unwrap();
+    let expired_certs = format!(
+        "    - {{ cert: certs/doctor.test/fullchain.pem, key: certs/doctor.test/privkey.pem }}\n    - {{ cert: {0}/fullchain.pem, key: {0}/privkey.pem }}",
+        dir.display()
+    );
+    let edge = start(&edge_config(port, synapse_addr, &m_server, &expired_certs, ""), &pki, port);
+    let old = doctor(port, &ca, None, &[]);
+    assert_eq!(old.code, 1);
+    let line = old.line("FAIL certificate of matrix.doctor.test:443");
+    assert!(line.contains("expired"), "{line}");
+    drop(edge);
+
+    // m.server on a port nobody serves.
+    let nobody = free_port();
+    let edge = start(&edge_config(port, synapse_addr, &format!("{HOMESERVER}:{nobody}"), GOOD_CERTS, ""), &pki, port);
+    let rule = format!("{HOMESERVER}:{nobody}:127.0.0.1:{nobody}");
+    let unserved = doctor(port, &ca, None, &["--connect-to", &rule]);
+    assert_eq!(unserved.code, 1);
+    let line = unserved.line("FAIL federation endpoint");
+    assert!(line.contains(&format!("{HOMESERVER}:{nobody}")) && line.contains("refused"), "{line}");
+    drop(edge);
+
+    // The well-known documents served as static files by mistake: the
+    // client one without CORS, then with invalid JSON.
+    let root = work.path().join("static");
+    std::fs::create_dir_all(root.join(".well-known/matrix")).unwrap();
+    std::fs::write(root.join(".well-known/matrix/server"), format!("{{\"m.server\": \"{m_server}\"}}")).unwrap();
+    std::fs::write(
+        root.join(".well-known/matrix/client"),
+        format!("{{\"m.homeserver\": {{\"base_url\": \"https://{HOMESERVER}\"}}}}"),
+    )
+    .unwrap();
+    let sites = format!(
+        "matrix_site:\n  hosts: [{HOMESERVER}]\nsites:\n  - hosts: [{SERVER_NAME}]\n    routes:\n      - {{ prefix: /, static: {{ root: \"{}\" }} }}\n",
+        root.display()
+    );
+    let edge = start(&edge_config(port, synapse_addr, &m_server, GOOD_CERTS, &sites), &pki, port);
+    let no_cors = doctor(port, &ca, None, &[]);
+    assert_eq!(no_cors.code, 1, "{}", no_cors.text);
+    let line = no_cors.line("FAIL .well-known/matrix/client");
+    assert!(line.contains("Access-Control-Allow-Origin"), "{line}");
+    std::fs::write(root.join(".well-known/matrix/client"), "{\"m.homeserver\": ").unwrap();
+    let invalid = doctor(port, &ca, None, &[]);
+    assert_eq!(invalid.code, 1);
+    let line = invalid.line("FAIL .well-known/matrix/client");
+    assert!(line.contains("invalid") && line.contains("not JSON"), "{line}");
+    drop(edge);
+}
