@@ -67,6 +67,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a commented config from Synapse's own (to stdout).
+    Init {
+        /// Synapse's homeserver.yaml.
+        #[arg(long = "from-synapse")]
+        from_synapse: PathBuf,
+        /// The directory of the workers' config files.
+        #[arg(long)]
+        workers: Option<PathBuf>,
+        /// The public listener (default [::]:443).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Certificate chain file; without --cert/--key the config orders certificates by ACME.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+    },
     /// Renew ACME certificates now (all, or the names given): marks them in
     /// the state directory and signals the running instance.
     Renew { names: Vec<String> },
@@ -111,6 +128,28 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Init { from_synapse, workers, listen, cert, key }) = &cli.command {
+        let options = matrix_edge::cli::init::InitOptions {
+            homeserver: from_synapse.clone(),
+            workers: workers.clone(),
+            listen: listen.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        return match matrix_edge::cli::init::init(&options) {
+            Ok((config, warnings)) => {
+                print!("{config}");
+                for warning in warnings {
+                    eprintln!("matrix-edge: warning: {warning}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("matrix-edge: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Doctor { server_name, connect_to, ca, signing_key, dns, json }) = &cli.command {
         return doctor(&cli.config, server_name.clone(), connect_to, ca.clone(), signing_key.clone(), *dns, *json);
     }
@@ -133,7 +172,9 @@ fn main() -> ExitCode {
             print!("{}", matrix_edge::cli::explain::routes_table(&edge));
             return ExitCode::SUCCESS;
         }
-        Some(Command::Reload { .. }) | Some(Command::Doctor { .. }) => return ExitCode::FAILURE,
+        Some(Command::Reload { .. }) | Some(Command::Doctor { .. }) | Some(Command::Init { .. }) => {
+            return ExitCode::FAILURE
+        }
         Some(Command::Renew { names }) => {
             let pid_file = cli.pid_file.clone().unwrap_or_else(|| runtime_path("matrix-edge.pid"));
             return match matrix_edge::cli::renew::request(&edge, &names, pid_file.as_ref()) {

@@ -143,7 +143,50 @@ synapse:
         media = list("media_repository"),
         typing = list("typing"),
     );
-    let edge_process = EdgeProcess::start(&config, Some(&pki), &[edge_addr]);
+    // `matrix-edge init` on Synapse's own files must route these workers as
+    // the hand-written config does; the flow below then runs on its output.
+    let synapse_dir = work.path().join("synapse");
+    let init = Command::new(support::binary())
+        .args(["init", "--from-synapse"])
+        .arg(synapse_dir.join("main/homeserver.yaml"))
+        .arg("--workers")
+        .arg(&synapse_dir)
+        .args(["--listen", &edge_addr.to_string()])
+        .args(["--cert", &format!("certs/{HOST}/fullchain.pem"), "--key", &format!("certs/{HOST}/privkey.pem")])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "init failed: {}", String::from_utf8_lossy(&init.stderr));
+    let generated = String::from_utf8(init.stdout).unwrap();
+    let inproc = work.path().join("inproc");
+    pki.copy_into(&inproc.join("certs"));
+    let load = |text: &str| {
+        let source = Source { file: inproc.join("inline.yaml"), text: text.to_string() };
+        Edge::from_config(source.parse().unwrap(), &source).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    };
+    let (hand_written, from_init) = (load(&config), load(&generated));
+    let route_of = |edge: &Edge, method: &str, target: &str| {
+        let decision = edge.router.route(method, target.as_bytes());
+        let members: Vec<String> = edge
+            .pools
+            .get(decision.group)
+            .map(|pool| pool.members.iter().map(|m| m.upstream.address.to_string()).collect())
+            .unwrap_or_else(|| vec![edge.main.address.to_string()]);
+        (decision.sticky, members)
+    };
+    let lines = include_str!("routing/requests.txt");
+    let mut compared = 0;
+    for line in lines.lines().filter(|l| !l.starts_with('#') && l.contains(" => ")) {
+        let request = line.split(" => ").next().unwrap().split(" | ").next().unwrap();
+        let Some((method, target)) = request.split_once(' ') else { continue };
+        assert_eq!(
+            route_of(&hand_written, method, target),
+            route_of(&from_init, method, target),
+            "{method} {target}: the generated config routes it elsewhere\n{generated}"
+        );
+        compared += 1;
+    }
+    assert!(compared > 200, "{compared}");
+    let edge_process = EdgeProcess::start(&generated, Some(&pki), &[edge_addr]);
     // The same table, loaded in-process, says where each request should land.
     let source = Source::read(&edge_process.config).unwrap();
     let table = Edge::from_config(source.parse().unwrap(), &source).unwrap();

@@ -1,4 +1,5 @@
 pub mod doctor;
 pub mod explain;
+pub mod init;
 pub mod reload_command;
 pub mod renew;

@@ -1,0 +1,323 @@
+//! `matrix-edge init --from-synapse homeserver.yaml [--workers DIR]`: a
+//! commented starting config read off Synapse's own.
+//!
+//! What Synapse's config says is taken as it is (server name, public URL,
+//! the main listener, upload size, stream writers, MAS); which group a
+//! generic worker serves is not in Synapse's config (it is the proxy's
+//! decision), so it is read from the worker's name the way Synapse's own
+//! docker scripts name them (`synchrotron1`, `client_reader2`...), and a
+//! worker whose name says nothing is listed in a comment for the admin.
+
+use serde_yaml::Value;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+pub struct InitOptions {
+    pub homeserver: PathBuf,
+    pub workers: Option<PathBuf>,
+    /// The public listener; default `[::]:443`.
+    pub listen: Option<String>,
+    /// Certificate files; without them the config uses ACME.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Groups a worker can serve, and the name fragments that say so.
+const GROUPS_BY_NAME: &[(&str, &[&str])] = &[
+    ("synchrotron", &["synchrotron", "sync"]),
+    ("initial_sync", &["initial_sync"]),
+    ("client_reader", &["client_reader", "client"]),
+    ("event_creator", &["event_creator"]),
+    ("federation_reader", &["federation_reader", "federation_requests"]),
+    ("federation_inbound", &["federation_inbound", "inbound"]),
+    ("media_repository", &["media_repository", "media"]),
+    ("user_directory", &["user_directory", "user_dir"]),
+    ("sso", &["sso"]),
+];
+
+/// Stream writers the edge routes to (events and others take no HTTP traffic from clients).
+const ROUTED_STREAMS: &[&str] = &[
+    "typing",
+    "to_device",
+    "account_data",
+    "receipts",
+    "presence",
+    "push_rules",
+    "device_lists",
+    "thread_subscriptions",
+];
+
+fn read_yaml(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn text<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
+    value.get(key).and_then(Value::as_str)
+}
+
+/// The loopback-reachable address of an HTTP listener serving `client`, `federation` or `media`.
+fn http_address(listeners: &Value) -> Option<(String, bool)> {
+    for listener in listeners.as_sequence()? {
+        if text(listener, "type") != Some("http") {
+            continue;
+        }
+        let names: Vec<&str> = listener
+            .get("resources")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.get("names").and_then(Value::as_sequence))
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if !names.iter().any(|n| matches!(*n, "client" | "federation" | "media")) {
+            continue;
+        }
+        let port = listener.get("port").and_then(Value::as_u64)?;
+        let bind = listener
+            .get("bind_addresses")
+            .and_then(Value::as_sequence)
+            .and_then(|b| b.first())
+            .and_then(Value::as_str)
+            .unwrap_or("127.0.0.1");
+        let host = match bind {
+            "0.0.0.0" | "" => "127.0.0.1".to_string(),
+            "::" => "[::1]".to_string(),
+            v6 if v6.contains(':') => format!("[{v6}]"),
+            other => other.to_string(),
+        };
+        let x_forwarded = listener.get("x_forwarded").and_then(Value::as_bool).unwrap_or(false);
+        return Some((format!("{host}:{port}"), x_forwarded));
+    }
+    None
+}
+
+/// The group a worker's name says it serves.
+fn group_from_name(name: &str) -> Option<&'static str> {
+    let base = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '-' || c == '_').to_ascii_lowercase();
+    GROUPS_BY_NAME
+        .iter()
+        .find(|(_, fragments)| fragments.iter().any(|f| base == *f || base.replace('-', "_") == *f))
+        .map(|(group, _)| *group)
+}
+
+struct Worker {
+    name: String,
+    address: String,
+    app: String,
+    media: bool,
+}
+
+fn read_workers(dir: &Path, warnings: &mut Vec<String>) -> Result<Vec<Worker>, String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json"))
+        .collect();
+    files.sort();
+    let mut workers = Vec::new();
+    for file in files {
+        let Ok(config) = read_yaml(&file) else { continue };
+        let (Some(app), Some(name)) = (text(&config, "worker_app"), text(&config, "worker_name")) else { continue };
+        let Some((address, x_forwarded)) = config.get("worker_listeners").and_then(http_address) else {
+            warnings.push(format!(
+                "worker {name} ({}) has no HTTP listener for client or federation traffic: not routed",
+                file.display()
+            ));
+            continue;
+        };
+        if !x_forwarded {
+            warnings.push(format!(
+                "worker {name} listens without x_forwarded: true, so it would log the edge's address for every client"
+            ));
+        }
+        let media =
+            app.ends_with("media_repository") || config.get("enable_media_repo").and_then(Value::as_bool) == Some(true);
+        workers.push(Worker { name: name.to_string(), address, app: app.to_string(), media });
+    }
+    Ok(workers)
+}
+
+/// The config text, and warnings for the admin.
+pub fn init(options: &InitOptions) -> Result<(String, Vec<String>), String> {
+    let homeserver = read_yaml(&options.homeserver)?;
+    let mut warnings = Vec::new();
+    let server_name = text(&homeserver, "server_name").ok_or("homeserver.yaml has no server_name")?.to_string();
+    let public_baseurl = text(&homeserver, "public_baseurl").map(|u| u.trim_end_matches('/').to_string());
+    let (main, x_forwarded) = homeserver
+        .get("listeners")
+        .and_then(http_address)
+        .ok_or("homeserver.yaml has no HTTP listener serving client or federation")?;
+    if !x_forwarded {
+        warnings.push(format!(
+            "Synapse's listener {main} has x_forwarded off: set `x_forwarded: true` so it logs and rate-limits the real client, not the edge"
+        ));
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "# Generated by `matrix-edge init --from-synapse {}`.", options.homeserver.display());
+    let _ = writeln!(out, "# Read it through, then `matrix-edge check -c` it.");
+    let _ = writeln!(out, "server_name: {server_name}\n");
+    let listen = options.listen.clone().unwrap_or_else(|| "[::]:443".into());
+    let _ = writeln!(out, "listeners:");
+    let _ = writeln!(out, "  - {{ address: \"{listen}\", tls: true, serves: [well_known, client, federation] }}");
+    let acme = options.cert.is_none();
+    if acme {
+        let _ = writeln!(out, "  # Port 80: ACME challenges, and everything else redirected to https.");
+        let _ = writeln!(out, "  - {{ address: \"[::]:80\", serves: [acme, redirect] }}");
+    }
+    let _ = writeln!(out, "\ntls:");
+    match (&options.cert, &options.key) {
+        (Some(cert), Some(key)) => {
+            let _ = writeln!(out, "  certificates:\n    - {{ cert: {}, key: {} }}", cert.display(), key.display());
+        }
+        _ => {
+            let _ = writeln!(
+                out,
+                "  acme:\n    contact: admin@{server_name}   # where Let's Encrypt writes about expiry: change it"
+            );
+        }
+    }
+
+    // Delegation: the public URL's host serves clients and federation.
+    let base_host = public_baseurl
+        .as_deref()
+        .and_then(|u| u.split("://").nth(1))
+        .map(|rest| rest.split('/').next().unwrap_or(rest).to_string());
+    let _ = writeln!(out, "\nwell_known:");
+    match &base_host {
+        Some(host) if host != &server_name => {
+            let with_port = if host.contains(':') { host.clone() } else { format!("{host}:443") };
+            let _ = writeln!(out, "  server: {with_port}   # federation goes to public_baseurl's host");
+        }
+        _ => {
+            let _ = writeln!(out, "  # server: not published: federation reaches {server_name} itself");
+        }
+    }
+    if let Some(url) = &public_baseurl {
+        let _ = writeln!(out, "  client:\n    homeserver: {url}   # from public_baseurl");
+    } else {
+        warnings.push(
+            "homeserver.yaml has no public_baseurl: set it, and well_known.client.homeserver to the same URL".into(),
+        );
+    }
+    if homeserver.get("serve_server_wellknown").and_then(Value::as_bool) == Some(true) {
+        warnings.push("serve_server_wellknown is on in Synapse: the edge answers /.well-known/matrix/server itself, so turn it off to have one answer".into());
+    }
+
+    let _ = writeln!(out, "\nsynapse:\n  main: \"{main}\"");
+    // MAS, when Synapse delegates authentication to it.
+    let mas = homeserver
+        .get("matrix_authentication_service")
+        .filter(|m| m.get("enabled").and_then(Value::as_bool) == Some(true));
+    if let Some(endpoint) = mas.and_then(|m| text(m, "endpoint")) {
+        let address = endpoint.split("://").nth(1).unwrap_or(endpoint).trim_end_matches('/');
+        let _ = writeln!(out, "  mas: \"{address}\"   # matrix_authentication_service.endpoint");
+    }
+
+    let workers = match &options.workers {
+        Some(dir) => read_workers(dir, &mut warnings)?,
+        None => Vec::new(),
+    };
+    let writers = homeserver.get("stream_writers");
+    let writer_of = |name: &str| -> Option<&'static str> {
+        ROUTED_STREAMS.iter().copied().find(|stream| {
+            writers
+                .and_then(|w| w.get(*stream))
+                .map(|v| match v {
+                    Value::Sequence(list) => list.iter().any(|n| n.as_str() == Some(name)),
+                    Value::String(one) => one == name,
+                    _ => false,
+                })
+                .unwrap_or(false)
+        })
+    };
+    let mut groups: Vec<(&str, Vec<&Worker>)> = Vec::new();
+    let mut streams: Vec<(&str, Vec<&Worker>)> = Vec::new();
+    let mut unplaced = Vec::new();
+    for worker in &workers {
+        if let Some(stream) = writer_of(&worker.name) {
+            match streams.iter_mut().find(|(s, _)| *s == stream) {
+                Some((_, list)) => list.push(worker),
+                None => streams.push((stream, vec![worker])),
+            }
+            continue;
+        }
+        let group = if worker.media { Some("media_repository") } else { group_from_name(&worker.name) };
+        match group {
+            Some(group) => match groups.iter_mut().find(|(g, _)| *g == group) {
+                Some((_, list)) => list.push(worker),
+                None => groups.push((group, vec![worker])),
+            },
+            None => unplaced.push(worker),
+        }
+    }
+    if !groups.is_empty() || !unplaced.is_empty() {
+        let _ = writeln!(out, "  workers:");
+        for (group, members) in &groups {
+            let addresses: Vec<String> = members.iter().map(|w| format!("\"{}\"", w.address)).collect();
+            let names: Vec<&str> = members.iter().map(|w| w.name.as_str()).collect();
+            let _ = writeln!(out, "    {group}: [{}]   # {}", addresses.join(", "), names.join(", "));
+        }
+        for worker in &unplaced {
+            let _ = writeln!(
+                out,
+                "    # {} ({}, {}): its name does not say which requests it serves; add it to a group above",
+                worker.name, worker.app, worker.address
+            );
+        }
+    }
+    if !streams.is_empty() {
+        let _ = writeln!(out, "  stream_writers:   # from Synapse's stream_writers");
+        for (stream, members) in &streams {
+            let addresses: Vec<String> = members.iter().map(|w| format!("\"{}\"", w.address)).collect();
+            let _ = writeln!(out, "    {stream}: [{}]", addresses.join(", "));
+        }
+    }
+    for stream in ROUTED_STREAMS {
+        let named = writers.and_then(|w| w.get(*stream)).is_some();
+        if named && !streams.iter().any(|(s, _)| s == stream) && options.workers.is_some() {
+            warnings.push(format!(
+                "stream_writers.{stream} names a worker whose config was not found in the workers directory"
+            ));
+        }
+    }
+
+    if let Some(size) = homeserver.get("max_upload_size") {
+        let size = match size {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => String::new(),
+        };
+        if !size.is_empty() {
+            let _ = writeln!(out, "\nlimits:\n  max_upload_size: {size}   # Synapse's max_upload_size");
+        }
+    }
+    Ok((out, warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn worker_names_say_their_group() {
+        assert_eq!(group_from_name("synchrotron1"), Some("synchrotron"));
+        assert_eq!(group_from_name("client_reader-2"), Some("client_reader"));
+        assert_eq!(group_from_name("federation_inbound1"), Some("federation_inbound"));
+        assert_eq!(group_from_name("media1"), Some("media_repository"));
+        assert_eq!(group_from_name("user_dir"), Some("user_directory"));
+        assert_eq!(group_from_name("worker7"), None);
+        assert_eq!(group_from_name("background"), None);
+    }
+
+    #[test]
+    fn listeners_give_a_reachable_address() {
+        let listeners: Value = serde_yaml::from_str(
+            "- {port: 9093, type: http, resources: [{names: [replication]}]}\n- {port: 8008, bind_addresses: ['0.0.0.0'], type: http, x_forwarded: true, resources: [{names: [client, federation]}]}",
+        )
+        .unwrap();
+        assert_eq!(http_address(&listeners), Some(("127.0.0.1:8008".into(), true)));
+    }
+}
