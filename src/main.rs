@@ -35,7 +35,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Validate the configuration, like `nginx -t`: exit 0 with a summary, or 1 with the error.
-    Check,
+    Check {
+        /// Also cross-check against Synapse's homeserver.yaml.
+        #[arg(long)]
+        synapse: Option<PathBuf>,
+        /// With --synapse: the directory of the workers' config files.
+        #[arg(long, requires = "synapse")]
+        workers: Option<PathBuf>,
+    },
     /// Print the effective routing table: pattern, methods, serving group, sticky key.
     Routes,
     /// What `systemctl reload` runs: SIGHUP the running instance, or, when the
@@ -164,7 +171,30 @@ fn main() -> ExitCode {
         eprintln!("matrix-edge: warning: {warning}");
     }
     match cli.command {
-        Some(Command::Check) => {
+        Some(Command::Check { synapse, workers }) => {
+            if let Some(homeserver) = synapse {
+                let checked = matrix_edge::cli::synapse_check::cross_check(&edge, &homeserver, workers.as_deref());
+                let checked = match checked {
+                    Ok(checked) => checked,
+                    Err(error) => {
+                        eprintln!("matrix-edge: {error}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                for warning in &checked.warnings {
+                    eprintln!("matrix-edge: warning: {warning}");
+                }
+                if !checked.problems.is_empty() {
+                    for problem in &checked.problems {
+                        eprintln!(
+                            "matrix-edge: {} disagrees with {}: {problem}",
+                            cli.config.display(),
+                            homeserver.display()
+                        );
+                    }
+                    return ExitCode::FAILURE;
+                }
+            }
             println!("matrix-edge: {} ok: {}", cli.config.display(), edge.summary());
             return ExitCode::SUCCESS;
         }

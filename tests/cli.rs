@@ -403,3 +403,48 @@ fn discovered_workers_are_checked_without_dns() {
     assert_eq!(code, 1);
     assert!(stderr.contains("stream_writers.typing: typing must be one known process"), "{stderr}");
 }
+
+#[test]
+fn check_cross_checks_against_synapses_config() {
+    let (_dir, path) = conf_copy();
+    let check_with = |config: &str, homeserver: &str, workers: Option<&Path>| {
+        std::fs::write(path.join("homeserver.yaml"), homeserver).unwrap();
+        let mut command = Command::new(support::binary());
+        command.arg("check").arg("-c").arg(path.join(config)).arg("--synapse").arg(path.join("homeserver.yaml"));
+        if let Some(dir) = workers {
+            command.arg("--workers").arg(dir);
+        }
+        let output = command.output().unwrap();
+        (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    // Agreeing configs: delegation.yaml and a Synapse that matches it.
+    let agreeing = "server_name: example.com\npublic_baseurl: https://synapse.example.com/\nmax_upload_size: 50M\nlisteners:\n  - {port: 8008, bind_addresses: ['127.0.0.1'], type: http, x_forwarded: true, resources: [{names: [client, federation]}]}\n";
+    let (code, stderr) = check_with("delegation.yaml", agreeing, None);
+    assert_eq!(code, 0, "{stderr}");
+    // Each disagreement named.
+    let disagreeing = "server_name: example.com\npublic_baseurl: https://matrix.example.com/\nmax_upload_size: 100M\nserve_server_wellknown: true\nlisteners:\n  - {port: 8008, type: http, resources: [{names: [client]}]}\nstream_writers: {typing: [typing1]}\n";
+    let (code, stderr) = check_with("delegation.yaml", disagreeing, None);
+    assert_eq!(code, 1);
+    for expected in [
+        "x_forwarded off",
+        "uploads between 52428800 and 104857600 bytes",
+        "Synapse's public_baseurl is https://matrix.example.com",
+        "publish /.well-known/matrix/server: keep one",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in {stderr}");
+    }
+    // Workers: a stream writer the edge routes elsewhere, a worker nobody routes to.
+    let workers = path.join("workers");
+    std::fs::create_dir_all(&workers).unwrap();
+    let worker = |name: &str, port: u16| {
+        format!("worker_app: synapse.app.generic_worker\nworker_name: {name}\nworker_listeners:\n  - {{port: {port}, bind_addresses: ['127.0.0.1'], type: http, x_forwarded: true, resources: [{{names: [client]}}]}}\n")
+    };
+    std::fs::write(workers.join("typing1.yaml"), worker("typing1", 8192)).unwrap();
+    std::fs::write(workers.join("background1.yaml"), worker("background1", 8199)).unwrap();
+    let with_writer = agreeing.to_string() + "stream_writers: {typing: [typing1]}\n";
+    let (code, stderr) = check_with("workers.yaml", &with_writer, Some(&workers));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("Synapse's typing stream writer is typing1 ([\"127.0.0.1:8192\"]), but the edge sends typing requests to [\"127.0.0.1:8092\"]"), "{stderr}");
+    assert!(stderr.contains("worker background1 (synapse.app.generic_worker) listens on 127.0.0.1:8199, which no group of the edge's config names"), "{stderr}");
+    assert!(stderr.contains("but Synapse has no to_device stream writer"), "{stderr}");
+}

@@ -36,7 +36,7 @@ const GROUPS_BY_NAME: &[(&str, &[&str])] = &[
 ];
 
 /// Stream writers the edge routes to (events and others take no HTTP traffic from clients).
-const ROUTED_STREAMS: &[&str] = &[
+pub(crate) const ROUTED_STREAMS: &[&str] = &[
     "typing",
     "to_device",
     "account_data",
@@ -47,7 +47,7 @@ const ROUTED_STREAMS: &[&str] = &[
     "thread_subscriptions",
 ];
 
-fn read_yaml(path: &Path) -> Result<Value, String> {
+pub(crate) fn read_yaml(path: &Path) -> Result<Value, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -57,7 +57,7 @@ fn text<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
 }
 
 /// The loopback-reachable address of an HTTP listener serving `client`, `federation` or `media`.
-fn http_address(listeners: &Value) -> Option<(String, bool)> {
+pub(crate) fn http_address(listeners: &Value) -> Option<(String, bool)> {
     for listener in listeners.as_sequence()? {
         if text(listener, "type") != Some("http") {
             continue;
@@ -102,14 +102,14 @@ fn group_from_name(name: &str) -> Option<&'static str> {
         .map(|(group, _)| *group)
 }
 
-struct Worker {
-    name: String,
-    address: String,
-    app: String,
-    media: bool,
+pub(crate) struct Worker {
+    pub name: String,
+    pub address: String,
+    pub app: String,
+    pub media: bool,
 }
 
-fn read_workers(dir: &Path, warnings: &mut Vec<String>) -> Result<Vec<Worker>, String> {
+pub(crate) fn read_workers(dir: &Path, warnings: &mut Vec<String>) -> Result<Vec<Worker>, String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
