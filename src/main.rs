@@ -123,17 +123,12 @@ fn main() -> ExitCode {
             eprintln!("matrix-edge: not reloading: {error}");
             return ExitCode::FAILURE;
         }
-        return match matrix_edge::cli::reload_command::reload(&cli.config, pid_file.as_ref(), socket.as_ref(), upgrade)
-        {
-            Ok(done) => {
-                println!("matrix-edge: {done}");
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("matrix-edge: {error}");
-                ExitCode::FAILURE
-            }
-        };
+        return report(matrix_edge::cli::reload_command::reload(
+            &cli.config,
+            pid_file.as_ref(),
+            socket.as_ref(),
+            upgrade,
+        ));
     }
     if let Some(Command::Init { from_synapse, workers, listen, cert, key }) = &cli.command {
         let options = matrix_edge::cli::init::InitOptions {
@@ -207,16 +202,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Renew { names }) => {
             let pid_file = cli.pid_file.clone().unwrap_or_else(|| runtime_path("matrix-edge.pid"));
-            return match matrix_edge::cli::renew::request(&edge, &names, pid_file.as_ref()) {
-                Ok(done) => {
-                    println!("matrix-edge: {done}");
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("matrix-edge: {error}");
-                    ExitCode::FAILURE
-                }
-            };
+            return report(matrix_edge::cli::renew::request(&edge, &names, pid_file.as_ref()));
         }
         Some(Command::Route { method, target, headers }) => {
             let mut parsed = Vec::with_capacity(headers.len());
@@ -293,5 +279,19 @@ fn doctor(
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// A command's one-line outcome: on stdout with exit 0, or on stderr with 1.
+fn report(outcome: Result<String, String>) -> ExitCode {
+    match outcome {
+        Ok(done) => {
+            println!("matrix-edge: {done}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("matrix-edge: {error}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -12,23 +12,13 @@ use openssl::x509::X509;
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::certs::TestPki;
 use support::client::{get, h1_plain, h1_tls, read_response};
-use support::{free_port, EdgeProcess};
-
-/// A helper process killed on drop.
-struct Helper(Child);
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::{free_port, wait_listening, ChildGuard, EdgeProcess};
 
 fn require(program: &str) -> &str {
     assert!(Path::new(program).exists(), "{program} is missing: scripts/install-deps installs Debian's pebble package");
@@ -36,7 +26,7 @@ fn require(program: &str) -> &str {
 }
 
 struct Pebble {
-    _process: Helper,
+    _process: ChildGuard,
     directory: String,
     management: SocketAddr,
 }
@@ -76,14 +66,14 @@ fn start_pebble(dir: &Path, pki: &TestPki, http_port: u16, dns: SocketAddr, port
         .stderr(log)
         .spawn()
         .unwrap();
-    let process = Helper(child);
+    let process = ChildGuard(child);
     wait_listening(listen, "pebble");
     wait_listening(management, "pebble management");
     Pebble { _process: process, directory: format!("https://localhost:{}/dir", listen.port()), management }
 }
 
 /// The fake DNS: every A query answers 127.0.0.1, no AAAA.
-fn start_dns() -> (Helper, SocketAddr, SocketAddr) {
+fn start_dns() -> (ChildGuard, SocketAddr, SocketAddr) {
     let dns = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let management = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let child = Command::new(require("/usr/bin/pebble-challtestsrv"))
@@ -96,20 +86,9 @@ fn start_dns() -> (Helper, SocketAddr, SocketAddr) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let helper = Helper(child);
+    let helper = ChildGuard(child);
     wait_listening(management, "pebble-challtestsrv");
     (helper, dns, management)
-}
-
-fn wait_listening(addr: SocketAddr, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what} did not listen on {addr}");
 }
 
 /// Pebble's root for the certificates it issues (new on every start).

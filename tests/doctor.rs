@@ -10,22 +10,13 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use support::certs::TestPki;
 use support::synapse::Synapse;
-use support::{free_port, EdgeProcess};
+use support::{free_port, ChildGuard, EdgeProcess};
 
 const SERVER_NAME: &str = "doctor.test";
 const HOMESERVER: &str = "matrix.doctor.test";
-
-struct Helper(Child);
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Outcome {
     code: i32,
@@ -127,7 +118,7 @@ fn doctor_passes_a_good_deployment_and_names_each_broken_one() {
     // signature no longer matches what Synapse sees.
     let proxy_port = free_port();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/py/canonicalising_proxy.py");
-    let _proxy = Helper(
+    let _proxy = ChildGuard(
         Command::new("python3")
             .arg(&script)
             .arg(proxy_port.to_string())

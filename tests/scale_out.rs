@@ -11,37 +11,17 @@ use openssl::ssl::SslStream;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::certs::TestPki;
 use support::client::{connect_from, connector, read_response, Response};
 use support::synapse::Synapse;
-use support::{free_port, EdgeProcess};
-
-struct Helper(Child);
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_listening(addr: SocketAddr, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what} did not listen on {addr}");
-}
+use support::{free_port, wait_listening, ChildGuard, EdgeProcess};
 
 /// HAProxy in TCP mode: `front_tls` -> `edge_tls`, `front_plain` -> `edge_plain`,
 /// both with `send-proxy-v2`.
-fn start_haproxy(dir: &Path, routes: &[(SocketAddr, SocketAddr)]) -> Helper {
+fn start_haproxy(dir: &Path, routes: &[(SocketAddr, SocketAddr)]) -> ChildGuard {
     assert!(Path::new("/usr/sbin/haproxy").exists(), "haproxy is missing: scripts/install-deps installs it");
     let mut config = String::from(
         "global\n  maxconn 500\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n",
@@ -63,7 +43,7 @@ fn start_haproxy(dir: &Path, routes: &[(SocketAddr, SocketAddr)]) -> Helper {
         .stderr(std::fs::File::create(dir.join("haproxy.log")).unwrap())
         .spawn()
         .unwrap();
-    let helper = Helper(child);
+    let helper = ChildGuard(child);
     for (front, _) in routes {
         wait_listening(*front, "haproxy");
     }
@@ -212,16 +192,9 @@ metrics: {{ address: "127.0.0.1:{metrics}" }}
     std::thread::sleep(Duration::from_millis(300));
     assert!(synapse_access_lines(&synapse).iter().all(|l| !l.contains("198.51.100.66")));
 
-    let (metrics_page, _) = support::client::h1_plain(
-        format!("127.0.0.1:{metrics}").parse().unwrap(),
-        b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n",
-    );
-    let text = String::from_utf8(metrics_page.body).unwrap();
-    let refused_count = text
-        .lines()
-        .find(|l| l.starts_with("matrix_edge_proxy_protocol_refused_total"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap();
+    let refused_count =
+        metric_value(format!("127.0.0.1:{metrics}").parse().unwrap(), "matrix_edge_proxy_protocol_refused_total")
+            .unwrap();
     assert!(refused_count >= 3.0, "{refused_count}");
 }
 
@@ -269,7 +242,7 @@ fn metric_value(metrics: SocketAddr, name: &str) -> Option<f64> {
 fn two_edges_share_one_budget_through_redis_and_keep_serving_without_it() {
     let work = tempfile::tempdir().unwrap();
     let redis_port = free_port();
-    let redis = Helper(
+    let redis = ChildGuard(
         Command::new("redis-server")
             .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -366,7 +339,7 @@ fn workers_found_by_dns_come_and_go_while_traffic_flows() {
     let fed_port = free_port();
     std::fs::write(&hosts, "127.0.0.2 sync.test\n127.0.0.3 sync.test\n127.0.0.5 fedhost.test\n").unwrap();
     let dns_port = free_port();
-    let dnsmasq = Helper(
+    let dnsmasq = ChildGuard(
         Command::new("/usr/sbin/dnsmasq")
             .arg("--keep-in-foreground")
             .arg(format!("--port={dns_port}"))

@@ -68,20 +68,26 @@ impl EdgeProcess {
         Self::spawn(dir, config_path, wait_for)
     }
 
-    pub fn spawn(dir: tempfile::TempDir, config: PathBuf, wait_for: &[SocketAddr]) -> EdgeProcess {
-        let log = dir.path().join("edge.log");
-        let child = Command::new(binary())
+    /// The binary on `config`, with its pid file and upgrade socket in `dir`
+    /// and its log in `log`.
+    fn launch(dir: &Path, config: &Path, log: &Path) -> Child {
+        Command::new(binary())
             .arg("-c")
-            .arg(&config)
+            .arg(config)
             .arg("--pid-file")
-            .arg(dir.path().join("edge.pid"))
+            .arg(dir.join("edge.pid"))
             .arg("--upgrade-socket")
-            .arg(dir.path().join("upgrade.sock"))
+            .arg(dir.join("upgrade.sock"))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(log).unwrap())
             .spawn()
-            .unwrap();
+            .unwrap()
+    }
+
+    pub fn spawn(dir: tempfile::TempDir, config: PathBuf, wait_for: &[SocketAddr]) -> EdgeProcess {
+        let log = dir.path().join("edge.log");
+        let child = Self::launch(dir.path(), &config, &log);
         let mut edge = EdgeProcess { child, retired: Vec::new(), dir, config, log };
         for addr in wait_for {
             edge.wait_listening(*addr);
@@ -161,23 +167,34 @@ impl EdgeProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let log = self.dir.path().join(format!("edge-restarted-{}.log", self.child.id()));
-        self.child = Command::new(binary())
-            .arg("-c")
-            .arg(&self.config)
-            .arg("--pid-file")
-            .arg(self.dir.path().join("edge.pid"))
-            .arg("--upgrade-socket")
-            .arg(self.dir.path().join("upgrade.sock"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        self.child = Self::launch(self.dir.path(), &self.config, &log);
         self.log = log;
         for addr in wait_for {
             self.wait_listening(*addr);
         }
     }
+}
+
+/// A helper process (a CA, a DNS server, a load balancer) killed on drop.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until something accepts connections on `addr`.
+pub fn wait_listening(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on {addr}");
 }
 
 impl Drop for EdgeProcess {
