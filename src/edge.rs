@@ -26,6 +26,8 @@ pub struct Edge {
     pub upstreams: crate::upstream::named::NamedUpstreams,
     pub router: Router,
     pub pools: Pools,
+    /// Metric handles for every group and worker above, resolved once.
+    pub request_metrics: crate::observe::request_metrics::RequestMetrics,
     pub health: HealthSettings,
     pub listeners: Vec<Listener>,
     /// Swapped alone when ACME renews a certificate, so a renewal never
@@ -412,12 +414,17 @@ impl Edge {
             timeout: synapse.health_check.timeout.0,
         };
 
+        let request_metrics = crate::observe::request_metrics::RequestMetrics::new(
+            |group| pools.get(group),
+            upstreams.all().iter().map(|u| (u.name.as_str(), &u.pool)),
+        );
         Ok(Edge {
             server_name: server_name.0.clone(),
             sites,
             upstreams,
             router,
             pools,
+            request_metrics,
             health,
             https_port: compiled.iter().find(|l| l.tls).map(|l| l.address.port()),
             listeners: compiled,

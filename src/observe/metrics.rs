@@ -159,15 +159,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
 #[allow(clippy::expect_used)]
 pub static METRICS: Lazy<Metrics> = Lazy::new(|| build().expect("metric definitions are valid"));
 
-/// GET, HEAD -> read; OPTIONS -> options; other standard methods -> write.
-pub fn method_class(method: &http::Method) -> &'static str {
-    match *method {
-        http::Method::GET | http::Method::HEAD => "read",
-        http::Method::OPTIONS => "options",
-        http::Method::POST | http::Method::PUT | http::Method::DELETE | http::Method::PATCH => "write",
-        _ => "other",
-    }
-}
+/// `rate_limited_total` by class, resolved once: refusals come in floods.
+pub static RATE_LIMITED: Lazy<[IntCounter; 3]> = Lazy::new(|| {
+    crate::request::ratelimit::Class::ALL.map(|class| METRICS.rate_limited.with_label_values(&[class.name()]))
+});
 
 pub fn render() -> Vec<u8> {
     let mut out = Vec::new();

@@ -1,3 +1,4 @@
 pub mod access_log;
 pub mod metrics;
 pub mod redact;
+pub mod request_metrics;

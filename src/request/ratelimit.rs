@@ -100,6 +100,7 @@ pub enum Class {
 }
 
 impl Class {
+    /// In declaration order, so `class as usize` indexes it.
     pub const ALL: [Class; 3] = [Class::Login, Class::Client, Class::Federation];
 }
 
@@ -273,6 +274,14 @@ impl AddressKey {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn classes_index_their_list() {
+        for (at, class) in Class::ALL.into_iter().enumerate() {
+            assert_eq!(class as usize, at);
+        }
+    }
+
     use super::*;
     use crate::config::values::Span;
 

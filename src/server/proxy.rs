@@ -5,7 +5,8 @@ use crate::config::sites::Balance;
 use crate::edge::{Edge, Listener};
 use crate::local::static_files::{FileAnswer, StaticAnswer};
 use crate::observe::access_log;
-use crate::observe::metrics::{self, METRICS};
+use crate::observe::metrics::METRICS;
+use crate::observe::request_metrics::{method_index, status_index, GroupMetrics, WorkerCounters};
 use crate::request::admission::{admit, check_caps, path_of, Admission, RequestFacts};
 use crate::request::errors::MatrixError;
 use crate::request::forward::prepare_upstream_request;
@@ -99,6 +100,14 @@ impl Tried {
     fn as_slice(&self) -> &[usize] {
         &self.members[..self.len]
     }
+
+    /// Lets a member be picked again.
+    fn forget(&mut self, member: usize) {
+        if let Some(at) = self.as_slice().iter().position(|&m| m == member) {
+            self.members.copy_within(at + 1..self.len, at);
+            self.len -= 1;
+        }
+    }
 }
 
 /// A short ID per request for correlating logs: a per-process prefix and a counter.
@@ -157,7 +166,7 @@ async fn rate_limit(edge: &Edge, session: &Session, client: Option<IpAddr>) -> s
         None => edge.rate_limits.admit(&facts),
     };
     outcome.map_err(|(class, wait)| {
-        METRICS.rate_limited.with_label_values(&[class.name()]).inc();
+        crate::observe::metrics::RATE_LIMITED[class as usize].inc();
         MatrixError::rate_limited(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1))
     })
 }
@@ -550,6 +559,34 @@ impl ProxyHttp for EdgeProxy {
         e
     }
 
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer {peer}"));
+        // Pingora's own policy: a request that may have reached the upstream
+        // is sent again only if repeating it is harmless (idempotent method,
+        // body still buffered), and only when the failure came from a pooled
+        // connection the upstream had closed while idle (Twisted's ~60 s race).
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        // A stale pooled connection says nothing about the member, which may
+        // be the only one (or the sticky one): it stays eligible.
+        if e.retry() && client_reused {
+            if let Some(member) = ctx.member {
+                ctx.tried.forget(member);
+            }
+        }
+        e
+    }
+
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,
@@ -612,7 +649,7 @@ impl ProxyHttp for EdgeProxy {
         ctx.upstream_time = Some(ctx.started.elapsed());
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS && ctx.websocket_open.is_none() {
             ctx.websocket_open = Some(GaugeGuard::new(&METRICS.websockets_open));
-            METRICS.websocket_upgrades.with_label_values(&[group_name(ctx)]).inc();
+            METRICS.websocket_upgrades.with_label_values(&[metrics_for(ctx).0.name()]).inc();
         }
         Ok(())
     }
@@ -620,17 +657,11 @@ impl ProxyHttp for EdgeProxy {
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
-        let group = group_name(ctx);
-        let worker = worker_name(ctx);
+        let (group_metrics, worker_metrics) = metrics_for(ctx);
+        let (group, worker) = (group_metrics.name(), worker_metrics.worker());
         let request = session.req_header();
-        METRICS
-            .requests
-            .with_label_values(&[group, worker, metrics::method_class(&request.method), status_label(status)])
-            .inc();
-        METRICS.latency.with_label_values(&[group]).observe(elapsed.as_secs_f64());
-        if let Some(upstream) = ctx.upstream_time {
-            METRICS.upstream_latency.with_label_values(&[group]).observe(upstream.as_secs_f64());
-        }
+        worker_metrics.count(method_index(&request.method), status_index(status));
+        group_metrics.observe(elapsed, ctx.upstream_time);
         if let Some(error) = error {
             log::debug!("request {} failed: {error}", ctx.request_id);
         }
@@ -668,58 +699,14 @@ impl ProxyHttp for EdgeProxy {
     }
 }
 
-/// Status codes as static labels (bounded cardinality): common codes by
-/// number, the rest by class, without allocating.
-fn status_label(status: u16) -> &'static str {
-    match status {
-        0 => "none",
-        101 => "101",
-        200 => "200",
-        204 => "204",
-        206 => "206",
-        301 => "301",
-        302 => "302",
-        304 => "304",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        409 => "409",
-        413 => "413",
-        429 => "429",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        _ => match status / 100 {
-            1 => "1xx",
-            2 => "2xx",
-            3 => "3xx",
-            4 => "4xx",
-            _ => "5xx",
-        },
-    }
-}
-
-/// The group label: the Synapse group, the named upstream, or `edge`.
-fn group_name(ctx: &RequestCtx) -> &str {
-    if let Some((_, id)) = ctx.route {
-        return ctx.edge.upstreams.get(id).name.as_str();
-    }
-    ctx.decision.map_or("edge", |d| d.group.name())
-}
-
-/// The worker label: its address, `main`, or `edge` for local answers.
-fn worker_name(ctx: &RequestCtx) -> &str {
-    if let (Some((_, id)), Some(member)) = (ctx.route, ctx.member) {
-        return ctx.edge.upstreams.get(id).pool.members[member].label.as_str();
-    }
-    match (ctx.decision, ctx.member) {
-        (Some(decision), Some(member)) => {
-            ctx.edge.pools.get(decision.group).map_or("-", |pool| pool.members[member].label.as_str())
-        }
-        (Some(_), None) => "main",
-        _ => "edge",
-    }
+/// The metric handles for this request's group and worker (also the
+/// labels the access log shows).
+fn metrics_for(ctx: &RequestCtx) -> (&GroupMetrics, &WorkerCounters) {
+    let metrics = &ctx.edge.request_metrics;
+    let group = match (ctx.route, ctx.decision) {
+        (Some((_, id)), _) => metrics.upstream(id.0),
+        (None, Some(decision)) => metrics.synapse(decision.group),
+        (None, None) => metrics.edge(),
+    };
+    (group, group.worker(ctx.member, ctx.route.is_none() && ctx.decision.is_some()))
 }

@@ -106,9 +106,7 @@ pub fn publish(edge: &Edge) {
     for result in ["ok", "error"] {
         METRICS.reloads.with_label_values(&[result]);
     }
-    for class in crate::request::ratelimit::Class::ALL {
-        METRICS.rate_limited.with_label_values(&[class.name()]);
-    }
+    once_cell::sync::Lazy::force(&crate::observe::metrics::RATE_LIMITED);
     for site in edge.sites.all() {
         for route in site.routes.iter().filter(|r| r.websocket_idle.is_some()) {
             if let crate::sites::Action::Upstream(id) = route.action {

@@ -25,6 +25,9 @@ pub struct CertifiedKey {
     pub not_after_unix: i64,
     /// Seconds since the epoch from which the leaf is valid.
     pub not_before_unix: i64,
+    /// `tls_handshakes_started_total` and `tls_handshakes_total` for this
+    /// certificate, resolved on its first handshake rather than on each.
+    handshake_counters: once_cell::sync::OnceCell<Option<(prometheus::IntCounter, prometheus::IntCounter)>>,
 }
 
 /// Which file is wrong and how; rendered next to the config key that names it.
@@ -47,6 +50,21 @@ pub enum CertError {
 }
 
 impl CertifiedKey {
+    /// Counted under the certificate's first name; none without a name.
+    fn handshake_counters(&self) -> Option<&(prometheus::IntCounter, prometheus::IntCounter)> {
+        self.handshake_counters
+            .get_or_init(|| {
+                let metrics = &crate::observe::metrics::METRICS;
+                self.names.first().map(|name| {
+                    (
+                        metrics.tls_handshakes_started.with_label_values(&[name]),
+                        metrics.tls_handshakes.with_label_values(&[name]),
+                    )
+                })
+            })
+            .as_ref()
+    }
+
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, CertError> {
         let cert_name = cert_path.display().to_string();
         let key_name = key_path.display().to_string();
@@ -84,7 +102,14 @@ impl CertifiedKey {
         }
         let not_after_unix = asn1_to_unix(leaf.not_after());
         let not_before_unix = asn1_to_unix(leaf.not_before());
-        Ok(CertifiedKey { chain, key, names, not_after_unix, not_before_unix })
+        Ok(CertifiedKey {
+            chain,
+            key,
+            names,
+            not_after_unix,
+            not_before_unix,
+            handshake_counters: once_cell::sync::OnceCell::new(),
+        })
     }
 }
 
@@ -200,8 +225,8 @@ impl<S: CurrentCertificates> TlsAccept for SniResolver<S> {
         let installed = pingora::tls::ext::ssl_use_certificate(ssl, leaf)
             .and_then(|_| pingora::tls::ext::ssl_use_private_key(ssl, &cert.key))
             .and_then(|_| cert.chain[1..].iter().try_for_each(|c| pingora::tls::ext::ssl_add_chain_cert(ssl, c)));
-        if let Some(name) = cert.names.first() {
-            crate::observe::metrics::METRICS.tls_handshakes_started.with_label_values(&[name]).inc();
+        if let Some((started, _)) = cert.handshake_counters() {
+            started.inc();
         }
         if let Err(e) = installed {
             log::error!("cannot install the certificate for {:?}: {e}", cert.names.first());
@@ -210,8 +235,10 @@ impl<S: CurrentCertificates> TlsAccept for SniResolver<S> {
 
     async fn handshake_complete_callback(&self, ssl: &TlsRef) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
         let store = self.source.current();
-        if let Some(name) = store.select(ssl.servername(NameType::HOST_NAME)).and_then(|c| c.names.first()) {
-            crate::observe::metrics::METRICS.tls_handshakes.with_label_values(&[name]).inc();
+        if let Some((_, completed)) =
+            store.select(ssl.servername(NameType::HOST_NAME)).and_then(|cert| cert.handshake_counters())
+        {
+            completed.inc();
         }
         None
     }

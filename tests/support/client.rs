@@ -213,6 +213,51 @@ pub fn h2_tls(
     })
 }
 
+/// GETs for all `targets` at once, as streams of one HTTP/2 connection over
+/// TLS; the answers in the order of `targets`.
+pub fn h2_tls_many(addr: SocketAddr, sni: &str, root_pem: &str, targets: &[&str]) -> Vec<Result<Response, String>> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let ssl = connector(root_pem, &["h2"]).configure().unwrap().into_ssl(sni).unwrap();
+        let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+        std::pin::Pin::new(&mut tls).connect().await.unwrap();
+        let (client, connection) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut answers = Vec::new();
+        for target in targets {
+            let mut client = client.clone().ready().await.unwrap();
+            let request = http::Request::get(format!("https://{sni}{target}")).body(()).unwrap();
+            let (response, _) = client.send_request(request, true).unwrap();
+            answers.push(tokio::spawn(async move {
+                let response = response.await.map_err(|e| e.to_string())?;
+                let (parts, mut body) = response.into_parts();
+                let mut data = Vec::new();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.map_err(|e| e.to_string())?;
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    data.extend_from_slice(&chunk);
+                }
+                let headers =
+                    parts.headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
+                Ok::<_, String>(Response { status: parts.status.as_u16(), headers, body: data })
+            }));
+        }
+        let mut results = Vec::new();
+        for answer in answers {
+            let result = tokio::time::timeout(Duration::from_secs(60), answer).await;
+            results.push(match result {
+                Ok(Ok(response)) => response,
+                Ok(Err(join)) => Err(join.to_string()),
+                Err(_) => Err("timed out".to_string()),
+            });
+        }
+        results
+    })
+}
+
 /// A TCP connection from a chosen loopback source address (127.0.0.2 and
 /// up), for tests where the client's address matters.
 pub fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {

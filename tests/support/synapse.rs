@@ -39,9 +39,15 @@ impl Synapse {
             .status()
             .unwrap();
         assert!(status.success(), "synapse --generate-keys failed");
-        let child = Command::new(&python)
+        Self::restart(dir, port)
+    }
+
+    /// Starts Synapse from the config `start` wrote: also how a service
+    /// manager brings it back after a crash.
+    pub fn restart(dir: &Path, port: u16) -> Synapse {
+        let child = Command::new(synapse_python())
             .args(["-m", "synapse.app.homeserver", "-c"])
-            .arg(&config)
+            .arg(dir.join("homeserver.yaml"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
             .spawn()

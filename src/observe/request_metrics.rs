@@ -1,0 +1,221 @@
+//! Per-request metric handles, resolved once per snapshot instead of by
+//! label lookup on every request: a `MetricVec` lookup hashes the labels and
+//! takes the vector's lock, which every request thread would share.
+//!
+//! Each series is still created on first use (a group nobody calls shows no
+//! empty histogram), then read through a `OnceCell` without a lock.
+
+use super::metrics::METRICS;
+use crate::synapse::table::Group;
+use crate::upstream::pool::Pool;
+use once_cell::sync::OnceCell;
+use prometheus::{Histogram, IntCounter};
+
+/// Method classes, in the order of `method_index`.
+pub const METHOD_CLASSES: [&str; 4] = ["read", "options", "write", "other"];
+
+/// Status labels with bounded cardinality: common codes by number, the rest
+/// by class. `status_index` maps a status here.
+pub const STATUS_LABELS: [&str; 26] = [
+    "none", "101", "200", "204", "206", "301", "302", "304", "400", "401", "403", "404", "405", "409", "413", "429",
+    "500", "502", "503", "504", "1xx", "2xx", "3xx", "4xx", "5xx", "other",
+];
+
+/// GET, HEAD: read; OPTIONS: options; other standard methods: write.
+pub fn method_index(method: &http::Method) -> usize {
+    match *method {
+        http::Method::GET | http::Method::HEAD => 0,
+        http::Method::OPTIONS => 1,
+        http::Method::POST | http::Method::PUT | http::Method::DELETE | http::Method::PATCH => 2,
+        _ => 3,
+    }
+}
+
+pub fn status_index(status: u16) -> usize {
+    let exact = match status {
+        0 => Some(0),
+        101 => Some(1),
+        200 => Some(2),
+        204 => Some(3),
+        206 => Some(4),
+        301 => Some(5),
+        302 => Some(6),
+        304 => Some(7),
+        400 => Some(8),
+        401 => Some(9),
+        403 => Some(10),
+        404 => Some(11),
+        405 => Some(12),
+        409 => Some(13),
+        413 => Some(14),
+        429 => Some(15),
+        500 => Some(16),
+        502 => Some(17),
+        503 => Some(18),
+        504 => Some(19),
+        _ => None,
+    };
+    exact.unwrap_or(match status / 100 {
+        1 => 20,
+        2 => 21,
+        3 => 22,
+        4 => 23,
+        5 => 24,
+        _ => 25,
+    })
+}
+
+const SLOTS: usize = METHOD_CLASSES.len() * STATUS_LABELS.len();
+
+/// `requests_total` for one (group, worker) pair, a handle per method class
+/// and status.
+pub struct WorkerCounters {
+    group: String,
+    worker: String,
+    /// Allocated on the first request, so pairs never used cost a pointer.
+    slots: OnceCell<Box<[OnceCell<IntCounter>]>>,
+}
+
+impl WorkerCounters {
+    fn new(group: &str, worker: &str) -> WorkerCounters {
+        WorkerCounters { group: group.to_string(), worker: worker.to_string(), slots: OnceCell::new() }
+    }
+
+    pub fn worker(&self) -> &str {
+        &self.worker
+    }
+
+    pub fn count(&self, method: usize, status: usize) {
+        let slots = self.slots.get_or_init(|| (0..SLOTS).map(|_| OnceCell::new()).collect());
+        let at = method * STATUS_LABELS.len() + status;
+        if let Some(slot) = slots.get(at) {
+            slot.get_or_init(|| {
+                METRICS.requests.with_label_values(&[
+                    self.group.as_str(),
+                    self.worker.as_str(),
+                    METHOD_CLASSES[method % METHOD_CLASSES.len()],
+                    STATUS_LABELS[status % STATUS_LABELS.len()],
+                ])
+            })
+            .inc();
+        }
+    }
+}
+
+/// The handles of one route group (a Synapse group, a named upstream, or
+/// the edge's own answers).
+pub struct GroupMetrics {
+    name: String,
+    latency: OnceCell<Histogram>,
+    upstream_latency: OnceCell<Histogram>,
+    /// In the order of the pool's members.
+    members: Vec<WorkerCounters>,
+    /// A Synapse group's requests that went to the main process.
+    main: WorkerCounters,
+    /// Local answers, and a member index the pool does not have.
+    other: WorkerCounters,
+}
+
+impl GroupMetrics {
+    fn new(name: &str, pool: Option<&Pool>, other: &str) -> GroupMetrics {
+        let members = pool.map_or_else(Vec::new, |pool| {
+            pool.members.iter().map(|member| WorkerCounters::new(name, &member.label)).collect()
+        });
+        GroupMetrics {
+            name: name.to_string(),
+            latency: OnceCell::new(),
+            upstream_latency: OnceCell::new(),
+            members,
+            main: WorkerCounters::new(name, "main"),
+            other: WorkerCounters::new(name, other),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The pair for a request served by `member`; `None` is the main process
+    /// for a Synapse group and the edge itself otherwise.
+    pub fn worker(&self, member: Option<usize>, synapse: bool) -> &WorkerCounters {
+        match member {
+            Some(index) => self.members.get(index).unwrap_or(&self.other),
+            None if synapse => &self.main,
+            None => &self.other,
+        }
+    }
+
+    pub fn observe(&self, total: std::time::Duration, upstream: Option<std::time::Duration>) {
+        self.latency
+            .get_or_init(|| METRICS.latency.with_label_values(&[self.name.as_str()]))
+            .observe(total.as_secs_f64());
+        if let Some(upstream) = upstream {
+            self.upstream_latency
+                .get_or_init(|| METRICS.upstream_latency.with_label_values(&[self.name.as_str()]))
+                .observe(upstream.as_secs_f64());
+        }
+    }
+}
+
+/// Every group a snapshot can name, built with it.
+pub struct RequestMetrics {
+    /// In `Group::ALL` order.
+    synapse: Vec<GroupMetrics>,
+    /// In `UpstreamId` order.
+    upstreams: Vec<GroupMetrics>,
+    edge: GroupMetrics,
+}
+
+impl RequestMetrics {
+    pub fn new<'a>(
+        pool_of: impl Fn(Group) -> Option<&'a Pool>,
+        upstreams: impl Iterator<Item = (&'a str, &'a Pool)>,
+    ) -> RequestMetrics {
+        RequestMetrics {
+            synapse: Group::ALL.iter().map(|&group| GroupMetrics::new(group.name(), pool_of(group), "-")).collect(),
+            upstreams: upstreams.map(|(name, pool)| GroupMetrics::new(name, Some(pool), "edge")).collect(),
+            edge: GroupMetrics::new("edge", None, "edge"),
+        }
+    }
+
+    pub fn synapse(&self, group: Group) -> &GroupMetrics {
+        Group::ALL.iter().position(|g| *g == group).and_then(|at| self.synapse.get(at)).unwrap_or(&self.edge)
+    }
+
+    pub fn upstream(&self, index: usize) -> &GroupMetrics {
+        self.upstreams.get(index).unwrap_or(&self.edge)
+    }
+
+    pub fn edge(&self) -> &GroupMetrics {
+        &self.edge
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_their_labels() {
+        for (status, label) in [(0, "none"), (200, "200"), (429, "429"), (418, "4xx"), (599, "5xx"), (600, "other")] {
+            assert_eq!(STATUS_LABELS[status_index(status)], label, "{status}");
+        }
+        for status in 0..1000 {
+            assert!(status_index(status) < STATUS_LABELS.len());
+        }
+    }
+
+    #[test]
+    fn a_pair_counts_under_its_labels() {
+        let metrics = RequestMetrics::new(|_| None, std::iter::empty());
+        let typing = metrics.synapse(Group::Typing);
+        typing.worker(None, true).count(method_index(&http::Method::PUT), status_index(200));
+        typing.worker(Some(3), true).count(method_index(&http::Method::GET), status_index(404));
+        let text = String::from_utf8(super::super::metrics::render()).unwrap();
+        assert!(
+            text.contains(r#"requests_total{group="typing",method="write",status="200",worker="main"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"requests_total{group="typing",method="read",status="404",worker="-"} 1"#), "{text}");
+    }
+}

@@ -1,0 +1,439 @@
+//! Upstream faults through the real binary: a pooled connection the upstream
+//! closed while idle (Twisted's ~60 s race), a real Synapse killed and
+//! restarted under load, and a slow upstream beside fast paths.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use support::certs::TestPki;
+use support::client::{h2_tls_many, read_response, Response};
+use support::synapse::Synapse;
+use support::upstream::RecordingUpstream;
+use support::{free_port, EdgeProcess};
+
+/// An HTTP/1.1 upstream that, like Twisted, closes a keep-alive connection
+/// once it has been idle for `stale_after`, but only notices when the next
+/// request arrives: that request is read and counted as processed, then the
+/// connection is closed without an answer. This is the worst case of the
+/// race, where a proxy cannot tell whether the upstream acted on the request,
+/// and it happens every time instead of once in a while.
+struct StaleClosingUpstream {
+    addr: SocketAddr,
+    /// `METHOD target` of every request the upstream read, in order.
+    processed: Arc<Mutex<Vec<String>>>,
+    /// Requests answered by a close.
+    closed_on: Arc<AtomicUsize>,
+}
+
+impl StaleClosingUpstream {
+    fn start(stale_after: Duration) -> StaleClosingUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let processed = Arc::new(Mutex::new(Vec::new()));
+        let closed_on = Arc::new(AtomicUsize::new(0));
+        let (p, c) = (processed.clone(), closed_on.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let (p, c) = (p.clone(), c.clone());
+                std::thread::spawn(move || serve_until_stale(stream, stale_after, &p, &c));
+            }
+        });
+        StaleClosingUpstream { addr, processed, closed_on }
+    }
+
+    fn processed(&self) -> Vec<String> {
+        self.processed.lock().unwrap().clone()
+    }
+}
+
+fn serve_until_stale(
+    stream: TcpStream,
+    stale_after: Duration,
+    processed: &Mutex<Vec<String>>,
+    closed_on: &AtomicUsize,
+) {
+    stream.set_read_timeout(Some(Duration::from_secs(20))).ok();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body).unwrap();
+        let mut parts = request_line.split(' ');
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        processed.lock().unwrap().push(format!("{method} {target}"));
+        if idle_since.is_some_and(|since| since.elapsed() >= stale_after) {
+            closed_on.fetch_add(1, Ordering::Relaxed);
+            let _ = writer.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        let body = r#"{"ok":true}"#;
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+        idle_since = Some(Instant::now());
+    }
+}
+
+fn config(listen: SocketAddr, main: SocketAddr, named: SocketAddr, keepalive_idle: &str) -> String {
+    format!(
+        r#"server_name: example.com
+listeners:
+  - {{ address: "{listen}", tls: false, serves: [client, federation] }}
+synapse:
+  main: "{main}"
+  timeouts: {{ keepalive_idle: {keepalive_idle} }}
+upstreams:
+  app: {{ address: "{named}", timeouts: {{ keepalive_idle: {keepalive_idle} }} }}
+matrix_site:
+  routes:
+    - {{ prefix: /app/, upstream: app }}
+process: {{ threads: 2, access_log: off }}
+"#
+    )
+}
+
+fn keep_alive(edge: SocketAddr) -> BufReader<TcpStream> {
+    let connection = TcpStream::connect(edge).unwrap();
+    connection.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    BufReader::new(connection)
+}
+
+/// One request on a keep-alive connection the test keeps for the next one.
+fn send(stream: &mut BufReader<TcpStream>, method: &str, target: &str) -> Response {
+    let body = if method == "GET" { "" } else { "{}" };
+    let request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: example.com\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.get_mut().write_all(request.as_bytes()).unwrap();
+    read_response(stream, false).expect("an answer from the edge")
+}
+
+#[test]
+fn a_pooled_connection_closed_while_idle_is_retried_only_when_safe() {
+    let stale_after = Duration::from_millis(300);
+    let main = StaleClosingUpstream::start(stale_after);
+    let named = StaleClosingUpstream::start(stale_after);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // The edge keeps idle connections longer than the upstream does: the
+    // misconfiguration that makes the race happen.
+    let _edge = EdgeProcess::start(&config(listen, main.addr, named.addr, "30s"), None, &[listen]);
+    for (upstream, prefix) in [(&main, "/_matrix/client/v3"), (&named, "/app")] {
+        // The 502 below closes the client's connection.
+        let mut client = keep_alive(listen);
+        let warm = send(&mut client, "GET", &format!("{prefix}/warm"));
+        assert_eq!(warm.status, 200, "{warm:?}");
+        let mut expected = vec![format!("GET {prefix}/warm")];
+        for (method, name, safe) in [("GET", "read", true), ("PUT", "put", true), ("POST", "create", false)] {
+            std::thread::sleep(stale_after + Duration::from_millis(100));
+            let target = format!("{prefix}/{name}");
+            let response = send(&mut client, method, &target);
+            let line = format!("{method} {target}");
+            if safe {
+                // Sent again on a fresh connection: the client never knows.
+                assert_eq!(response.status, 200, "{line} lost the race and was not retried: {response:?}");
+                expected.extend([line.clone(), line]);
+            } else {
+                // The upstream may have acted on it: the client is told, and
+                // the request is not sent a second time.
+                response.assert_matrix_error(502, "M_UNKNOWN");
+                expected.push(line);
+            }
+        }
+        assert_eq!(upstream.processed(), expected);
+        assert_eq!(upstream.closed_on.load(Ordering::Relaxed), 3);
+    }
+}
+
+#[test]
+fn a_keepalive_idle_below_the_upstreams_avoids_the_race() {
+    let stale_after = Duration::from_millis(600);
+    let main = StaleClosingUpstream::start(stale_after);
+    let named = StaleClosingUpstream::start(stale_after);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _edge = EdgeProcess::start(&config(listen, main.addr, named.addr, "200ms"), None, &[listen]);
+    let mut client = keep_alive(listen);
+    for (upstream, prefix) in [(&main, "/_matrix/client/v3"), (&named, "/app")] {
+        let mut expected = Vec::new();
+        for (round, method) in ["GET", "POST", "GET", "POST"].into_iter().enumerate() {
+            if round > 0 {
+                std::thread::sleep(stale_after + Duration::from_millis(100));
+            }
+            let target = format!("{prefix}/{round}");
+            let response = send(&mut client, method, &target);
+            assert_eq!(response.status, 200, "{method} {target}: {response:?}");
+            expected.push(format!("{method} {target}"));
+        }
+        assert_eq!(upstream.processed(), expected, "each request reached the upstream exactly once");
+        assert_eq!(upstream.closed_on.load(Ordering::Relaxed), 0);
+    }
+}
+
+/// Outcomes of requests sent in a loop until stopped.
+#[derive(Default)]
+struct Tally {
+    ok: usize,
+    /// The edge's own JSON error while Synapse was away.
+    bad_gateway: usize,
+    other: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Synapse from PyPI: run scripts/test"]
+async fn synapse_killed_and_restarted_under_load() {
+    use support::matrix::{Client, HOST};
+    let work = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&[&[HOST]]);
+    let synapse_port = free_port();
+    let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let public_baseurl = format!("https://{HOST}:{}/", edge_addr.port());
+    let synapse_dir = work.path().join("synapse");
+    let mut synapse = Synapse::start(&synapse_dir, synapse_port, "example.com", &public_baseurl);
+    let config = format!(
+        r#"server_name: example.com
+listeners:
+  - {{ address: "{edge_addr}", tls: true, serves: [client, federation] }}
+tls:
+  certificates: [{{ cert: certs/{HOST}/fullchain.pem, key: certs/{HOST}/privkey.pem }}]
+synapse:
+  main: 127.0.0.1:{synapse_port}
+process: {{ threads: 2 }}
+"#
+    );
+    let edge = EdgeProcess::start(&config, Some(&pki), &[edge_addr]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loads = Vec::new();
+    for h1_only in [true, false] {
+        let client = Client::new(edge_addr, &pki.root_pem, h1_only);
+        let stop = stop.clone();
+        loads.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let mut phases = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let response = client.request(reqwest::Method::GET, "/_matrix/client/versions").send().await;
+                let outcome = match response {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let text = response.text().await.unwrap_or_default();
+                        let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                        match (status, json["errcode"].as_str()) {
+                            (200, _) if json["versions"].is_array() => {
+                                tally.ok += 1;
+                                true
+                            }
+                            (502, Some("M_UNKNOWN")) => {
+                                tally.bad_gateway += 1;
+                                false
+                            }
+                            _ => {
+                                tally.other.push(format!("{status} {text}"));
+                                false
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        tally.other.push(format!("transport error: {error}"));
+                        false
+                    }
+                };
+                if phases.last() != Some(&outcome) {
+                    phases.push(outcome);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (h1_only, tally, phases)
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    synapse.child.kill().unwrap();
+    synapse.child.wait().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Same config, same database, same port: what systemd's restart does.
+    let synapse_dir_for_restart = synapse_dir.clone();
+    let synapse =
+        tokio::task::spawn_blocking(move || Synapse::restart(&synapse_dir_for_restart, synapse_port)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    for load in loads {
+        let (h1_only, tally, phases) = load.await.unwrap();
+        let protocol = if h1_only { "HTTP/1.1" } else { "HTTP/2" };
+        eprintln!("{protocol}: {} ok, {} bad gateway, phases {phases:?}", tally.ok, tally.bad_gateway);
+        assert!(tally.other.is_empty(), "{protocol}: answers other than 200 or the edge's 502: {:?}", tally.other);
+        // Served, then refused while Synapse was away, then served again
+        // without a reload or a reconnect.
+        assert_eq!(phases, [true, false, true], "{protocol}");
+        assert!(tally.bad_gateway > 0, "{protocol}");
+    }
+    assert!(edge.log_text().contains("127.0.0.1"), "the edge's log names the unreachable upstream");
+    drop(synapse);
+}
+
+/// An upstream that holds every answer until released, counting the
+/// requests it holds.
+struct GatedUpstream {
+    addr: SocketAddr,
+    held: Arc<AtomicUsize>,
+    gate: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl GatedUpstream {
+    fn start() -> GatedUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let (h, g) = (held.clone(), gate.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let (h, g) = (h.clone(), g.clone());
+                std::thread::spawn(move || {
+                    let mut writer = stream.try_clone().unwrap();
+                    let mut reader = BufReader::new(stream);
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line.trim_end().is_empty() {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            let (open, released) = &*g;
+                            let mut open = open.lock().unwrap();
+                            while !*open {
+                                open = released.wait(open).unwrap();
+                            }
+                            drop(open);
+                            let body = r#"{"slow":true}"#;
+                            let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                            if writer.write_all(response.as_bytes()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        GatedUpstream { addr, held, gate }
+    }
+
+    fn release(&self) {
+        let (open, released) = &*self.gate;
+        *open.lock().unwrap() = true;
+        released.notify_all();
+    }
+}
+
+#[test]
+fn a_stuck_upstream_does_not_hold_up_the_others() {
+    const HOST: &str = "matrix.example.com";
+    const STUCK_H1: usize = 100;
+    const STUCK_H2: u32 = 90;
+    let pki = TestPki::new(&[&[HOST]]);
+    let fast = RecordingUpstream::start();
+    let slow = GatedUpstream::start();
+    let tls: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let plain: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = format!(
+        r#"server_name: example.com
+listeners:
+  - {{ address: "{tls}", tls: true, serves: [client, federation] }}
+  - {{ address: "{plain}", tls: false, serves: [client, federation] }}
+tls:
+  certificates: [{{ cert: certs/{HOST}/fullchain.pem, key: certs/{HOST}/privkey.pem }}]
+synapse:
+  main: "{}"
+upstreams:
+  slow: {{ address: "{}" }}
+matrix_site:
+  routes:
+    - {{ prefix: /slow/, upstream: slow }}
+process: {{ threads: 2, access_log: off }}
+"#,
+        fast.addr, slow.addr
+    );
+    let _edge = EdgeProcess::start(&config, Some(&pki), &[tls, plain]);
+
+    // Park requests on the stuck upstream: one HTTP/1.1 connection each,
+    // and many streams on one HTTP/2 connection.
+    let mut parked = Vec::new();
+    for n in 0..STUCK_H1 {
+        let mut stream = TcpStream::connect(plain).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream.write_all(format!("GET /slow/{n} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).unwrap();
+        parked.push(stream);
+    }
+    let root = pki.root_pem.clone();
+    let h2_parked = std::thread::spawn(move || {
+        let targets: Vec<String> = (0..STUCK_H2).map(|n| format!("/slow/h2-{n}")).collect();
+        let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+        h2_tls_many(tls, HOST, &root, &targets)
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while slow.held.load(Ordering::SeqCst) < STUCK_H1 + STUCK_H2 as usize {
+        assert!(
+            Instant::now() < deadline,
+            "only {} requests reached the stuck upstream",
+            slow.held.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Meanwhile every other path is served, over both protocols.
+    let started = Instant::now();
+    let targets: Vec<String> = (0..200).map(|n| format!("/_matrix/client/v3/fast/{n}")).collect();
+    let mut client = keep_alive(plain);
+    for target in &targets {
+        let response = send(&mut client, "GET", target);
+        assert_eq!(response.status, 200, "{target}: {response:?}");
+    }
+    let h2_targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+    for (target, answer) in h2_targets.iter().zip(h2_tls_many(tls, HOST, &pki.root_pem, &h2_targets)) {
+        assert_eq!(answer.map(|r| r.status), Ok(200), "{target} over HTTP/2");
+    }
+    eprintln!("400 fast requests while 190 were stuck: {:?}", started.elapsed());
+    assert_eq!(slow.held.load(Ordering::SeqCst), STUCK_H1 + STUCK_H2 as usize, "the stuck ones are still held");
+    assert_eq!(fast.records().len(), 400);
+
+    slow.release();
+    for mut stream in parked {
+        let response = read_response(&mut BufReader::new(&mut stream), false).expect("the parked request is answered");
+        assert_eq!(response.status, 200);
+    }
+    let answers = h2_parked.join().unwrap();
+    assert_eq!(answers.len(), STUCK_H2 as usize);
+    assert!(answers.iter().all(|answer| answer.as_ref().is_ok_and(|r| r.status == 200)));
+}
