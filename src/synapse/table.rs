@@ -20,8 +20,11 @@
 //! a single pass; `Router::route_naive` keeps the plain first-match scan to
 //! prove the two agree.
 
-use regex::{Regex, RegexSet};
+use regex::Regex;
+use regex_automata::meta::Regex as PatternSetRegex;
+use regex_automata::{Input, PatternSet};
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::fmt;
 
 /// A set of Synapse processes that serve the same paths.
@@ -407,7 +410,10 @@ pub struct Decision {
 /// The compiled table for one deployment: user rules first, then the built-in ones.
 pub struct Router {
     rules: Vec<Rule>,
-    set: RegexSet,
+    /// Every pattern in one automaton (what `regex::RegexSet` wraps), used
+    /// directly so the set of matches can be a reused buffer rather than a
+    /// new allocation per request.
+    set: PatternSetRegex,
     /// Each rule's pattern on its own, for the naive scan and for `routes`.
     singles: Vec<Regex>,
     declared: Vec<Group>,
@@ -423,8 +429,19 @@ impl Router {
         let count = user_rules.len();
         let mut rules = user_rules;
         rules.extend_from_slice(BUILTIN);
-        let set = RegexSet::new(rules.iter().map(|r| r.pattern.as_ref()))?;
+        // Each pattern alone first: regex's errors are the readable ones.
         let singles = rules.iter().map(|r| Regex::new(&r.pattern)).collect::<Result<Vec<_>, _>>()?;
+        // Configured as regex::RegexSet configures it: every pattern that
+        // matches is reported, not only the leftmost-first one.
+        let set = regex_automata::meta::Builder::new()
+            .configure(
+                PatternSetRegex::config()
+                    .match_kind(regex_automata::MatchKind::All)
+                    .utf8_empty(true)
+                    .which_captures(regex_automata::nfa::thompson::WhichCaptures::None),
+            )
+            .build_many(&rules.iter().map(|r| r.pattern.as_ref()).collect::<Vec<&str>>())
+            .map_err(|e| regex::Error::Syntax(e.to_string()))?;
         let applies =
             rules.iter().map(|r| !r.only_if_declared || r.chain.iter().any(|g| declared.contains(g))).collect();
         Ok(Router { rules, set, singles, declared: declared.to_vec(), applies, user_rules: count })
@@ -464,13 +481,19 @@ impl Router {
         let Ok(path) = std::str::from_utf8(path) else { return MAIN };
         // One pass over the path finds every matching pattern; the first in
         // table order whose methods fit wins.
-        let matches = self.set.matches(path);
-        for index in matches.iter() {
-            if self.applies[index] && self.rules[index].methods.allows(method) {
-                return self.decide(index, query);
+        MATCHES.with(|cell| {
+            let mut matches = cell.borrow_mut();
+            if matches.capacity() < self.rules.len() {
+                *matches = PatternSet::new(self.rules.len());
             }
-        }
-        MAIN
+            matches.clear();
+            self.set.which_overlapping_matches(&Input::new(path), &mut matches);
+            matches
+                .iter()
+                .map(|id| id.as_usize())
+                .find(|&index| self.applies[index] && self.rules[index].methods.allows(method))
+                .map_or(MAIN, |index| self.decide(index, query))
+        })
     }
 
     /// The same decision by trying each rule in turn (the specification the
@@ -485,6 +508,12 @@ impl Router {
         }
         MAIN
     }
+}
+
+thread_local! {
+    /// The matches of the last request routed on this thread, cleared and
+    /// reused by the next.
+    static MATCHES: RefCell<PatternSet> = RefCell::new(PatternSet::new(0));
 }
 
 const MAIN: Decision = Decision { rule: None, group: Group::Main, sticky: Sticky::None };
