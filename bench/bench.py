@@ -149,7 +149,8 @@ class Setup:
         rules = []
         for line in out.splitlines()[1:]:
             parts = line.split()
-            if len(parts) >= 4 and parts[2].startswith("^"):
+            # Rules that do not apply here ("(skipped: no mas)") route nothing.
+            if len(parts) >= 4 and parts[2].startswith("^") and not parts[3].startswith("("):
                 rules.append((parts[1], parts[2], parts[3]))
         return rules
 
@@ -467,8 +468,8 @@ def measure(setup, name, pids, plain, tls):
     # Memory: idle, then with many idle keep-alive connections.
     result["rss_idle_mib"] = rss_kib(proc_pids()) / 1024
     held = idle_connections(plain, IDLE_CONNECTIONS)
-    # Idle means settled: long enough for matrix-edge's periodic heap trim
-    # (every 5 s) to return what opening them freed. Every proxy waits alike.
+    # Idle means settled: long enough for matrix-edge's allocator to purge
+    # what opening them freed (jemalloc's 1 s decay). Every proxy waits alike.
     time.sleep(6)
     result["rss_idle_conns_mib"] = rss_kib(proc_pids()) / 1024
     for s in held:

@@ -5,7 +5,7 @@ asyncio upstream.
     each (or none), RSS before and after: the cost of an idle connection.
   tls-burst: three bursts of N simultaneous new TLS connections (h2load, one
     request each), RSS after each once they are gone: what a burst leaves.
-SETTLE (seconds, default 6: past the edge's 5 s heap trim) is the wait
+SETTLE (seconds, default 6: past the allocator's 1 s purge delay) is the wait
 before each reading.
   python3 bench/idle-memory.py [BINARY] [N] [request|connect|tls-burst]"""
 import asyncio, os, resource, socket, subprocess, sys, tempfile, time, threading

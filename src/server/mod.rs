@@ -119,10 +119,6 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
         pid_file: options.pid_file.as_ref().map(std::path::PathBuf::from),
     };
     server.add_service(pingora::services::background::background_service("readiness", readiness));
-    server.add_service(pingora::services::background::background_service(
-        "heap trim",
-        crate::services::heap::HeapTrimmer,
-    ));
     // Always running: a reload may add workers or upstreams with checks.
     let checker = crate::services::health::HealthChecker { edge: Arc::clone(&edge) };
     server.add_service(pingora::services::background::background_service("worker health", checker));

@@ -1,6 +1,5 @@
 pub mod acme;
 pub mod discovery;
 pub mod health;
-pub mod heap;
 pub mod readiness;
 pub mod reload;
