@@ -71,7 +71,15 @@ fn steady_load(
                 while !stop.load(Ordering::Relaxed) {
                     let status =
                         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sync(&mut stream, user))) {
-                            Ok(response) => response.status,
+                            Ok(response) => {
+                                // The edge closes a connection after
+                                // keepalive_requests answers, and says so.
+                                if response.header("Connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+                                    stream = TcpStream::connect(edge).unwrap();
+                                    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                                }
+                                response.status
+                            }
                             Err(_) => {
                                 stream = TcpStream::connect(edge).unwrap();
                                 0

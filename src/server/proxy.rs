@@ -23,6 +23,7 @@ use pingora::http::RequestHeader;
 use pingora::http::ResponseHeader;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
+use pingora::RetryType;
 use pingora::{Error, ErrorType, Result};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -568,20 +569,32 @@ impl ProxyHttp for EdgeProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("peer {peer}"));
-        // Pingora's own policy: a request that may have reached the upstream
-        // is sent again only if repeating it is harmless (idempotent method,
-        // body still buffered), and only when the failure came from a pooled
-        // connection the upstream had closed while idle (Twisted's ~60 s race).
-        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
-            e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
-        }
-        // A stale pooled connection says nothing about the member, which may
-        // be the only one (or the sticky one): it stays eligible.
-        if e.retry() && client_reused {
-            if let Some(member) = ctx.member {
-                ctx.tried.forget(member);
+        // A request that may have reached the upstream is sent again only if
+        // repeating it is harmless: idempotent method, body still buffered,
+        // nothing answered to the client yet.
+        let repeatable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none();
+        // Pingora marks failures of the connection itself (closed, reset,
+        // before a response header) as retryable on a reused connection only.
+        let connection_failed = matches!(e.retry, RetryType::ReusedOnly);
+        e.set_retry(false);
+        if repeatable && connection_failed {
+            if client_reused {
+                // A pooled connection the upstream closed while idle
+                // (Twisted's ~60 s race) says nothing about the member, which
+                // may be the only one or the sticky one: it stays eligible.
+                if let Some(member) = ctx.member {
+                    ctx.tried.forget(member);
+                }
+                e.set_retry(true);
+            } else if ctx.member.is_some() {
+                // A fresh connection that failed: the worker itself is in
+                // trouble (killed, restarting). Like nginx's default
+                // `proxy_next_upstream error`, the request goes to another
+                // member (this one stays on the tried list), or to main
+                // where the group falls back.
+                e.set_retry(true);
             }
         }
         e

@@ -188,19 +188,7 @@ pub fn h2_tls(
                 let _ = send.send_data(bytes::Bytes::new(), true);
             }
         };
-        let receiver = async move {
-            let response = response.await.map_err(|e| e.to_string())?;
-            let (parts, mut body) = response.into_parts();
-            let mut data = Vec::new();
-            while let Some(chunk) = body.data().await {
-                let chunk = chunk.map_err(|e| e.to_string())?;
-                let _ = body.flow_control().release_capacity(chunk.len());
-                data.extend_from_slice(&chunk);
-            }
-            let headers =
-                parts.headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
-            Ok::<_, String>(Response { status: parts.status.as_u16(), headers, body: data })
-        };
+        let receiver = read_h2_response(response);
         let receiving = tokio::spawn(receiver);
         tokio::select! {
             _ = sender => {},
@@ -211,6 +199,20 @@ pub fn h2_tls(
             .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?
     })
+}
+
+/// An HTTP/2 response with its whole body, the window released as it arrives.
+async fn read_h2_response(response: h2::client::ResponseFuture) -> Result<Response, String> {
+    let response = response.await.map_err(|e| e.to_string())?;
+    let (parts, mut body) = response.into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let headers = parts.headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
+    Ok(Response { status: parts.status.as_u16(), headers, body: data })
 }
 
 /// GETs for all `targets` at once, as streams of one HTTP/2 connection over
@@ -231,19 +233,7 @@ pub fn h2_tls_many(addr: SocketAddr, sni: &str, root_pem: &str, targets: &[&str]
             let mut client = client.clone().ready().await.unwrap();
             let request = http::Request::get(format!("https://{sni}{target}")).body(()).unwrap();
             let (response, _) = client.send_request(request, true).unwrap();
-            answers.push(tokio::spawn(async move {
-                let response = response.await.map_err(|e| e.to_string())?;
-                let (parts, mut body) = response.into_parts();
-                let mut data = Vec::new();
-                while let Some(chunk) = body.data().await {
-                    let chunk = chunk.map_err(|e| e.to_string())?;
-                    let _ = body.flow_control().release_capacity(chunk.len());
-                    data.extend_from_slice(&chunk);
-                }
-                let headers =
-                    parts.headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
-                Ok::<_, String>(Response { status: parts.status.as_u16(), headers, body: data })
-            }));
+            answers.push(tokio::spawn(read_h2_response(response)));
         }
         let mut results = Vec::new();
         for answer in answers {
