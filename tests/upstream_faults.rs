@@ -123,6 +123,20 @@ process: {{ threads: 2, access_log: off }}
     )
 }
 
+/// Synapse's main process and a named upstream (under `/app/`), both
+/// closing connections idle for `stale_after`, behind an edge that keeps
+/// idle pooled connections for `keepalive_idle`.
+fn edge_before_stale_upstreams(
+    stale_after: Duration,
+    keepalive_idle: &str,
+) -> (StaleClosingUpstream, StaleClosingUpstream, EdgeProcess, SocketAddr) {
+    let main = StaleClosingUpstream::start(stale_after);
+    let named = StaleClosingUpstream::start(stale_after);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let edge = EdgeProcess::start(&config(listen, main.addr, named.addr, keepalive_idle), None, &[listen]);
+    (main, named, edge, listen)
+}
+
 fn keep_alive(edge: SocketAddr) -> BufReader<TcpStream> {
     let connection = TcpStream::connect(edge).unwrap();
     connection.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -143,12 +157,9 @@ fn send(stream: &mut BufReader<TcpStream>, method: &str, target: &str) -> Respon
 #[test]
 fn a_pooled_connection_closed_while_idle_is_retried_only_when_safe() {
     let stale_after = Duration::from_millis(300);
-    let main = StaleClosingUpstream::start(stale_after);
-    let named = StaleClosingUpstream::start(stale_after);
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     // The edge keeps idle connections longer than the upstream does: the
     // misconfiguration that makes the race happen.
-    let _edge = EdgeProcess::start(&config(listen, main.addr, named.addr, "30s"), None, &[listen]);
+    let (main, named, _edge, listen) = edge_before_stale_upstreams(stale_after, "30s");
     for (upstream, prefix) in [(&main, "/_matrix/client/v3"), (&named, "/app")] {
         // The 502 below closes the client's connection.
         let mut client = keep_alive(listen);
@@ -179,10 +190,7 @@ fn a_pooled_connection_closed_while_idle_is_retried_only_when_safe() {
 #[test]
 fn a_keepalive_idle_below_the_upstreams_avoids_the_race() {
     let stale_after = Duration::from_millis(600);
-    let main = StaleClosingUpstream::start(stale_after);
-    let named = StaleClosingUpstream::start(stale_after);
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _edge = EdgeProcess::start(&config(listen, main.addr, named.addr, "200ms"), None, &[listen]);
+    let (main, named, _edge, listen) = edge_before_stale_upstreams(stale_after, "200ms");
     let mut client = keep_alive(listen);
     for (upstream, prefix) in [(&main, "/_matrix/client/v3"), (&named, "/app")] {
         let mut expected = Vec::new();
@@ -298,7 +306,12 @@ process: {{ threads: 2 }}
         assert_eq!(phases, [true, false, true], "{protocol}");
         assert!(tally.bad_gateway > 0, "{protocol}");
     }
-    assert!(edge.log_text().contains("127.0.0.1"), "the edge's log names the unreachable upstream");
+    let log = edge.log_text();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("Connection refused") && line.contains(&format!("127.0.0.1:{synapse_port}"))),
+        "the edge's log does not name the unreachable upstream:\n{log}"
+    );
     drop(synapse);
 }
 

@@ -22,7 +22,7 @@ pub const STATUS_LABELS: [&str; 26] = [
 ];
 
 /// GET, HEAD: read; OPTIONS: options; other standard methods: write.
-pub fn method_index(method: &http::Method) -> usize {
+fn method_index(method: &http::Method) -> usize {
     match *method {
         http::Method::GET | http::Method::HEAD => 0,
         http::Method::OPTIONS => 1,
@@ -31,38 +31,35 @@ pub fn method_index(method: &http::Method) -> usize {
     }
 }
 
-pub fn status_index(status: u16) -> usize {
-    let exact = match status {
-        0 => Some(0),
-        101 => Some(1),
-        200 => Some(2),
-        204 => Some(3),
-        206 => Some(4),
-        301 => Some(5),
-        302 => Some(6),
-        304 => Some(7),
-        400 => Some(8),
-        401 => Some(9),
-        403 => Some(10),
-        404 => Some(11),
-        405 => Some(12),
-        409 => Some(13),
-        413 => Some(14),
-        429 => Some(15),
-        500 => Some(16),
-        502 => Some(17),
-        503 => Some(18),
-        504 => Some(19),
-        _ => None,
-    };
-    exact.unwrap_or(match status / 100 {
-        1 => 20,
-        2 => 21,
-        3 => 22,
-        4 => 23,
-        5 => 24,
-        _ => 25,
-    })
+/// Where a status sits in `STATUS_LABELS`.
+fn status_index(status: u16) -> usize {
+    match status {
+        0 => 0,
+        101 => 1,
+        200 => 2,
+        204 => 3,
+        206 => 4,
+        301 => 5,
+        302 => 6,
+        304 => 7,
+        400 => 8,
+        401 => 9,
+        403 => 10,
+        404 => 11,
+        405 => 12,
+        409 => 13,
+        413 => 14,
+        429 => 15,
+        500 => 16,
+        502 => 17,
+        503 => 18,
+        504 => 19,
+        // The rest by class: 1xx..5xx, then anything else.
+        _ => match status / 100 {
+            1..=5 => 19 + usize::from(status / 100),
+            _ => 25,
+        },
+    }
 }
 
 const SLOTS: usize = METHOD_CLASSES.len() * STATUS_LABELS.len();
@@ -85,16 +82,16 @@ impl WorkerCounters {
         &self.worker
     }
 
-    pub fn count(&self, method: usize, status: usize) {
+    pub fn count(&self, method: &http::Method, status: u16) {
+        let (method, status) = (method_index(method), status_index(status));
         let slots = self.slots.get_or_init(|| (0..SLOTS).map(|_| OnceCell::new()).collect());
-        let at = method * STATUS_LABELS.len() + status;
-        if let Some(slot) = slots.get(at) {
+        if let Some(slot) = slots.get(method * STATUS_LABELS.len() + status) {
             slot.get_or_init(|| {
                 METRICS.requests.with_label_values(&[
                     self.group.as_str(),
                     self.worker.as_str(),
-                    METHOD_CLASSES[method % METHOD_CLASSES.len()],
-                    STATUS_LABELS[status % STATUS_LABELS.len()],
+                    METHOD_CLASSES[method],
+                    STATUS_LABELS[status],
                 ])
             })
             .inc();
@@ -110,14 +107,15 @@ pub struct GroupMetrics {
     upstream_latency: OnceCell<Histogram>,
     /// In the order of the pool's members.
     members: Vec<WorkerCounters>,
-    /// A Synapse group's requests that went to the main process.
-    main: WorkerCounters,
-    /// Local answers, and a member index the pool does not have.
-    other: WorkerCounters,
+    /// Requests no member served: the main process for a Synapse group,
+    /// the edge itself otherwise.
+    no_member: WorkerCounters,
+    /// A member index the pool does not have (`-` for Synapse groups).
+    unknown_member: WorkerCounters,
 }
 
 impl GroupMetrics {
-    fn new(name: &str, pool: Option<&Pool>, other: &str) -> GroupMetrics {
+    fn new(name: &str, pool: Option<&Pool>, no_member: &str, unknown_member: &str) -> GroupMetrics {
         let members = pool.map_or_else(Vec::new, |pool| {
             pool.members.iter().map(|member| WorkerCounters::new(name, &member.label)).collect()
         });
@@ -126,8 +124,8 @@ impl GroupMetrics {
             latency: OnceCell::new(),
             upstream_latency: OnceCell::new(),
             members,
-            main: WorkerCounters::new(name, "main"),
-            other: WorkerCounters::new(name, other),
+            no_member: WorkerCounters::new(name, no_member),
+            unknown_member: WorkerCounters::new(name, unknown_member),
         }
     }
 
@@ -135,13 +133,11 @@ impl GroupMetrics {
         &self.name
     }
 
-    /// The pair for a request served by `member`; `None` is the main process
-    /// for a Synapse group and the edge itself otherwise.
-    pub fn worker(&self, member: Option<usize>, synapse: bool) -> &WorkerCounters {
+    /// The pair for a request served by `member`, or by no member.
+    pub fn worker(&self, member: Option<usize>) -> &WorkerCounters {
         match member {
-            Some(index) => self.members.get(index).unwrap_or(&self.other),
-            None if synapse => &self.main,
-            None => &self.other,
+            Some(index) => self.members.get(index).unwrap_or(&self.unknown_member),
+            None => &self.no_member,
         }
     }
 
@@ -172,14 +168,18 @@ impl RequestMetrics {
         upstreams: impl Iterator<Item = (&'a str, &'a Pool)>,
     ) -> RequestMetrics {
         RequestMetrics {
-            synapse: Group::ALL.iter().map(|&group| GroupMetrics::new(group.name(), pool_of(group), "-")).collect(),
-            upstreams: upstreams.map(|(name, pool)| GroupMetrics::new(name, Some(pool), "edge")).collect(),
-            edge: GroupMetrics::new("edge", None, "edge"),
+            synapse: Group::ALL
+                .iter()
+                .map(|&group| GroupMetrics::new(group.name(), pool_of(group), "main", "-"))
+                .collect(),
+            upstreams: upstreams.map(|(name, pool)| GroupMetrics::new(name, Some(pool), "edge", "edge")).collect(),
+            edge: GroupMetrics::new("edge", None, "edge", "edge"),
         }
     }
 
     pub fn synapse(&self, group: Group) -> &GroupMetrics {
-        Group::ALL.iter().position(|g| *g == group).and_then(|at| self.synapse.get(at)).unwrap_or(&self.edge)
+        // `Group::ALL` lists the groups in declaration order (tested below).
+        self.synapse.get(group as usize).unwrap_or(&self.edge)
     }
 
     pub fn upstream(&self, index: usize) -> &GroupMetrics {
@@ -196,6 +196,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn groups_index_their_list() {
+        for (at, group) in Group::ALL.into_iter().enumerate() {
+            assert_eq!(group as usize, at);
+        }
+    }
+
+    #[test]
     fn statuses_map_to_their_labels() {
         for (status, label) in [(0, "none"), (200, "200"), (429, "429"), (418, "4xx"), (599, "5xx"), (600, "other")] {
             assert_eq!(STATUS_LABELS[status_index(status)], label, "{status}");
@@ -209,8 +216,8 @@ mod tests {
     fn a_pair_counts_under_its_labels() {
         let metrics = RequestMetrics::new(|_| None, std::iter::empty());
         let typing = metrics.synapse(Group::Typing);
-        typing.worker(None, true).count(method_index(&http::Method::PUT), status_index(200));
-        typing.worker(Some(3), true).count(method_index(&http::Method::GET), status_index(404));
+        typing.worker(None).count(&http::Method::PUT, 200);
+        typing.worker(Some(3)).count(&http::Method::GET, 404);
         let text = String::from_utf8(super::super::metrics::render()).unwrap();
         assert!(
             text.contains(r#"requests_total{group="typing",method="write",status="200",worker="main"} 1"#),

@@ -274,6 +274,8 @@ impl AddressKey {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::config::values::Span;
 
     #[test]
     fn classes_index_their_list() {
@@ -281,9 +283,6 @@ mod tests {
             assert_eq!(class as usize, at);
         }
     }
-
-    use super::*;
-    use crate::config::values::Span;
 
     fn limiter(requests: u32, per: Duration) -> Arc<Limiter> {
         Arc::new(Limiter::new(RateConfig { requests, per: Span(per) }))

@@ -6,7 +6,7 @@ use crate::edge::{Edge, Listener};
 use crate::local::static_files::{FileAnswer, StaticAnswer};
 use crate::observe::access_log;
 use crate::observe::metrics::METRICS;
-use crate::observe::request_metrics::{method_index, status_index, GroupMetrics, WorkerCounters};
+use crate::observe::request_metrics::{GroupMetrics, WorkerCounters};
 use crate::request::admission::{admit, check_caps, path_of, Admission, RequestFacts};
 use crate::request::errors::MatrixError;
 use crate::request::forward::prepare_upstream_request;
@@ -673,7 +673,7 @@ impl ProxyHttp for EdgeProxy {
         let (group_metrics, worker_metrics) = metrics_for(ctx);
         let (group, worker) = (group_metrics.name(), worker_metrics.worker());
         let request = session.req_header();
-        worker_metrics.count(method_index(&request.method), status_index(status));
+        worker_metrics.count(&request.method, status);
         group_metrics.observe(elapsed, ctx.upstream_time);
         if let Some(error) = error {
             log::debug!("request {} failed: {error}", ctx.request_id);
@@ -721,5 +721,5 @@ fn metrics_for(ctx: &RequestCtx) -> (&GroupMetrics, &WorkerCounters) {
         (None, Some(decision)) => metrics.synapse(decision.group),
         (None, None) => metrics.edge(),
     };
-    (group, group.worker(ctx.member, ctx.route.is_none() && ctx.decision.is_some()))
+    (group, group.worker(ctx.member))
 }
