@@ -34,6 +34,11 @@ HONEST_RPS = 50  # per h2load client, 2 clients
 HOST = "matrix.example.com"
 ATTACK_PATH = "/_matrix/client/v3/attack"
 MAX_UPLOAD = 1 << 20
+# For one experiment at a time: ATTACKS_ONLY=zero-window runs the cases whose
+# name contains it; ATTACKS_EDGE=path measures another matrix-edge binary
+# (a patched build) in place of this checkout's release build.
+ONLY = os.environ.get("ATTACKS_ONLY", "")
+EDGE_BINARY = os.environ.get("ATTACKS_EDGE", os.path.join(ROOT, "target/release/matrix-edge"))
 
 
 class CountingUpstream:
@@ -365,6 +370,10 @@ CASES = [
 ports = {}
 
 
+def selected_cases():
+    return [(name, make) for name, make in CASES if ONLY in name]
+
+
 def honest_load(log):
     return subprocess.Popen(["h2load", "-c", "2", "--rps", str(HONEST_RPS), "-D", str(SECONDS), "--log-file", log,
                              f"https://127.0.0.1:{ports['tls']}/_matrix/client/versions"],
@@ -432,12 +441,12 @@ def main():
             path = os.path.join(work, "edge.yaml")
             with open(path, "w") as f:
                 f.write(edge_config(ports["plain"], ports["tls"], upstream.port, cert, key))
-            process = subprocess.Popen([os.path.join(ROOT, "target/release/matrix-edge"), "-c", path],
+            process = subprocess.Popen([EDGE_BINARY, "-c", path],
                                        preexec_fn=bench.raise_fd_limit, stderr=open(f"{work}/edge.err", "w"))
         bench.wait_port(ports["plain"])
         bench.wait_port(ports["tls"])
         time.sleep(0.5)
-        for name, make_attack in CASES:
+        for name, make_attack in selected_cases():
             print(f"{proxy}: {name}", file=sys.stderr, flush=True)
             results[(proxy, name)] = run_case(work, proxy, process.pid, upstream, name, make_attack)
             time.sleep(1)
@@ -457,7 +466,7 @@ def report(results):
         "how the attack ended (edge) | (nginx) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, _ in CASES:
+    for name, _ in selected_cases():
         e, n = results[("matrix-edge", name)], results[("nginx", name)]
         reached = lambda r: f"{r['reached']}" + (f" ({r['bytes'] / 1048576:.1f} MiB)" if r["bytes"] else "")
         lines.append(
