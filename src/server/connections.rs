@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Open connections per client address, in shards picked by address so
 /// that accepts from different clients do not queue on one lock.
@@ -151,40 +151,76 @@ impl<A: HttpServerApp + Send + Sync + 'static> GuardedApp<A> {
             if let Some(guarded) = stream.as_any().downcast_ref::<HeadDeadline>() {
                 guarded.expect_request_line();
             }
-            let mut byte = [0u8; 1];
             let mut watch = shutdown.clone();
             if *watch.borrow() {
                 return None;
             }
             let read = tokio::select! {
-                read = tokio::time::timeout(KEEPALIVE_IDLE, stream.read(&mut byte)) => read,
+                read = tokio::time::timeout(KEEPALIVE_IDLE, read_head_start(&mut stream)) => read,
                 _ = watch.changed() => return None,
             };
-            if !matches!(read, Ok(Ok(1))) {
-                return None;
-            }
+            let prefix = match read {
+                Ok(Ok(prefix)) if !prefix.is_empty() => prefix,
+                _ => return None,
+            };
             if let Some(guarded) = stream.as_any().downcast_ref::<HeadDeadline>() {
                 guarded.start_clock();
             }
-            let mut prefix = bytes::BytesMut::with_capacity(HEAD_BUFFER);
-            prefix.extend_from_slice(&byte);
-            let mut session = ServerSession::new_http1(stream);
-            match carried.take() {
-                Some(settings) => settings.apply_to_session(&mut session),
-                None => {
-                    session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs()));
-                    // Pingora counts reuses after the first request.
-                    session.set_keepalive_reuses_remaining(Some(keepalive_requests.saturating_sub(1)));
-                }
-            }
-            if *shutdown.borrow() {
-                session.set_keepalive(None);
-            }
-            session.set_pipelined_prefix(prefix);
+            let session = http1_session(stream, prefix, carried.take(), keepalive_requests, *shutdown.borrow());
             let reused = self.inner.process_new_http(session, shutdown).await?;
             (stream, carried) = reused.consume();
         }
     }
+}
+
+/// Waits for the next request's first bytes and returns what one read
+/// brought (empty at the end of the stream). The read lands in a buffer on
+/// the stack of each poll, so a connection waiting here holds no buffer;
+/// plaintext streams have none under them either (`PLAIN_READ_BUFFER`), and
+/// a whole request head usually arrives in this one read, which Pingora then
+/// parses without reading again.
+async fn read_head_start(stream: &mut Stream) -> std::io::Result<bytes::BytesMut> {
+    std::future::poll_fn(|cx| {
+        let mut landing = [std::mem::MaybeUninit::<u8>::uninit(); HEAD_BUFFER];
+        let mut read = ReadBuf::uninit(&mut landing);
+        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                let mut prefix = bytes::BytesMut::with_capacity(HEAD_BUFFER);
+                prefix.extend_from_slice(read.filled());
+                Poll::Ready(Ok(prefix))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Pingora's session for the request whose first bytes were just read.
+/// Built outside `serve_http1` so that its future, which every idle
+/// keep-alive connection holds, has no room for a session (680 bytes) it
+/// only passes on.
+fn http1_session(
+    stream: Stream,
+    prefix: bytes::BytesMut,
+    carried: Option<HttpPersistentSettings>,
+    keepalive_requests: u32,
+    shutting_down: bool,
+) -> ServerSession {
+    let mut session = ServerSession::new_http1(stream);
+    match carried {
+        Some(settings) => settings.apply_to_session(&mut session),
+        None => {
+            session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs()));
+            // Pingora counts reuses after the first request.
+            session.set_keepalive_reuses_remaining(Some(keepalive_requests.saturating_sub(1)));
+        }
+    }
+    if shutting_down {
+        session.set_keepalive(None);
+    }
+    session.set_pipelined_prefix(prefix);
+    session
 }
 
 #[async_trait]

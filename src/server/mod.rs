@@ -27,11 +27,16 @@ pub struct RunOptions {
     pub upgrade_socket: Option<String>,
 }
 
-/// The read buffer under each client connection. Pingora's default, 64 KiB,
-/// stays with every idle keep-alive connection (about 34 KiB resident
-/// each, measured); 4 KiB still takes a whole request head or a few TLS
-/// records per read, and measured no more CPU per request (bench/RESULTS.md).
-const CLIENT_READ_BUFFER: usize = 4096;
+/// The read buffer under each TLS client connection. Pingora's default,
+/// 64 KiB, stays with every idle keep-alive connection (about 34 KiB
+/// resident each, measured); 4 KiB still takes a few TLS records per read
+/// (OpenSSL reads a record's header, then its body), and measured no more
+/// CPU per request (bench/RESULTS.md).
+const TLS_READ_BUFFER: usize = 4096;
+/// Plaintext connections read straight into Pingora's request buffer, which
+/// exists only while a request is in flight: a buffer under the socket
+/// would stay with each idle keep-alive connection (4 KiB of about 11).
+const PLAIN_READ_BUFFER: usize = 0;
 
 pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) -> Result<Server, String> {
     let process = &edge.config.process;
@@ -65,7 +70,7 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
         let name = format!("matrix-edge {address}");
         let tls = listener.tls;
         let proxy = listener.proxy_protocol.clone();
-        let buffers = L4BufferSettings::default().read(CLIENT_READ_BUFFER);
+        let buffers = L4BufferSettings::default().read(if tls { TLS_READ_BUFFER } else { PLAIN_READ_BUFFER });
         let http_app = pingora::proxy::http_proxy(
             &server.configuration,
             EdgeProxy { listener, edge: Arc::clone(&edge), challenges: Arc::clone(&challenges) },
