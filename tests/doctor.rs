@@ -104,6 +104,7 @@ fn doctor_passes_a_good_deployment_and_names_each_broken_one() {
         "ok   signed federation request: Synapse accepted",
         "ok   .well-known/matrix/client: m.homeserver is https://matrix.doctor.test, with CORS",
         "ok   client API",
+        "ok   authenticated media: /_matrix/client/v1/media/config asks for an access token (401 M_MISSING_TOKEN)",
     ] {
         assert!(good.text.contains(line), "missing {line:?} in:\n{}", good.text);
     }
@@ -178,6 +179,18 @@ fn doctor_passes_a_good_deployment_and_names_each_broken_one() {
     assert!(line.contains(&format!("{HOMESERVER}:{nobody}")) && line.contains("refused"), "{line}");
     drop(edge);
 
+    // A media worker that does not know authenticated media (as Synapse
+    // before 1.107 answers): healthy, but the new paths are 404.
+    let old_media = old_media_worker();
+    let workers = format!("  workers:\n    media_repository: [\"{old_media}\"]\n");
+    let edge = start(&edge_config(port, synapse_addr, &m_server, GOOD_CERTS, &workers), &pki, port);
+    let no_media = doctor(port, &ca, None, &[]);
+    assert_eq!(no_media.code, 1, "{}", no_media.text);
+    let line = no_media.line("FAIL authenticated media");
+    assert!(line.contains("404 M_UNRECOGNIZED"), "{line}");
+    assert!(no_media.text.contains("fix: route /_matrix/client/v1/media/"), "{}", no_media.text);
+    drop(edge);
+
     // The well-known documents served as static files by mistake: the
     // client one without CORS, then with invalid JSON.
     let root = work.path().join("static");
@@ -203,4 +216,38 @@ fn doctor_passes_a_good_deployment_and_names_each_broken_one() {
     let line = invalid.line("FAIL .well-known/matrix/client");
     assert!(line.contains("invalid") && line.contains("not JSON"), "{line}");
     drop(edge);
+}
+
+/// Answers `/health` 200 and everything else as Synapse answers a path it
+/// does not know: 404 `M_UNRECOGNIZED`.
+fn old_media_worker() -> SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let mut header = String::new();
+            while reader.read_line(&mut header).is_ok_and(|n| n > 0) && header != "\r\n" {
+                header.clear();
+            }
+            let body = if request_line.starts_with("GET /health ") {
+                ("200 OK", "OK".to_string())
+            } else {
+                ("404 Not Found", r#"{"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}"#.to_string())
+            };
+            let answer = format!(
+                "HTTP/1.1 {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                body.0,
+                body.1.len(),
+                body.1
+            );
+            let _ = reader.get_mut().write_all(answer.as_bytes());
+        }
+    });
+    address
 }

@@ -6,7 +6,8 @@
 //! then `_matrix._tcp`, port 8448); then the federation endpoint, the
 //! signing keys (self-signature verified), optionally a request signed with
 //! Synapse's own key (proof that signatures survive every hop), and the
-//! client side: `/.well-known/matrix/client` with CORS, `/versions`, MAS's
+//! client side: `/.well-known/matrix/client` with CORS, `/versions`,
+//! authenticated media asking for a token, MAS's
 //! `auth_metadata` and the MatrixRTC foci it publishes.
 
 pub mod fetch;
@@ -547,7 +548,39 @@ fn client_side(report: &mut Report, client: &Client, host: &str) {
                     "forward /_matrix/client/ to Synapse",
                 ),
             }
+            authenticated_media(report, client, &api_host, api_port, &prefix);
             auth_and_foci(report, client, &api_host, api_port, &prefix, &body);
+        }
+    }
+}
+
+/// Authenticated media (Synapse 1.107 and later; what clients use since
+/// 2024): without a token `/_matrix/client/v1/media/config` is refused by
+/// Synapse itself, 401 `M_MISSING_TOKEN`. A 404 means the path dies on the
+/// way (a proxy or media worker that does not know it) and clients show no
+/// images.
+fn authenticated_media(report: &mut Report, client: &Client, host: &str, port: u16, prefix: &str) {
+    const CHECK: &str = "authenticated media";
+    const FIX: &str =
+        "route /_matrix/client/v1/media/ to the media repository (a media worker or main) of Synapse 1.107 or later";
+    let path = format!("{prefix}/_matrix/client/v1/media/config");
+    match client.get(host, port, &path, &[]) {
+        Err(error) => report.fail(CHECK, format!("{path}: {error}"), FIX),
+        Ok(fetched) => {
+            let errcode = fetched.json().ok().and_then(|body| body["errcode"].as_str().map(str::to_string));
+            match (fetched.status, errcode.as_deref()) {
+                (401, Some("M_MISSING_TOKEN")) => {
+                    report.ok(CHECK, format!("{path} asks for an access token (401 M_MISSING_TOKEN)"))
+                }
+                (200, _) => report.warn(
+                    CHECK,
+                    format!("{path} answered 200 without an access token"),
+                    "let Synapse answer it: media config is only for signed-in users",
+                ),
+                (status, errcode) => {
+                    report.fail(CHECK, format!("{path} answered {status} {}", errcode.unwrap_or("(no errcode)")), FIX)
+                }
+            }
         }
     }
 }
