@@ -54,11 +54,12 @@ fn status_index(status: u16) -> usize {
         502 => 17,
         503 => 18,
         504 => 19,
-        // The rest by class: 1xx..5xx, then anything else.
-        _ => match status / 100 {
-            1..=5 => 19 + usize::from(status / 100),
-            _ => 25,
-        },
+        100..=199 => 20,
+        200..=299 => 21,
+        300..=399 => 22,
+        400..=499 => 23,
+        500..=599 => 24,
+        _ => 25,
     }
 }
 
@@ -204,7 +205,18 @@ mod tests {
 
     #[test]
     fn statuses_map_to_their_labels() {
-        for (status, label) in [(0, "none"), (200, "200"), (429, "429"), (418, "4xx"), (599, "5xx"), (600, "other")] {
+        for (status, label) in [
+            (0, "none"),
+            (200, "200"),
+            (429, "429"),
+            (103, "1xx"),
+            (207, "2xx"),
+            (308, "3xx"),
+            (418, "4xx"),
+            (599, "5xx"),
+            (600, "other"),
+            (99, "other"),
+        ] {
             assert_eq!(STATUS_LABELS[status_index(status)], label, "{status}");
         }
         for status in 0..1000 {
