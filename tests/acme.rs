@@ -109,6 +109,32 @@ fn served_certificate(addr: SocketAddr, sni: &str) -> X509 {
     stream.ssl().peer_certificate().unwrap()
 }
 
+/// Python's cryptography (the venv's, as Synapse uses it) with warnings as
+/// errors: it warns of serials RFC 5280 forbids (not positive, over 20 octets).
+fn strictly_parsed_serial(cert: &X509) {
+    let mut python = Command::new(support::matrix::synapse_python())
+        .args([
+            "-W",
+            "error",
+            "-c",
+            "import sys\nfrom cryptography import x509\n\
+             c = x509.load_pem_x509_certificate(sys.stdin.buffer.read())\n\
+             assert 0 < c.serial_number < 2 ** 159, c.serial_number\nprint(c.serial_number)",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    python.stdin.take().unwrap().write_all(&cert.to_pem().unwrap()).unwrap();
+    let output = python.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "cryptography refused the placeholder: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 fn fingerprint(cert: &X509) -> Vec<u8> {
     cert.digest(MessageDigest::sha256()).unwrap().to_vec()
 }
@@ -208,6 +234,7 @@ fn certificates_come_from_a_real_acme_server_and_renew_under_load() {
     // 1. The placeholder is served at once, and the failure is explained.
     let placeholder = served_certificate(public, "acme.test");
     assert_eq!(common_name(&placeholder), "matrix-edge placeholder for acme.test");
+    strictly_parsed_serial(&placeholder);
     wait_for("the failed first order logged", &edge, Duration::from_secs(20), || {
         edge.log_text().contains("order for acme.test failed")
     });

@@ -115,6 +115,29 @@ fn doctor_passes_a_good_deployment_and_names_each_broken_one() {
     assert!(findings.as_array().unwrap().iter().all(|f| f["verdict"] != "fail"), "{findings}");
     drop(edge);
 
+    // nginx in front of the same Synapse, as Synapse's docs configure it
+    // (proxy_pass without a URI part): doctor passes. With the classic
+    // mistake (a URI part, so nginx decodes and re-encodes the path), the
+    // signed requests with encoded IDs in the path fail and the query's pass.
+    let leaf = pki.issue(&[SERVER_NAME, HOMESERVER]);
+    let nginx_port = free_port();
+    let nginx = Nginx::start(&work.path().join("nginx"), nginx_port, synapse_port, &leaf, "");
+    let behind_nginx = doctor(nginx_port, &ca, Some(&signing_key), &[]);
+    assert_eq!(behind_nginx.code, 0, "{}", behind_nginx.text);
+    assert!(behind_nginx.text.contains("ok   signed federation request: Synapse accepted"), "{}", behind_nginx.text);
+    drop(nginx);
+    let nginx = Nginx::start(&work.path().join("nginx-uri"), nginx_port, synapse_port, &leaf, "/_matrix/");
+    let rewritten = doctor(nginx_port, &ca, Some(&signing_key), &[]);
+    assert_eq!(rewritten.code, 1, "{}", rewritten.text);
+    let line = rewritten.line("FAIL signed federation request");
+    assert!(line.contains("changed the request target's path ("), "{line}");
+    assert!(line.contains("/_matrix/federation/v1/user/devices/%40doctor%3Adoctor.test (401"), "{line}");
+    assert!(!line.contains("query"), "the query reaches Synapse unchanged through nginx: {line}");
+    assert!(rewritten.text.contains("fix: forward the request target byte for byte"), "{}", rewritten.text);
+    let failures: Vec<&str> = rewritten.text.lines().filter(|l| l.contains("FAIL")).collect();
+    assert_eq!(failures.len(), 1, "only the signed request should fail: {failures:?}");
+    drop(nginx);
+
     // A proxy that percent-decodes targets between the edge and Synapse: the
     // signature no longer matches what Synapse sees.
     let proxy_port = free_port();
@@ -216,6 +239,75 @@ fn doctor_passes_a_good_deployment_and_names_each_broken_one() {
     let line = invalid.line("FAIL .well-known/matrix/client");
     assert!(line.contains("invalid") && line.contains("not JSON"), "{line}");
     drop(edge);
+}
+
+/// Debian's nginx terminating TLS for both names in front of Synapse;
+/// `uri_part` is what follows the address in `proxy_pass` ("" as Synapse's
+/// docs write it).
+struct Nginx(std::process::Child);
+
+impl Nginx {
+    fn start(dir: &Path, port: u16, synapse_port: u16, leaf: &support::certs::Leaf, uri_part: &str) -> Nginx {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).unwrap();
+        // nginx's workers drop to an unprivileged user when started as root.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(dir.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.join("fullchain.pem"), &leaf.fullchain_pem).unwrap();
+        std::fs::write(dir.join("privkey.pem"), &leaf.key_pem).unwrap();
+        let d = dir.display();
+        let config = format!(
+            r#"worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    server_name {SERVER_NAME} {HOMESERVER};
+    ssl_certificate {d}/fullchain.pem; ssl_certificate_key {d}/privkey.pem;
+    location = /.well-known/matrix/server {{
+      default_type application/json; add_header Cache-Control "max-age=3600";
+      return 200 '{{"m.server": "{HOMESERVER}:443"}}';
+    }}
+    location = /.well-known/matrix/client {{
+      default_type application/json; add_header Access-Control-Allow-Origin "*" always;
+      return 200 '{{"m.homeserver": {{"base_url": "https://{HOMESERVER}"}}}}';
+    }}
+    location /_matrix/ {{
+      proxy_pass http://127.0.0.1:{synapse_port}{uri_part};
+      proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_set_header Host $host;
+    }}
+  }}
+}}
+"#
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, config).unwrap();
+        let nginx = if Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" };
+        let child = Command::new(nginx)
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("nginx (scripts/install-deps installs it)");
+        support::wait_listening(SocketAddr::from(([127, 0, 0, 1], port)), "nginx");
+        Nginx(child)
+    }
+}
+
+impl Drop for Nginx {
+    /// SIGTERM, not SIGKILL: the master takes its workers with it.
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
 }
 
 /// Answers `/health` 200 and everything else as Synapse answers a path it

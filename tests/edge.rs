@@ -622,3 +622,126 @@ fn an_oversized_upload_sent_in_full_still_gets_its_413() {
     h2.expect("no HTTP/2 response").assert_matrix_error(413, "M_TOO_LARGE");
     assert!(s.upstream.heads().is_empty());
 }
+
+/// HTTP/2 clients that send their whole body before reading the answer:
+/// Debian 12's curl (7.88) drops an answer whose stream is reset after it,
+/// even with NO_ERROR, so after an early 413 the edge keeps reading and
+/// dropping DATA (giving the window back) until the client ends the stream.
+#[test]
+fn an_http2_early_answer_reaches_curl_and_nghttp() {
+    let s = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("3MB");
+    std::fs::write(&body, vec![b'x'; 3 << 20]).unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &s.pki.root_pem).unwrap();
+    let port = s.public.port();
+    let curl_version = std::process::Command::new("curl").arg("--version").output().unwrap();
+    let curl_version = String::from_utf8_lossy(&curl_version.stdout).lines().next().unwrap_or_default().to_string();
+    let curl = std::process::Command::new("curl")
+        .args(["--http2", "-sS", "-X", "POST", "--max-time", "60", "-w", "\n%{http_code} %{http_version}"])
+        .arg("--cacert")
+        .arg(&ca)
+        .arg("--resolve")
+        .arg(format!("{SNI}:{port}:127.0.0.1"))
+        .arg("--data-binary")
+        .arg(format!("@{}", body.display()))
+        .arg(format!("https://{SNI}:{port}/_matrix/media/v3/upload"))
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&curl.stdout);
+    assert!(
+        curl.status.success(),
+        "{curl_version}: exit {:?}, {}\n{shown}",
+        curl.status.code(),
+        String::from_utf8_lossy(&curl.stderr)
+    );
+    assert!(shown.contains("\"errcode\":\"M_TOO_LARGE\""), "{curl_version} showed: {shown}");
+    assert!(shown.trim_end().ends_with("413 2"), "{curl_version} showed: {shown}");
+
+    let nghttp = std::process::Command::new("nghttp")
+        .arg("--data")
+        .arg(&body)
+        .arg("-H")
+        .arg(format!(":authority: {SNI}"))
+        .arg(format!("https://127.0.0.1:{port}/_matrix/media/v3/upload"))
+        .output()
+        .expect("nghttp (scripts/install-deps installs nghttp2-client)");
+    let shown = String::from_utf8_lossy(&nghttp.stdout);
+    assert!(shown.contains("\"errcode\":\"M_TOO_LARGE\""), "nghttp showed: {shown}");
+    assert!(s.upstream.heads().is_empty());
+}
+
+/// A client that keeps sending after its 413 is read from only up to the
+/// lingering cap (128 MiB): then its stream is reset, the edge's memory
+/// has not grown with what it read, and the connection's other streams
+/// are served throughout.
+#[test]
+fn an_http2_client_that_never_stops_sending_after_its_413_is_cut() {
+    let s = setup();
+    let before = support::rss_kib(s.edge.pid());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (status, sent, reset, other, elapsed) = runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(s.public).await.unwrap();
+        // As curl and browsers do; with Nagle the last piece of each window
+        // waits for a delayed ACK, 40 ms per 64 KiB.
+        tcp.set_nodelay(true).unwrap();
+        let ssl = client::connector(&s.pki.root_pem, &["h2"]).configure().unwrap().into_ssl(SNI).unwrap();
+        let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+        std::pin::Pin::new(&mut tls).connect().await.unwrap();
+        let (client, connection) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("https://{SNI}/_matrix/media/v3/upload"))
+            .header("content-length", (1u64 << 40).to_string())
+            .body(())
+            .unwrap();
+        let (response, mut send) = client.send_request(request, false).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
+        let status = response.status().as_u16();
+        let started = Instant::now();
+        // Another stream on the same connection while this one floods.
+        let other_client = client.clone();
+        let other = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let request =
+                http::Request::builder().uri(format!("https://{SNI}/.well-known/matrix/client")).body(()).unwrap();
+            let mut other_client = other_client.ready().await.unwrap();
+            let (answer, _) = other_client.send_request(request, true).unwrap();
+            answer.await.map(|a| a.status().as_u16()).unwrap_or(0)
+        });
+        // Whatever window the edge gives back is filled at once.
+        let piece = bytes::Bytes::from(vec![b'y'; 1 << 20]);
+        let mut sent = 0u64;
+        let mut reset = None;
+        while started.elapsed() < Duration::from_secs(40) {
+            send.reserve_capacity(piece.len());
+            let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(granted)) => granted.min(piece.len()),
+                _ => {
+                    reset = std::future::poll_fn(|cx| send.poll_reset(cx)).await.ok();
+                    break;
+                }
+            };
+            if send.send_data(piece.slice(..granted), false).is_err() {
+                reset = std::future::poll_fn(|cx| send.poll_reset(cx)).await.ok();
+                break;
+            }
+            sent += granted as u64;
+        }
+        (status, sent, reset, other.await.unwrap(), started.elapsed())
+    });
+    assert_eq!(status, 413);
+    assert_eq!(reset, Some(h2::Reason::NO_ERROR), "sent {sent} bytes in {elapsed:?}");
+    eprintln!("reset after {sent} bytes, {elapsed:?}");
+    assert!(sent >= 128 << 20, "reset after only {sent} bytes");
+    assert!(sent < 160 << 20, "the edge kept reading: {sent} bytes");
+    assert_eq!(other, 200, "the connection's other stream");
+    let growth = support::rss_kib(s.edge.pid()).saturating_sub(before);
+    assert!(growth < 32 << 10, "the edge grew by {growth} KiB while discarding {sent} bytes");
+    assert!(s.upstream.heads().is_empty());
+}

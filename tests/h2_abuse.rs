@@ -48,12 +48,6 @@ process: {{ threads: 2, access_log: off }}
     Setup { pki, upstream, edge, public }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// A GET head for `PATH`: `:method GET`, `:scheme https`, `:authority`, `:path`.
 fn get_head() -> Vec<u8> {
     let mut block = vec![0x82, 0x87];
@@ -132,7 +126,7 @@ fn under_attack(s: &Setup, name: &str, bytes: Vec<u8>, hold: Duration, read_back
 fn h2_abuse_costs_bounded_memory_and_leaves_honest_clients_served() {
     let s = setup();
     honest_requests_served(&s, "warm-up");
-    let before = rss_kib(s.edge.pid());
+    let before = support::rss_kib(s.edge.pid());
     let mut report = Vec::new();
 
     // Rapid reset: streams opened and cancelled at once, 5,000 of them.
@@ -216,7 +210,7 @@ fn h2_abuse_costs_bounded_memory_and_leaves_honest_clients_served() {
     report.push(format!("2,000 open streams: {ended}, {reached} reached the upstream"));
     assert!(reached < 2000, "every stream of one connection reached Synapse");
 
-    let after = rss_kib(s.edge.pid());
+    let after = support::rss_kib(s.edge.pid());
     report.push(format!("edge RSS {before} KiB before the attacks, {after} KiB after"));
     eprintln!("{}", report.join("\n"));
     assert!(after.saturating_sub(before) < 64 << 10, "RSS grew {} KiB: {}", after - before, report.join("; "));

@@ -145,12 +145,6 @@ impl Setup {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[test]
 fn three_sites_share_one_listener_by_host_and_sni() {
     let s = setup();
@@ -266,7 +260,7 @@ fn a_50_mb_file_streams_with_ranges_and_flat_memory() {
     assert_eq!((past.status, past.header("content-range")), (416, Some(format!("bytes */{BIG}").as_str())));
     // The whole file, read slowly, while the edge's memory is sampled.
     let pid = s.edge.pid();
-    let before = rss_kib(pid);
+    let before = support::rss_kib(pid);
     let mut stream = client::tls_connect(s.public, "element.example.com", &s.pki.root_pem, &["http/1.1"]);
     stream.write_all(b"GET /big.bin HTTP/1.1\r\nHost: element.example.com\r\n\r\n").unwrap();
     let mut reader = BufReader::with_capacity(1 << 16, stream);
@@ -293,7 +287,7 @@ fn a_50_mb_file_streams_with_ranges_and_flat_memory() {
         checksum_ok &= buffer[..n].iter().enumerate().all(|(i, b)| *b == ((received + i) % 251) as u8);
         received += n;
         if received % (4 << 20) < n {
-            peak = peak.max(rss_kib(pid));
+            peak = peak.max(support::rss_kib(pid));
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -404,6 +398,8 @@ fn a_real_websocket_passes_through_over_tls_and_closes_when_idle() {
         .spawn()
         .unwrap();
     let mut server_out = BufReader::new(server.stdout.take().unwrap());
+    // Killed however the test ends, so no reader of its output waits forever.
+    let _server = support::ChildGuard(server);
     let mut line = String::new();
     server_out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
@@ -438,9 +434,30 @@ fn a_real_websocket_passes_through_over_tls_and_closes_when_idle() {
     assert_eq!(handshake["headers"]["x-forwarded-for"], "127.0.0.1");
     line.clear();
     server_out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "closed");
+    assert!(line.starts_with("closed "), "{line}");
     assert_eq!(metric(s.metrics, "matrix_edge_websocket_upgrades_total{upstream=\"livekit\"}"), Some(1.0));
     assert_eq!(metric(s.metrics, "matrix_edge_websockets_open"), Some(0.0));
-    let _ = server.kill();
-    let _ = server.wait();
+
+    // Bytes after the 101 are a stream, not a request body: 200 MiB each
+    // way (four times max_upload_size) pass, and the client's close code
+    // reaches the server.
+    let bulk = std::process::Command::new(python())
+        .arg(peer_script())
+        .args(["bulk", "wss://rtc.example.com/rtc", &s.public.to_string(), ca.to_str().unwrap(), "200", "4000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&bulk.stdout);
+    assert!(bulk.status.success(), "bulk client failed: {stdout} {}", String::from_utf8_lossy(&bulk.stderr));
+    let outcome: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(outcome["sent"], 200 << 20, "{outcome}");
+    assert_eq!(outcome["received"], 200 << 20, "{outcome}");
+    assert_eq!(outcome["close_sent"], 4000, "{outcome}");
+    assert_eq!(outcome["close_received"], 4000, "the server's answer to the close: {outcome}");
+    eprintln!("200 MiB each way through the edge in {} s", outcome["seconds"]);
+    line.clear();
+    server_out.read_line(&mut line).unwrap(); // the handshake
+    line.clear();
+    server_out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "closed 4000");
+    assert_eq!(metric(s.metrics, "matrix_edge_websockets_open"), Some(0.0));
 }

@@ -137,6 +137,15 @@ pub fn csr_der(name: &str, key: &PKey<Private>) -> Result<Vec<u8>, openssl::erro
     request.build().to_der()
 }
 
+/// RFC 5280 §4.1.2.2: positive and at most 20 octets. 127 random bits with
+/// the top one set are 16 octets whose first bit is clear: never zero,
+/// never negative, never padded.
+fn random_serial() -> Result<openssl::asn1::Asn1Integer, openssl::error::ErrorStack> {
+    let mut serial = openssl::bn::BigNum::new()?;
+    serial.rand(127, openssl::bn::MsbOption::ONE, false)?;
+    serial.to_asn1_integer()
+}
+
 /// A self-signed certificate for `name`, served until the CA's arrives so
 /// the listeners can bind at once. Clients refuse it, as they should.
 pub fn placeholder(name: &str) -> Result<CertifiedKey, String> {
@@ -147,6 +156,7 @@ pub fn placeholder(name: &str) -> Result<CertifiedKey, String> {
         let subject = subject.build();
         let mut cert = X509Builder::new()?;
         cert.set_version(2)?;
+        cert.set_serial_number(&*random_serial()?)?;
         cert.set_subject_name(&subject)?;
         cert.set_issuer_name(&subject)?;
         cert.set_pubkey(&key)?;
@@ -206,10 +216,25 @@ mod tests {
         assert_eq!(mode & 0o077, 0, "the key is readable by others");
     }
 
+    /// The serial's DER content octets, checked against RFC 5280 §4.1.2.2.
+    fn placeholder_serial(name: &str) -> Vec<u8> {
+        let key = placeholder(name).unwrap();
+        let serial = key.chain[0].serial_number().to_bn().unwrap();
+        assert!(!serial.is_negative(), "negative serial");
+        assert!(serial.num_bits() > 0, "zero serial");
+        let octets = serial.to_vec();
+        // Content octets of the DER INTEGER: a leading zero when the top bit is set.
+        let der_len = octets.len() + usize::from(octets[0] & 0x80 != 0);
+        assert!(der_len <= 20, "serial of {der_len} octets");
+        octets
+    }
+
     #[test]
     fn placeholders_and_requests_name_the_host() {
         let cert = placeholder("matrix.example.org").unwrap();
         assert_eq!(cert.names, vec!["matrix.example.org"]);
+        let first = placeholder_serial("matrix.example.org");
+        assert_ne!(first, placeholder_serial("matrix.example.org"), "serials must not repeat");
         let key = new_key().unwrap();
         let der = csr_der("matrix.example.org", &key).unwrap();
         let request = openssl::x509::X509Req::from_der(&der).unwrap();

@@ -209,24 +209,38 @@ async fn refuse(
     Ok(true)
 }
 
-/// How long the edge keeps reading (and dropping) a refused request body,
-/// in all and per read (nginx's `lingering_time` and `lingering_timeout`).
+/// How long and how much the edge keeps reading (and dropping) of a refused
+/// request body: in all and per read (nginx's `lingering_time` and
+/// `lingering_timeout`), and a byte cap so a client that never stops
+/// sending costs a bounded amount of work, not 30 s at line rate.
 const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 const DISCARD_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const DISCARD_BYTES: u64 = 128 << 20;
 
-/// Reads and drops the rest of a request body after an early answer, so the
-/// connection closes with nothing unread: closing with unread bytes makes
-/// the kernel send a reset, which destroys the answer in the client's
-/// receive buffer before a client that writes its whole body first (most
-/// HTTP libraries, browsers) reads it. HTTP/2 needs none of this: the
-/// stream is reset with NO_ERROR after the answer.
+/// Reads and drops the rest of a request body after an early answer, so
+/// that a client that writes its whole body before reading (most HTTP
+/// libraries, browsers, curl) still reads the answer.
+/// - HTTP/1.1: closing with unread bytes makes the kernel send a reset,
+///   which destroys the answer in the client's receive buffer.
+/// - HTTP/2: dropping the stream early resets it with NO_ERROR, which RFC
+///   9113 §8.1 allows, but curl 7.88 (Debian 12's) then discards the answer.
+///   Reading gives the flow-control window back as it goes, so the stream
+///   ends cleanly when the client finishes; the connection's other streams
+///   are served meanwhile. Past a limit the stream is reset as before.
 async fn discard_request_body(session: &mut Session) {
-    if session.req_header().version == http::Version::HTTP_2 {
-        return;
+    if session.req_header().version != http::Version::HTTP_2 {
+        session.set_read_timeout(Some(DISCARD_READ_TIMEOUT));
+        crate::server::connections::half_close(session);
     }
-    session.set_read_timeout(Some(DISCARD_READ_TIMEOUT));
-    crate::server::connections::half_close(session);
-    let drain = async { while let Ok(Some(_)) = session.read_request_body().await {} };
+    let drain = async {
+        let mut discarded = 0u64;
+        while discarded <= DISCARD_BYTES {
+            match tokio::time::timeout(DISCARD_READ_TIMEOUT, session.read_request_body()).await {
+                Ok(Ok(Some(chunk))) => discarded += chunk.len() as u64,
+                _ => break,
+            }
+        }
+    };
     let _ = tokio::time::timeout(DISCARD_TIME, drain).await;
 }
 
@@ -629,7 +643,10 @@ impl ProxyHttp for EdgeProxy {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(chunk) = body {
+        // After a 101 the client's bytes are a stream that lives as long as
+        // the call or app does, not a body: no body cap applies to them.
+        let upgraded = ctx.websocket_open.is_some();
+        if let (Some(chunk), false) = (body, upgraded) {
             ctx.body_seen += chunk.len() as u64;
             if ctx.body_seen > ctx.body_limit {
                 return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the limit");

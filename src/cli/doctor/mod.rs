@@ -415,6 +415,58 @@ fn well_known_server(report: &mut Report, client: &Client, host: &str) -> Option
     None
 }
 
+/// One signed probe: which part of the target carries the percent-encoded
+/// identifiers, and the target itself.
+struct SignedProbe {
+    part: TargetPart,
+    target: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum TargetPart {
+    Path,
+    Query,
+}
+
+impl TargetPart {
+    fn name(self) -> &'static str {
+        match self {
+            TargetPart::Path => "path",
+            TargetPart::Query => "query string",
+        }
+    }
+}
+
+/// Federation requests carry user, room and event IDs percent-encoded in
+/// the path (`%40`, `%21`, `%24`, `%3A`) and sometimes in the query. A proxy
+/// that decodes and re-encodes the path (nginx with a URI part in
+/// `proxy_pass`) leaves the query alone, so each part gets its own probes.
+/// Every answer but a refusal of the signature is a pass: the IDs do not
+/// exist, and Synapse only looks them up after the signature verified.
+fn signed_probes(server_name: &str) -> Vec<SignedProbe> {
+    let path = |target: String| SignedProbe { part: TargetPart::Path, target };
+    vec![
+        path(format!("/_matrix/federation/v1/user/devices/%40doctor%3A{server_name}")),
+        path("/_matrix/federation/v1/event/%24doctor-probe".to_string()),
+        path(format!("/_matrix/federation/v1/state_ids/%21doctor%3A{server_name}")),
+        SignedProbe {
+            part: TargetPart::Query,
+            target: format!(
+                "/_matrix/federation/v1/query/profile?user_id=%40doctor%3A{server_name}&field=displayname&probe=a%2Fb"
+            ),
+        },
+    ]
+}
+
+/// Synapse refuses a signature that does not cover what it received with
+/// 401 (`M_UNAUTHORIZED`); a 403 may be an answer about the room itself.
+fn signature_refused(status: u16, body: &[u8]) -> bool {
+    let errcode = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|body| body["errcode"].as_str().map(str::to_string));
+    status == 401 || errcode.as_deref() == Some("M_UNAUTHORIZED")
+}
+
 fn signed_request(
     report: &mut Report,
     client: &Client,
@@ -431,30 +483,50 @@ fn signed_request(
             return;
         }
     };
-    // Percent-encoded `@` and `:` and an encoded slash: exactly what a proxy
-    // that "normalises" URIs rewrites, which breaks the signature.
-    let uri =
-        format!("/_matrix/federation/v1/query/profile?user_id=%40doctor%3A{server_name}&field=displayname&probe=a%2Fb");
-    let authorization = match x_matrix(server_name, server_name, &uri, &key_id, &key) {
-        Ok(header) => header,
-        Err(error) => {
-            report.fail(check, error, "check the signing key");
-            return;
+    let mut refused: Vec<(TargetPart, String)> = Vec::new();
+    let mut accepted = Vec::new();
+    for probe in signed_probes(server_name) {
+        let authorization = match x_matrix(server_name, server_name, &probe.target, &key_id, &key) {
+            Ok(header) => header,
+            Err(error) => {
+                report.fail(check, error, "check the signing key");
+                return;
+            }
+        };
+        match client.get(host, port, &probe.target, &[("Authorization", authorization)]) {
+            Err(error) => {
+                report.fail(check, format!("{}: {error}", probe.target), "the federation endpoint must be reachable");
+                return;
+            }
+            Ok(fetched) if signature_refused(fetched.status, &fetched.body) => refused.push((
+                probe.part,
+                format!("{} ({}: {})", probe.target, fetched.status, String::from_utf8_lossy(&fetched.body).trim()),
+            )),
+            Ok(fetched) => accepted.push(fetched.status),
         }
-    };
-    match client.get(host, port, &uri, &[("Authorization", authorization)]) {
-        Err(error) => report.fail(check, error, "the federation endpoint must be reachable"),
-        Ok(fetched) if fetched.status == 401 || fetched.status == 403 => report.fail(
+    }
+    if refused.is_empty() {
+        report.ok(
             check,
             format!(
-                "Synapse refused a request signed with its own key ({}: {}): something on the way changed the request target",
-                fetched.status,
-                String::from_utf8_lossy(&fetched.body)
+                "Synapse accepted {} signed requests with encoded IDs in the path and the query ({})",
+                accepted.len(),
+                accepted.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
             ),
-            "forward the request target byte for byte (nginx: proxy_pass without a URI part; no normalising proxy in front)",
-        ),
-        Ok(fetched) => report.ok(check, format!("Synapse accepted a signed request through the edge ({})", fetched.status)),
+        );
+        return;
     }
+    let mut parts: Vec<&str> = refused.iter().map(|(part, _)| part.name()).collect();
+    parts.dedup();
+    report.fail(
+        check,
+        format!(
+            "Synapse refused requests signed with its own key: something on the way changed the request target's {} ({})",
+            parts.join(" and "),
+            refused.iter().map(|(_, what)| what.as_str()).collect::<Vec<_>>().join("; ")
+        ),
+        "forward the request target byte for byte (nginx: proxy_pass without a URI part, `proxy_pass http://127.0.0.1:8008;`; no normalising proxy in front)",
+    );
 }
 
 fn client_side(report: &mut Report, client: &Client, host: &str) {
@@ -665,6 +737,32 @@ mod tests {
         assert_eq!(split_host_port("[2001:db8::1]:8448"), ("2001:db8::1".into(), Some(8448)));
         assert_eq!(split_host_port("2001:db8::1"), ("2001:db8::1".into(), None));
         assert_eq!(split_host_port("192.0.2.1"), ("192.0.2.1".into(), None));
+    }
+
+    #[test]
+    fn signed_probes_carry_every_encoded_sigil_in_the_path_and_some_in_the_query() {
+        let probes = signed_probes("example.org");
+        let paths: String = probes
+            .iter()
+            .filter(|p| p.part == TargetPart::Path)
+            .map(|p| p.target.split('?').next().unwrap_or_default().to_string())
+            .collect();
+        for encoded in ["%40", "%21", "%24", "%3A"] {
+            assert!(paths.contains(encoded), "no path probe carries {encoded}");
+        }
+        let query = probes.iter().find(|p| p.part == TargetPart::Query).unwrap();
+        let (path, query) = query.target.split_once('?').unwrap();
+        assert!(!path.contains('%'), "the query probe must change only through its query");
+        assert!(query.contains("%40") && query.contains("%2F"));
+    }
+
+    #[test]
+    fn only_a_refused_signature_counts_as_refused() {
+        assert!(signature_refused(401, br#"{"errcode":"M_UNAUTHORIZED","error":"Invalid signature"}"#));
+        assert!(signature_refused(401, b"not json"));
+        assert!(!signature_refused(403, br#"{"errcode":"M_FORBIDDEN","error":"Host not in room."}"#));
+        assert!(!signature_refused(404, br#"{"errcode":"M_NOT_FOUND"}"#));
+        assert!(!signature_refused(200, b"{}"));
     }
 
     #[test]
