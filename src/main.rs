@@ -109,6 +109,15 @@ enum Command {
     /// Renew ACME certificates now (all, or the names given): marks them in
     /// the state directory and signals the running instance.
     Renew { names: Vec<String> },
+    /// Ask the running edge's metrics listener whether it is ready (or alive):
+    /// exit 0 on yes. For container health checks; needs `metrics` in the config.
+    Probe {
+        #[arg(value_enum, default_value = "ready")]
+        probe: matrix_edge::cli::probe::Probe,
+        /// The metrics listener (default: the config's `metrics.address`).
+        #[arg(long)]
+        address: Option<std::net::SocketAddr>,
+    },
     /// Explain where one request would go and why, e.g. `route GET '/_matrix/client/v3/sync?since=x'`.
     Route {
         method: String,
@@ -167,6 +176,13 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Probe { probe, address }) = &cli.command {
+        let address = match address {
+            Some(address) => Ok(*address),
+            None => matrix_edge::cli::probe::address_from_config(&cli.config),
+        };
+        return report(address.and_then(|address| matrix_edge::cli::probe::run(address, *probe)));
+    }
     if let Some(Command::Doctor { server_name, connect_to, ca, signing_key, dns, json }) = &cli.command {
         return doctor(&cli.config, server_name.clone(), connect_to, ca.clone(), signing_key.clone(), *dns, *json);
     }
@@ -212,9 +228,10 @@ fn main() -> ExitCode {
             print!("{}", matrix_edge::cli::explain::routes_table(&edge));
             return ExitCode::SUCCESS;
         }
-        Some(Command::Reload { .. }) | Some(Command::Doctor { .. }) | Some(Command::Init { .. }) => {
-            return ExitCode::FAILURE
-        }
+        Some(Command::Reload { .. })
+        | Some(Command::Doctor { .. })
+        | Some(Command::Init { .. })
+        | Some(Command::Probe { .. }) => return ExitCode::FAILURE,
         Some(Command::Renew { names }) => {
             let pid_file = cli.pid_file.clone().unwrap_or_else(|| runtime_path("matrix-edge.pid"));
             return report(matrix_edge::cli::renew::request(&edge, &names, pid_file.as_ref()));

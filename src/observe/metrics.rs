@@ -172,16 +172,21 @@ pub fn render() -> Vec<u8> {
     out
 }
 
-/// The `/metrics` endpoint.
+/// The private listener: `/metrics`, and the `/livez` and `/readyz` probes.
 pub struct MetricsApp;
 
 #[async_trait]
 impl ServeHttp for MetricsApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let (status, content_type, body) = if session.req_header().uri.path() == "/metrics" {
-            (200, "text/plain; version=0.0.4", render())
-        } else {
-            (404, "text/plain", b"not found\n".to_vec())
+        let (status, content_type, body) = match session.req_header().uri.path() {
+            "/metrics" => (200, "text/plain; version=0.0.4", render()),
+            // The process answers: it is alive, whatever its readiness.
+            "/livez" => (200, "text/plain", b"alive\n".to_vec()),
+            "/readyz" => {
+                let (status, body) = crate::observe::probes::Readiness::now().answer();
+                (status, "text/plain", body.as_bytes().to_vec())
+            }
+            _ => (404, "text/plain", b"not found\n".to_vec()),
         };
         Response::builder()
             .status(status)

@@ -1,4 +1,5 @@
 pub mod access_log;
 pub mod metrics;
+pub mod probes;
 pub mod redact;
 pub mod request_metrics;

@@ -38,7 +38,28 @@ const TLS_READ_BUFFER: usize = 4096;
 /// would stay with each idle keep-alive connection (4 KiB of about 11).
 const PLAIN_READ_BUFFER: usize = 0;
 
+/// Pingora binds in each service's thread and panics there on failure,
+/// leaving a process that runs without the listener. Binding once here
+/// first turns that into an error before anything starts. Skipped on an
+/// upgrade: the sockets then come from the running instance.
+fn check_bindable(addresses: impl IntoIterator<Item = std::net::SocketAddr>) -> Result<(), String> {
+    for address in addresses {
+        if let Err(error) = std::net::TcpListener::bind(address) {
+            let hint = if error.kind() == std::io::ErrorKind::PermissionDenied && address.port() < 1024 {
+                ": ports below 1024 need CAP_NET_BIND_SERVICE (systemd: AmbientCapabilities=, podman: --cap-add NET_BIND_SERVICE) or a lower net.ipv4.ip_unprivileged_port_start"
+            } else {
+                ""
+            };
+            return Err(format!("cannot listen on {address}: {error}{hint}"));
+        }
+    }
+    Ok(())
+}
+
 pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) -> Result<Server, String> {
+    if !options.upgrade {
+        check_bindable(edge.listeners.iter().map(|l| l.address).chain(edge.metrics_address))?;
+    }
     let process = &edge.config.process;
     let threads = match process.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -124,6 +145,8 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
         pid_file: options.pid_file.as_ref().map(std::path::PathBuf::from),
     };
     server.add_service(pingora::services::background::background_service("readiness", readiness));
+    let stop = crate::services::shutdown::StopWhenDrained;
+    server.add_service(pingora::services::background::background_service("stop when drained", stop));
     // Always running: a reload may add workers or upstreams with checks.
     let checker = crate::services::health::HealthChecker { edge: Arc::clone(&edge) };
     server.add_service(pingora::services::background::background_service("worker health", checker));

@@ -3,3 +3,4 @@ pub mod discovery;
 pub mod health;
 pub mod readiness;
 pub mod reload;
+pub mod shutdown;

@@ -1,6 +1,6 @@
 //! Tells systemd (`Type=notify`) the edge is ready once every listener
-//! accepts connections, so `systemctl start` returns only then, and writes
-//! the pid file at that moment.
+//! accepts connections, so `systemctl start` returns only then, writes the
+//! pid file at that moment, and turns `/readyz` to 200.
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -46,6 +46,7 @@ impl BackgroundService for Readiness {
             }
         }
         log::info!("listening on {} addresses", self.addresses.len());
+        crate::observe::probes::mark_listening();
         if let Some(pid_file) = &self.pid_file {
             if let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
                 log::warn!("cannot write the pid file {}: {e}", pid_file.display());
