@@ -37,6 +37,9 @@ pub struct Metrics {
     pub config_loaded_at: IntGauge,
     /// Connections refused because their address had `connections_per_ip` open.
     pub connections_refused: IntCounter,
+    /// HTTP/1 requests refused because their connection's guard (which
+    /// checks the request line as received) could not be found.
+    pub guard_missing: IntCounter,
     /// Requests refused with 429, by limit class.
     pub rate_limited: IntCounterVec,
     /// WebSocket upgrades the upstream accepted (101), by upstream.
@@ -99,6 +102,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "connections_refused_total",
             "Connections refused because their address reached connections_per_ip",
         )?,
+        guard_missing: IntCounter::new(
+            "connection_guard_missing_total",
+            "HTTP/1 requests refused because the check of their request line could not run",
+        )?,
         rate_limited: IntCounterVec::new(
             Opts::new("rate_limited_total", "Requests refused with 429 by limit class"),
             &["class"],
@@ -141,6 +148,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     metrics.registry.register(Box::new(metrics.reloads.clone()))?;
     metrics.registry.register(Box::new(metrics.config_loaded_at.clone()))?;
     metrics.registry.register(Box::new(metrics.connections_refused.clone()))?;
+    metrics.registry.register(Box::new(metrics.guard_missing.clone()))?;
     metrics.registry.register(Box::new(metrics.rate_limited.clone()))?;
     metrics.registry.register(Box::new(metrics.websocket_upgrades.clone()))?;
     metrics.registry.register(Box::new(metrics.websockets_open.clone()))?;

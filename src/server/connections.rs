@@ -364,25 +364,46 @@ fn timed_out() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, "request head not received in time")
 }
 
+/// The one way to the guard under a session's HTTP/1 connection. `None`
+/// for HTTP/2 (Pingora keeps no stream per request) and for a stream that
+/// did not come through `GuardedApp`.
+fn guard(session: &pingora::proxy::Session) -> Option<&HeadDeadline> {
+    session.as_downstream().stream()?.as_any().downcast_ref::<HeadDeadline>()
+}
+
 /// The answer on the session's connection is complete and the connection
 /// will close: signal the end (FIN, or TLS close_notify) before the edge
 /// drains what the client still sends, as nginx's lingering close does, so
-/// the client sees the end of the answer at once.
+/// the client sees the end of the answer at once. Without a guard the
+/// connection simply closes after the drain.
 pub fn half_close(session: &pingora::proxy::Session) {
-    if let Some(stream) = session.as_downstream().stream().and_then(|s| s.as_any().downcast_ref::<HeadDeadline>()) {
+    if let Some(stream) = guard(session) {
         stream.half_close.store(true, Ordering::Relaxed);
     }
 }
 
-/// Why the request line of the session's current request is refused, if it is.
-pub fn request_line_refusal(session: &pingora::proxy::Session) -> Option<&'static str> {
-    let stream = session.as_downstream().stream()?.as_any().downcast_ref::<HeadDeadline>()?;
-    *stream.line.refusal.lock().unwrap_or_else(|p| p.into_inner())
+/// The strict check of an HTTP/1 request line as it was received, failing
+/// closed: a request whose connection has no guard to have watched its line
+/// is refused and counted, never passed unchecked. HTTP/2 has no request
+/// line (the h2 library checks its pseudo-headers).
+pub fn request_line_verdict(session: &pingora::proxy::Session) -> Result<(), &'static str> {
+    if session.as_downstream().is_http2() {
+        return Ok(());
+    }
+    let Some(stream) = guard(session) else {
+        crate::observe::metrics::METRICS.guard_missing.inc();
+        log::error!("an HTTP/1 request arrived on a connection without its guard: refused");
+        return Err("The request line could not be checked");
+    };
+    match *stream.line.refusal.lock().unwrap_or_else(|p| p.into_inner()) {
+        Some(reason) => Err(reason),
+        None => Ok(()),
+    }
 }
 
 /// Stops the head clock of the session's connection (the head is parsed).
 pub fn head_complete(session: &pingora::proxy::Session) {
-    if let Some(stream) = session.as_downstream().stream().and_then(|s| s.as_any().downcast_ref::<HeadDeadline>()) {
+    if let Some(stream) = guard(session) {
         stream.head_complete();
     }
 }
@@ -589,5 +610,29 @@ mod tests {
         assert_eq!(counts.open(ip), 0);
         assert!(counts.shards.iter().all(|shard| shard.lock().unwrap().is_empty()));
         assert!(counts.acquire(ip, 0).is_some(), "0 means no cap");
+    }
+
+    /// A session over `bytes`, read as Pingora reads a request; `guarded`
+    /// puts the connection guard under it, as `GuardedApp` does.
+    async fn session_over(bytes: &'static [u8], guarded: bool) -> pingora::proxy::Session {
+        let mock: Stream = Box::new(tokio_test::io::Builder::new().read(bytes).build());
+        let stream: Stream =
+            if guarded { Box::new(HeadDeadline::new(mock, Some(Duration::from_secs(5)))) } else { mock };
+        let mut session = pingora::proxy::Session::new_h1(stream);
+        assert!(session.read_request().await.unwrap());
+        session
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_connection_lacks_the_guard_is_refused_not_passed() {
+        const GOOD: &[u8] = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: a.test\r\n\r\n";
+        let before = crate::observe::metrics::METRICS.guard_missing.get();
+        let unguarded = session_over(GOOD, false).await;
+        assert!(request_line_verdict(&unguarded).is_err(), "a well-formed line without its check still fails");
+        assert_eq!(crate::observe::metrics::METRICS.guard_missing.get(), before + 1);
+        // The same request through the guard passes; a bad line does not.
+        assert_eq!(request_line_verdict(&session_over(GOOD, true).await), Ok(()));
+        let tab = session_over(b"GET /_matrix/client/versions\tx HTTP/1.1\r\nHost: a.test\r\n\r\n", true).await;
+        assert!(request_line_verdict(&tab).is_err());
     }
 }

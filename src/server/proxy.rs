@@ -429,10 +429,8 @@ impl ProxyHttp for EdgeProxy {
         // Framing first: a request framed two ways is refused whatever its
         // site or path.
         let raw_head = (request.version != http::Version::HTTP_2).then(|| session.as_downstream().to_h1_raw());
-        let framing = match crate::server::connections::request_line_refusal(session) {
-            Some(reason) => Err(reason),
-            None => crate::server::framing::check(request.version, &request.headers, raw_head.as_deref()),
-        };
+        let framing = crate::server::connections::request_line_verdict(session)
+            .and_then(|()| crate::server::framing::check(request.version, &request.headers, raw_head.as_deref()));
         if let Err(reason) = framing {
             return refuse(session, ctx, MatrixError::bad_request(reason), facts.content_length).await;
         }
