@@ -9,7 +9,7 @@ use crate::config::{SynapseConfig, WorkerList};
 use crate::local::well_known::WellKnown;
 use crate::request::admission::Limits;
 use crate::sites::Sites;
-use crate::synapse::table::{Group, Methods, Router, Rule, Sticky};
+use crate::synapse::table::{Group, Methods, Router, Rule, Section, Sticky};
 use crate::tls::{CertStore, CertifiedKey};
 use crate::upstream::named::{NamedUpstream, NamedUpstreams};
 use crate::upstream::peer::Upstream;
@@ -503,55 +503,23 @@ impl Edge {
     }
 }
 
-/// Groups of one config section with their (optional) worker lists.
-type Section<'a> = (&'static str, [(Group, &'a Option<WorkerList>); 9]);
-
 /// Every declared group with where it sits in the file; config keys are the
 /// groups' own names.
 fn declared_groups(synapse: &SynapseConfig) -> Vec<(Group, Vec<Seg>, &WorkerList)> {
-    let w = &synapse.workers;
-    let s = &synapse.stream_writers;
-    let sections: [Section<'_>; 2] = [
-        (
-            "workers",
-            [
-                (Group::Synchrotron, &w.synchrotron),
-                (Group::InitialSync, &w.initial_sync),
-                (Group::ClientReader, &w.client_reader),
-                (Group::EventCreator, &w.event_creator),
-                (Group::FederationReader, &w.federation_reader),
-                (Group::FederationInbound, &w.federation_inbound),
-                (Group::MediaRepository, &w.media_repository),
-                (Group::Sso, &w.sso),
-                (Group::UserDirectory, &w.user_directory),
-            ],
-        ),
-        (
-            "stream_writers",
-            [
-                (Group::Typing, &s.typing),
-                (Group::ToDevice, &s.to_device),
-                (Group::AccountData, &s.account_data),
-                (Group::Presence, &s.presence),
-                (Group::PushRules, &s.push_rules),
-                (Group::Receipts, &s.receipts),
-                (Group::DeviceLists, &s.device_lists),
-                (Group::QuarantinedMediaChanges, &s.quarantined_media_changes),
-                (Group::ThreadSubscriptions, &s.thread_subscriptions),
-            ],
-        ),
+    let sections = [
+        (Section::Workers.key(), &synapse.workers.lists),
+        (Section::StreamWriters.key(), &synapse.stream_writers.lists),
     ];
     let mut declared: Vec<(Group, Vec<Seg>, &WorkerList)> = sections
         .into_iter()
-        .flat_map(|(section, groups)| {
-            groups.into_iter().filter_map(move |(group, list)| {
-                list.as_ref()
-                    .map(|list| (group, vec![Seg::Key("synapse"), Seg::Key(section), Seg::Key(group.name())], list))
+        .flat_map(|(section, lists)| {
+            lists.iter().map(move |(group, list)| {
+                (*group, vec![Seg::Key("synapse"), Seg::Key(section), Seg::Key(group.name())], list)
             })
         })
         .collect();
     if let Some(mas) = &synapse.mas {
-        declared.push((Group::Mas, vec![Seg::Key("synapse"), Seg::Key("mas")], mas));
+        declared.push((Group::Mas, vec![Seg::Key("synapse"), Seg::Key(Section::Mas.key())], mas));
     }
     declared
 }

@@ -8,6 +8,7 @@
 //! docker scripts name them (`synchrotron1`, `client_reader2`...), and a
 //! worker whose name says nothing is listed in a comment for the admin.
 
+use crate::synapse::table::{Group, Section};
 use serde_yaml::Value;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -22,30 +23,12 @@ pub struct InitOptions {
     pub key: Option<PathBuf>,
 }
 
-/// Groups a worker can serve, and the name fragments that say so.
-const GROUPS_BY_NAME: &[(&str, &[&str])] = &[
-    ("synchrotron", &["synchrotron", "sync"]),
-    ("initial_sync", &["initial_sync"]),
-    ("client_reader", &["client_reader", "client"]),
-    ("event_creator", &["event_creator"]),
-    ("federation_reader", &["federation_reader", "federation_requests"]),
-    ("federation_inbound", &["federation_inbound", "inbound"]),
-    ("media_repository", &["media_repository", "media"]),
-    ("user_directory", &["user_directory", "user_dir"]),
-    ("sso", &["sso"]),
-];
-
-/// Stream writers the edge routes to (events and others take no HTTP traffic from clients).
-pub(crate) const ROUTED_STREAMS: &[&str] = &[
-    "typing",
-    "to_device",
-    "account_data",
-    "receipts",
-    "presence",
-    "push_rules",
-    "device_lists",
-    "thread_subscriptions",
-];
+/// Stream writers the edge routes to, by Synapse's stream names (events and
+/// others take no HTTP traffic from clients): the registry's, so `init` and
+/// `check --synapse` know every one the table routes.
+pub(crate) fn routed_streams() -> impl Iterator<Item = &'static str> {
+    Group::in_section(Section::StreamWriters).map(|spec| spec.name)
+}
 
 pub(crate) fn read_yaml(path: &Path) -> Result<Value, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -96,10 +79,9 @@ pub(crate) fn http_address(listeners: &Value) -> Option<(String, bool)> {
 /// The group a worker's name says it serves.
 fn group_from_name(name: &str) -> Option<&'static str> {
     let base = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '-' || c == '_').to_ascii_lowercase();
-    GROUPS_BY_NAME
-        .iter()
-        .find(|(_, fragments)| fragments.iter().any(|f| base == *f || base.replace('-', "_") == *f))
-        .map(|(group, _)| *group)
+    Group::in_section(Section::Workers)
+        .find(|spec| spec.worker_name_hints.iter().any(|f| base == *f || base.replace('-', "_") == *f))
+        .map(|spec| spec.name)
 }
 
 pub(crate) struct Worker {
@@ -221,7 +203,7 @@ pub fn init(options: &InitOptions) -> Result<(String, Vec<String>), String> {
     };
     let writers = homeserver.get("stream_writers");
     let writer_of = |name: &str| -> Option<&'static str> {
-        ROUTED_STREAMS.iter().copied().find(|stream| {
+        routed_streams().find(|stream| {
             writers
                 .and_then(|w| w.get(*stream))
                 .map(|v| match v {
@@ -243,7 +225,7 @@ pub fn init(options: &InitOptions) -> Result<(String, Vec<String>), String> {
             }
             continue;
         }
-        let group = if worker.media { Some("media_repository") } else { group_from_name(&worker.name) };
+        let group = if worker.media { Some(Group::MediaRepository.name()) } else { group_from_name(&worker.name) };
         match group {
             Some(group) => match groups.iter_mut().find(|(g, _)| *g == group) {
                 Some((_, list)) => list.push(worker),
@@ -274,9 +256,9 @@ pub fn init(options: &InitOptions) -> Result<(String, Vec<String>), String> {
             let _ = writeln!(out, "    {stream}: [{}]", addresses.join(", "));
         }
     }
-    for stream in ROUTED_STREAMS {
-        let named = writers.and_then(|w| w.get(*stream)).is_some();
-        if named && !streams.iter().any(|(s, _)| s == stream) && options.workers.is_some() {
+    for stream in routed_streams() {
+        let named = writers.and_then(|w| w.get(stream)).is_some();
+        if named && !streams.iter().any(|(s, _)| *s == stream) && options.workers.is_some() {
             warnings.push(format!(
                 "stream_writers.{stream} names a worker whose config was not found in the workers directory"
             ));
@@ -303,11 +285,11 @@ mod tests {
 
     #[test]
     fn worker_names_say_their_group() {
-        assert_eq!(group_from_name("synchrotron1"), Some("synchrotron"));
-        assert_eq!(group_from_name("client_reader-2"), Some("client_reader"));
-        assert_eq!(group_from_name("federation_inbound1"), Some("federation_inbound"));
-        assert_eq!(group_from_name("media1"), Some("media_repository"));
-        assert_eq!(group_from_name("user_dir"), Some("user_directory"));
+        assert_eq!(group_from_name("sync1"), Some(Group::Synchrotron.name()));
+        assert_eq!(group_from_name("client-2"), Some(Group::ClientReader.name()));
+        assert_eq!(group_from_name("inbound1"), Some(Group::FederationInbound.name()));
+        assert_eq!(group_from_name("media1"), Some(Group::MediaRepository.name()));
+        assert_eq!(group_from_name("user_dir"), Some(Group::UserDirectory.name()));
         assert_eq!(group_from_name("worker7"), None);
         assert_eq!(group_from_name("background"), None);
     }
@@ -319,5 +301,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(http_address(&listeners), Some(("127.0.0.1:8008".into(), true)));
+    }
+
+    /// `init --from-synapse` and `check --synapse` read Synapse's
+    /// `stream_writers` through `routed_streams`: every stream writer a rule
+    /// of the table sends requests to must be among them (the list once
+    /// kept here by hand lacked the quarantined-media stream).
+    #[test]
+    fn init_and_check_know_every_stream_writer_the_table_routes() {
+        let known: Vec<&str> = routed_streams().collect();
+        let routed: Vec<Group> = crate::synapse::table::BUILTIN
+            .iter()
+            .flat_map(|rule| rule.chain.iter().copied())
+            .filter(|group| group.spec().section == Section::StreamWriters)
+            .collect();
+        assert!(routed.contains(&Group::QuarantinedMediaChanges));
+        for group in routed {
+            assert!(known.contains(&group.name()), "init and check --synapse ignore stream writer {group}");
+        }
     }
 }

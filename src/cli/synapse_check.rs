@@ -4,7 +4,7 @@
 //! another by the other, two answers for the well-known, a stream writer
 //! the edge sends elsewhere, a worker nobody sends anything).
 
-use super::init::{http_address, read_workers, read_yaml, ROUTED_STREAMS};
+use super::init::{http_address, read_workers, read_yaml, routed_streams};
 use crate::edge::Edge;
 use serde_yaml::Value;
 use std::path::Path;
@@ -79,8 +79,8 @@ pub fn cross_check(edge: &Edge, homeserver: &Path, workers: Option<&Path>) -> Re
         let workers = read_workers(dir, &mut warnings)?;
         let address_of = |name: &str| workers.iter().find(|w| w.name == name).map(|w| w.address.clone());
         let writers = synapse.get("stream_writers");
-        for stream in ROUTED_STREAMS {
-            let named: Vec<String> = match writers.and_then(|w| w.get(*stream)) {
+        for stream in routed_streams() {
+            let named: Vec<String> = match writers.and_then(|w| w.get(stream)) {
                 Some(Value::Sequence(list)) => list.iter().filter_map(Value::as_str).map(str::to_string).collect(),
                 Some(Value::String(one)) => vec![one.clone()],
                 _ => Vec::new(),

@@ -9,7 +9,9 @@ mod locate;
 pub mod sites;
 pub mod values;
 
+use crate::synapse::table::{Group, Section};
 pub use locate::{locate, Seg};
+use once_cell::sync::Lazy;
 use serde::Deserialize;
 pub use sites::*;
 use std::collections::BTreeMap;
@@ -274,9 +276,9 @@ pub struct SynapseConfig {
     pub timeouts: UpstreamTimeoutsConfig,
     /// Worker processes by type (Synapse's `docs/workers.md`).
     #[serde(default)]
-    pub workers: WorkersConfig,
+    pub workers: GroupLists<WorkerGroups>,
     #[serde(default)]
-    pub stream_writers: StreamWritersConfig,
+    pub stream_writers: GroupLists<StreamWriterGroups>,
     #[serde(default)]
     pub health_check: HealthCheckConfig,
     /// Extra rules evaluated before the built-in table.
@@ -305,36 +307,16 @@ pub enum FederationMode {
 }
 
 impl SynapseConfig {
-    fn lists(&self) -> [&Option<WorkerList>; 19] {
-        let (w, s) = (&self.workers, &self.stream_writers);
-        [
-            &w.synchrotron,
-            &w.initial_sync,
-            &w.client_reader,
-            &w.event_creator,
-            &w.federation_reader,
-            &w.federation_inbound,
-            &w.media_repository,
-            &w.sso,
-            &w.user_directory,
-            &s.typing,
-            &s.to_device,
-            &s.account_data,
-            &s.presence,
-            &s.push_rules,
-            &s.receipts,
-            &s.device_lists,
-            &s.quarantined_media_changes,
-            &s.thread_subscriptions,
-            &self.mas,
-        ]
+    /// Every worker list of the section: workers, stream writers, MAS.
+    fn lists(&self) -> impl Iterator<Item = &WorkerList> {
+        let workers = self.workers.lists.iter().map(|(_, list)| list);
+        workers.chain(self.stream_writers.lists.iter().map(|(_, list)| list)).chain(self.mas.iter())
     }
 
     /// Every upstream the section names: main, workers, stream writers, MAS.
     pub fn targets(&self) -> Vec<&UpstreamTarget> {
-        let lists = self.lists();
         let mut targets = vec![&self.main];
-        for list in lists.into_iter().flatten() {
+        for list in self.lists() {
             targets.extend(list.entries().iter().filter_map(WorkerConfig::address));
         }
         targets
@@ -343,7 +325,7 @@ impl SynapseConfig {
     /// Every name a worker list asks to discover.
     pub fn discovered(&self) -> Vec<&DiscoverName> {
         let mut names = Vec::new();
-        for list in self.lists().into_iter().flatten() {
+        for list in self.lists() {
             for entry in list.entries() {
                 if let WorkerConfig::Discovered(d) = entry {
                     if !names.contains(&&d.discover) {
@@ -381,7 +363,7 @@ pub enum WorkerConfig {
     Discovered(DiscoveredWorkerConfig),
 }
 
-/// `{ discover: "_synapse-http._tcp.synchrotron.example.org" }` (SRV: each
+/// `{ discover: "_synapse-http._tcp.sync.example.org" }` (SRV: each
 /// target and port) or `{ discover: "synchrotrons.example.org:8083" }` (every
 /// A/AAAA record, on that port).
 #[derive(Debug, Clone, Deserialize)]
@@ -470,32 +452,77 @@ impl WorkerConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WorkersConfig {
-    pub synchrotron: Option<WorkerList>,
-    pub initial_sync: Option<WorkerList>,
-    pub client_reader: Option<WorkerList>,
-    pub event_creator: Option<WorkerList>,
-    pub federation_reader: Option<WorkerList>,
-    pub federation_inbound: Option<WorkerList>,
-    pub media_repository: Option<WorkerList>,
-    pub sso: Option<WorkerList>,
-    pub user_directory: Option<WorkerList>,
+/// The worker lists of one section (`synapse.workers` or
+/// `synapse.stream_writers`), keyed by the group names of
+/// `synapse::table::GROUPS`: a group added there is a key here.
+#[derive(Debug, Clone)]
+pub struct GroupLists<S> {
+    pub lists: Vec<(Group, WorkerList)>,
+    section: std::marker::PhantomData<S>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StreamWritersConfig {
-    pub typing: Option<WorkerList>,
-    pub to_device: Option<WorkerList>,
-    pub account_data: Option<WorkerList>,
-    pub presence: Option<WorkerList>,
-    pub push_rules: Option<WorkerList>,
-    pub receipts: Option<WorkerList>,
-    pub device_lists: Option<WorkerList>,
-    pub quarantined_media_changes: Option<WorkerList>,
-    pub thread_subscriptions: Option<WorkerList>,
+impl<S> Default for GroupLists<S> {
+    fn default() -> Self {
+        GroupLists { lists: Vec::new(), section: std::marker::PhantomData }
+    }
+}
+
+/// Which section a `GroupLists` reads.
+pub trait GroupSection {
+    const SECTION: Section;
+    /// The keys it accepts, for the error on any other.
+    fn names() -> &'static [&'static str];
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerGroups;
+#[derive(Debug, Clone)]
+pub struct StreamWriterGroups;
+
+static WORKER_GROUP_NAMES: Lazy<Vec<&'static str>> =
+    Lazy::new(|| Group::in_section(Section::Workers).map(|spec| spec.name).collect());
+static STREAM_WRITER_NAMES: Lazy<Vec<&'static str>> =
+    Lazy::new(|| Group::in_section(Section::StreamWriters).map(|spec| spec.name).collect());
+
+impl GroupSection for WorkerGroups {
+    const SECTION: Section = Section::Workers;
+    fn names() -> &'static [&'static str] {
+        &WORKER_GROUP_NAMES
+    }
+}
+
+impl GroupSection for StreamWriterGroups {
+    const SECTION: Section = Section::StreamWriters;
+    fn names() -> &'static [&'static str] {
+        &STREAM_WRITER_NAMES
+    }
+}
+
+impl<'de, S: GroupSection> Deserialize<'de> for GroupLists<S> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Lists<S>(std::marker::PhantomData<S>);
+        impl<'de, S: GroupSection> serde::de::Visitor<'de> for Lists<S> {
+            type Value = GroupLists<S>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "a map of group names ({}) to worker lists", S::names().join(", "))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                use serde::de::Error;
+                let mut lists: Vec<(Group, WorkerList)> = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let Some(spec) = Group::in_section(S::SECTION).find(|spec| spec.name == key) else {
+                        return Err(A::Error::unknown_field(&key, S::names()));
+                    };
+                    if lists.iter().any(|(group, _)| *group == spec.group) {
+                        return Err(A::Error::custom(format!("duplicate field `{key}`")));
+                    }
+                    lists.push((spec.group, map.next_value::<WorkerList>()?));
+                }
+                Ok(GroupLists { lists, section: std::marker::PhantomData })
+            }
+        }
+        deserializer.deserialize_map(Lists(std::marker::PhantomData))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

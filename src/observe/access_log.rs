@@ -132,7 +132,7 @@ mod tests {
             bytes: 512,
             referer: None,
             user_agent: Some("Element \"web\""),
-            group: "synchrotron",
+            group: "sample_group",
             worker: "127.0.0.1:8083",
             duration_ms: 31,
             upstream_ms: Some(30),
@@ -147,7 +147,7 @@ mod tests {
         let line = line(AccessLogFormat::Combined, &entry(), now).unwrap();
         assert_eq!(
             line,
-            "10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] \"GET /_matrix/client/v3/sync?access_token=<redacted>&since=s1 HTTP/1.1\" 200 512 \"-\" \"Element \\\"web\\\"\" group=synchrotron worker=127.0.0.1:8083 upstream_ms=30 duration_ms=31 request_id=abc"
+            "10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] \"GET /_matrix/client/v3/sync?access_token=<redacted>&since=s1 HTTP/1.1\" 200 512 \"-\" \"Element \\\"web\\\"\" group=sample_group worker=127.0.0.1:8083 upstream_ms=30 duration_ms=31 request_id=abc"
         );
     }
 
@@ -155,7 +155,7 @@ mod tests {
     fn json_line_carries_the_same_fields() {
         let json = line(AccessLogFormat::Json, &entry(), SystemTime::UNIX_EPOCH).unwrap();
         let value: serde_json::Value = serde_json::from_str(&json).unwrap();
-        assert_eq!(value["group"], "synchrotron");
+        assert_eq!(value["group"], "sample_group");
         assert_eq!(value["time"], "01/Jan/1970:00:00:00 +0000");
         assert!(!json.contains("syt_secret"));
         assert!(line(AccessLogFormat::Off, &entry(), SystemTime::UNIX_EPOCH).is_none());

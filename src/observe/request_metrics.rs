@@ -235,9 +235,14 @@ mod tests {
         typing.worker(Some(3)).count(&http::Method::GET, 404);
         let text = String::from_utf8(super::super::metrics::render()).unwrap();
         assert!(
-            text.contains(r#"requests_total{group="typing",method="write",status="200",worker="main"} 1"#),
+            text.contains(&format!(
+                r#"requests_total{{group="{}",method="write",status="200",worker="main"}} 1"#,
+                Group::Typing
+            )),
             "{text}"
         );
-        assert!(text.contains(r#"requests_total{group="typing",method="read",status="404",worker="-"} 1"#), "{text}");
+        let not_found =
+            format!(r#"requests_total{{group="{}",method="read",status="404",worker="-"}} 1"#, Group::Typing);
+        assert!(text.contains(&not_found), "{text}");
     }
 }

@@ -53,74 +53,127 @@ pub enum Group {
     Mas,
 }
 
+/// Where a group is declared in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    /// `synapse.main`.
+    Main,
+    /// `synapse.workers.<name>`.
+    Workers,
+    /// `synapse.stream_writers.<name>`: Synapse's `stream_writers` of the same name.
+    StreamWriters,
+    /// `synapse.mas`.
+    Mas,
+}
+
+impl Section {
+    pub fn key(self) -> &'static str {
+        match self {
+            Section::Main => "main",
+            Section::Workers => "workers",
+            Section::StreamWriters => "stream_writers",
+            Section::Mas => "mas",
+        }
+    }
+}
+
+/// What the edge knows of one group.
+pub struct GroupSpec {
+    pub group: Group,
+    /// Its name: the config key, the metric label, Synapse's stream name.
+    pub name: &'static str,
+    pub section: Section,
+    /// Synapse allows only one writer of this stream.
+    pub single_writer: bool,
+    /// Requests may go to main when every member is down.
+    pub falls_back_to_main: bool,
+    /// Fragments of `worker_name` by which `init --from-synapse` puts a
+    /// generic worker in this group.
+    pub worker_name_hints: &'static [&'static str],
+}
+
+const fn spec(group: Group, name: &'static str, section: Section, hints: &'static [&'static str]) -> GroupSpec {
+    GroupSpec { group, name, section, single_writer: false, falls_back_to_main: true, worker_name_hints: hints }
+}
+
+const fn single(group: Group, name: &'static str) -> GroupSpec {
+    GroupSpec { single_writer: true, ..spec(group, name, Section::StreamWriters, &[]) }
+}
+
+const fn no_fallback(spec: GroupSpec) -> GroupSpec {
+    GroupSpec { falls_back_to_main: false, ..spec }
+}
+
+/// Every group, once, in declaration order: the enum's names, the config
+/// keys, the metric labels, `init`'s and `check --synapse`'s knowledge of
+/// Synapse's workers and stream writers all come from here. Media workers
+/// own the media store (`enable_media_repo: false` on main), SSO sessions
+/// live in one process, and with MAS on Synapse has no `/login`: none of
+/// them falls back to main.
+pub const GROUPS: [GroupSpec; 20] = [
+    spec(Group::Main, "main", Section::Main, &[]),
+    spec(Group::Synchrotron, "synchrotron", Section::Workers, &["synchrotron", "sync"]),
+    spec(Group::InitialSync, "initial_sync", Section::Workers, &["initial_sync"]),
+    spec(Group::ClientReader, "client_reader", Section::Workers, &["client_reader", "client"]),
+    spec(Group::EventCreator, "event_creator", Section::Workers, &["event_creator"]),
+    spec(Group::FederationReader, "federation_reader", Section::Workers, &["federation_reader", "federation_requests"]),
+    spec(Group::FederationInbound, "federation_inbound", Section::Workers, &["federation_inbound", "inbound"]),
+    no_fallback(spec(Group::MediaRepository, "media_repository", Section::Workers, &["media_repository", "media"])),
+    no_fallback(spec(Group::Sso, "sso", Section::Workers, &["sso"])),
+    spec(Group::UserDirectory, "user_directory", Section::Workers, &["user_directory", "user_dir"]),
+    single(Group::Typing, "typing"),
+    single(Group::ToDevice, "to_device"),
+    single(Group::AccountData, "account_data"),
+    single(Group::Presence, "presence"),
+    single(Group::PushRules, "push_rules"),
+    spec(Group::Receipts, "receipts", Section::StreamWriters, &[]),
+    spec(Group::DeviceLists, "device_lists", Section::StreamWriters, &[]),
+    spec(Group::QuarantinedMediaChanges, "quarantined_media_changes", Section::StreamWriters, &[]),
+    spec(Group::ThreadSubscriptions, "thread_subscriptions", Section::StreamWriters, &[]),
+    no_fallback(spec(Group::Mas, "mas", Section::Mas, &[])),
+];
+
 /// The Synapse release whose routing this table follows (shown by `routes`).
 pub const SYNAPSE_VERSION: &str = "1.163 (workers.md of 1.157.1, servlets of 1.163.2)";
 
 impl Group {
-    pub const ALL: [Group; 20] = [
-        Group::Main,
-        Group::Synchrotron,
-        Group::InitialSync,
-        Group::ClientReader,
-        Group::EventCreator,
-        Group::FederationReader,
-        Group::FederationInbound,
-        Group::MediaRepository,
-        Group::Sso,
-        Group::UserDirectory,
-        Group::Typing,
-        Group::ToDevice,
-        Group::AccountData,
-        Group::Presence,
-        Group::PushRules,
-        Group::Receipts,
-        Group::DeviceLists,
-        Group::QuarantinedMediaChanges,
-        Group::ThreadSubscriptions,
-        Group::Mas,
-    ];
+    pub const ALL: [Group; GROUPS.len()] = {
+        let mut all = [Group::Main; GROUPS.len()];
+        let mut at = 0;
+        while at < GROUPS.len() {
+            all[at] = GROUPS[at].group;
+            at += 1;
+        }
+        all
+    };
+
+    /// Its entry in `GROUPS` (which lists the groups in declaration order, tested).
+    pub fn spec(self) -> &'static GroupSpec {
+        &GROUPS[self as usize]
+    }
 
     /// The config key naming this group (`synapse.workers.*` or `synapse.stream_writers.*`).
     pub fn name(self) -> &'static str {
-        match self {
-            Group::Main => "main",
-            Group::Synchrotron => "synchrotron",
-            Group::InitialSync => "initial_sync",
-            Group::ClientReader => "client_reader",
-            Group::EventCreator => "event_creator",
-            Group::FederationReader => "federation_reader",
-            Group::FederationInbound => "federation_inbound",
-            Group::MediaRepository => "media_repository",
-            Group::Sso => "sso",
-            Group::UserDirectory => "user_directory",
-            Group::Typing => "typing",
-            Group::ToDevice => "to_device",
-            Group::AccountData => "account_data",
-            Group::Presence => "presence",
-            Group::PushRules => "push_rules",
-            Group::Receipts => "receipts",
-            Group::DeviceLists => "device_lists",
-            Group::QuarantinedMediaChanges => "quarantined_media_changes",
-            Group::ThreadSubscriptions => "thread_subscriptions",
-            Group::Mas => "mas",
-        }
+        self.spec().name
     }
 
     pub fn from_name(name: &str) -> Option<Group> {
-        Group::ALL.into_iter().find(|g| g.name() == name)
+        GROUPS.iter().find(|spec| spec.name == name).map(|spec| spec.group)
+    }
+
+    /// The groups declared in one section, in table order.
+    pub fn in_section(section: Section) -> impl Iterator<Item = &'static GroupSpec> {
+        GROUPS.iter().filter(move |spec| spec.section == section)
     }
 
     /// Whether requests may go to the main process when every member is down.
-    /// Media workers own the media store (`enable_media_repo: false` on main),
-    /// SSO sessions live in one process, and with MAS on Synapse has no
-    /// `/login` at all, so none of them falls back.
     pub fn falls_back_to_main(self) -> bool {
-        !matches!(self, Group::MediaRepository | Group::Sso | Group::Mas)
+        self.spec().falls_back_to_main
     }
 
     /// Stream writers Synapse allows only one of.
     pub fn single_writer(self) -> bool {
-        matches!(self, Group::Typing | Group::ToDevice | Group::AccountData | Group::Presence | Group::PushRules)
+        self.spec().single_writer
     }
 }
 
