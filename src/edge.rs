@@ -415,8 +415,8 @@ impl Edge {
         };
 
         let request_metrics = crate::observe::request_metrics::RequestMetrics::new(
-            |group| pools.get(group),
-            upstreams.all().iter().map(|u| (u.name.as_str(), &u.pool)),
+            |group| pools.get(group).map(member_labels).unwrap_or_default(),
+            upstreams.all().iter().map(|u| (u.name.as_str(), member_labels(&u.pool))),
         );
         Ok(Edge {
             server_name: server_name.0.clone(),
@@ -462,7 +462,7 @@ impl Edge {
     pub fn refresh_acme_certificates(&self) -> Result<(), String> {
         let store = certificate_store(&self.file_certificates, self.acme.as_ref())?;
         self.certificates.store(std::sync::Arc::new(store));
-        crate::services::reload::publish_certificates(self);
+        crate::tls::publish_expiry(&self.certificates.load());
         Ok(())
     }
 
@@ -501,6 +501,11 @@ impl Edge {
             self.main.address
         )
     }
+}
+
+/// A pool's member labels in its order, for the metric handles.
+fn member_labels(pool: &crate::upstream::pool::Pool) -> Vec<&str> {
+    pool.members.iter().map(|member| member.label.as_str()).collect()
 }
 
 /// Every declared group with where it sits in the file; config keys are the

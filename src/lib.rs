@@ -27,9 +27,20 @@
 //! Beside requests ([`services`]): health checks, reloads on SIGHUP or
 //! certificate changes, readiness, heap trimming.
 //!
-//! Layers, each importing only from those below it: `server`, `cli` and
-//! `services` on top; `edge` (the snapshot); `sites`; `local`; `request` and
-//! `upstream`; `config` and `tls`; `synapse` and `observe` at the bottom.
+//! Floors, top to bottom. A module imports only from floors below its own,
+//! never from its own floor, so there is no cycle; `tests/layers.rs` reads
+//! this list and every `crate::` path in src/ and fails on any other import.
+//!
+//! 1. `fuzzing`
+//! 2. `server`, `cli`
+//! 3. `services`
+//! 4. `edge`
+//! 5. `sites`, `acme`
+//! 6. `local`, `upstream`
+//! 7. `request`
+//! 8. `config`, `tls`
+//! 9. `observe`
+//! 10. `synapse`
 
 pub mod acme;
 pub mod cli;

@@ -5,38 +5,12 @@
 
 use crate::config::ConfigError;
 use crate::config::{ClientWellKnownConfig, Seg, Source, SupportWellKnownConfig, WellKnownConfig};
+pub use crate::request::admission::Document;
 use crate::request::errors::MatrixError;
 use crate::request::response::LocalResponse;
 use bytes::Bytes;
 use http::Method;
 use serde_json::{json, Map, Value};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Document {
-    Server,
-    Client,
-    Support,
-}
-
-impl Document {
-    /// The document a request path asks for, compared byte for byte.
-    pub fn from_path(path: &[u8]) -> Option<Document> {
-        match path.strip_prefix(b"/.well-known/matrix/")? {
-            b"server" => Some(Document::Server),
-            b"client" => Some(Document::Client),
-            b"support" => Some(Document::Support),
-            _ => None,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Document::Server => "server",
-            Document::Client => "client",
-            Document::Support => "support",
-        }
-    }
-}
 
 /// The rendered documents; `None` means not configured (answered 404).
 #[derive(Debug, Clone)]

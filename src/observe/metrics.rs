@@ -167,11 +167,6 @@ fn build() -> Result<Metrics, prometheus::Error> {
 #[allow(clippy::expect_used)]
 pub static METRICS: Lazy<Metrics> = Lazy::new(|| build().expect("metric definitions are valid"));
 
-/// `rate_limited_total` by class, resolved once: refusals come in floods.
-pub static RATE_LIMITED: Lazy<[IntCounter; 3]> = Lazy::new(|| {
-    crate::request::ratelimit::Class::ALL.map(|class| METRICS.rate_limited.with_label_values(&[class.name()]))
-});
-
 pub fn render() -> Vec<u8> {
     let mut out = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&METRICS.registry.gather(), &mut out) {

@@ -7,7 +7,6 @@
 
 use super::metrics::METRICS;
 use crate::synapse::table::Group;
-use crate::upstream::pool::Pool;
 use once_cell::sync::OnceCell;
 use prometheus::{Histogram, IntCounter};
 
@@ -119,10 +118,8 @@ pub struct GroupMetrics {
 }
 
 impl GroupMetrics {
-    fn new(name: &str, pool: Option<&Pool>, no_member: &str, unknown_member: &str) -> GroupMetrics {
-        let members = pool.map_or_else(Vec::new, |pool| {
-            pool.members.iter().map(|member| WorkerCounters::new(name, &member.label)).collect()
-        });
+    fn new(name: &str, members: &[&str], no_member: &str, unknown_member: &str) -> GroupMetrics {
+        let members = members.iter().map(|member| WorkerCounters::new(name, member)).collect();
         GroupMetrics {
             name: name.to_string(),
             latency: OnceCell::new(),
@@ -167,17 +164,20 @@ pub struct RequestMetrics {
 }
 
 impl RequestMetrics {
+    /// `members_of`: a Synapse group's member labels in pool order;
+    /// `upstreams`: each named upstream's name and member labels. Labels,
+    /// not pools: metrics sit below the pools that report to them.
     pub fn new<'a>(
-        pool_of: impl Fn(Group) -> Option<&'a Pool>,
-        upstreams: impl Iterator<Item = (&'a str, &'a Pool)>,
+        members_of: impl Fn(Group) -> Vec<&'a str>,
+        upstreams: impl Iterator<Item = (&'a str, Vec<&'a str>)>,
     ) -> RequestMetrics {
         RequestMetrics {
             synapse: Group::ALL
                 .iter()
-                .map(|&group| GroupMetrics::new(group.name(), pool_of(group), "main", "-"))
+                .map(|&group| GroupMetrics::new(group.name(), &members_of(group), "main", "-"))
                 .collect(),
-            upstreams: upstreams.map(|(name, pool)| GroupMetrics::new(name, Some(pool), "edge", "edge")).collect(),
-            edge: GroupMetrics::new("edge", None, "edge", "edge"),
+            upstreams: upstreams.map(|(name, members)| GroupMetrics::new(name, &members, "edge", "edge")).collect(),
+            edge: GroupMetrics::new("edge", &[], "edge", "edge"),
         }
     }
 
@@ -229,7 +229,7 @@ mod tests {
 
     #[test]
     fn a_pair_counts_under_its_labels() {
-        let metrics = RequestMetrics::new(|_| None, std::iter::empty());
+        let metrics = RequestMetrics::new(|_| Vec::new(), std::iter::empty());
         let typing = metrics.synapse(Group::Typing);
         typing.worker(None).count(&http::Method::PUT, 200);
         typing.worker(Some(3)).count(&http::Method::GET, 404);

@@ -6,9 +6,37 @@
 //! itself is always forwarded with its original bytes.
 
 use crate::config::{FederationMode, Role};
-use crate::local::well_known::Document;
 use crate::request::errors::MatrixError;
 use std::borrow::Cow;
+
+/// A well-known document the edge answers itself (rendered in
+/// `local::well_known`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Document {
+    Server,
+    Client,
+    Support,
+}
+
+impl Document {
+    /// The document a request path asks for, compared byte for byte.
+    pub fn from_path(path: &[u8]) -> Option<Document> {
+        match path.strip_prefix(b"/.well-known/matrix/")? {
+            b"server" => Some(Document::Server),
+            b"client" => Some(Document::Client),
+            b"support" => Some(Document::Support),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Document::Server => "server",
+            Document::Client => "client",
+            Document::Support => "support",
+        }
+    }
+}
 
 /// What to do with a request, decided from its target and the listener.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -90,6 +90,12 @@ pub fn wait_time(prev: isize, curr: isize, fraction: f64, interval: Duration, al
     Duration::from_secs_f64(remaining + next_fraction * interval)
 }
 
+/// `rate_limited_total` by class, resolved once: refusals come in floods.
+pub static RATE_LIMITED: once_cell::sync::Lazy<[prometheus::IntCounter; 3]> = once_cell::sync::Lazy::new(|| {
+    let metrics = &crate::observe::metrics::METRICS;
+    Class::ALL.map(|class| metrics.rate_limited.with_label_values(&[class.name()]))
+});
+
 /// What a request is limited as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {

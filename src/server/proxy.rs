@@ -167,7 +167,7 @@ async fn rate_limit(edge: &Edge, session: &Session, client: Option<IpAddr>) -> s
         None => edge.rate_limits.admit(&facts),
     };
     outcome.map_err(|(class, wait)| {
-        crate::observe::metrics::RATE_LIMITED[class as usize].inc();
+        crate::request::ratelimit::RATE_LIMITED[class as usize].inc();
         MatrixError::rate_limited(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1))
     })
 }

@@ -93,7 +93,7 @@ pub fn install(cell: &ArcSwap<Edge>, mut new: Edge) {
 
 /// Gauges that describe a loaded snapshot.
 pub fn publish(edge: &Edge) {
-    publish_certificates(edge);
+    crate::tls::publish_expiry(&edge.certificates.load());
     let named = edge.upstreams.all().iter().map(|u| &u.pool);
     for pool in edge.pools.all().iter().chain(named) {
         for member in &pool.members {
@@ -106,7 +106,7 @@ pub fn publish(edge: &Edge) {
     for result in ["ok", "error"] {
         METRICS.reloads.with_label_values(&[result]);
     }
-    once_cell::sync::Lazy::force(&crate::observe::metrics::RATE_LIMITED);
+    once_cell::sync::Lazy::force(&crate::request::ratelimit::RATE_LIMITED);
     for site in edge.sites.all() {
         for route in site.routes.iter().filter(|r| r.websocket_idle.is_some()) {
             if let crate::sites::Action::Upstream(id) = route.action {
@@ -116,14 +116,6 @@ pub fn publish(edge: &Edge) {
     }
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     METRICS.config_loaded_at.set(now);
-}
-
-pub fn publish_certificates(edge: &Edge) {
-    for cert in edge.certificates.load().certificates() {
-        if let Some(name) = cert.names.first() {
-            METRICS.certificate_expiry.with_label_values(&[name]).set(cert.not_after_unix);
-        }
-    }
 }
 
 #[async_trait]

@@ -141,6 +141,17 @@ fn asn1_to_unix(time: &openssl::asn1::Asn1TimeRef) -> i64 {
 }
 
 /// Certificates indexed by name: exact match, then wildcard, then the first.
+/// `certificate_expiry_timestamp_seconds` for each certificate of a store
+/// (by its first name), set whenever a store goes live.
+pub fn publish_expiry(store: &CertStore) {
+    let metrics = &crate::observe::metrics::METRICS;
+    for cert in store.certificates() {
+        if let Some(name) = cert.names.first() {
+            metrics.certificate_expiry.with_label_values(&[name]).set(cert.not_after_unix);
+        }
+    }
+}
+
 pub struct CertStore {
     certs: Vec<Arc<CertifiedKey>>,
     exact: HashMap<String, usize>,
