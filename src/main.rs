@@ -137,135 +137,148 @@ fn init_logging(level: log::LevelFilter) {
     builder.format_timestamp_millis().target(env_logger::Target::Stderr).init();
 }
 
+/// Why a command failed: printed as `matrix-edge: <error>` with exit 1.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{0}")]
+    Config(#[from] matrix_edge::config::ConfigError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<String> for CliError {
+    fn from(message: String) -> CliError {
+        CliError::Failed(message)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Reload { upgrade }) = cli.command {
-        let pid_file = cli.pid_file.clone().unwrap_or_else(|| runtime_path("matrix-edge.pid"));
-        let socket = cli.upgrade_socket.clone().unwrap_or_else(|| runtime_path("matrix-edge-upgrade.sock"));
-        // Refuse to touch the running instance with a config it would reject.
-        if let Err(error) = Edge::load(&cli.config) {
-            eprintln!("matrix-edge: not reloading: {error}");
-            return ExitCode::FAILURE;
+    let paths = RuntimePaths::of(&cli);
+    let outcome = match cli.command {
+        None => serve(&cli.config, cli.upgrade, paths),
+        Some(Command::Check { synapse, workers }) => check(&cli.config, synapse.as_deref(), workers.as_deref()),
+        Some(Command::Routes) => routes(&cli.config),
+        Some(Command::Reload { upgrade }) => reload(&cli.config, &paths, upgrade),
+        Some(Command::Doctor { server_name, connect_to, ca, signing_key, dns, json }) => {
+            doctor(&cli.config, server_name, &connect_to, ca, signing_key, dns, json)
         }
-        return report(matrix_edge::cli::reload_command::reload(
-            &cli.config,
-            pid_file.as_ref(),
-            socket.as_ref(),
-            upgrade,
-        ));
-    }
-    if let Some(Command::Init { from_synapse, workers, listen, cert, key }) = &cli.command {
-        let options = matrix_edge::cli::init::InitOptions {
-            homeserver: from_synapse.clone(),
-            workers: workers.clone(),
-            listen: listen.clone(),
-            cert: cert.clone(),
-            key: key.clone(),
-        };
-        return match matrix_edge::cli::init::init(&options) {
-            Ok((config, warnings)) => {
-                print!("{config}");
-                for warning in warnings {
-                    eprintln!("matrix-edge: warning: {warning}");
-                }
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("matrix-edge: {error}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    if let Some(Command::Probe { probe, address }) = &cli.command {
-        let address = match address {
-            Some(address) => Ok(*address),
-            None => matrix_edge::cli::probe::address_from_config(&cli.config),
-        };
-        return report(address.and_then(|address| matrix_edge::cli::probe::run(address, *probe)));
-    }
-    if let Some(Command::Doctor { server_name, connect_to, ca, signing_key, dns, json }) = &cli.command {
-        return doctor(&cli.config, server_name.clone(), connect_to, ca.clone(), signing_key.clone(), *dns, *json);
-    }
-    let edge = match Edge::load(&cli.config) {
-        Ok(edge) => edge,
-        Err(error) => {
-            eprintln!("matrix-edge: {error}");
-            return ExitCode::FAILURE;
+        Some(Command::Init { from_synapse, workers, listen, cert, key }) => {
+            init(matrix_edge::cli::init::InitOptions { homeserver: from_synapse, workers, listen, cert, key })
         }
+        Some(Command::Renew { names }) => renew(&cli.config, &paths, &names),
+        Some(Command::Probe { probe: which, address }) => probe(&cli.config, which, address),
+        Some(Command::Route { method, target, headers }) => route(&cli.config, &method, &target, &headers),
     };
+    outcome.unwrap_or_else(|error| {
+        eprintln!("matrix-edge: {error}");
+        ExitCode::FAILURE
+    })
+}
+
+/// The pid file and upgrade socket: from the command line, else beside systemd's runtime directory.
+struct RuntimePaths {
+    pid_file: String,
+    upgrade_socket: String,
+}
+
+impl RuntimePaths {
+    fn of(cli: &Cli) -> RuntimePaths {
+        RuntimePaths {
+            pid_file: cli.pid_file.clone().unwrap_or_else(|| runtime_path("matrix-edge.pid")),
+            upgrade_socket: cli.upgrade_socket.clone().unwrap_or_else(|| runtime_path("matrix-edge-upgrade.sock")),
+        }
+    }
+}
+
+/// Loads and checks the config, printing its warnings.
+fn load(config: &std::path::Path) -> Result<Edge, CliError> {
+    let edge = Edge::load(config)?;
     for warning in &edge.warnings {
         eprintln!("matrix-edge: warning: {warning}");
     }
-    match cli.command {
-        Some(Command::Check { synapse, workers }) => {
-            if let Some(homeserver) = synapse {
-                let checked = matrix_edge::cli::synapse_check::cross_check(&edge, &homeserver, workers.as_deref());
-                let checked = match checked {
-                    Ok(checked) => checked,
-                    Err(error) => {
-                        eprintln!("matrix-edge: {error}");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                for warning in &checked.warnings {
-                    eprintln!("matrix-edge: warning: {warning}");
-                }
-                if !checked.problems.is_empty() {
-                    for problem in &checked.problems {
-                        eprintln!(
-                            "matrix-edge: {} disagrees with {}: {problem}",
-                            cli.config.display(),
-                            homeserver.display()
-                        );
-                    }
-                    return ExitCode::FAILURE;
-                }
-            }
-            println!("matrix-edge: {} ok: {}", cli.config.display(), edge.summary());
-            return ExitCode::SUCCESS;
-        }
-        Some(Command::Routes) => {
-            print!("{}", matrix_edge::cli::explain::routes_table(&edge));
-            return ExitCode::SUCCESS;
-        }
-        Some(Command::Reload { .. })
-        | Some(Command::Doctor { .. })
-        | Some(Command::Init { .. })
-        | Some(Command::Probe { .. }) => return ExitCode::FAILURE,
-        Some(Command::Renew { names }) => {
-            let pid_file = cli.pid_file.clone().unwrap_or_else(|| runtime_path("matrix-edge.pid"));
-            return report(matrix_edge::cli::renew::request(&edge, &names, pid_file.as_ref()));
-        }
-        Some(Command::Route { method, target, headers }) => {
-            let mut parsed = Vec::with_capacity(headers.len());
-            for header in &headers {
-                let Some((name, value)) = header.split_once(':') else {
-                    eprintln!("matrix-edge: header {header:?} is not `Name: value`");
-                    return ExitCode::FAILURE;
-                };
-                parsed.push((name.trim().to_string(), value.trim().to_string()));
-            }
-            print!("{}", matrix_edge::cli::explain::explain(&edge, &method.to_ascii_uppercase(), &target, &parsed));
-            return ExitCode::SUCCESS;
-        }
-        None => {}
-    }
+    Ok(edge)
+}
+
+fn serve(config: &std::path::Path, upgrade: bool, paths: RuntimePaths) -> Result<ExitCode, CliError> {
+    let edge = load(config)?;
     init_logging(edge.config.process.log_level.as_filter());
-    let options = RunOptions {
-        upgrade: cli.upgrade,
-        pid_file: Some(cli.pid_file.unwrap_or_else(|| runtime_path("matrix-edge.pid"))),
-        upgrade_socket: Some(cli.upgrade_socket.unwrap_or_else(|| runtime_path("matrix-edge-upgrade.sock"))),
-    };
-    match server::build(edge, &cli.config, &options) {
-        Ok(server) => {
-            log::info!("matrix-edge {} starting", env!("CARGO_PKG_VERSION"));
-            server.run_forever()
+    let options = RunOptions { upgrade, pid_file: Some(paths.pid_file), upgrade_socket: Some(paths.upgrade_socket) };
+    let server = server::build(edge, config, &options)?;
+    log::info!("matrix-edge {} starting", env!("CARGO_PKG_VERSION"));
+    server.run_forever()
+}
+
+fn check(
+    config: &std::path::Path,
+    synapse: Option<&std::path::Path>,
+    workers: Option<&std::path::Path>,
+) -> Result<ExitCode, CliError> {
+    let edge = load(config)?;
+    if let Some(homeserver) = synapse {
+        let checked = matrix_edge::cli::synapse_check::cross_check(&edge, homeserver, workers)?;
+        for warning in &checked.warnings {
+            eprintln!("matrix-edge: warning: {warning}");
         }
-        Err(error) => {
-            eprintln!("matrix-edge: {error}");
-            ExitCode::FAILURE
+        if !checked.problems.is_empty() {
+            for problem in &checked.problems {
+                eprintln!("matrix-edge: {} disagrees with {}: {problem}", config.display(), homeserver.display());
+            }
+            return Ok(ExitCode::FAILURE);
         }
     }
+    println!("matrix-edge: {} ok: {}", config.display(), edge.summary());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn routes(config: &std::path::Path) -> Result<ExitCode, CliError> {
+    print!("{}", matrix_edge::cli::explain::routes_table(&load(config)?));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn reload(config: &std::path::Path, paths: &RuntimePaths, upgrade: bool) -> Result<ExitCode, CliError> {
+    // Refuse to touch the running instance with a config it would reject.
+    Edge::load(config).map_err(|error| CliError::Failed(format!("not reloading: {error}")))?;
+    let pid_file = paths.pid_file.as_ref();
+    let socket = paths.upgrade_socket.as_ref();
+    report(matrix_edge::cli::reload_command::reload(config, pid_file, socket, upgrade)?)
+}
+
+fn init(options: matrix_edge::cli::init::InitOptions) -> Result<ExitCode, CliError> {
+    let (config, warnings) = matrix_edge::cli::init::init(&options)?;
+    print!("{config}");
+    for warning in warnings {
+        eprintln!("matrix-edge: warning: {warning}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn renew(config: &std::path::Path, paths: &RuntimePaths, names: &[String]) -> Result<ExitCode, CliError> {
+    let edge = load(config)?;
+    report(matrix_edge::cli::renew::request(&edge, names, paths.pid_file.as_ref())?)
+}
+
+fn probe(
+    config: &std::path::Path,
+    probe: matrix_edge::cli::probe::Probe,
+    address: Option<std::net::SocketAddr>,
+) -> Result<ExitCode, CliError> {
+    let address = match address {
+        Some(address) => address,
+        None => matrix_edge::cli::probe::address_from_config(config)?,
+    };
+    report(matrix_edge::cli::probe::run(address, probe)?)
+}
+
+fn route(config: &std::path::Path, method: &str, target: &str, headers: &[String]) -> Result<ExitCode, CliError> {
+    let edge = load(config)?;
+    let mut parsed = Vec::with_capacity(headers.len());
+    for header in headers {
+        let (name, value) = header.split_once(':').ok_or_else(|| format!("header {header:?} is not `Name: value`"))?;
+        parsed.push((name.trim().to_string(), value.trim().to_string()));
+    }
+    print!("{}", matrix_edge::cli::explain::explain(&edge, &method.to_ascii_uppercase(), target, &parsed));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The server name comes from `--server-name` or, failing that, the config
@@ -278,27 +291,18 @@ fn doctor(
     signing_key: Option<PathBuf>,
     dns: Option<std::net::SocketAddr>,
     json: bool,
-) -> ExitCode {
+) -> Result<ExitCode, CliError> {
     use matrix_edge::cli::doctor;
     let server_name = match server_name {
         Some(name) => name,
-        None => match Edge::load(config) {
-            Ok(edge) => edge.server_name.clone(),
-            Err(error) => {
-                eprintln!("matrix-edge: give --server-name, or a config that loads: {error}");
-                return ExitCode::FAILURE;
-            }
-        },
+        None => Edge::load(config)
+            .map_err(|error| format!("give --server-name, or a config that loads: {error}"))?
+            .server_name
+            .clone(),
     };
     let mut rules = Vec::with_capacity(connect_to.len());
     for rule in connect_to {
-        match rule.parse::<doctor::fetch::ConnectTo>() {
-            Ok(rule) => rules.push(rule),
-            Err(error) => {
-                eprintln!("matrix-edge: --connect-to {error}");
-                return ExitCode::FAILURE;
-            }
-        }
+        rules.push(rule.parse::<doctor::fetch::ConnectTo>().map_err(|error| format!("--connect-to {error}"))?);
     }
     let options = doctor::Options { server_name: server_name.clone(), connect_to: rules, ca, signing_key, dns };
     let findings = doctor::run(&options);
@@ -308,22 +312,14 @@ fn doctor(
         print!("{}", doctor::render(&server_name, &findings));
     }
     if findings.iter().any(|f| f.verdict == doctor::Verdict::Fail) {
-        ExitCode::FAILURE
+        Ok(ExitCode::FAILURE)
     } else {
-        ExitCode::SUCCESS
+        Ok(ExitCode::SUCCESS)
     }
 }
 
-/// A command's one-line outcome: on stdout with exit 0, or on stderr with 1.
-fn report(outcome: Result<String, String>) -> ExitCode {
-    match outcome {
-        Ok(done) => {
-            println!("matrix-edge: {done}");
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            eprintln!("matrix-edge: {error}");
-            ExitCode::FAILURE
-        }
-    }
+/// A command's one-line outcome on stdout, exit 0 (failures go through `CliError`).
+fn report(done: String) -> Result<ExitCode, CliError> {
+    println!("matrix-edge: {done}");
+    Ok(ExitCode::SUCCESS)
 }
