@@ -114,6 +114,12 @@ pub fn explain(edge: &Edge, method: &str, target: &str, headers: &[(String, Stri
             let _ = writeln!(out, "  admitted (body limit {body_limit} bytes; admin API subject to admin_api.allow)");
         }
     }
+    explain_synapse_route(&mut out, edge, method, target, header("authorization"));
+    out
+}
+
+/// Which rule of Synapse's table, group, member and fallback a request meets.
+fn explain_synapse_route(out: &mut String, edge: &Edge, method: &str, target: &str, authorization: Option<&[u8]>) {
     let decision = edge.router.route(method, target.as_bytes());
     match decision.rule {
         Some(index) => {
@@ -128,9 +134,9 @@ pub fn explain(edge: &Edge, method: &str, target: &str, headers: &[(String, Stri
     }
     let Some(pool) = edge.pools.get(decision.group) else {
         let _ = writeln!(out, "  -> main {}", edge.main.address);
-        return out;
+        return;
     };
-    let source = KeySource { target: target.as_bytes(), authorization: header("authorization"), client_ip: None };
+    let source = KeySource { target: target.as_bytes(), authorization, client_ip: None };
     let key = sticky::key(decision.sticky, &source);
     let how = match &key {
         Some(key) => format!("sticky by {}: key {:?}", decision.sticky, String::from_utf8_lossy(key.as_bytes())),
@@ -152,7 +158,6 @@ pub fn explain(edge: &Edge, method: &str, target: &str, headers: &[(String, Stri
         "none: 503 when every worker of the group is down"
     };
     let _ = writeln!(out, "  fallback: {fallback}");
-    out
 }
 
 fn explain_site_route(out: &mut String, edge: &Edge, at: RouteRef, target: &str) {

@@ -121,6 +121,84 @@ pub(crate) fn read_workers(dir: &Path, warnings: &mut Vec<String>) -> Result<Vec
     Ok(workers)
 }
 
+/// `synapse.workers` and `synapse.stream_writers` from the workers' files
+/// and Synapse's `stream_writers`.
+fn worker_sections(
+    out: &mut String,
+    homeserver: &Value,
+    options: &InitOptions,
+    warnings: &mut Vec<String>,
+) -> Result<(), String> {
+    let workers = match &options.workers {
+        Some(dir) => read_workers(dir, warnings)?,
+        None => Vec::new(),
+    };
+    let writers = homeserver.get("stream_writers");
+    let writer_of = |name: &str| -> Option<&'static str> {
+        routed_streams().find(|stream| {
+            writers
+                .and_then(|w| w.get(*stream))
+                .map(|v| match v {
+                    Value::Sequence(list) => list.iter().any(|n| n.as_str() == Some(name)),
+                    Value::String(one) => one == name,
+                    _ => false,
+                })
+                .unwrap_or(false)
+        })
+    };
+    let mut groups: Vec<(&str, Vec<&Worker>)> = Vec::new();
+    let mut streams: Vec<(&str, Vec<&Worker>)> = Vec::new();
+    let mut unplaced = Vec::new();
+    for worker in &workers {
+        if let Some(stream) = writer_of(&worker.name) {
+            match streams.iter_mut().find(|(s, _)| *s == stream) {
+                Some((_, list)) => list.push(worker),
+                None => streams.push((stream, vec![worker])),
+            }
+            continue;
+        }
+        let group = if worker.media { Some(Group::MediaRepository.name()) } else { group_from_name(&worker.name) };
+        match group {
+            Some(group) => match groups.iter_mut().find(|(g, _)| *g == group) {
+                Some((_, list)) => list.push(worker),
+                None => groups.push((group, vec![worker])),
+            },
+            None => unplaced.push(worker),
+        }
+    }
+    if !groups.is_empty() || !unplaced.is_empty() {
+        let _ = writeln!(out, "  workers:");
+        for (group, members) in &groups {
+            let addresses: Vec<String> = members.iter().map(|w| format!("\"{}\"", w.address)).collect();
+            let names: Vec<&str> = members.iter().map(|w| w.name.as_str()).collect();
+            let _ = writeln!(out, "    {group}: [{}]   # {}", addresses.join(", "), names.join(", "));
+        }
+        for worker in &unplaced {
+            let _ = writeln!(
+                out,
+                "    # {} ({}, {}): its name does not say which requests it serves; add it to a group above",
+                worker.name, worker.app, worker.address
+            );
+        }
+    }
+    if !streams.is_empty() {
+        let _ = writeln!(out, "  stream_writers:   # from Synapse's stream_writers");
+        for (stream, members) in &streams {
+            let addresses: Vec<String> = members.iter().map(|w| format!("\"{}\"", w.address)).collect();
+            let _ = writeln!(out, "    {stream}: [{}]", addresses.join(", "));
+        }
+    }
+    for stream in routed_streams() {
+        let named = writers.and_then(|w| w.get(stream)).is_some();
+        if named && !streams.iter().any(|(s, _)| *s == stream) && options.workers.is_some() {
+            warnings.push(format!(
+                "stream_writers.{stream} names a worker whose config was not found in the workers directory"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The config text, and warnings for the admin.
 pub fn init(options: &InitOptions) -> Result<(String, Vec<String>), String> {
     let homeserver = read_yaml(&options.homeserver)?;
@@ -197,73 +275,7 @@ pub fn init(options: &InitOptions) -> Result<(String, Vec<String>), String> {
         let _ = writeln!(out, "  mas: \"{address}\"   # matrix_authentication_service.endpoint");
     }
 
-    let workers = match &options.workers {
-        Some(dir) => read_workers(dir, &mut warnings)?,
-        None => Vec::new(),
-    };
-    let writers = homeserver.get("stream_writers");
-    let writer_of = |name: &str| -> Option<&'static str> {
-        routed_streams().find(|stream| {
-            writers
-                .and_then(|w| w.get(*stream))
-                .map(|v| match v {
-                    Value::Sequence(list) => list.iter().any(|n| n.as_str() == Some(name)),
-                    Value::String(one) => one == name,
-                    _ => false,
-                })
-                .unwrap_or(false)
-        })
-    };
-    let mut groups: Vec<(&str, Vec<&Worker>)> = Vec::new();
-    let mut streams: Vec<(&str, Vec<&Worker>)> = Vec::new();
-    let mut unplaced = Vec::new();
-    for worker in &workers {
-        if let Some(stream) = writer_of(&worker.name) {
-            match streams.iter_mut().find(|(s, _)| *s == stream) {
-                Some((_, list)) => list.push(worker),
-                None => streams.push((stream, vec![worker])),
-            }
-            continue;
-        }
-        let group = if worker.media { Some(Group::MediaRepository.name()) } else { group_from_name(&worker.name) };
-        match group {
-            Some(group) => match groups.iter_mut().find(|(g, _)| *g == group) {
-                Some((_, list)) => list.push(worker),
-                None => groups.push((group, vec![worker])),
-            },
-            None => unplaced.push(worker),
-        }
-    }
-    if !groups.is_empty() || !unplaced.is_empty() {
-        let _ = writeln!(out, "  workers:");
-        for (group, members) in &groups {
-            let addresses: Vec<String> = members.iter().map(|w| format!("\"{}\"", w.address)).collect();
-            let names: Vec<&str> = members.iter().map(|w| w.name.as_str()).collect();
-            let _ = writeln!(out, "    {group}: [{}]   # {}", addresses.join(", "), names.join(", "));
-        }
-        for worker in &unplaced {
-            let _ = writeln!(
-                out,
-                "    # {} ({}, {}): its name does not say which requests it serves; add it to a group above",
-                worker.name, worker.app, worker.address
-            );
-        }
-    }
-    if !streams.is_empty() {
-        let _ = writeln!(out, "  stream_writers:   # from Synapse's stream_writers");
-        for (stream, members) in &streams {
-            let addresses: Vec<String> = members.iter().map(|w| format!("\"{}\"", w.address)).collect();
-            let _ = writeln!(out, "    {stream}: [{}]", addresses.join(", "));
-        }
-    }
-    for stream in routed_streams() {
-        let named = writers.and_then(|w| w.get(stream)).is_some();
-        if named && !streams.iter().any(|(s, _)| *s == stream) && options.workers.is_some() {
-            warnings.push(format!(
-                "stream_writers.{stream} names a worker whose config was not found in the workers directory"
-            ));
-        }
-    }
+    worker_sections(&mut out, &homeserver, options, &mut warnings)?;
 
     if let Some(size) = homeserver.get("max_upload_size") {
         let size = match size {

@@ -38,6 +38,55 @@ const TLS_READ_BUFFER: usize = 4096;
 /// would stay with each idle keep-alive connection (4 KiB of about 11).
 const PLAIN_READ_BUFFER: usize = 0;
 
+/// One listener's Pingora service: the proxy behind the connection guard,
+/// the per-address cap, PROXY headers and, on TLS listeners, SNI and h2.
+fn listener_service(
+    server: &Server,
+    listener: crate::edge::Listener,
+    edge: &Arc<ArcSwap<Edge>>,
+    counts: &Arc<ConnectionCounts>,
+    challenges: &crate::acme::SharedChallenges,
+) -> Result<Service<GuardedApp<pingora::proxy::HttpProxy<EdgeProxy>>>, String> {
+    let address = listener.address.to_string();
+    let name = format!("matrix-edge {address}");
+    let tls = listener.tls;
+    let proxy = listener.proxy_protocol.clone();
+    let buffers = L4BufferSettings::default().read(if tls { TLS_READ_BUFFER } else { PLAIN_READ_BUFFER });
+    let http_app = pingora::proxy::http_proxy(
+        &server.configuration,
+        EdgeProxy { listener, edge: Arc::clone(edge), challenges: Arc::clone(challenges) },
+    );
+    let app = GuardedApp {
+        inner: Arc::new(http_app),
+        edge: Arc::clone(edge),
+        counts: Arc::clone(counts),
+        plain_proxy: proxy.clone().filter(|_| !tls),
+    };
+    let mut service = Service::new(name, app);
+    service.set_connection_filter(Arc::new(CapFilter {
+        counts: Arc::clone(counts),
+        edge: Arc::clone(edge),
+        proxy: proxy.clone(),
+    }));
+    if let Some(proxy) = proxy.filter(|_| tls) {
+        let header = crate::server::proxy_protocol::PreTlsHeader { proxy };
+        service.endpoints().set_pre_tls_callback(Arc::new(header));
+    }
+    if tls {
+        let resolver = SniResolver { source: Arc::clone(edge) };
+        let mut settings = TlsSettings::with_callbacks(Box::new(resolver))
+            .map_err(|e| format!("cannot set up TLS for {address}: {e}"))?;
+        settings.enable_h2();
+        // OpenSSL's per-connection record buffers go back while a
+        // connection is idle, as nginx does.
+        settings.set_mode(pingora::tls::ssl::SslMode::RELEASE_BUFFERS);
+        service.add_listener(ListenerConfig::tcp(&address).tls(settings).l4_buffer(buffers));
+    } else {
+        service.add_listener(ListenerConfig::tcp(&address).l4_buffer(buffers));
+    }
+    Ok(service)
+}
+
 /// Pingora binds in each service's thread and panics there on failure,
 /// leaving a process that runs without the listener. Binding once here
 /// first turns that into an error before anything starts. Skipped on an
@@ -87,43 +136,7 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     let challenges: crate::acme::SharedChallenges = Arc::default();
     let reloaded = Arc::new(tokio::sync::Notify::new());
     for listener in listeners {
-        let address = listener.address.to_string();
-        let name = format!("matrix-edge {address}");
-        let tls = listener.tls;
-        let proxy = listener.proxy_protocol.clone();
-        let buffers = L4BufferSettings::default().read(if tls { TLS_READ_BUFFER } else { PLAIN_READ_BUFFER });
-        let http_app = pingora::proxy::http_proxy(
-            &server.configuration,
-            EdgeProxy { listener, edge: Arc::clone(&edge), challenges: Arc::clone(&challenges) },
-        );
-        let app = GuardedApp {
-            inner: Arc::new(http_app),
-            edge: Arc::clone(&edge),
-            counts: Arc::clone(&counts),
-            plain_proxy: proxy.clone().filter(|_| !tls),
-        };
-        let mut service = Service::new(name, app);
-        service.set_connection_filter(Arc::new(CapFilter {
-            counts: Arc::clone(&counts),
-            edge: Arc::clone(&edge),
-            proxy: proxy.clone(),
-        }));
-        if let Some(proxy) = proxy.filter(|_| tls) {
-            let header = crate::server::proxy_protocol::PreTlsHeader { proxy };
-            service.endpoints().set_pre_tls_callback(Arc::new(header));
-        }
-        if tls {
-            let resolver = SniResolver { source: Arc::clone(&edge) };
-            let mut settings = TlsSettings::with_callbacks(Box::new(resolver))
-                .map_err(|e| format!("cannot set up TLS for {address}: {e}"))?;
-            settings.enable_h2();
-            // OpenSSL's per-connection record buffers go back while a
-            // connection is idle, as nginx does.
-            settings.set_mode(pingora::tls::ssl::SslMode::RELEASE_BUFFERS);
-            service.add_listener(ListenerConfig::tcp(&address).tls(settings).l4_buffer(buffers));
-        } else {
-            service.add_listener(ListenerConfig::tcp(&address).l4_buffer(buffers));
-        }
+        let service = listener_service(&server, listener, &edge, &counts, &challenges)?;
         server.add_service(service);
     }
     if let Some(address) = metrics_address {

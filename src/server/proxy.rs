@@ -325,6 +325,71 @@ async fn send_file(session: &mut Session, file: &FileAnswer, head_only: bool, cl
 }
 
 impl EdgeProxy {
+    /// A request for a site route: admitted there, then forwarded to its
+    /// upstream or answered by its local responder.
+    async fn site_request(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        edge: &Edge,
+        at: RouteRef,
+        client: Option<IpAddr>,
+        content_length: Option<u64>,
+    ) -> Result<bool> {
+        let request = session.req_header();
+        let route_facts = RouteFacts {
+            target: request.raw_path(),
+            upgrade: request.headers.get(http::header::UPGRADE).map(|v| v.as_bytes()),
+            client,
+            content_length,
+        };
+        let body_limit = match edge.sites.admit_route(at, &route_facts, &edge.limits) {
+            Ok(limit) => limit,
+            Err(error) => return refuse(session, ctx, error, content_length).await,
+        };
+        let upgrade = route_facts.upgrade.is_some();
+        let route = edge.sites.route(at);
+        let closing = has_body(request, content_length);
+        match &route.action {
+            Action::Upstream(id) => {
+                ctx.route = Some((at, *id));
+                ctx.body_limit = body_limit;
+                let idle = match route.websocket_idle {
+                    Some(idle) if upgrade => idle,
+                    _ => edge.connections.body_idle_timeout,
+                };
+                session.set_read_timeout(Some(idle));
+                Ok(false)
+            }
+            Action::Redirect(redirect) => {
+                let mut response = redirect.respond(request.raw_path());
+                response.close = closing;
+                write_local(session, &response).await?;
+                Ok(true)
+            }
+            Action::Static(root) => {
+                let path = path_of(request.raw_path());
+                let below = route.rewritten_target(path);
+                let answer = root.resolve(&request.method, below.as_deref().unwrap_or(path), &request.headers);
+                let head_only = request.method == http::Method::HEAD;
+                match answer {
+                    StaticAnswer::File(file) => send_file(session, &file, head_only, closing).await?,
+                    StaticAnswer::AddSlash(mut location) => {
+                        if let Some(query) = request.uri.query() {
+                            location.push('?');
+                            location.push_str(query);
+                        }
+                        let mut response = LocalResponse::empty(301).with_header("Location", location);
+                        response.close = closing;
+                        write_local(session, &response).await?;
+                    }
+                    StaticAnswer::Refuse(error) => return refuse(session, ctx, error, content_length).await,
+                }
+                Ok(true)
+            }
+        }
+    }
+
     /// Synapse's paths on the Matrix site: the listener's policy, then the rates.
     async fn matrix_admission(
         &self,
@@ -465,57 +530,7 @@ impl ProxyHttp for EdgeProxy {
                 return refuse(session, ctx, error, facts.content_length).await;
             }
         };
-        let route_facts = RouteFacts {
-            target: facts.target,
-            upgrade: request.headers.get(http::header::UPGRADE).map(|v| v.as_bytes()),
-            client,
-            content_length: facts.content_length,
-        };
-        let body_limit = match edge.sites.admit_route(at, &route_facts, &edge.limits) {
-            Ok(limit) => limit,
-            Err(error) => return refuse(session, ctx, error, facts.content_length).await,
-        };
-        let upgrade = route_facts.upgrade.is_some();
-        let route = edge.sites.route(at);
-        let closing = has_body(request, facts.content_length);
-        match &route.action {
-            Action::Upstream(id) => {
-                ctx.route = Some((at, *id));
-                ctx.body_limit = body_limit;
-                let idle = match route.websocket_idle {
-                    Some(idle) if upgrade => idle,
-                    _ => edge.connections.body_idle_timeout,
-                };
-                session.set_read_timeout(Some(idle));
-                Ok(false)
-            }
-            Action::Redirect(redirect) => {
-                let mut response = redirect.respond(request.raw_path());
-                response.close = closing;
-                write_local(session, &response).await?;
-                Ok(true)
-            }
-            Action::Static(root) => {
-                let path = path_of(request.raw_path());
-                let below = route.rewritten_target(path);
-                let answer = root.resolve(&request.method, below.as_deref().unwrap_or(path), &request.headers);
-                let head_only = request.method == http::Method::HEAD;
-                match answer {
-                    StaticAnswer::File(file) => send_file(session, &file, head_only, closing).await?,
-                    StaticAnswer::AddSlash(mut location) => {
-                        if let Some(query) = request.uri.query() {
-                            location.push('?');
-                            location.push_str(query);
-                        }
-                        let mut response = LocalResponse::empty(301).with_header("Location", location);
-                        response.close = closing;
-                        write_local(session, &response).await?;
-                    }
-                    StaticAnswer::Refuse(error) => return refuse(session, ctx, error, facts.content_length).await,
-                }
-                Ok(true)
-            }
-        }
+        self.site_request(session, ctx, &edge, at, client, facts.content_length).await
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {

@@ -100,6 +100,31 @@ fn host_only(authority: &str) -> String {
     lowered.rsplit_once(':').map_or(lowered.clone(), |(host, _)| host.to_string())
 }
 
+/// A route's `set_headers` and `remove_headers`, checked as HTTP names and values.
+type HeaderChanges = (Vec<(HeaderName, HeaderValue)>, Vec<HeaderName>);
+
+fn header_changes(
+    route: &SiteRouteConfig,
+    error: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<HeaderChanges, ConfigError> {
+    let mut set_headers = Vec::with_capacity(route.set_headers.len());
+    for (name, value) in &route.set_headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| error("set_headers", format!("{name:?} is not a header name")))?;
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| error("set_headers", format!("{value:?} is not a header value")))?;
+        set_headers.push((name, value));
+    }
+    let mut remove_headers = Vec::with_capacity(route.remove_headers.len());
+    for name in &route.remove_headers {
+        remove_headers.push(
+            HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| error("remove_headers", format!("{name:?} is not a header name")))?,
+        );
+    }
+    Ok((set_headers, remove_headers))
+}
+
 fn build_routes(
     configs: &[SiteRouteConfig],
     prefix: &[Seg],
@@ -168,21 +193,7 @@ fn build_routes(
         if !is_upstream && (!route.set_headers.is_empty() || !route.remove_headers.is_empty()) {
             return Err(error("set_headers", "request headers can only be changed on the way to an upstream".into()));
         }
-        let mut set_headers = Vec::with_capacity(route.set_headers.len());
-        for (name, value) in &route.set_headers {
-            let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| error("set_headers", format!("{name:?} is not a header name")))?;
-            let value = HeaderValue::from_str(value)
-                .map_err(|_| error("set_headers", format!("{value:?} is not a header value")))?;
-            set_headers.push((name, value));
-        }
-        let mut remove_headers = Vec::with_capacity(route.remove_headers.len());
-        for name in &route.remove_headers {
-            remove_headers.push(
-                HeaderName::from_bytes(name.as_bytes())
-                    .map_err(|_| error("remove_headers", format!("{name:?} is not a header name")))?,
-            );
-        }
+        let (set_headers, remove_headers) = header_changes(route, &error)?;
         let position = crate::config::render_path(&at(""));
         routes.push(SiteRoute {
             matcher,
