@@ -99,6 +99,7 @@ def write_config(base, port, server_name, public_baseurl, max_upload_size="50M",
             type: http
             tls: false
             x_forwarded: true
+            request_id_header: X-Request-ID
             resources:
               - names: [client, federation, media]
                 compress: false

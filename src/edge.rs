@@ -41,8 +41,8 @@ pub struct Edge {
     pub well_known: WellKnown,
     pub main: Upstream,
     pub admin_allow: Vec<ipnet::IpNet>,
-    /// HTTP proxies whose `X-Forwarded-For` names the client.
-    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Trusted proxies in front, and the request-ID header to upstreams.
+    pub forwarding: crate::request::forward::Forwarding,
     pub mas_allow: Vec<ipnet::IpNet>,
     pub limits: Limits,
     pub connections: ConnectionLimits,
@@ -219,6 +219,7 @@ impl Edge {
             sites: _,
             matrix_site: _,
             trusted_proxies,
+            request_id_header,
         } = &config;
 
         if listeners.is_empty() {
@@ -434,7 +435,15 @@ impl Edge {
             well_known: WellKnown::from_config(well_known, source)?,
             main,
             admin_allow: admin_api.allow.iter().map(|c| c.0).collect(),
-            trusted_proxies: trusted_proxies.iter().map(|c| c.0).collect(),
+            forwarding: crate::request::forward::Forwarding {
+                trusted_proxies: trusted_proxies.iter().map(|c| c.0).collect(),
+                request_id_header: match request_id_header {
+                    Some(name) => Some(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                        source.error_at(&[Seg::Key("request_id_header")], format!("{name:?} is not a header name"))
+                    })?),
+                    None => None,
+                },
+            },
             mas_allow: admin_api.mas_allow.iter().map(|c| c.0).collect(),
             limits: Limits { federation: synapse.federation, ..Limits::from_config(limits) },
             connections: ConnectionLimits {

@@ -421,6 +421,12 @@ fn check_cross_checks_against_synapses_config() {
     let agreeing = "server_name: example.com\npublic_baseurl: https://synapse.example.com/\nmax_upload_size: 50M\nlisteners:\n  - {port: 8008, bind_addresses: ['127.0.0.1'], type: http, x_forwarded: true, resources: [{names: [client, federation]}]}\n";
     let (code, stderr) = check_with("delegation.yaml", agreeing, None);
     assert_eq!(code, 0, "{stderr}");
+    // Synapse not reading the edge's request IDs: a warning, not a failure.
+    assert!(stderr.contains("has no request_id_header: add `request_id_header: x-request-id`"), "{stderr}");
+    let reading = agreeing.replace("x_forwarded: true,", "x_forwarded: true, request_id_header: X-Request-ID,");
+    let (code, stderr) = check_with("delegation.yaml", &reading, None);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("request_id_header"), "{stderr}");
     // Each disagreement named.
     let disagreeing = "server_name: example.com\npublic_baseurl: https://matrix.example.com/\nmax_upload_size: 100M\nserve_server_wellknown: true\nlisteners:\n  - {port: 8008, type: http, resources: [{names: [client]}]}\nstream_writers: {typing: [typing1]}\n";
     let (code, stderr) = check_with("delegation.yaml", disagreeing, None);

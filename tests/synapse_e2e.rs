@@ -151,6 +151,18 @@ limits: {{ max_upload_size: 50M }}
     assert!(proxied.iter().all(|l| !l.contains(FORGED_IP)), "Synapse logged the forged address");
     assert!(proxied.iter().any(|l| l.contains(CLIENT_IP)));
 
+    // One request, one ID in both access logs (Synapse's listener reads
+    // X-Request-ID: `request_id_header`).
+    let log = edge.log_text();
+    let edge_line =
+        log.lines().find(|l| l.contains("\"POST /_matrix/client/v3/createRoom")).expect("no edge access line");
+    let id = edge_line.rsplit_once("request_id=").map(|(_, id)| id.trim()).expect("no request_id on the edge's line");
+    let synapse_line = proxied
+        .iter()
+        .find(|l| l.contains(&format!("POST-{id} ")))
+        .unwrap_or_else(|| panic!("Synapse logged no request with the edge's ID {id}:\n{}", proxied.join("\n")));
+    assert!(synapse_line.contains("/_matrix/client/v3/createRoom"), "{synapse_line}");
+
     // Every log line of the run holds the flow but never the access token.
     let log = edge.log_text();
     assert!(log.contains("/_matrix/client/v3/createRoom"), "{log}");

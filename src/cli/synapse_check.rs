@@ -4,7 +4,7 @@
 //! another by the other, two answers for the well-known, a stream writer
 //! the edge sends elsewhere, a worker nobody sends anything).
 
-use super::init::{http_address, read_workers, read_yaml, routed_streams};
+use super::init::{http_address, read_workers, read_yaml, request_id_header, routed_streams};
 use crate::edge::Edge;
 use serde_yaml::Value;
 use std::path::Path;
@@ -38,6 +38,17 @@ pub fn cross_check(edge: &Edge, homeserver: &Path, workers: Option<&Path>) -> Re
             if address != edge.main.address.to_string() {
                 warnings
                     .push(format!("synapse.main is {}, but Synapse's client listener is {address}", edge.main.address));
+            }
+            let synapse_reads = synapse.get("listeners").and_then(request_id_header);
+            match (&edge.forwarding.request_id_header, synapse_reads) {
+                (Some(sent), Some(read)) if sent.as_str().eq_ignore_ascii_case(&read) => {}
+                (Some(sent), Some(read)) => warnings.push(format!(
+                    "the edge sends its request ID in {sent}, but Synapse's listener {address} reads {read}: set request_id_header to the same header on both"
+                )),
+                (Some(sent), None) => warnings.push(format!(
+                    "Synapse's listener {address} has no request_id_header: add `request_id_header: {sent}` so its access log names each request by the edge's ID"
+                )),
+                (None, _) => {}
             }
         }
         None => problems.push("homeserver.yaml has no HTTP listener for client or federation traffic".into()),

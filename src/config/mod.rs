@@ -54,6 +54,15 @@ pub struct EdgeConfig {
     /// client is the right-most address not in these networks.
     #[serde(default)]
     pub trusted_proxies: Vec<Cidr>,
+    /// The header that carries the edge's request ID to Synapse and the
+    /// named upstreams (Synapse's listener option `request_id_header` reads
+    /// it, so both access logs name the same request); `~` sends none.
+    #[serde(default = "default_request_id_header")]
+    pub request_id_header: Option<String>,
+}
+
+fn default_request_id_header() -> Option<String> {
+    Some("X-Request-ID".into())
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -40,6 +40,38 @@ pub fn prepare_upstream_request(
     Ok(())
 }
 
+/// What the edge believes of the proxies in front of it, and what it tells
+/// the processes behind it.
+#[derive(Debug, Clone, Default)]
+pub struct Forwarding {
+    /// HTTP proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Where the request ID goes to upstreams (and is read from a trusted proxy).
+    pub request_id_header: Option<http::HeaderName>,
+}
+
+/// Longest request ID kept from a trusted proxy.
+const MAX_REQUEST_ID: usize = 128;
+
+impl Forwarding {
+    /// The request ID a trusted proxy in front already gave this request,
+    /// when it is one a log line can carry as is (visible ASCII without
+    /// quotes or backslashes, at most 128 bytes); anything else, or from
+    /// anyone else, is replaced by the edge's own.
+    pub fn kept_request_id(&self, peer: Option<IpAddr>, value: Option<&[u8]>) -> Option<String> {
+        let peer = peer?.to_canonical();
+        let value = value?;
+        if self.request_id_header.is_none() || !self.trusted_proxies.iter().any(|net| net.contains(&peer)) {
+            return None;
+        }
+        let loggable = |b: &u8| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\');
+        if value.is_empty() || value.len() > MAX_REQUEST_ID || !value.iter().all(loggable) {
+            return None;
+        }
+        String::from_utf8(value.to_vec()).ok()
+    }
+}
+
 /// The client behind HTTP proxies the admin trusts: when the connection
 /// comes from one of `trusted`, `X-Forwarded-For` is read right to left
 /// (each proxy appends the address it saw) and the first address not in
@@ -172,5 +204,23 @@ mod tests {
             let ip = IpAddr::from([octet, 255 - octet, octet / 2, 7]);
             assert_eq!(address_value(ip), ip.to_string());
         }
+    }
+
+    #[test]
+    fn a_request_id_is_kept_only_from_a_trusted_proxy_and_only_when_loggable() {
+        let forwarding = Forwarding {
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            request_id_header: Some(http::HeaderName::from_static("x-request-id")),
+        };
+        let proxy = Some("10.1.2.3".parse().unwrap());
+        let stranger = Some("192.0.2.7".parse().unwrap());
+        assert_eq!(forwarding.kept_request_id(proxy, Some(b"lb-4f2a:9")), Some("lb-4f2a:9".into()));
+        assert_eq!(forwarding.kept_request_id(Some("::ffff:10.1.2.3".parse().unwrap()), Some(b"x")), Some("x".into()));
+        assert_eq!(forwarding.kept_request_id(stranger, Some(b"lb-4f2a")), None);
+        for unloggable in [&b""[..], b"two words", b"quote\"", b"back\\slash", b"tab\tx", &[b'a'; 129][..]] {
+            assert_eq!(forwarding.kept_request_id(proxy, Some(unloggable)), None, "{unloggable:?}");
+        }
+        let off = Forwarding { request_id_header: None, ..forwarding };
+        assert_eq!(off.kept_request_id(proxy, Some(b"lb-4f2a")), None);
     }
 }

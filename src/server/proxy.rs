@@ -111,9 +111,13 @@ impl Tried {
     }
 }
 
-/// A short ID per request for correlating logs: a per-process prefix and a counter.
-#[derive(Clone, Copy)]
-struct RequestId(u64);
+/// An ID per request for correlating logs: the edge's own (a per-process
+/// prefix and a counter), or the one a trusted proxy in front gave it.
+#[derive(Clone)]
+enum RequestId {
+    Own(u64),
+    Kept(Box<str>),
+}
 
 static REQUEST_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static PROCESS_PREFIX: once_cell::sync::Lazy<u64> = once_cell::sync::Lazy::new(|| {
@@ -123,13 +127,16 @@ static PROCESS_PREFIX: once_cell::sync::Lazy<u64> = once_cell::sync::Lazy::new(|
 
 impl RequestId {
     fn next() -> RequestId {
-        RequestId(*PROCESS_PREFIX ^ REQUEST_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+        RequestId::Own(*PROCESS_PREFIX ^ REQUEST_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
     }
 }
 
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}", self.0)
+        match self {
+            RequestId::Own(id) => write!(f, "{id:016x}"),
+            RequestId::Kept(id) => f.write_str(id),
+        }
     }
 }
 
@@ -474,12 +481,19 @@ impl ProxyHttp for EdgeProxy {
         let edge = Arc::clone(&ctx.edge);
         crate::server::connections::head_complete(session);
         let request = session.req_header();
-        let client = if edge.trusted_proxies.is_empty() {
+        let client = if edge.forwarding.trusted_proxies.is_empty() {
             peer_ip(session)
         } else {
             let forwarded = request.headers.get_all(&X_FORWARDED_FOR).iter().map(|v| v.as_bytes());
-            crate::request::forward::client_behind_proxies(peer_ip(session), forwarded, &edge.trusted_proxies)
+            let trusted = &edge.forwarding.trusted_proxies;
+            crate::request::forward::client_behind_proxies(peer_ip(session), forwarded, trusted)
         };
+        if let Some(name) = &edge.forwarding.request_id_header {
+            let given = request.headers.get(name).map(|v| v.as_bytes());
+            if let Some(kept) = edge.forwarding.kept_request_id(peer_ip(session), given) {
+                ctx.request_id = RequestId::Kept(kept.into_boxed_str());
+            }
+        }
         ctx.client = client;
         let facts = RequestFacts {
             target: request.raw_path(),
@@ -634,6 +648,9 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         prepare_upstream_request(upstream_request, ctx.client, self.listener.tls)?;
+        if let Some(name) = &ctx.edge.forwarding.request_id_header {
+            upstream_request.insert_header(name.clone(), ctx.request_id.to_string())?;
+        }
         if let Some((at, _)) = ctx.route {
             let route = ctx.edge.sites.route(at);
             if let Some(target) = route.rewritten_target(upstream_request.raw_path()) {
