@@ -18,6 +18,10 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::Path;
 
+/// One configuration's snapshot: what a request reads (sites, routing,
+/// pools, policy), the certificates it serves, and what operations read
+/// (listeners, the parsed config and its text, warnings). Each request pins
+/// one; a reload builds a new one and swaps it in.
 pub struct Edge {
     pub server_name: String,
     /// Virtual hosts, the Matrix site first.
@@ -26,37 +30,53 @@ pub struct Edge {
     pub upstreams: crate::upstream::named::NamedUpstreams,
     pub router: Router,
     pub pools: Pools,
+    pub main: Upstream,
     /// Metric handles for every group and worker above, resolved once.
     pub request_metrics: crate::observe::request_metrics::RequestMetrics,
-    pub health: HealthSettings,
-    pub listeners: Vec<Listener>,
+    pub well_known: WellKnown,
+    /// Who may reach what, the limits, and what goes to upstreams.
+    pub policy: Policy,
+    pub tls: TlsSnapshot,
+    pub ops: Operations,
+}
+
+/// The per-request policy of a snapshot.
+pub struct Policy {
+    pub admin_allow: Vec<ipnet::IpNet>,
+    pub mas_allow: Vec<ipnet::IpNet>,
+    /// Trusted proxies in front, and the request-ID header to upstreams.
+    pub forwarding: crate::request::forward::Forwarding,
+    pub limits: Limits,
+    pub connections: ConnectionLimits,
+    pub rate_limits: crate::request::ratelimit::RateLimits,
+    /// Counters in Redis shared with other edges (`rate_limits.shared`).
+    pub shared_limits: Option<std::sync::Arc<crate::upstream::shared_limits::SharedCounters>>,
+    /// Where the `redirect` role sends plain HTTP: the first TLS listener's port.
+    pub https_port: Option<u16>,
+    pub access_log: crate::observe::access_log::AccessLogFormat,
+}
+
+/// The certificates a snapshot serves and where they come from.
+pub struct TlsSnapshot {
     /// Swapped alone when ACME renews a certificate, so a renewal never
     /// depends on the config file being readable at that moment.
     pub certificates: arc_swap::ArcSwap<CertStore>,
     /// From `tls.certificates`, kept to rebuild `certificates` with new ACME ones.
     pub file_certificates: Vec<std::sync::Arc<CertifiedKey>>,
     pub acme: Option<crate::acme::AcmePlan>,
-    /// Where the `redirect` role sends plain HTTP: the first TLS listener's port.
-    pub https_port: Option<u16>,
-    pub well_known: WellKnown,
-    pub main: Upstream,
-    pub admin_allow: Vec<ipnet::IpNet>,
-    /// Trusted proxies in front, and the request-ID header to upstreams.
-    pub forwarding: crate::request::forward::Forwarding,
-    pub mas_allow: Vec<ipnet::IpNet>,
-    pub limits: Limits,
-    pub connections: ConnectionLimits,
-    pub rate_limits: crate::request::ratelimit::RateLimits,
-    /// Counters in Redis shared with other edges (`rate_limits.shared`).
-    pub shared_limits: Option<std::sync::Arc<crate::upstream::shared_limits::SharedCounters>>,
-    pub config: EdgeConfig,
-    /// Things that work but are probably not what the admin meant.
-    pub warnings: Vec<String>,
     /// Certificate and key files, resolved, for change detection.
     pub certificate_files: Vec<std::path::PathBuf>,
     pub certificate_watch: Option<std::time::Duration>,
-    pub access_log: crate::observe::access_log::AccessLogFormat,
+}
+
+/// What the services and commands read of a snapshot, never a request.
+pub struct Operations {
+    pub listeners: Vec<Listener>,
+    pub health: HealthSettings,
     pub metrics_address: Option<std::net::SocketAddr>,
+    pub config: EdgeConfig,
+    /// Things that work but are probably not what the admin meant.
+    pub warnings: Vec<String>,
     /// The text this snapshot was built from: DNS discovery rebuilds from it
     /// (not from the file, which may have changed or broken since).
     pub source: Source,
@@ -143,7 +163,7 @@ fn in_networks(networks: &[ipnet::IpNet], client: Option<IpAddr>) -> bool {
 
 impl crate::tls::CurrentCertificates for arc_swap::ArcSwap<Edge> {
     fn current(&self) -> std::sync::Arc<CertStore> {
-        self.load().certificates.load_full()
+        self.load().tls.certificates.load_full()
     }
 }
 
@@ -204,163 +224,29 @@ impl Edge {
     /// Builds the snapshot; workers given as `{ discover: ... }` get the
     /// addresses in `discovered` (none yet: their groups go to main).
     pub fn from_config_with(config: EdgeConfig, source: &Source, discovered: &Discovered) -> Result<Edge, ConfigError> {
+        // Every section named, so a new one breaks the build until it is handled.
         let EdgeConfig {
             server_name,
-            listeners,
-            tls,
+            listeners: _,
+            tls: _,
             well_known,
             synapse,
-            admin_api,
-            limits,
-            rate_limits,
-            process,
+            admin_api: _,
+            limits: _,
+            rate_limits: _,
+            process: _,
             metrics,
             upstreams: upstream_configs,
             sites: _,
             matrix_site: _,
-            trusted_proxies,
-            request_id_header,
+            trusted_proxies: _,
+            request_id_header: _,
         } = &config;
-
-        if listeners.is_empty() {
-            return Err(source.error_at(&[Seg::Key("listeners")], "at least one listener is needed"));
-        }
         let mut warnings = Vec::new();
-        let mut seen = BTreeSet::new();
-        let mut compiled = Vec::with_capacity(listeners.len());
-        for (index, listener) in listeners.iter().enumerate() {
-            let at = |key| [Seg::Key("listeners"), Seg::Index(index), Seg::Key(key)];
-            let ListenAddr(address) = listener.address;
-            if !seen.insert(address) {
-                return Err(source.error_at(&at("address"), format!("{address} is used by two listeners")));
-            }
-            if listener.serves.is_empty() {
-                return Err(source.error_at(&at("serves"), "list at least one of well_known, client, federation"));
-            }
-            let roles: BTreeSet<Role> = listener.serves.iter().copied().collect();
-            if roles.len() != listener.serves.len() {
-                return Err(source.error_at(&at("serves"), "a role is listed twice"));
-            }
-            if listener.tls && tls.certificates.is_empty() && tls.acme.is_none() {
-                return Err(source.error_at(
-                    &at("tls"),
-                    "this listener uses TLS but there is no certificate: fill tls.certificates or set up tls.acme",
-                ));
-            }
-            if roles.contains(&Role::Redirect) && roles.iter().any(|r| !matches!(r, Role::Acme | Role::Redirect)) {
-                return Err(source.error_at(
-                    &at("serves"),
-                    "`redirect` answers every path with a redirect to https; it goes with `acme` alone",
-                ));
-            }
-            let plain_only = [Role::Acme, Role::Redirect];
-            if let Some(role) = plain_only.iter().find(|r| listener.tls && roles.contains(r)) {
-                return Err(source.error_at(
-                    &at("serves"),
-                    format!("`{role}` is for a plain-HTTP listener (port 80); remove it here or set tls: false"),
-                ));
-            }
-            if !listener.tls && roles.contains(&Role::Federation) {
-                warnings.push(format!(
-                    "listener {address} serves federation without TLS: other homeservers only connect over TLS, so a TLS-terminating load balancer must sit in front"
-                ));
-            }
-            let proxy_protocol = match &listener.proxy_protocol {
-                Some(proxy) if proxy.from.is_empty() => {
-                    return Err(source.error_at(
-                        &[Seg::Key("listeners"), Seg::Index(index), Seg::Key("proxy_protocol"), Seg::Key("from")],
-                        "list the load balancers' networks; without them no connection would be read as PROXY",
-                    ))
-                }
-                Some(proxy) if proxy.timeout.0.is_zero() || proxy.timeout.0 > std::time::Duration::from_secs(30) => {
-                    return Err(source.error_at(
-                        &[Seg::Key("listeners"), Seg::Index(index), Seg::Key("proxy_protocol"), Seg::Key("timeout")],
-                        "must be between 1ms and 30s",
-                    ))
-                }
-                Some(proxy) => {
-                    Some(ProxyProtocol { from: proxy.from.iter().map(|c| c.0).collect(), timeout: proxy.timeout.0 })
-                }
-                None => None,
-            };
-            compiled.push(Listener { address, tls: listener.tls, roles: roles.into_iter().collect(), proxy_protocol });
-        }
-
-        let mut certs = Vec::with_capacity(tls.certificates.len());
-        let mut certificate_files = Vec::with_capacity(tls.certificates.len() * 2);
-        for (index, files) in tls.certificates.iter().enumerate() {
-            let base = source.file.parent().unwrap_or(Path::new("."));
-            certificate_files.push(base.join(&files.cert));
-            certificate_files.push(base.join(&files.key));
-            let cert = CertifiedKey::load(&base.join(&files.cert), &base.join(&files.key)).map_err(|e| {
-                let key = match e {
-                    crate::tls::CertError::UnreadableKey { .. }
-                    | crate::tls::CertError::BadKey { .. }
-                    | crate::tls::CertError::KeyMismatch { .. } => "key",
-                    _ => "cert",
-                };
-                source.error_at(
-                    &[Seg::Key("tls"), Seg::Key("certificates"), Seg::Index(index), Seg::Key(key)],
-                    e.to_string(),
-                )
-            })?;
-            let now =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-            if cert.not_after_unix < now {
-                warnings.push(format!("certificate {} has expired", files.cert.display()));
-            }
-            certs.push(std::sync::Arc::new(cert));
-        }
-        let file_store = CertStore::new(certs.clone());
-        let acme = match &tls.acme {
-            Some(acme) => {
-                let served = served_names(&config);
-                let plan = crate::acme::AcmePlan::from_config(acme, &served, &|n| file_store.covers(n), source)?;
-                let challenge_listener = compiled.iter().any(|l| l.roles.contains(&Role::Acme));
-                if !challenge_listener {
-                    return Err(source.error_at(
-                        &[Seg::Key("tls"), Seg::Key("acme")],
-                        "HTTP-01 needs a plain-HTTP listener on port 80 that serves `acme`: add `{ address: \"[::]:80\", serves: [acme, redirect] }` to listeners",
-                    ));
-                }
-                Some(plan)
-            }
-            None => None,
-        };
-        let certificates = certificate_store(&certs, acme.as_ref())
-            .map_err(|e| source.error_at(&[Seg::Key("tls"), Seg::Key("acme")], e))?;
-
-        let serves = |role| compiled.iter().any(|l| l.roles.contains(&role));
-        if let Some(server) = &well_known.server {
-            if !serves(Role::Federation) {
-                return Err(source.error_at(
-                    &[Seg::Key("well_known"), Seg::Key("server")],
-                    format!("m.server sends federation to {server}, but no listener serves federation: add `federation` to a listener's `serves`"),
-                ));
-            }
-            let port = server.effective_port();
-            let federation_ports: Vec<u16> =
-                compiled.iter().filter(|l| l.roles.contains(&Role::Federation)).map(|l| l.address.port()).collect();
-            if !federation_ports.contains(&port) {
-                warnings.push(format!(
-                    "m.server points at port {port} but federation listeners are on {federation_ports:?}; fine only if a port mapping sits in between"
-                ));
-            }
-        }
-        if synapse.federation == crate::config::FederationMode::OpenidOnly && well_known.server.is_some() {
-            return Err(source.error_at(
-                &[Seg::Key("synapse"), Seg::Key("federation")],
-                "openid_only closes federation, but well_known.server invites other homeservers: remove one of them",
-            ));
-        }
-        let documents_configured =
-            well_known.server.is_some() || well_known.client.is_some() || well_known.support.is_some();
-        if documents_configured && !serves(Role::WellKnown) {
-            return Err(source.error_at(
-                &[Seg::Key("well_known")],
-                "well-known documents are configured but no listener serves well_known",
-            ));
-        }
+        let listeners = build_listeners(&config, source, &mut warnings)?;
+        let tls = build_tls(&config, &listeners, source, &mut warnings)?;
+        check_well_known(&config, &listeners, source, &mut warnings)?;
+        let policy = build_policy(&config, &listeners, source)?;
 
         let timeouts = &synapse.timeouts;
         if timeouts.keepalive_idle.0.as_secs() >= 60 {
@@ -376,37 +262,18 @@ impl Edge {
             .map_err(|e| source.error_at(&[Seg::Key("synapse"), Seg::Key("main")], e))?;
         let metrics_address = metrics.as_ref().map(|m| m.address.0);
         if let Some(address) = metrics_address {
-            if compiled.iter().any(|l| l.address.port() == address.port()) {
+            if listeners.iter().any(|l| l.address.port() == address.port()) {
                 return Err(source.error_at(
                     &[Seg::Key("metrics"), Seg::Key("address")],
                     format!("{address} shares its port with a listener; metrics need their own, private listener"),
                 ));
             }
         }
-        check_limits(limits, rate_limits, source)?;
-        let shared_limits = match &rate_limits.shared {
-            Some(shared) => Some(std::sync::Arc::new(
-                crate::upstream::shared_limits::SharedCounters::new(shared)
-                    .map_err(|e| source.error_at(&[Seg::Key("rate_limits"), Seg::Key("shared")], e))?,
-            )),
-            None => None,
-        };
         let pools = build_pools(synapse, source, discovered)?;
         let router = build_router(synapse, &pools.declared(), source)?;
-        let mut named = Vec::with_capacity(upstream_configs.len());
-        for (name, upstream) in upstream_configs {
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                return Err(source.error_at(
-                    &[Seg::Key("upstreams")],
-                    format!("upstream name {name:?}: use letters, digits, - and _"),
-                ));
-            }
-            let at = [Seg::Key("upstreams"), Seg::Name(name.clone())];
-            named.push(NamedUpstream::from_config(name, upstream).map_err(|e| source.error_at(&at, e))?);
-        }
-        let upstreams = NamedUpstreams::new(named);
+        let upstreams = build_named_upstreams(upstream_configs, source)?;
         let sites = Sites::from_config(&config, source, &upstreams)?;
-        if !sites.single_site() && !serves(Role::Sites) {
+        if !sites.single_site() && !listeners.iter().any(|l| l.roles.contains(&Role::Sites)) {
             warnings.push("sites are configured but no listener serves `sites`".into());
         }
         let health = HealthSettings {
@@ -414,7 +281,6 @@ impl Edge {
             interval: synapse.health_check.interval.0,
             timeout: synapse.health_check.timeout.0,
         };
-
         let request_metrics = crate::observe::request_metrics::RequestMetrics::new(
             |group| pools.get(group).map(member_labels).unwrap_or_default(),
             upstreams.all().iter().map(|u| (u.name.as_str(), member_labels(&u.pool))),
@@ -425,43 +291,20 @@ impl Edge {
             upstreams,
             router,
             pools,
-            request_metrics,
-            health,
-            https_port: compiled.iter().find(|l| l.tls).map(|l| l.address.port()),
-            listeners: compiled,
-            certificates: arc_swap::ArcSwap::from_pointee(certificates),
-            file_certificates: certs,
-            acme,
-            well_known: WellKnown::from_config(well_known, source)?,
             main,
-            admin_allow: admin_api.allow.iter().map(|c| c.0).collect(),
-            forwarding: crate::request::forward::Forwarding {
-                trusted_proxies: trusted_proxies.iter().map(|c| c.0).collect(),
-                request_id_header: match request_id_header {
-                    Some(name) => Some(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                        source.error_at(&[Seg::Key("request_id_header")], format!("{name:?} is not a header name"))
-                    })?),
-                    None => None,
-                },
+            request_metrics,
+            well_known: WellKnown::from_config(well_known, source)?,
+            policy,
+            tls,
+            ops: Operations {
+                listeners,
+                health,
+                metrics_address,
+                config,
+                warnings,
+                source: source.clone(),
+                discovered: discovered.clone(),
             },
-            mas_allow: admin_api.mas_allow.iter().map(|c| c.0).collect(),
-            limits: Limits { federation: synapse.federation, ..Limits::from_config(limits) },
-            connections: ConnectionLimits {
-                header_timeout: limits.header_timeout.0,
-                body_idle_timeout: limits.body_idle_timeout.0,
-                per_ip: limits.connections_per_ip,
-                keepalive_requests: limits.keepalive_requests,
-            },
-            rate_limits: crate::request::ratelimit::RateLimits::from_config(rate_limits),
-            shared_limits,
-            warnings,
-            certificate_files,
-            certificate_watch: Some(tls.watch_interval.0).filter(|d| !d.is_zero()),
-            access_log: process.access_log,
-            metrics_address,
-            config,
-            source: source.clone(),
-            discovered: discovered.clone(),
         })
     }
 
@@ -469,24 +312,25 @@ impl Edge {
     /// store holds now, and swaps it in: new handshakes get the new
     /// certificates, established connections keep theirs.
     pub fn refresh_acme_certificates(&self) -> Result<(), String> {
-        let store = certificate_store(&self.file_certificates, self.acme.as_ref())?;
-        self.certificates.store(std::sync::Arc::new(store));
-        crate::tls::publish_expiry(&self.certificates.load());
+        let store = certificate_store(&self.tls.file_certificates, self.tls.acme.as_ref())?;
+        self.tls.certificates.store(std::sync::Arc::new(store));
+        crate::tls::publish_expiry(&self.tls.certificates.load());
         Ok(())
     }
 
     pub fn admin_allowed(&self, client: Option<IpAddr>) -> bool {
-        in_networks(&self.admin_allow, client)
+        in_networks(&self.policy.admin_allow, client)
     }
 
     pub fn mas_api_allowed(&self, client: Option<IpAddr>) -> bool {
-        in_networks(&self.mas_allow, client)
+        in_networks(&self.policy.mas_allow, client)
     }
 
     /// One line for `check`: what this config will do.
     pub fn summary(&self) -> String {
-        let certificates = self.certificates.load();
+        let certificates = self.tls.certificates.load();
         let listeners: Vec<String> = self
+            .ops
             .listeners
             .iter()
             .map(|l| {
@@ -497,7 +341,7 @@ impl Edge {
         let names: Vec<&str> =
             certificates.certificates().iter().filter_map(|c| c.names.first().map(String::as_str)).collect();
         let documents = self.well_known.configured();
-        let acme = match &self.acme {
+        let acme = match &self.tls.acme {
             Some(plan) => format!(" (ACME from {} for {})", plan.directory_url, plan.names.join(", ")),
             None => String::new(),
         };
@@ -510,6 +354,229 @@ impl Edge {
             self.main.address
         )
     }
+}
+
+/// `listeners`, checked: addresses, roles, TLS, PROXY protocol.
+fn build_listeners(
+    config: &EdgeConfig,
+    source: &Source,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Listener>, ConfigError> {
+    let (listeners, tls) = (&config.listeners, &config.tls);
+    if listeners.is_empty() {
+        return Err(source.error_at(&[Seg::Key("listeners")], "at least one listener is needed"));
+    }
+    let mut seen = BTreeSet::new();
+    let mut compiled = Vec::with_capacity(listeners.len());
+    for (index, listener) in listeners.iter().enumerate() {
+        let at = |key| [Seg::Key("listeners"), Seg::Index(index), Seg::Key(key)];
+        let ListenAddr(address) = listener.address;
+        if !seen.insert(address) {
+            return Err(source.error_at(&at("address"), format!("{address} is used by two listeners")));
+        }
+        if listener.serves.is_empty() {
+            return Err(source.error_at(&at("serves"), "list at least one of well_known, client, federation"));
+        }
+        let roles: BTreeSet<Role> = listener.serves.iter().copied().collect();
+        if roles.len() != listener.serves.len() {
+            return Err(source.error_at(&at("serves"), "a role is listed twice"));
+        }
+        if listener.tls && tls.certificates.is_empty() && tls.acme.is_none() {
+            return Err(source.error_at(
+                &at("tls"),
+                "this listener uses TLS but there is no certificate: fill tls.certificates or set up tls.acme",
+            ));
+        }
+        if roles.contains(&Role::Redirect) && roles.iter().any(|r| !matches!(r, Role::Acme | Role::Redirect)) {
+            return Err(source.error_at(
+                &at("serves"),
+                "`redirect` answers every path with a redirect to https; it goes with `acme` alone",
+            ));
+        }
+        let plain_only = [Role::Acme, Role::Redirect];
+        if let Some(role) = plain_only.iter().find(|r| listener.tls && roles.contains(r)) {
+            return Err(source.error_at(
+                &at("serves"),
+                format!("`{role}` is for a plain-HTTP listener (port 80); remove it here or set tls: false"),
+            ));
+        }
+        if !listener.tls && roles.contains(&Role::Federation) {
+            warnings.push(format!(
+                "listener {address} serves federation without TLS: other homeservers only connect over TLS, so a TLS-terminating load balancer must sit in front"
+            ));
+        }
+        let proxy_at = |key| [Seg::Key("listeners"), Seg::Index(index), Seg::Key("proxy_protocol"), Seg::Key(key)];
+        let proxy_protocol = match &listener.proxy_protocol {
+            Some(proxy) if proxy.from.is_empty() => {
+                return Err(source.error_at(
+                    &proxy_at("from"),
+                    "list the load balancers' networks; without them no connection would be read as PROXY",
+                ))
+            }
+            Some(proxy) if proxy.timeout.0.is_zero() || proxy.timeout.0 > std::time::Duration::from_secs(30) => {
+                return Err(source.error_at(&proxy_at("timeout"), "must be between 1ms and 30s"))
+            }
+            Some(proxy) => {
+                Some(ProxyProtocol { from: proxy.from.iter().map(|c| c.0).collect(), timeout: proxy.timeout.0 })
+            }
+            None => None,
+        };
+        compiled.push(Listener { address, tls: listener.tls, roles: roles.into_iter().collect(), proxy_protocol });
+    }
+    Ok(compiled)
+}
+
+/// `tls`: the certificate files read and checked, the ACME plan, the store served.
+fn build_tls(
+    config: &EdgeConfig,
+    listeners: &[Listener],
+    source: &Source,
+    warnings: &mut Vec<String>,
+) -> Result<TlsSnapshot, ConfigError> {
+    let tls = &config.tls;
+    let mut certs = Vec::with_capacity(tls.certificates.len());
+    let mut certificate_files = Vec::with_capacity(tls.certificates.len() * 2);
+    for (index, files) in tls.certificates.iter().enumerate() {
+        let base = source.file.parent().unwrap_or(Path::new("."));
+        certificate_files.push(base.join(&files.cert));
+        certificate_files.push(base.join(&files.key));
+        let cert = CertifiedKey::load(&base.join(&files.cert), &base.join(&files.key)).map_err(|e| {
+            let key = match e {
+                crate::tls::CertError::UnreadableKey { .. }
+                | crate::tls::CertError::BadKey { .. }
+                | crate::tls::CertError::KeyMismatch { .. } => "key",
+                _ => "cert",
+            };
+            source
+                .error_at(&[Seg::Key("tls"), Seg::Key("certificates"), Seg::Index(index), Seg::Key(key)], e.to_string())
+        })?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        if cert.not_after_unix < now {
+            warnings.push(format!("certificate {} has expired", files.cert.display()));
+        }
+        certs.push(std::sync::Arc::new(cert));
+    }
+    let file_store = CertStore::new(certs.clone());
+    let acme = match &tls.acme {
+        Some(acme) => {
+            let served = served_names(config);
+            let plan = crate::acme::AcmePlan::from_config(acme, &served, &|n| file_store.covers(n), source)?;
+            if !listeners.iter().any(|l| l.roles.contains(&Role::Acme)) {
+                return Err(source.error_at(
+                    &[Seg::Key("tls"), Seg::Key("acme")],
+                    "HTTP-01 needs a plain-HTTP listener on port 80 that serves `acme`: add `{ address: \"[::]:80\", serves: [acme, redirect] }` to listeners",
+                ));
+            }
+            Some(plan)
+        }
+        None => None,
+    };
+    let certificates = certificate_store(&certs, acme.as_ref())
+        .map_err(|e| source.error_at(&[Seg::Key("tls"), Seg::Key("acme")], e))?;
+    Ok(TlsSnapshot {
+        certificates: arc_swap::ArcSwap::from_pointee(certificates),
+        file_certificates: certs,
+        acme,
+        certificate_files,
+        certificate_watch: Some(tls.watch_interval.0).filter(|d| !d.is_zero()),
+    })
+}
+
+/// The well-known documents against the listeners that must serve what they promise.
+fn check_well_known(
+    config: &EdgeConfig,
+    listeners: &[Listener],
+    source: &Source,
+    warnings: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    let well_known = &config.well_known;
+    let serves = |role| listeners.iter().any(|l| l.roles.contains(&role));
+    if let Some(server) = &well_known.server {
+        if !serves(Role::Federation) {
+            return Err(source.error_at(
+                &[Seg::Key("well_known"), Seg::Key("server")],
+                format!("m.server sends federation to {server}, but no listener serves federation: add `federation` to a listener's `serves`"),
+            ));
+        }
+        let port = server.effective_port();
+        let federation_ports: Vec<u16> =
+            listeners.iter().filter(|l| l.roles.contains(&Role::Federation)).map(|l| l.address.port()).collect();
+        if !federation_ports.contains(&port) {
+            warnings.push(format!(
+                "m.server points at port {port} but federation listeners are on {federation_ports:?}; fine only if a port mapping sits in between"
+            ));
+        }
+    }
+    if config.synapse.federation == crate::config::FederationMode::OpenidOnly && well_known.server.is_some() {
+        return Err(source.error_at(
+            &[Seg::Key("synapse"), Seg::Key("federation")],
+            "openid_only closes federation, but well_known.server invites other homeservers: remove one of them",
+        ));
+    }
+    let documents_configured =
+        well_known.server.is_some() || well_known.client.is_some() || well_known.support.is_some();
+    if documents_configured && !serves(Role::WellKnown) {
+        return Err(source.error_at(
+            &[Seg::Key("well_known")],
+            "well-known documents are configured but no listener serves well_known",
+        ));
+    }
+    Ok(())
+}
+
+/// Allow-lists, limits, rate limits (and their Redis), forwarding.
+fn build_policy(config: &EdgeConfig, listeners: &[Listener], source: &Source) -> Result<Policy, ConfigError> {
+    let (limits, rate_limits) = (&config.limits, &config.rate_limits);
+    check_limits(limits, rate_limits, source)?;
+    let shared_limits = match &rate_limits.shared {
+        Some(shared) => Some(std::sync::Arc::new(
+            crate::upstream::shared_limits::SharedCounters::new(shared)
+                .map_err(|e| source.error_at(&[Seg::Key("rate_limits"), Seg::Key("shared")], e))?,
+        )),
+        None => None,
+    };
+    let request_id_header = match &config.request_id_header {
+        Some(name) => Some(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            source.error_at(&[Seg::Key("request_id_header")], format!("{name:?} is not a header name"))
+        })?),
+        None => None,
+    };
+    Ok(Policy {
+        admin_allow: config.admin_api.allow.iter().map(|c| c.0).collect(),
+        mas_allow: config.admin_api.mas_allow.iter().map(|c| c.0).collect(),
+        forwarding: crate::request::forward::Forwarding {
+            trusted_proxies: config.trusted_proxies.iter().map(|c| c.0).collect(),
+            request_id_header,
+        },
+        limits: Limits { federation: config.synapse.federation, ..Limits::from_config(limits) },
+        connections: ConnectionLimits {
+            header_timeout: limits.header_timeout.0,
+            body_idle_timeout: limits.body_idle_timeout.0,
+            per_ip: limits.connections_per_ip,
+            keepalive_requests: limits.keepalive_requests,
+        },
+        rate_limits: crate::request::ratelimit::RateLimits::from_config(rate_limits),
+        shared_limits,
+        https_port: listeners.iter().find(|l| l.tls).map(|l| l.address.port()),
+        access_log: config.process.access_log,
+    })
+}
+
+/// `upstreams`: each named upstream with its members and checks.
+fn build_named_upstreams(
+    configs: &crate::config::UpstreamsConfig,
+    source: &Source,
+) -> Result<NamedUpstreams, ConfigError> {
+    let mut named = Vec::with_capacity(configs.len());
+    for (name, upstream) in configs {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(source
+                .error_at(&[Seg::Key("upstreams")], format!("upstream name {name:?}: use letters, digits, - and _")));
+        }
+        let at = [Seg::Key("upstreams"), Seg::Name(name.clone())];
+        named.push(NamedUpstream::from_config(name, upstream).map_err(|e| source.error_at(&at, e))?);
+    }
+    Ok(NamedUpstreams::new(named))
 }
 
 /// A pool's member labels in its order, for the metric handles.
@@ -554,13 +621,13 @@ fn build_pools(synapse: &SynapseConfig, source: &Source, discovered: &Discovered
         if group == Group::Sso && synapse.mas.is_some() {
             return Err(source.error_at(
                 &at,
-                "with the Matrix Authentication Service (synapse.mas) handling logins, Synapse's own SSO is off: remove the sso worker",
+                format!("with the Matrix Authentication Service (synapse.mas) handling logins, Synapse's own SSO is off: remove the {group} worker"),
             ));
         }
         if group == Group::Sso && entries.len() > 1 {
             return Err(source.error_at(
                 &at,
-                "every step of an SSO login must reach the same process, so list exactly one sso worker",
+                format!("every step of an SSO login must reach the same process, so list exactly one {group} worker"),
             ));
         }
         let fixed = group.single_writer() || group == Group::Sso || group == Group::Mas;
@@ -577,9 +644,6 @@ fn build_pools(synapse: &SynapseConfig, source: &Source, discovered: &Discovered
                 crate::config::WorkerConfig::Detailed(d) => (d.health_port.or(synapse.health_check.port), d.weight),
                 crate::config::WorkerConfig::Discovered(d) => (d.health_port.or(synapse.health_check.port), d.weight),
             };
-            if weight == 0 {
-                return Err(source.error_at(&at, "a worker's weight must be at least 1"));
-            }
             let addresses = match entry {
                 crate::config::WorkerConfig::Discovered(d) => discovered
                     .get(&d.discover)

@@ -118,7 +118,7 @@ fn site_choice(request: &FuzzRequest<'_>) {
             client: Some(IpAddr::from([192, 0, 2, 1])),
             content_length: None,
         };
-        let admitted = edge.sites.admit_route(at, &facts, &edge.limits).is_ok();
+        let admitted = edge.sites.admit_route(at, &facts, &edge.policy.limits).is_ok();
         let admin = normalised_views(path).iter().any(|v| v.starts_with("/admin/"));
         assert!(!(admitted && admin), "{:?} reached the allow-listed route from outside", request.target);
     }

@@ -194,7 +194,7 @@ impl RuntimePaths {
 /// Loads and checks the config, printing its warnings.
 fn load(config: &std::path::Path) -> Result<Edge, CliError> {
     let edge = Edge::load(config)?;
-    for warning in &edge.warnings {
+    for warning in &edge.ops.warnings {
         eprintln!("matrix-edge: warning: {warning}");
     }
     Ok(edge)
@@ -202,7 +202,7 @@ fn load(config: &std::path::Path) -> Result<Edge, CliError> {
 
 fn serve(config: &std::path::Path, upgrade: bool, paths: RuntimePaths) -> Result<ExitCode, CliError> {
     let edge = load(config)?;
-    init_logging(edge.config.process.log_level.as_filter());
+    init_logging(edge.ops.config.process.log_level.as_filter());
     let options = RunOptions { upgrade, pid_file: Some(paths.pid_file), upgrade_socket: Some(paths.upgrade_socket) };
     let server = server::build(edge, config, &options)?;
     log::info!("matrix-edge {} starting", env!("CARGO_PKG_VERSION"));

@@ -454,3 +454,68 @@ fn check_cross_checks_against_synapses_config() {
     assert!(stderr.contains("worker background1 (synapse.app.generic_worker) listens on 127.0.0.1:8199, which no group of the edge's config names"), "{stderr}");
     assert!(stderr.contains("but Synapse has no to_device stream writer"), "{stderr}");
 }
+
+/// Deep keys keep their whole path and their own line in check's error,
+/// whichever part of the edge finds the mistake (the YAML schema, a worker
+/// list, the listeners, the sites or the limits).
+#[test]
+fn errors_at_deep_keys_name_their_path_and_line() {
+    let base = r#"server_name: example.com
+listeners:
+  - { address: "127.0.0.1:18001", tls: false, serves: [client, sites] }
+  - { address: "127.0.0.1:18002", tls: false, serves: [client] }
+upstreams:
+  web: { members: ["127.0.0.1:18003"] }
+synapse:
+  main: "127.0.0.1:18004"
+  workers:
+    synchrotron:
+      - "127.0.0.1:18005"
+      - { address: "127.0.0.1:18006", weight: 2 }
+  stream_writers:
+    typing: ["127.0.0.1:18007"]
+sites:
+  - hosts: [a.example.com]
+    routes:
+      - { prefix: /, upstream: web }
+      - { prefix: /x/, upstream: web }
+rate_limits:
+  login: { requests: 5, per: 1m }
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("deep.yaml");
+    std::fs::write(&file, base).unwrap();
+    let (code, _, stderr) = check(&file);
+    assert_eq!(code, 0, "the base config must pass: {stderr}");
+    let cases: [(&str, &str, &str, &str); 7] = [
+        ("weight: 2", "wieght: 2", "synapse.workers.synchrotron[1]", "unknown field `wieght`"),
+        ("weight: 2", "weight: -2", "synapse.workers.synchrotron[1].weight", "invalid type"),
+        (
+            "typing: [\"127.0.0.1:18007\"]",
+            "typing: [\"127.0.0.1:18007\", { address: 5 }]",
+            "synapse.stream_writers.typing[1].address",
+            "invalid upstream",
+        ),
+        (
+            "{ prefix: /x/, upstream: web }",
+            "{ prefix: /x/, upstream: nope }",
+            "sites[0].routes[1].upstream",
+            "no upstream named",
+        ),
+        ("serves: [client] }", "serves: [client, client] }", "listeners[1].serves", "a role is listed twice"),
+        ("per: 1m", "per: 0s", "rate_limits.login.per", "must be between 1s and 24h"),
+        ("synchrotron:", "synchrotrn:", "synapse.workers", "unknown field `synchrotrn`"),
+    ];
+    for (from, to, key, message) in cases {
+        let edited = base.replacen(from, to, 1);
+        std::fs::write(&file, &edited).unwrap();
+        let (code, _, stderr) = check(&file);
+        assert_eq!(code, 1, "{to}: {stderr}");
+        let line = line_of(&edited, to);
+        let located = format!("deep.yaml:{line}:");
+        assert!(
+            stderr.contains(&located) && stderr.contains(&format!(": {key}: {message}")),
+            "{to}: want {located} … {key}: {message}, got {stderr}"
+        );
+    }
+}

@@ -97,7 +97,7 @@ pub fn explain(edge: &Edge, method: &str, target: &str, headers: &[(String, Stri
         explain_site_route(&mut out, edge, at, target);
         return out;
     }
-    match admit(&roles, &facts, &edge.limits) {
+    match admit(&roles, &facts, &edge.policy.limits) {
         Admission::WellKnown(document) => {
             let _ = writeln!(out, "  answered by the edge: well-known document {document:?}");
             return out;

@@ -120,8 +120,8 @@ pub(crate) fn read_workers(dir: &Path, warnings: &mut Vec<String>) -> Result<Vec
                 "worker {name} listens without x_forwarded: true, so it would log the edge's address for every client"
             ));
         }
-        let media =
-            app.ends_with("media_repository") || config.get("enable_media_repo").and_then(Value::as_bool) == Some(true);
+        let media = app.ends_with(Group::MediaRepository.name())
+            || config.get("enable_media_repo").and_then(Value::as_bool) == Some(true);
         workers.push(Worker { name: name.to_string(), address, app: app.to_string(), media });
     }
     Ok(workers)

@@ -11,7 +11,7 @@ use nix::unistd::Pid;
 use std::path::Path;
 
 pub fn request(edge: &Edge, names: &[String], pid_file: &Path) -> Result<String, String> {
-    let Some(plan) = &edge.acme else {
+    let Some(plan) = &edge.tls.acme else {
         return Err("tls.acme is not configured: there is nothing to renew".into());
     };
     let chosen: Vec<&String> = if names.is_empty() {

@@ -39,24 +39,14 @@ pub fn cross_check(edge: &Edge, homeserver: &Path, workers: Option<&Path>) -> Re
                 warnings
                     .push(format!("synapse.main is {}, but Synapse's client listener is {address}", edge.main.address));
             }
-            let synapse_reads = synapse.get("listeners").and_then(request_id_header);
-            match (&edge.forwarding.request_id_header, synapse_reads) {
-                (Some(sent), Some(read)) if sent.as_str().eq_ignore_ascii_case(&read) => {}
-                (Some(sent), Some(read)) => warnings.push(format!(
-                    "the edge sends its request ID in {sent}, but Synapse's listener {address} reads {read}: set request_id_header to the same header on both"
-                )),
-                (Some(sent), None) => warnings.push(format!(
-                    "Synapse's listener {address} has no request_id_header: add `request_id_header: {sent}` so its access log names each request by the edge's ID"
-                )),
-                (None, _) => {}
-            }
+            warnings.extend(request_id_disagreement(edge, &synapse, &address));
         }
         None => problems.push("homeserver.yaml has no HTTP listener for client or federation traffic".into()),
     }
 
     // Synapse's default is 50M; the edge's too.
     let synapse_upload = synapse.get("max_upload_size").and_then(size_of).unwrap_or(50 << 20);
-    let edge_upload = edge.limits.max_upload_size;
+    let edge_upload = edge.policy.limits.max_upload_size;
     if edge_upload < synapse_upload {
         problems.push(format!(
             "uploads between {edge_upload} and {synapse_upload} bytes pass Synapse's max_upload_size but the edge refuses them: set limits.max_upload_size to {synapse_upload}"
@@ -70,7 +60,7 @@ pub fn cross_check(edge: &Edge, homeserver: &Path, workers: Option<&Path>) -> Re
     let public_baseurl =
         synapse.get("public_baseurl").and_then(Value::as_str).map(|u| u.trim_end_matches('/').to_string());
     let client_homeserver =
-        edge.config.well_known.client.as_ref().map(|c| c.homeserver.0.trim_end_matches('/').to_string());
+        edge.ops.config.well_known.client.as_ref().map(|c| c.homeserver.0.trim_end_matches('/').to_string());
     match (&public_baseurl, &client_homeserver) {
         (Some(base), Some(published)) if base != published => problems.push(format!(
             "the client well-known sends clients to {published}, but Synapse's public_baseurl is {base}: links in emails, SSO and MAS redirects would point elsewhere"
@@ -79,7 +69,7 @@ pub fn cross_check(edge: &Edge, homeserver: &Path, workers: Option<&Path>) -> Re
         _ => {}
     }
     let synapse_serves_well_known = synapse.get("serve_server_wellknown").and_then(Value::as_bool) == Some(true);
-    if synapse_serves_well_known && edge.config.well_known.server.is_some() {
+    if synapse_serves_well_known && edge.ops.config.well_known.server.is_some() {
         problems.push(
             "both Synapse (serve_server_wellknown) and the edge (well_known.server) publish /.well-known/matrix/server: keep one"
                 .into(),
@@ -132,4 +122,18 @@ pub fn cross_check(edge: &Edge, homeserver: &Path, workers: Option<&Path>) -> Re
         }
     }
     Ok(CrossCheck { problems, warnings })
+}
+
+/// Whether Synapse's client listener reads the request ID the edge sends.
+fn request_id_disagreement(edge: &Edge, synapse: &Value, address: &str) -> Option<String> {
+    let sent = edge.policy.forwarding.request_id_header.as_ref()?;
+    match synapse.get("listeners").and_then(request_id_header) {
+        Some(read) if sent.as_str().eq_ignore_ascii_case(&read) => None,
+        Some(read) => Some(format!(
+            "the edge sends its request ID in {sent}, but Synapse's listener {address} reads {read}: set request_id_header to the same header on both"
+        )),
+        None => Some(format!(
+            "Synapse's listener {address} has no request_id_header: add `request_id_header: {sent}` so its access log names each request by the edge's ID"
+        )),
+    }
 }

@@ -412,41 +412,108 @@ fn default_weight() -> u32 {
     1
 }
 
-// By hand rather than `untagged`, so a mistake inside one worker is named
-// ("is not a port") instead of "data did not match any variant".
+// By hand rather than `untagged` (which buffers the value and answers "data
+// did not match any variant"), and straight on serde_yaml's deserializer
+// rather than through a `Value`, so a mistake inside one worker is named
+// with its own key path and line: `synapse.workers.synchrotron[1].weight`.
 impl<'de> Deserialize<'de> for WorkerList {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Lists;
+        impl<'de> serde::de::Visitor<'de> for Lists {
+            type Value = WorkerList;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(WORKER_FORMS)?;
+                f.write_str(", or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<WorkerList, E> {
+                Workers.visit_str(text).map(WorkerList::One)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<WorkerList, A::Error> {
+                Workers.visit_map(map).map(WorkerList::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<WorkerList, A::Error> {
+                let mut workers = Vec::with_capacity(seq.size_hint().unwrap_or(1));
+                while let Some(worker) = seq.next_element::<WorkerConfig>()? {
+                    workers.push(worker);
+                }
+                Ok(WorkerList::Many(workers))
+            }
+        }
+        deserializer.deserialize_any(Lists)
+    }
+}
+
+const WORKER_FORMS: &str =
+    "a worker: an address (127.0.0.1:8083), { address: ..., health_port: ..., weight: ... } or { discover: ... }";
+
+/// One worker, as a string or a map.
+struct Workers;
+
+impl<'de> serde::de::Visitor<'de> for Workers {
+    type Value = WorkerConfig;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(WORKER_FORMS)
+    }
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<WorkerConfig, E> {
+        UpstreamTarget::try_from(text.to_string()).map(WorkerConfig::Address).map_err(E::custom)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<WorkerConfig, A::Error> {
         use serde::de::Error;
-        let value = serde_yaml::Value::deserialize(deserializer)?;
-        match value {
-            serde_yaml::Value::Sequence(items) => items
-                .into_iter()
-                .enumerate()
-                .map(|(index, item)| worker_from(item).map_err(|e| D::Error::custom(format!("[{index}]: {e}"))))
-                .collect::<Result<Vec<_>, _>>()
-                .map(WorkerList::Many),
-            one => worker_from(one).map(WorkerList::One).map_err(D::Error::custom),
+        let entry = WorkerEntry::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        match entry {
+            WorkerEntry { address: Some(address), discover: None, health_port, weight } => {
+                Ok(WorkerConfig::Detailed(DetailedWorkerConfig { address, health_port, weight: weight.0 }))
+            }
+            WorkerEntry { address: None, discover: Some(discover), health_port, weight } => {
+                Ok(WorkerConfig::Discovered(DiscoveredWorkerConfig { discover, health_port, weight: weight.0 }))
+            }
+            WorkerEntry { address: Some(_), discover: Some(_), .. } => {
+                Err(A::Error::custom("give a worker `address` or `discover`, not both"))
+            }
+            WorkerEntry { address: None, discover: None, .. } => Err(A::Error::missing_field("address")),
         }
     }
 }
 
 impl<'de> Deserialize<'de> for WorkerConfig {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        worker_from(serde_yaml::Value::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+        deserializer.deserialize_any(Workers)
     }
 }
 
-fn worker_from(value: serde_yaml::Value) -> Result<WorkerConfig, serde_yaml::Error> {
-    use serde_yaml::Value;
-    match &value {
-        Value::String(_) => UpstreamTarget::deserialize(value).map(WorkerConfig::Address),
-        Value::Mapping(map) if map.contains_key("discover") => {
-            DiscoveredWorkerConfig::deserialize(value).map(WorkerConfig::Discovered)
+/// A worker written as a map, before it is known to be fixed or discovered.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkerEntry {
+    #[serde(default)]
+    address: Option<UpstreamTarget>,
+    #[serde(default)]
+    discover: Option<DiscoverName>,
+    #[serde(default)]
+    health_port: Option<u16>,
+    #[serde(default)]
+    weight: Weight,
+}
+
+/// A worker's share of its group's requests: at least 1.
+#[derive(Deserialize)]
+#[serde(try_from = "u32")]
+struct Weight(u32);
+
+impl Default for Weight {
+    fn default() -> Weight {
+        Weight(default_weight())
+    }
+}
+
+impl TryFrom<u32> for Weight {
+    type Error = &'static str;
+    fn try_from(weight: u32) -> Result<Weight, &'static str> {
+        if weight == 0 {
+            Err("a worker's weight must be at least 1")
+        } else {
+            Ok(Weight(weight))
         }
-        Value::Mapping(_) => DetailedWorkerConfig::deserialize(value).map(WorkerConfig::Detailed),
-        _ => Err(serde::de::Error::custom(
-            "a worker is an address (127.0.0.1:8083), { address: ..., health_port: ..., weight: ... } or { discover: ... }",
-        )),
     }
 }
 

@@ -14,44 +14,62 @@ use prometheus::{
 
 pub struct Metrics {
     registry: Registry,
+    /// Requests and what they carried.
+    pub traffic: TrafficMetrics,
+    /// Connections and TLS handshakes.
+    pub connections: ConnectionMetrics,
+    /// Workers, certificates, reloads, discovery, shared limits, ACME.
+    pub operations: OperationMetrics,
+}
+
+/// Requests and what they carried.
+pub struct TrafficMetrics {
     /// Requests by route group, worker, method class and status.
     pub requests: IntCounterVec,
     /// Whole-request latency by route group.
     pub latency: HistogramVec,
     /// Time to the upstream's response header, by route group.
     pub upstream_latency: HistogramVec,
-    /// 1 when a worker passes its health check, 0 when down.
-    pub worker_up: IntGaugeVec,
-    /// TLS handshakes that chose a certificate, by that certificate.
-    pub tls_handshakes_started: IntCounterVec,
-    /// Completed TLS handshakes by the certificate that answered; started
-    /// minus completed is the failures for that name.
-    pub tls_handshakes: IntCounterVec,
     /// Requests being served right now.
     pub in_flight: IntGauge,
-    /// Certificate expiry (Unix seconds) by first name.
-    pub certificate_expiry: IntGaugeVec,
-    /// Reload attempts by result (`ok`, `error`).
-    pub reloads: IntCounterVec,
-    /// Unix time of the last successful (re)load.
-    pub config_loaded_at: IntGauge,
-    /// Connections refused because their address had `connections_per_ip` open.
-    pub connections_refused: IntCounter,
-    /// HTTP/1 requests refused because their connection's guard (which
-    /// checks the request line as received) could not be found.
-    pub guard_missing: IntCounter,
     /// Requests refused with 429, by limit class.
     pub rate_limited: IntCounterVec,
     /// WebSocket upgrades the upstream accepted (101), by upstream.
     pub websocket_upgrades: IntCounterVec,
     /// WebSockets open right now.
     pub websockets_open: IntGauge,
+}
+
+/// Connections and TLS handshakes.
+pub struct ConnectionMetrics {
+    /// TLS handshakes that chose a certificate, by that certificate.
+    pub tls_handshakes_started: IntCounterVec,
+    /// Completed TLS handshakes by the certificate that answered; started
+    /// minus completed is the failures for that name.
+    pub tls_handshakes: IntCounterVec,
+    /// Connections refused because their address had `connections_per_ip` open.
+    pub connections_refused: IntCounter,
+    /// HTTP/1 requests refused because their connection's guard (which
+    /// checks the request line as received) could not be found.
+    pub guard_missing: IntCounter,
+    /// Connections from a listed load balancer closed for a missing or bad PROXY header.
+    pub proxy_protocol_refused: IntCounter,
+}
+
+/// Workers, certificates, reloads, discovery, shared limits, ACME.
+pub struct OperationMetrics {
+    /// 1 when a worker passes its health check, 0 when down.
+    pub worker_up: IntGaugeVec,
+    /// Certificate expiry (Unix seconds) by first name.
+    pub certificate_expiry: IntGaugeVec,
+    /// Reload attempts by result (`ok`, `error`).
+    pub reloads: IntCounterVec,
+    /// Unix time of the last successful (re)load.
+    pub config_loaded_at: IntGauge,
     /// Worker discovery lookups that failed (the last answer was kept).
     pub discovery_failures: IntCounter,
     /// Rate-limit checks counted on this edge alone because Redis did not answer.
     pub rate_limit_fallbacks: IntCounter,
-    /// Connections from a listed load balancer closed for a missing or bad PROXY header.
-    pub proxy_protocol_refused: IntCounter,
     /// ACME orders by name and result (`ok`, `error`).
     pub acme_orders: IntCounterVec,
     /// When the edge will next try to renew each ACME name (Unix seconds).
@@ -62,79 +80,88 @@ fn build() -> Result<Metrics, prometheus::Error> {
     let registry = Registry::new_custom(Some("matrix_edge".into()), None)?;
     let buckets = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
     let metrics = Metrics {
-        requests: IntCounterVec::new(
-            Opts::new("requests_total", "Requests by route group, worker, method class and status"),
-            &["group", "worker", "method", "status"],
-        )?,
-        latency: HistogramVec::new(
-            HistogramOpts::new("request_duration_seconds", "Whole-request time by route group")
-                .buckets(buckets.clone()),
-            &["group"],
-        )?,
-        upstream_latency: HistogramVec::new(
-            HistogramOpts::new("upstream_response_seconds", "Time until Synapse's response header, by route group")
-                .buckets(buckets),
-            &["group"],
-        )?,
-        worker_up: IntGaugeVec::new(
-            Opts::new("worker_up", "1 when a worker passes its health check"),
-            &["group", "worker"],
-        )?,
-        tls_handshakes_started: IntCounterVec::new(
-            Opts::new("tls_handshakes_started_total", "TLS handshakes that chose a certificate (by SNI)"),
-            &["certificate"],
-        )?,
-        tls_handshakes: IntCounterVec::new(
-            Opts::new("tls_handshakes_total", "Completed TLS handshakes by the certificate that answered"),
-            &["certificate"],
-        )?,
-        in_flight: IntGauge::new("requests_in_flight", "Requests being served")?,
-        certificate_expiry: IntGaugeVec::new(
-            Opts::new("certificate_expiry_timestamp_seconds", "When each certificate expires"),
-            &["certificate"],
-        )?,
-        reloads: IntCounterVec::new(Opts::new("config_reloads_total", "Configuration reloads by result"), &["result"])?,
-        config_loaded_at: IntGauge::new(
-            "config_loaded_timestamp_seconds",
-            "When the running configuration was loaded",
-        )?,
-        connections_refused: IntCounter::new(
-            "connections_refused_total",
-            "Connections refused because their address reached connections_per_ip",
-        )?,
-        guard_missing: IntCounter::new(
-            "connection_guard_missing_total",
-            "HTTP/1 requests refused because the check of their request line could not run",
-        )?,
-        rate_limited: IntCounterVec::new(
-            Opts::new("rate_limited_total", "Requests refused with 429 by limit class"),
-            &["class"],
-        )?,
-        websocket_upgrades: IntCounterVec::new(
-            Opts::new("websocket_upgrades_total", "WebSocket upgrades accepted by the upstream, by upstream"),
-            &["upstream"],
-        )?,
-        websockets_open: IntGauge::new("websockets_open", "WebSocket connections open through the edge")?,
-        discovery_failures: IntCounter::new(
-            "worker_discovery_failures_total",
-            "Worker discovery lookups that failed or came back empty (the last answer was kept)",
-        )?,
-        rate_limit_fallbacks: IntCounter::new(
-            "rate_limit_fallbacks_total",
-            "Rate-limit checks counted on this edge alone because the shared Redis did not answer",
-        )?,
-        proxy_protocol_refused: IntCounter::new(
-            "proxy_protocol_refused_total",
-            "Connections from a listed load balancer closed for a missing or invalid PROXY header",
-        )?,
-        acme_orders: IntCounterVec::new(
-            Opts::new("acme_orders_total", "ACME certificate orders by name and result"),
-            &["name", "result"],
-        )?,
-        acme_next_renewal: IntGaugeVec::new(
-            Opts::new("acme_next_renewal_timestamp_seconds", "When each ACME name is next due for renewal"),
-            &["name"],
-        )?,
+        traffic: TrafficMetrics {
+            requests: IntCounterVec::new(
+                Opts::new("requests_total", "Requests by route group, worker, method class and status"),
+                &["group", "worker", "method", "status"],
+            )?,
+            latency: HistogramVec::new(
+                HistogramOpts::new("request_duration_seconds", "Whole-request time by route group")
+                    .buckets(buckets.clone()),
+                &["group"],
+            )?,
+            upstream_latency: HistogramVec::new(
+                HistogramOpts::new("upstream_response_seconds", "Time until Synapse's response header, by route group")
+                    .buckets(buckets),
+                &["group"],
+            )?,
+            in_flight: IntGauge::new("requests_in_flight", "Requests being served")?,
+            rate_limited: IntCounterVec::new(
+                Opts::new("rate_limited_total", "Requests refused with 429 by limit class"),
+                &["class"],
+            )?,
+            websocket_upgrades: IntCounterVec::new(
+                Opts::new("websocket_upgrades_total", "WebSocket upgrades accepted by the upstream, by upstream"),
+                &["upstream"],
+            )?,
+            websockets_open: IntGauge::new("websockets_open", "WebSocket connections open through the edge")?,
+        },
+        connections: ConnectionMetrics {
+            tls_handshakes_started: IntCounterVec::new(
+                Opts::new("tls_handshakes_started_total", "TLS handshakes that chose a certificate (by SNI)"),
+                &["certificate"],
+            )?,
+            tls_handshakes: IntCounterVec::new(
+                Opts::new("tls_handshakes_total", "Completed TLS handshakes by the certificate that answered"),
+                &["certificate"],
+            )?,
+            connections_refused: IntCounter::new(
+                "connections_refused_total",
+                "Connections refused because their address reached connections_per_ip",
+            )?,
+            guard_missing: IntCounter::new(
+                "connection_guard_missing_total",
+                "HTTP/1 requests refused because the check of their request line could not run",
+            )?,
+            proxy_protocol_refused: IntCounter::new(
+                "proxy_protocol_refused_total",
+                "Connections from a listed load balancer closed for a missing or invalid PROXY header",
+            )?,
+        },
+        operations: OperationMetrics {
+            worker_up: IntGaugeVec::new(
+                Opts::new("worker_up", "1 when a worker passes its health check"),
+                &["group", "worker"],
+            )?,
+            certificate_expiry: IntGaugeVec::new(
+                Opts::new("certificate_expiry_timestamp_seconds", "When each certificate expires"),
+                &["certificate"],
+            )?,
+            reloads: IntCounterVec::new(
+                Opts::new("config_reloads_total", "Configuration reloads by result"),
+                &["result"],
+            )?,
+            config_loaded_at: IntGauge::new(
+                "config_loaded_timestamp_seconds",
+                "When the running configuration was loaded",
+            )?,
+            discovery_failures: IntCounter::new(
+                "worker_discovery_failures_total",
+                "Worker discovery lookups that failed or came back empty (the last answer was kept)",
+            )?,
+            rate_limit_fallbacks: IntCounter::new(
+                "rate_limit_fallbacks_total",
+                "Rate-limit checks counted on this edge alone because the shared Redis did not answer",
+            )?,
+            acme_orders: IntCounterVec::new(
+                Opts::new("acme_orders_total", "ACME certificate orders by name and result"),
+                &["name", "result"],
+            )?,
+            acme_next_renewal: IntGaugeVec::new(
+                Opts::new("acme_next_renewal_timestamp_seconds", "When each ACME name is next due for renewal"),
+                &["name"],
+            )?,
+        },
         registry,
     };
     register(&metrics)?;
@@ -144,26 +171,26 @@ fn build() -> Result<Metrics, prometheus::Error> {
 /// Every metric into the registry, so `/metrics` renders it.
 fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
     let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
-        Box::new(metrics.requests.clone()),
-        Box::new(metrics.latency.clone()),
-        Box::new(metrics.upstream_latency.clone()),
-        Box::new(metrics.worker_up.clone()),
-        Box::new(metrics.tls_handshakes.clone()),
-        Box::new(metrics.tls_handshakes_started.clone()),
-        Box::new(metrics.in_flight.clone()),
-        Box::new(metrics.certificate_expiry.clone()),
-        Box::new(metrics.reloads.clone()),
-        Box::new(metrics.config_loaded_at.clone()),
-        Box::new(metrics.connections_refused.clone()),
-        Box::new(metrics.guard_missing.clone()),
-        Box::new(metrics.rate_limited.clone()),
-        Box::new(metrics.websocket_upgrades.clone()),
-        Box::new(metrics.websockets_open.clone()),
-        Box::new(metrics.acme_orders.clone()),
-        Box::new(metrics.proxy_protocol_refused.clone()),
-        Box::new(metrics.rate_limit_fallbacks.clone()),
-        Box::new(metrics.discovery_failures.clone()),
-        Box::new(metrics.acme_next_renewal.clone()),
+        Box::new(metrics.traffic.requests.clone()),
+        Box::new(metrics.traffic.latency.clone()),
+        Box::new(metrics.traffic.upstream_latency.clone()),
+        Box::new(metrics.operations.worker_up.clone()),
+        Box::new(metrics.connections.tls_handshakes.clone()),
+        Box::new(metrics.connections.tls_handshakes_started.clone()),
+        Box::new(metrics.traffic.in_flight.clone()),
+        Box::new(metrics.operations.certificate_expiry.clone()),
+        Box::new(metrics.operations.reloads.clone()),
+        Box::new(metrics.operations.config_loaded_at.clone()),
+        Box::new(metrics.connections.connections_refused.clone()),
+        Box::new(metrics.connections.guard_missing.clone()),
+        Box::new(metrics.traffic.rate_limited.clone()),
+        Box::new(metrics.traffic.websocket_upgrades.clone()),
+        Box::new(metrics.traffic.websockets_open.clone()),
+        Box::new(metrics.operations.acme_orders.clone()),
+        Box::new(metrics.connections.proxy_protocol_refused.clone()),
+        Box::new(metrics.operations.rate_limit_fallbacks.clone()),
+        Box::new(metrics.operations.discovery_failures.clone()),
+        Box::new(metrics.operations.acme_next_renewal.clone()),
     ];
     for collector in collectors {
         metrics.registry.register(collector)?;
@@ -217,7 +244,7 @@ mod tests {
 
     #[test]
     fn metrics_register_and_render() {
-        METRICS.requests.with_label_values(&["sync", "127.0.0.1:8083", "read", "200"]).inc();
+        METRICS.traffic.requests.with_label_values(&["sync", "127.0.0.1:8083", "read", "200"]).inc();
         let text = String::from_utf8(render()).unwrap();
         assert!(
             text.contains(

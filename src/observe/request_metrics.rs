@@ -90,7 +90,7 @@ impl WorkerCounters {
         let slots = self.slots.get_or_init(|| (0..SLOTS).map(|_| OnceCell::new()).collect());
         if let Some(slot) = slots.get(method * STATUS_LABELS.len() + status) {
             slot.get_or_init(|| {
-                METRICS.requests.with_label_values(&[
+                METRICS.traffic.requests.with_label_values(&[
                     self.group.as_str(),
                     self.worker.as_str(),
                     METHOD_CLASSES[method],
@@ -144,11 +144,11 @@ impl GroupMetrics {
 
     pub fn observe(&self, total: std::time::Duration, upstream: Option<std::time::Duration>) {
         self.latency
-            .get_or_init(|| METRICS.latency.with_label_values(&[self.name.as_str()]))
+            .get_or_init(|| METRICS.traffic.latency.with_label_values(&[self.name.as_str()]))
             .observe(total.as_secs_f64());
         if let Some(upstream) = upstream {
             self.upstream_latency
-                .get_or_init(|| METRICS.upstream_latency.with_label_values(&[self.name.as_str()]))
+                .get_or_init(|| METRICS.traffic.upstream_latency.with_label_values(&[self.name.as_str()]))
                 .observe(upstream.as_secs_f64());
         }
     }

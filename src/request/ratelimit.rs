@@ -93,7 +93,7 @@ pub fn wait_time(prev: isize, curr: isize, fraction: f64, interval: Duration, al
 /// `rate_limited_total` by class, resolved once: refusals come in floods.
 pub static RATE_LIMITED: once_cell::sync::Lazy<[prometheus::IntCounter; 3]> = once_cell::sync::Lazy::new(|| {
     let metrics = &crate::observe::metrics::METRICS;
-    Class::ALL.map(|class| metrics.rate_limited.with_label_values(&[class.name()]))
+    Class::ALL.map(|class| metrics.traffic.rate_limited.with_label_values(&[class.name()]))
 });
 
 /// What a request is limited as.

@@ -107,11 +107,11 @@ impl std::fmt::Debug for CapFilter {
 #[async_trait]
 impl pingora::listeners::ConnectionFilter for CapFilter {
     async fn should_accept(&self, addr: Option<&std::net::SocketAddr>) -> bool {
-        let cap = self.edge.load().connections.per_ip;
+        let cap = self.edge.load().policy.connections.per_ip;
         let balancer = self.proxy.as_ref().is_some_and(|p| p.expected_from(addr.map(|a| a.ip())));
         let accept = cap == 0 || balancer || addr.is_none_or(|addr| self.counts.open(addr.ip()) < cap);
         if !accept {
-            METRICS.connections_refused.inc();
+            METRICS.connections.connections_refused.inc();
         }
         accept
     }
@@ -233,13 +233,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
                 .map(std::os::unix::io::AsRawFd::as_raw_fd)?;
             crate::server::proxy_protocol::accept(&mut *stream, fd, proxy).await.ok()?;
         }
-        let limits = self.edge.load().connections;
+        let limits = self.edge.load().policy.connections;
         let peer = stream.get_socket_digest().and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         let _slot = match peer {
             Some(ip) => match self.counts.acquire(ip, limits.per_ip) {
                 Some(slot) => Some(slot),
                 None => {
-                    METRICS.connections_refused.inc();
+                    METRICS.connections.connections_refused.inc();
                     return None;
                 }
             },
@@ -391,7 +391,7 @@ pub fn request_line_verdict(session: &pingora::proxy::Session) -> Result<(), &'s
         return Ok(());
     }
     let Some(stream) = guard(session) else {
-        crate::observe::metrics::METRICS.guard_missing.inc();
+        crate::observe::metrics::METRICS.connections.guard_missing.inc();
         log::error!("an HTTP/1 request arrived on a connection without its guard: refused");
         return Err("The request line could not be checked");
     };
@@ -626,10 +626,10 @@ mod tests {
     #[tokio::test]
     async fn a_request_whose_connection_lacks_the_guard_is_refused_not_passed() {
         const GOOD: &[u8] = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: a.test\r\n\r\n";
-        let before = crate::observe::metrics::METRICS.guard_missing.get();
+        let before = crate::observe::metrics::METRICS.connections.guard_missing.get();
         let unguarded = session_over(GOOD, false).await;
         assert!(request_line_verdict(&unguarded).is_err(), "a well-formed line without its check still fails");
-        assert_eq!(crate::observe::metrics::METRICS.guard_missing.get(), before + 1);
+        assert_eq!(crate::observe::metrics::METRICS.connections.guard_missing.get(), before + 1);
         // The same request through the guard passes; a bad line does not.
         assert_eq!(request_line_verdict(&session_over(GOOD, true).await), Ok(()));
         let tab = session_over(b"GET /_matrix/client/versions\tx HTTP/1.1\r\nHost: a.test\r\n\r\n", true).await;

@@ -107,9 +107,9 @@ fn check_bindable(addresses: impl IntoIterator<Item = std::net::SocketAddr>) -> 
 
 pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) -> Result<Server, String> {
     if !options.upgrade {
-        check_bindable(edge.listeners.iter().map(|l| l.address).chain(edge.metrics_address))?;
+        check_bindable(edge.ops.listeners.iter().map(|l| l.address).chain(edge.ops.metrics_address))?;
     }
-    let process = &edge.config.process;
+    let process = &edge.ops.config.process;
     let threads = match process.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -129,8 +129,8 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     server.bootstrap();
 
     crate::services::reload::publish(&edge);
-    let listeners = edge.listeners.clone();
-    let metrics_address = edge.metrics_address;
+    let listeners = edge.ops.listeners.clone();
+    let metrics_address = edge.ops.metrics_address;
     let edge = Arc::new(ArcSwap::from_pointee(edge));
     let counts = Arc::new(ConnectionCounts::default());
     let challenges: crate::acme::SharedChallenges = Arc::default();
@@ -154,7 +154,7 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     };
     server.add_service(pingora::services::background::background_service("reload", reloader));
     let readiness = crate::services::readiness::Readiness {
-        addresses: edge.load().listeners.iter().map(|l| l.address).collect(),
+        addresses: edge.load().ops.listeners.iter().map(|l| l.address).collect(),
         pid_file: options.pid_file.as_ref().map(std::path::PathBuf::from),
     };
     server.add_service(pingora::services::background::background_service("readiness", readiness));

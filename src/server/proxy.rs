@@ -44,10 +44,8 @@ pub struct RequestCtx {
     /// untrusted `X-Forwarded-For` entry behind `trusted_proxies`.
     client: Option<IpAddr>,
     started: Instant,
-    /// Where the Synapse table sent this request.
-    decision: Option<Decision>,
-    /// The site route forwarding this request, and the named upstream it names.
-    route: Option<(RouteRef, UpstreamId)>,
+    /// Where this request goes, decided once in `request_filter`.
+    destination: Destination,
     /// A WebSocket is open through this request (counted in the gauge while it lives).
     websocket_open: Option<GaugeGuard>,
     /// Counts this request in `requests_in_flight` until the context is
@@ -64,6 +62,19 @@ pub struct RequestCtx {
     /// When Synapse's response header arrived, from `started`.
     upstream_time: Option<std::time::Duration>,
     request_id: RequestId,
+}
+
+/// Where a request goes: decided once, in `request_filter`, by the site's
+/// router and Synapse's table; carried out by the later phases, which
+/// match on it and decide nothing again.
+#[derive(Debug, Clone, Copy)]
+enum Destination {
+    /// The edge answers (a local responder or a refusal), or nothing is decided yet.
+    Edge,
+    /// A Synapse process, as the table's decision says.
+    Synapse(Decision),
+    /// A named upstream, for a site route.
+    Named(RouteRef, UpstreamId),
 }
 
 /// One unit of a gauge, given back when dropped.
@@ -159,7 +170,7 @@ fn has_body(request: &RequestHeader, content_length: Option<u64>) -> bool {
 
 /// The configured request rates; a refusal is a 429 with the wait.
 async fn rate_limit(edge: &Edge, session: &Session, client: Option<IpAddr>) -> std::result::Result<(), MatrixError> {
-    if edge.rate_limits.is_empty() {
+    if edge.policy.rate_limits.is_empty() {
         return Ok(());
     }
     let request = session.req_header();
@@ -169,9 +180,9 @@ async fn rate_limit(edge: &Edge, session: &Session, client: Option<IpAddr>) -> s
         client_ip: client,
         authorization: request.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
     };
-    let outcome = match &edge.shared_limits {
-        Some(shared) => crate::upstream::shared_limits::admit_shared(&edge.rate_limits, shared, &facts).await,
-        None => edge.rate_limits.admit(&facts),
+    let outcome = match &edge.policy.shared_limits {
+        Some(shared) => crate::upstream::shared_limits::admit_shared(&edge.policy.rate_limits, shared, &facts).await,
+        None => edge.policy.rate_limits.admit(&facts),
     };
     outcome.map_err(|(class, wait)| {
         crate::request::ratelimit::RATE_LIMITED[class as usize].inc();
@@ -350,7 +361,7 @@ impl EdgeProxy {
             client,
             content_length,
         };
-        let body_limit = match edge.sites.admit_route(at, &route_facts, &edge.limits) {
+        let body_limit = match edge.sites.admit_route(at, &route_facts, &edge.policy.limits) {
             Ok(limit) => limit,
             Err(error) => return refuse(session, ctx, error, content_length).await,
         };
@@ -359,11 +370,11 @@ impl EdgeProxy {
         let closing = has_body(request, content_length);
         match &route.action {
             Action::Upstream(id) => {
-                ctx.route = Some((at, *id));
+                ctx.destination = Destination::Named(at, *id);
                 ctx.body_limit = body_limit;
                 let idle = match route.websocket_idle {
                     Some(idle) if upgrade => idle,
-                    _ => edge.connections.body_idle_timeout,
+                    _ => edge.policy.connections.body_idle_timeout,
                 };
                 session.set_read_timeout(Some(idle));
                 Ok(false)
@@ -405,7 +416,7 @@ impl EdgeProxy {
         facts: &RequestFacts<'_>,
         client: Option<IpAddr>,
     ) -> Admission {
-        match admit(&self.listener.roles, facts, &edge.limits) {
+        match admit(&self.listener.roles, facts, &edge.policy.limits) {
             Admission::Forward { body_limit } => match rate_limit(edge, session, client).await {
                 Ok(()) => Admission::Forward { body_limit },
                 Err(error) => Admission::Reject(error),
@@ -427,8 +438,8 @@ impl EdgeProxy {
         match admission {
             Admission::Forward { body_limit } => {
                 ctx.body_limit = body_limit;
-                ctx.decision = Some(edge.router.route(request.method.as_str(), request.raw_path()));
-                session.set_read_timeout(Some(edge.connections.body_idle_timeout));
+                ctx.destination = Destination::Synapse(edge.router.route(request.method.as_str(), request.raw_path()));
+                session.set_read_timeout(Some(edge.policy.connections.body_idle_timeout));
                 Ok(false)
             }
             Admission::WellKnown(document) => {
@@ -460,11 +471,10 @@ impl ProxyHttp for EdgeProxy {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
-            _in_flight: GaugeGuard::new(&METRICS.in_flight),
+            _in_flight: GaugeGuard::new(&METRICS.traffic.in_flight),
             edge: self.edge.load_full(),
             started: Instant::now(),
-            decision: None,
-            route: None,
+            destination: Destination::Edge,
             websocket_open: None,
             member: None,
             tried: Tried::default(),
@@ -481,16 +491,16 @@ impl ProxyHttp for EdgeProxy {
         let edge = Arc::clone(&ctx.edge);
         crate::server::connections::head_complete(session);
         let request = session.req_header();
-        let client = if edge.forwarding.trusted_proxies.is_empty() {
+        let client = if edge.policy.forwarding.trusted_proxies.is_empty() {
             peer_ip(session)
         } else {
             let forwarded = request.headers.get_all(&X_FORWARDED_FOR).iter().map(|v| v.as_bytes());
-            let trusted = &edge.forwarding.trusted_proxies;
+            let trusted = &edge.policy.forwarding.trusted_proxies;
             crate::request::forward::client_behind_proxies(peer_ip(session), forwarded, trusted)
         };
-        if let Some(name) = &edge.forwarding.request_id_header {
+        if let Some(name) = &edge.policy.forwarding.request_id_header {
             let given = request.headers.get(name).map(|v| v.as_bytes());
-            if let Some(kept) = edge.forwarding.kept_request_id(peer_ip(session), given) {
+            if let Some(kept) = edge.policy.forwarding.kept_request_id(peer_ip(session), given) {
                 ctx.request_id = RequestId::Kept(kept.into_boxed_str());
             }
         }
@@ -520,7 +530,7 @@ impl ProxyHttp for EdgeProxy {
             return self.matrix_request(session, ctx, &edge, admission, content_length).await;
         }
         // Matrix admission checks the caps itself; every other target here.
-        let at = match (check_caps(&facts, &edge.limits), target) {
+        let at = match (check_caps(&facts, &edge.policy.limits), target) {
             (Err(error), _) => return refuse(session, ctx, error, facts.content_length).await,
             (Ok(()), Target::Route(at, _)) => at,
             (Ok(()), Target::AcmeChallenge(token)) => {
@@ -530,8 +540,11 @@ impl ProxyHttp for EdgeProxy {
                 return Ok(true);
             }
             (Ok(()), Target::ToHttps) => {
-                let mut response =
-                    crate::local::plain_http::to_https(request_host(request), edge.https_port, request.raw_path());
+                let mut response = crate::local::plain_http::to_https(
+                    request_host(request),
+                    edge.policy.https_port,
+                    request.raw_path(),
+                );
                 response.close |= has_body(request, facts.content_length);
                 write_local(session, &response).await?;
                 return Ok(true);
@@ -550,10 +563,12 @@ impl ProxyHttp for EdgeProxy {
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         let edge = Arc::clone(&ctx.edge);
         ctx.member = None;
-        if let Some(route) = ctx.route {
-            return named_peer(&edge, route, session, ctx);
-        }
-        let Some(decision) = ctx.decision else { return Ok(edge.main.peer()) };
+        let decision = match ctx.destination {
+            Destination::Named(at, id) => return named_peer(&edge, (at, id), session, ctx),
+            Destination::Synapse(decision) => decision,
+            // Not reached: the edge answers these itself.
+            Destination::Edge => return Ok(edge.main.peer()),
+        };
         let Some(pool) = edge.pools.get(decision.group) else { return Ok(edge.main.peer()) };
         let request = session.req_header();
         let source = KeySource {
@@ -581,22 +596,26 @@ impl ProxyHttp for EdgeProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the worker, so any request may go to another one.
-        if let (Some((_, id)), Some(member)) = (ctx.route, ctx.member) {
-            let upstream = ctx.edge.upstreams.get(id);
-            log::debug!("connecting to member {member} of upstream {} failed: {e}", upstream.name);
-            // Without health checks nothing would bring it back up; the
-            // retry avoids it for this request all the same.
-            if upstream.health.is_some() {
-                upstream.pool.mark(member, false);
-            }
-            e.set_retry(true);
-        }
-        if let (Some(decision), Some(member)) = (ctx.decision, ctx.member) {
-            if let Some(pool) = ctx.edge.pools.get(decision.group) {
-                log::debug!("connecting to worker {member} of {} failed: {e}", decision.group);
-                pool.mark(member, false);
+        let Some(member) = ctx.member else { return e };
+        match ctx.destination {
+            Destination::Named(_, id) => {
+                let upstream = ctx.edge.upstreams.get(id);
+                log::debug!("connecting to member {member} of upstream {} failed: {e}", upstream.name);
+                // Without health checks nothing would bring it back up; the
+                // retry avoids it for this request all the same.
+                if upstream.health.is_some() {
+                    upstream.pool.mark(member, false);
+                }
                 e.set_retry(true);
             }
+            Destination::Synapse(decision) => {
+                if let Some(pool) = ctx.edge.pools.get(decision.group) {
+                    log::debug!("connecting to worker {member} of {} failed: {e}", decision.group);
+                    pool.mark(member, false);
+                    e.set_retry(true);
+                }
+            }
+            Destination::Edge => {}
         }
         e
     }
@@ -648,10 +667,10 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         prepare_upstream_request(upstream_request, ctx.client, self.listener.tls)?;
-        if let Some(name) = &ctx.edge.forwarding.request_id_header {
+        if let Some(name) = &ctx.edge.policy.forwarding.request_id_header {
             upstream_request.insert_header(name.clone(), ctx.request_id.to_string())?;
         }
-        if let Some((at, _)) = ctx.route {
+        if let Destination::Named(at, _) = ctx.destination {
             let route = ctx.edge.sites.route(at);
             if let Some(target) = route.rewritten_target(upstream_request.raw_path()) {
                 upstream_request.set_raw_path(&target)?;
@@ -708,8 +727,8 @@ impl ProxyHttp for EdgeProxy {
     ) -> Result<()> {
         ctx.upstream_time = Some(ctx.started.elapsed());
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS && ctx.websocket_open.is_none() {
-            ctx.websocket_open = Some(GaugeGuard::new(&METRICS.websockets_open));
-            METRICS.websocket_upgrades.with_label_values(&[metrics_for(ctx).0.name()]).inc();
+            ctx.websocket_open = Some(GaugeGuard::new(&METRICS.traffic.websockets_open));
+            METRICS.traffic.websocket_upgrades.with_label_values(&[metrics_for(ctx).0.name()]).inc();
         }
         Ok(())
     }
@@ -725,7 +744,7 @@ impl ProxyHttp for EdgeProxy {
         if let Some(error) = error {
             log::debug!("request {} failed: {error}", ctx.request_id);
         }
-        if ctx.edge.access_log == access_log::AccessLogFormat::Off {
+        if ctx.edge.policy.access_log == access_log::AccessLogFormat::Off {
             // Nothing below is needed then; formatting the request ID alone
             // was a measurable share of this hook.
             return;
@@ -753,7 +772,7 @@ impl ProxyHttp for EdgeProxy {
             request_id: &request_id,
             edge_error: ctx.local_error.as_ref().map(|e| e.errcode.as_str()),
         };
-        if let Some(line) = access_log::line(ctx.edge.access_log, &entry, std::time::SystemTime::now()) {
+        if let Some(line) = access_log::line(ctx.edge.policy.access_log, &entry, std::time::SystemTime::now()) {
             log::info!(target: "access", "{line}");
         }
     }
@@ -763,10 +782,10 @@ impl ProxyHttp for EdgeProxy {
 /// labels the access log shows).
 fn metrics_for(ctx: &RequestCtx) -> (&GroupMetrics, &WorkerCounters) {
     let metrics = &ctx.edge.request_metrics;
-    let group = match (ctx.route, ctx.decision) {
-        (Some((_, id)), _) => metrics.upstream(id.0),
-        (None, Some(decision)) => metrics.synapse(decision.group),
-        (None, None) => metrics.edge(),
+    let group = match ctx.destination {
+        Destination::Named(_, id) => metrics.upstream(id.0),
+        Destination::Synapse(decision) => metrics.synapse(decision.group),
+        Destination::Edge => metrics.edge(),
     };
     (group, group.worker(ctx.member))
 }

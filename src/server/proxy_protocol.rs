@@ -144,7 +144,7 @@ where
         }
         Ok(None) => Ok(()),
         Err(error) => {
-            crate::observe::metrics::METRICS.proxy_protocol_refused.inc();
+            crate::observe::metrics::METRICS.connections.proxy_protocol_refused.inc();
             log::warn!("closing a connection from load balancer {balancer:?}: {error}");
             Err(error)
         }

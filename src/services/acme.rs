@@ -84,7 +84,7 @@ impl BackgroundService for AcmeManager {
         let mut drawn: HashMap<(String, i64), i64> = HashMap::new();
         loop {
             let edge = self.edge.load_full();
-            let sleep = match &edge.acme {
+            let sleep = match &edge.tls.acme {
                 Some(plan) => self.round(&edge, plan, &mut account, &mut backoff, &mut drawn).await,
                 None => Duration::from_secs(LONGEST_SLEEP as u64),
             };
@@ -140,7 +140,7 @@ impl AcmeManager {
             };
             let waiting = if requested { 0 } else { backoff.get(name).map_or(0, |b| b.not_before) };
             let attempt_at = due.max(waiting);
-            METRICS.acme_next_renewal.with_label_values(&[name]).set(attempt_at);
+            METRICS.operations.acme_next_renewal.with_label_values(&[name]).set(attempt_at);
             if attempt_at > now {
                 next = next.min(attempt_at);
                 continue;
@@ -161,7 +161,7 @@ impl AcmeManager {
                     }
                     backoff.remove(name);
                     issued = true;
-                    METRICS.acme_orders.with_label_values(&[name, "ok"]).inc();
+                    METRICS.operations.acme_orders.with_label_values(&[name, "ok"]).inc();
                     let expiry = plan.store.load(name).map_or(0, |c| c.not_after_unix);
                     log::info!("ACME: new certificate for {name} from {} (expires at {expiry})", plan.directory_url);
                 }
@@ -171,8 +171,8 @@ impl AcmeManager {
                     let wait = retry_after(entry.failures, random_unit());
                     entry.not_before = now + wait.as_secs() as i64;
                     next = next.min(entry.not_before);
-                    METRICS.acme_orders.with_label_values(&[name, "error"]).inc();
-                    METRICS.acme_next_renewal.with_label_values(&[name]).set(entry.not_before);
+                    METRICS.operations.acme_orders.with_label_values(&[name, "error"]).inc();
+                    METRICS.operations.acme_next_renewal.with_label_values(&[name]).set(entry.not_before);
                     let serving = if stored.is_some() { "the stored certificate" } else { "the placeholder" };
                     log::error!(
                         "ACME: order for {name} failed ({} in a row): {error}; {serving} keeps serving, next attempt in {}s",
@@ -185,7 +185,7 @@ impl AcmeManager {
         if issued {
             // The snapshot in force now, which a reload may have replaced meanwhile.
             let current = self.edge.load_full();
-            let target = if current.acme.as_ref() == Some(plan) { &current } else { edge };
+            let target = if current.tls.acme.as_ref() == Some(plan) { &current } else { edge };
             match target.refresh_acme_certificates() {
                 Ok(()) => log::info!("ACME: certificates swapped in; new handshakes use them"),
                 Err(error) => log::error!("ACME: cannot load the new certificates: {error}"),

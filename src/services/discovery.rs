@@ -91,8 +91,8 @@ impl BackgroundService for Discovery {
         let mut resolver_for: Option<(Vec<SocketAddr>, TokioResolver)> = None;
         loop {
             let edge = self.edge.load_full();
-            let names: Vec<DiscoverName> = edge.config.synapse.discovered().into_iter().cloned().collect();
-            let discovery = &edge.config.synapse.discovery;
+            let names: Vec<DiscoverName> = edge.ops.config.synapse.discovered().into_iter().cloned().collect();
+            let discovery = &edge.ops.config.synapse.discovery;
             let interval = discovery.interval.map_or(DEFAULT_INTERVAL, |s| s.0).max(SHORTEST);
             let mut sleep = if names.is_empty() { Duration::from_secs(5) } else { interval };
             if !names.is_empty() {
@@ -103,7 +103,7 @@ impl BackgroundService for Discovery {
                     }
                 }
                 if let Some((_, resolver)) = &resolver_for {
-                    let mut known: Discovered = edge.discovered.clone();
+                    let mut known: Discovered = edge.ops.discovered.clone();
                     let mut changed = false;
                     for name in &names {
                         match tokio::time::timeout(LOOKUP_TIMEOUT, lookup(resolver, name)).await {
@@ -121,7 +121,7 @@ impl BackgroundService for Discovery {
                                     Ok(Err(error)) => error,
                                     _ => format!("no answer within {LOOKUP_TIMEOUT:?}"),
                                 };
-                                crate::observe::metrics::METRICS.discovery_failures.inc();
+                                crate::observe::metrics::METRICS.operations.discovery_failures.inc();
                                 let kept = known.get(name).map_or(0, Vec::len);
                                 log::warn!("worker discovery: lookup of {name} failed ({why}); keeping the last answer ({kept} addresses)");
                                 sleep = sleep.min(SHORTEST * 5);
@@ -147,7 +147,7 @@ impl BackgroundService for Discovery {
 /// already replaced the one they began with.
 fn rebuild(cell: &ArcSwap<Edge>, known: &Discovered) {
     let base = cell.load_full();
-    match Edge::from_config_with(base.config.clone(), &base.source, known) {
+    match Edge::from_config_with(base.ops.config.clone(), &base.ops.source, known) {
         Ok(new) => {
             crate::services::reload::install(cell, new);
             log::info!("worker discovery: pools updated");

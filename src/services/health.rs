@@ -21,7 +21,7 @@ impl BackgroundService for HealthChecker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         loop {
             let edge = self.edge.load_full();
-            let settings = edge.health.clone();
+            let settings = edge.ops.health.clone();
             let mut probes = tokio::task::JoinSet::new();
             for (pool_index, pool) in edge.pools.all().iter().enumerate() {
                 for (member_index, member) in pool.members.iter().enumerate() {

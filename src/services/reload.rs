@@ -33,24 +33,24 @@ impl Reloader {
     /// request that starts from now on.
     pub fn reload(&self, why: &str) -> bool {
         let old = self.edge.load();
-        let new = match Edge::load_with(&self.config_path, &old.discovered) {
+        let new = match Edge::load_with(&self.config_path, &old.ops.discovered) {
             Ok(new) => new,
             Err(error) => {
-                METRICS.reloads.with_label_values(&["error"]).inc();
+                METRICS.operations.reloads.with_label_values(&["error"]).inc();
                 log::error!("reload ({why}) refused, still serving the previous configuration: {error}");
                 return false;
             }
         };
-        if new.listeners != old.listeners {
+        if new.ops.listeners != old.ops.listeners {
             log::warn!(
                 "listener changes take effect at the next restart or binary upgrade; the running listeners stay"
             );
         }
-        for warning in &new.warnings {
+        for warning in &new.ops.warnings {
             log::warn!("{warning}");
         }
         install(&self.edge, new);
-        METRICS.reloads.with_label_values(&["ok"]).inc();
+        METRICS.operations.reloads.with_label_values(&["ok"]).inc();
         log::info!("configuration reloaded ({why})");
         self.reloaded.notify_one();
         true
@@ -64,10 +64,10 @@ pub fn install(cell: &ArcSwap<Edge>, mut new: Edge) {
     new.pools.inherit_health(&old.pools);
     new.upstreams.inherit_health(&old.upstreams);
     // A reload or a certificate renewal must not hand every client a fresh budget.
-    new.rate_limits.inherit(&old.rate_limits);
-    if let (Some(new_shared), Some(old_shared)) = (&new.shared_limits, &old.shared_limits) {
+    new.policy.rate_limits.inherit(&old.policy.rate_limits);
+    if let (Some(new_shared), Some(old_shared)) = (&new.policy.shared_limits, &old.policy.shared_limits) {
         if new_shared.config == old_shared.config {
-            new.shared_limits = Some(std::sync::Arc::clone(old_shared));
+            new.policy.shared_limits = Some(std::sync::Arc::clone(old_shared));
         }
     }
     // Members that left (a reload, DNS discovery) leave the worker gauge too,
@@ -83,7 +83,7 @@ pub fn install(cell: &ArcSwap<Edge>, mut new: Edge) {
                 .chain(named_new)
                 .any(|p| p.label == pool.label && p.members.iter().any(|m| m.label == member.label));
             if !stays {
-                let _ = METRICS.worker_up.remove_label_values(&[pool.label.as_str(), &member.label]);
+                let _ = METRICS.operations.worker_up.remove_label_values(&[pool.label.as_str(), &member.label]);
             }
         }
     }
@@ -93,29 +93,33 @@ pub fn install(cell: &ArcSwap<Edge>, mut new: Edge) {
 
 /// Gauges that describe a loaded snapshot.
 pub fn publish(edge: &Edge) {
-    crate::tls::publish_expiry(&edge.certificates.load());
+    crate::tls::publish_expiry(&edge.tls.certificates.load());
     let named = edge.upstreams.all().iter().map(|u| &u.pool);
     for pool in edge.pools.all().iter().chain(named) {
         for member in &pool.members {
             let worker = member.upstream.address.to_string();
-            METRICS.worker_up.with_label_values(&[pool.label.as_str(), &worker]).set(i64::from(member.is_healthy()));
+            METRICS
+                .operations
+                .worker_up
+                .with_label_values(&[pool.label.as_str(), &worker])
+                .set(i64::from(member.is_healthy()));
         }
     }
     // Counters a dashboard or an alert reads exist from the start, at 0, so
     // `increase()` sees their first event and panels are not "no data".
     for result in ["ok", "error"] {
-        METRICS.reloads.with_label_values(&[result]);
+        METRICS.operations.reloads.with_label_values(&[result]);
     }
     once_cell::sync::Lazy::force(&crate::request::ratelimit::RATE_LIMITED);
     for site in edge.sites.all() {
         for route in site.routes.iter().filter(|r| r.websocket_idle.is_some()) {
             if let crate::sites::Action::Upstream(id) = route.action {
-                METRICS.websocket_upgrades.with_label_values(&[edge.upstreams.get(id).name.as_str()]);
+                METRICS.traffic.websocket_upgrades.with_label_values(&[edge.upstreams.get(id).name.as_str()]);
             }
         }
     }
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    METRICS.config_loaded_at.set(now);
+    METRICS.operations.config_loaded_at.set(now);
 }
 
 #[async_trait]
@@ -128,20 +132,20 @@ impl BackgroundService for Reloader {
                 None
             }
         };
-        let mut seen = stamps(&self.edge.load().certificate_files);
+        let mut seen = stamps(&self.edge.load().tls.certificate_files);
         loop {
-            let interval = self.edge.load().certificate_watch.unwrap_or(Duration::from_secs(3600));
+            let interval = self.edge.load().tls.certificate_watch.unwrap_or(Duration::from_secs(3600));
             tokio::select! {
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     if self.reload("SIGHUP") {
-                        seen = stamps(&self.edge.load().certificate_files);
+                        seen = stamps(&self.edge.load().tls.certificate_files);
                     }
                 }
-                _ = tokio::time::sleep(interval), if self.edge.load().certificate_watch.is_some() => {
-                    let now = stamps(&self.edge.load().certificate_files);
+                _ = tokio::time::sleep(interval), if self.edge.load().tls.certificate_watch.is_some() => {
+                    let now = stamps(&self.edge.load().tls.certificate_files);
                     // A failed reload (a renewal caught half-written) is tried again next time.
                     if now != seen && self.reload("certificate files changed") {
-                        seen = stamps(&self.edge.load().certificate_files);
+                        seen = stamps(&self.edge.load().tls.certificate_files);
                     }
                 }
                 _ = shutdown.changed() => return,

@@ -46,7 +46,7 @@ impl BackgroundService for StopWhenDrained {
         let _ = tokio::time::timeout(Duration::from_secs(2), shutdown.wait_for(|stopping| *stopping)).await;
         tokio::time::sleep(SETTLE).await;
         loop {
-            if METRICS.in_flight.get() <= 0 {
+            if METRICS.traffic.in_flight.get() <= 0 {
                 log::info!("stopping: nothing in flight");
                 std::process::exit(0);
             }

@@ -57,8 +57,8 @@ impl CertifiedKey {
                 let metrics = &crate::observe::metrics::METRICS;
                 self.names.first().map(|name| {
                     (
-                        metrics.tls_handshakes_started.with_label_values(&[name]),
-                        metrics.tls_handshakes.with_label_values(&[name]),
+                        metrics.connections.tls_handshakes_started.with_label_values(&[name]),
+                        metrics.connections.tls_handshakes.with_label_values(&[name]),
                     )
                 })
             })
@@ -147,7 +147,7 @@ pub fn publish_expiry(store: &CertStore) {
     let metrics = &crate::observe::metrics::METRICS;
     for cert in store.certificates() {
         if let Some(name) = cert.names.first() {
-            metrics.certificate_expiry.with_label_values(&[name]).set(cert.not_after_unix);
+            metrics.operations.certificate_expiry.with_label_values(&[name]).set(cert.not_after_unix);
         }
     }
 }

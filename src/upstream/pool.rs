@@ -122,6 +122,7 @@ impl Pool {
         if changed {
             let worker = member.upstream.address.to_string();
             crate::observe::metrics::METRICS
+                .operations
                 .worker_up
                 .with_label_values(&[&self.label, &worker])
                 .set(i64::from(healthy));

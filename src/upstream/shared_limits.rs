@@ -176,7 +176,7 @@ pub async fn admit_shared(
             Ok(Ok(())) => limiter.observe_all(&keys),
             Ok(Err(w)) => wait = wait.max(w),
             Err(error) => {
-                METRICS.rate_limit_fallbacks.inc();
+                METRICS.operations.rate_limit_fallbacks.inc();
                 if !matches!(error, SharedError::BackingOff) {
                     log::warn!("shared rate limits: {error}; counting on this edge alone for now");
                 }
