@@ -12,6 +12,9 @@
 //!    ([`local::well_known`]), refuses with a Matrix error
 //!    ([`request::errors`]) or forwards with a body limit; a named upstream
 //!    pool; or a local responder (static files, redirects).
+//!    Either way the request's destination is decided here, once: the
+//!    edge itself, a Synapse process by the table's decision, or a named
+//!    upstream; the later phases match on it and decide nothing again.
 //! 4. `upstream_peer` returns the process: a Synapse group's worker
 //!    ([`synapse::table`], [`synapse::sticky`], [`upstream::pool`]) or a
 //!    named upstream's member.
