@@ -54,6 +54,8 @@ pub struct Policy {
     /// Where the `redirect` role sends plain HTTP: the first TLS listener's port.
     pub https_port: Option<u16>,
     pub access_log: crate::observe::access_log::AccessLogFormat,
+    /// How long a request whose upstream refused the connection is held.
+    pub hold: std::time::Duration,
 }
 
 /// The certificates a snapshot serves and where they come from.
@@ -559,6 +561,7 @@ fn build_policy(config: &EdgeConfig, listeners: &[Listener], source: &Source) ->
         shared_limits,
         https_port: listeners.iter().find(|l| l.tls).map(|l| l.address.port()),
         access_log: config.process.access_log,
+        hold: config.synapse.hold.0,
     })
 }
 

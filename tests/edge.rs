@@ -525,20 +525,33 @@ fn response_bodies_stream_to_the_client_before_they_end() {
     assert!(started.elapsed() >= Duration::from_millis(1400));
 }
 
+/// A Synapse that refuses connections: requests wait `synapse.hold`
+/// for it to come back, then get 503 Matrix JSON with Retry-After; with no
+/// hold, 502 at once.
 #[test]
-fn unreachable_synapse_is_502_matrix_json() {
+fn unreachable_synapse_is_held_then_503_or_502_at_once_without_hold() {
     let pki = TestPki::new(&[&["synapse.example.com"]]);
-    let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let dead = free_port();
-    let config = format!(
-        "server_name: example.com\nlisteners: [{{ address: \"{public}\", tls: true, serves: [client] }}]\ntls: {{ certificates: [{{ cert: certs/synapse.example.com/fullchain.pem, key: certs/synapse.example.com/privkey.pem }}] }}\nsynapse: {{ main: \"127.0.0.1:{dead}\" }}\n"
-    );
-    let _edge = EdgeProcess::start(&config, Some(&pki), &[public]);
-    let (response, _) = h1_tls(public, SNI, &pki.root_pem, &get("/_matrix/client/versions", SNI));
-    response.assert_matrix_error(502, "M_UNKNOWN");
-    h2_tls(public, SNI, &pki.root_pem, "GET", "/_matrix/client/versions", &[], None)
-        .unwrap()
-        .assert_matrix_error(502, "M_UNKNOWN");
+    for (hold, status) in [("1s", 503), ("0s", 502)] {
+        let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = format!(
+            "server_name: example.com\nlisteners: [{{ address: \"{public}\", tls: true, serves: [client] }}]\ntls: {{ certificates: [{{ cert: certs/synapse.example.com/fullchain.pem, key: certs/synapse.example.com/privkey.pem }}] }}\nsynapse: {{ main: \"127.0.0.1:{dead}\", hold: {hold} }}\n"
+        );
+        let _edge = EdgeProcess::start(&config, Some(&pki), &[public]);
+        let started = Instant::now();
+        let (response, _) = h1_tls(public, SNI, &pki.root_pem, &get("/_matrix/client/versions", SNI));
+        let took = started.elapsed();
+        response.assert_matrix_error(status, "M_UNKNOWN");
+        if status == 503 {
+            assert_eq!(response.header("retry-after"), Some("5"));
+            assert!((Duration::from_millis(900)..Duration::from_secs(5)).contains(&took), "held {took:?}");
+        } else {
+            assert!(took < Duration::from_millis(900), "answered after {took:?}");
+        }
+        h2_tls(public, SNI, &pki.root_pem, "GET", "/_matrix/client/versions", &[], None)
+            .unwrap()
+            .assert_matrix_error(status, "M_UNKNOWN");
+    }
 }
 
 #[test]

@@ -248,8 +248,9 @@ process: {{ threads: 2 }}
         let stop = stop.clone();
         loads.push(tokio::spawn(async move {
             let mut tally = Tally::default();
-            let mut phases = Vec::new();
+            let mut longest = Duration::ZERO;
             while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
                 let response = client.request(reqwest::Method::GET, "/_matrix/client/versions").send().await;
                 let outcome = match response {
                     Ok(response) => {
@@ -276,12 +277,12 @@ process: {{ threads: 2 }}
                         false
                     }
                 };
-                if phases.last() != Some(&outcome) {
-                    phases.push(outcome);
+                if outcome {
+                    longest = longest.max(started.elapsed());
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            (h1_only, tally, phases)
+            (h1_only, tally, longest)
         }));
     }
 
@@ -297,21 +298,18 @@ process: {{ threads: 2 }}
     stop.store(true, Ordering::Relaxed);
 
     for load in loads {
-        let (h1_only, tally, phases) = load.await.unwrap();
+        let (h1_only, tally, longest) = load.await.unwrap();
         let protocol = if h1_only { "HTTP/1.1" } else { "HTTP/2" };
-        eprintln!("{protocol}: {} ok, {} bad gateway, phases {phases:?}", tally.ok, tally.bad_gateway);
+        eprintln!("{protocol}: {} ok, {} bad gateway, longest answer {longest:?}", tally.ok, tally.bad_gateway);
         assert!(tally.other.is_empty(), "{protocol}: answers other than 200 or the edge's 502: {:?}", tally.other);
-        // Served, then refused while Synapse was away, then served again
-        // without a reload or a reconnect.
-        assert_eq!(phases, [true, false, true], "{protocol}");
-        assert!(tally.bad_gateway > 0, "{protocol}");
+        // While Synapse was away requests were held (its connections were
+        // refused: nothing was sent) and answered once it was back; only a
+        // request caught on a fresh connection at the moment of the kill
+        // may have been lost on the way and answered 502.
+        assert!(tally.bad_gateway <= 2, "{protocol}: {} answered 502", tally.bad_gateway);
+        assert!(longest > Duration::from_secs(2), "{protocol}: no request waited for the restart ({longest:?})");
     }
-    let log = edge.log_text();
-    assert!(
-        log.lines()
-            .any(|line| line.contains("Connection refused") && line.contains(&format!("127.0.0.1:{synapse_port}"))),
-        "the edge's log does not name the unreachable upstream:\n{log}"
-    );
+    drop(edge);
     drop(synapse);
 }
 
@@ -449,4 +447,178 @@ process: {{ threads: 2, access_log: off }}
     let answers = h2_parked.join().unwrap();
     assert_eq!(answers.len(), STUCK_H2 as usize);
     assert!(answers.iter().all(|answer| answer.as_ref().is_ok_and(|r| r.status == 200)));
+}
+
+/// A process restarting as a service manager restarts it: it stops
+/// listening, answers what it already read with `Connection: close`, closes
+/// its idle connections, stays away, then listens on the same port again.
+/// It records `METHOD target` of every request it answered.
+struct RestartingUpstream {
+    addr: SocketAddr,
+    down: Arc<AtomicBool>,
+}
+
+impl RestartingUpstream {
+    fn start(addr: SocketAddr, seen: Arc<Mutex<Vec<String>>>) -> RestartingUpstream {
+        let listener = TcpListener::bind(addr).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let (seen_by_server, down_for_server) = (seen, down.clone());
+        std::thread::spawn(move || {
+            while !down_for_server.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (seen, down) = (seen_by_server.clone(), down_for_server.clone());
+                        std::thread::spawn(move || Self::serve(stream, seen, down));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+            // The listener is dropped here: connections are refused from now on.
+        });
+        RestartingUpstream { addr, down }
+    }
+
+    fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<String>>>, down: Arc<AtomicBool>) {
+        stream.set_nonblocking(false).unwrap();
+        stream.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut idle_since_down: Option<Instant> = None;
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(_) => {
+                    // Idle: once stopping, close after a grace the edge's
+                    // pool notices (FIN) before it would pick the connection.
+                    if down.load(Ordering::Relaxed) {
+                        let since = *idle_since_down.get_or_insert_with(Instant::now);
+                        if since.elapsed() > Duration::from_millis(100) {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+            }
+            let mut length = 0usize;
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+                    break;
+                }
+                if let Some(value) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; length];
+            reader.get_mut().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            reader.read_exact(&mut body).unwrap();
+            reader.get_mut().set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let parts: Vec<&str> = line.split(' ').collect();
+            seen.lock().unwrap().push(format!("{} {}", parts[0], parts.get(1).unwrap_or(&"")));
+            let closing = down.load(Ordering::Relaxed);
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n{}\r\n{{}}",
+                if closing { "Connection: close\r\n" } else { "" }
+            );
+            writer.write_all(answer.as_bytes()).unwrap();
+            if closing {
+                return;
+            }
+        }
+    }
+
+    /// Stops listening and closes its connections as a stopping process does.
+    fn stop(self) {
+        self.down.store(true, Ordering::Relaxed);
+        for _ in 0..200 {
+            if TcpStream::connect(self.addr).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("the upstream still accepts connections");
+    }
+}
+
+/// One request on its own connection; the status, and how long it took.
+fn exchange(edge: SocketAddr, method: &str, target: &str) -> (u16, Duration) {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(edge).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = if method == "POST" { "{\"msgtype\":\"m.text\",\"body\":\"hi\"}" } else { "" };
+    let head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, started.elapsed())
+}
+
+/// A restart of the main process (3 s without a listener) under GETs and
+/// POSTs: every request is answered 200, those that arrived meanwhile later,
+/// and none reaches the process twice. Nothing was sent of a request whose
+/// connection was refused, so even a POST may wait and go again.
+#[test]
+fn requests_wait_for_a_restarting_main_process_and_none_is_sent_twice() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let upstream = RestartingUpstream::start(SocketAddr::from(([127, 0, 0, 1], free_port())), seen.clone());
+    let main = upstream.addr;
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = format!(
+        "server_name: example.com\nlisteners:\n  - {{ address: \"{listen}\", tls: false, serves: [client] }}\nsynapse:\n  main: \"{main}\"\nprocess: {{ threads: 2, access_log: off }}\n"
+    );
+    let _edge = EdgeProcess::start(&config, None, &[listen]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..8)
+        .map(|client| {
+            let (stop, next) = (stop.clone(), next.clone());
+            std::thread::spawn(move || {
+                let mut outcomes = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let (method, target) = if client % 2 == 0 {
+                        ("GET", format!("/_matrix/client/versions?n={n}"))
+                    } else {
+                        ("POST", format!("/_matrix/client/v3/rooms/%21r%3Aexample.com/send/m.room.message?n={n}"))
+                    };
+                    let (status, took) = exchange(listen, method, &target);
+                    outcomes.push((format!("{method} {target}"), status, took));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    upstream.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    let _back = RestartingUpstream::start(main, seen.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let outcomes: Vec<(String, u16, Duration)> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    let failed: Vec<_> = outcomes.iter().filter(|(_, status, _)| *status != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        outcomes.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let longest = outcomes.iter().map(|(_, _, took)| *took).max().unwrap();
+    let held = outcomes.iter().filter(|(_, _, took)| *took > Duration::from_secs(1)).count();
+    eprintln!("{} requests, {held} held across the restart, longest {longest:?}", outcomes.len());
+    assert!(held >= 8, "the restart should have held every client's request ({held} held)");
+    assert!(longest < Duration::from_secs(6), "longest {longest:?}");
+    let seen = seen.lock().unwrap();
+    for (request, _, _) in &outcomes {
+        let times = seen.iter().filter(|s| *s == request).count();
+        assert_eq!(times, 1, "{request} reached the upstream {times} times");
+    }
 }

@@ -61,6 +61,10 @@ pub struct EdgeConfig {
     pub request_id_header: Option<String>,
 }
 
+fn default_hold() -> Span {
+    Span(std::time::Duration::from_secs(15))
+}
+
 fn default_request_id_header() -> Option<String> {
     Some("X-Request-ID".into())
 }
@@ -283,6 +287,11 @@ pub struct SynapseConfig {
     pub main: UpstreamTarget,
     #[serde(default)]
     pub timeouts: UpstreamTimeoutsConfig,
+    /// How long a request whose connection main refused (it reached
+    /// nothing: a restart) waits for main to accept again before a 503;
+    /// `0s` answers 502 at once.
+    #[serde(default = "default_hold")]
+    pub hold: Span,
     /// Worker processes by type (Synapse's `docs/workers.md`).
     #[serde(default)]
     pub workers: GroupLists<WorkerGroups>,

@@ -118,6 +118,9 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     conf.grace_period_seconds = Some(process.shutdown_drain.0.as_secs());
     conf.graceful_shutdown_timeout_seconds = Some(process.shutdown_drain.0.as_secs() + 5);
     conf.upstream_keepalive_pool_size = 512;
+    // Requests held while their upstream restarts try again every second
+    // at most (`synapse.hold`, 15 s by default): room for that.
+    conf.max_retries = 64;
     if let Some(pid_file) = &options.pid_file {
         conf.pid_file = pid_file.clone();
     }

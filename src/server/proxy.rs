@@ -46,6 +46,9 @@ pub struct RequestCtx {
     started: Instant,
     /// Where this request goes, decided once in `request_filter`.
     destination: Destination,
+    /// Set when an upstream refused the connection: the request reached
+    /// nothing, so it waits (`synapse.hold`) and tries again.
+    held: Option<Hold>,
     /// A WebSocket is open through this request (counted in the gauge while it lives).
     websocket_open: Option<GaugeGuard>,
     /// Counts this request in `requests_in_flight` until the context is
@@ -75,6 +78,27 @@ enum Destination {
     Synapse(Decision),
     /// A named upstream, for a site route.
     Named(RouteRef, UpstreamId),
+}
+
+/// A request waiting for its upstream to accept connections again.
+struct Hold {
+    since: Instant,
+    attempts: u32,
+}
+
+impl Hold {
+    fn new() -> Hold {
+        Hold { since: Instant::now(), attempts: 0 }
+    }
+
+    /// How long to wait before the next try: 100 ms doubling to 1 s, never
+    /// past `limit` since the first refusal; `None` once it is spent.
+    fn next_wait(&mut self, limit: std::time::Duration) -> Option<std::time::Duration> {
+        let left = limit.checked_sub(self.since.elapsed()).filter(|left| !left.is_zero())?;
+        let wait = std::time::Duration::from_millis(100 << self.attempts.min(4)).min(std::time::Duration::from_secs(1));
+        self.attempts += 1;
+        Some(wait.min(left))
+    }
 }
 
 /// One unit of a gauge, given back when dropped.
@@ -475,6 +499,7 @@ impl ProxyHttp for EdgeProxy {
             edge: self.edge.load_full(),
             started: Instant::now(),
             destination: Destination::Edge,
+            held: None,
             websocket_open: None,
             member: None,
             tried: Tried::default(),
@@ -563,6 +588,17 @@ impl ProxyHttp for EdgeProxy {
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         let edge = Arc::clone(&ctx.edge);
         ctx.member = None;
+        if let Some(hold) = &mut ctx.held {
+            match hold.next_wait(edge.policy.hold) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => {
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(503),
+                        format!("the upstream refused connections for {:?}", hold.since.elapsed()),
+                    )
+                }
+            }
+        }
         let decision = match ctx.destination {
             Destination::Named(at, id) => return named_peer(&edge, (at, id), session, ctx),
             Destination::Synapse(decision) => decision,
@@ -596,6 +632,15 @@ impl ProxyHttp for EdgeProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the worker, so any request may go to another one.
+        // A refused connection reached nothing: any request may wait for
+        // its process to come back (a restart) and try again. A worker's
+        // refusal sends the request to another member (or main) at once,
+        // below; main has no other.
+        let to_main = ctx.member.is_none() && !matches!(ctx.destination, Destination::Named(..));
+        if to_main && matches!(e.etype(), ErrorType::ConnectRefused) && !ctx.edge.policy.hold.is_zero() {
+            ctx.held.get_or_insert_with(Hold::new);
+            e.set_retry(true);
+        }
         let Some(member) = ctx.member else { return e };
         match ctx.destination {
             Destination::Named(_, id) => {
