@@ -8,6 +8,7 @@ use crate::config::{ConfigError, EdgeConfig, Role, Seg, Source};
 use crate::config::{SynapseConfig, WorkerList};
 use crate::local::well_known::WellKnown;
 use crate::request::admission::Limits;
+use crate::request::forward::in_networks;
 use crate::sites::Sites;
 use crate::synapse::table::{Group, Methods, Router, Rule, Section, Sticky};
 use crate::tls::{CertStore, CertifiedKey};
@@ -154,13 +155,6 @@ impl ProxyProtocol {
     pub fn expected_from(&self, peer: Option<IpAddr>) -> bool {
         in_networks(&self.from, peer)
     }
-}
-
-fn in_networks(networks: &[ipnet::IpNet], client: Option<IpAddr>) -> bool {
-    client.is_some_and(|ip| {
-        let ip = ip.to_canonical();
-        networks.iter().any(|net| net.contains(&ip))
-    })
 }
 
 impl crate::tls::CurrentCertificates for arc_swap::ArcSwap<Edge> {

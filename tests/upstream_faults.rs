@@ -52,6 +52,32 @@ impl StaleClosingUpstream {
     }
 }
 
+/// Reads the rest of a request whose first line was `request_line`: the
+/// headers, then a `Content-Length` body. `METHOD target`, or `None` when
+/// the stream ends first.
+fn rest_of_request(reader: &mut BufReader<TcpStream>, request_line: &str) -> Option<String> {
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).ok()?;
+    let mut parts = request_line.split(' ');
+    Some(format!("{} {}", parts.next().unwrap_or(""), parts.next().unwrap_or("")))
+}
+
 fn serve_until_stale(
     stream: TcpStream,
     stale_after: Duration,
@@ -67,27 +93,8 @@ fn serve_until_stale(
         if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
             return;
         }
-        let mut length = 0usize;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse().unwrap();
-                }
-            }
-        }
-        let mut body = vec![0u8; length];
-        reader.read_exact(&mut body).unwrap();
-        let mut parts = request_line.split(' ');
-        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        processed.lock().unwrap().push(format!("{method} {target}"));
+        let Some(request) = rest_of_request(&mut reader, &request_line) else { return };
+        processed.lock().unwrap().push(request);
         if idle_since.is_some_and(|since| since.elapsed() >= stale_after) {
             closed_on.fetch_add(1, Ordering::Relaxed);
             let _ = writer.shutdown(std::net::Shutdown::Both);
@@ -503,22 +510,12 @@ impl RestartingUpstream {
                     continue;
                 }
             }
-            let mut length = 0usize;
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
-                    break;
-                }
-                if let Some(value) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = value.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0u8; length];
+            // The rest of a request arrives at once; the short timeout is
+            // only for noticing a stop while idle.
             reader.get_mut().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            reader.read_exact(&mut body).unwrap();
+            let Some(request) = rest_of_request(&mut reader, &line) else { return };
             reader.get_mut().set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-            let parts: Vec<&str> = line.split(' ').collect();
-            seen.lock().unwrap().push(format!("{} {}", parts[0], parts.get(1).unwrap_or(&"")));
+            seen.lock().unwrap().push(request);
             let closing = down.load(Ordering::Relaxed);
             let answer = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n{}\r\n{{}}",

@@ -40,6 +40,15 @@ pub fn prepare_upstream_request(
     Ok(())
 }
 
+/// Whether `client` is in one of `networks` (IPv4-mapped IPv6 addresses
+/// as IPv4); no address is in none.
+pub fn in_networks(networks: &[ipnet::IpNet], client: Option<IpAddr>) -> bool {
+    client.is_some_and(|ip| {
+        let ip = ip.to_canonical();
+        networks.iter().any(|net| net.contains(&ip))
+    })
+}
+
 /// What the edge believes of the proxies in front of it, and what it tells
 /// the processes behind it.
 #[derive(Debug, Clone, Default)]
@@ -59,9 +68,8 @@ impl Forwarding {
     /// quotes or backslashes, at most 128 bytes); anything else, or from
     /// anyone else, is replaced by the edge's own.
     pub fn kept_request_id(&self, peer: Option<IpAddr>, value: Option<&[u8]>) -> Option<String> {
-        let peer = peer?.to_canonical();
         let value = value?;
-        if self.request_id_header.is_none() || !self.trusted_proxies.iter().any(|net| net.contains(&peer)) {
+        if self.request_id_header.is_none() || !in_networks(&self.trusted_proxies, peer) {
             return None;
         }
         let loggable = |b: &u8| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\');
@@ -83,7 +91,7 @@ pub fn client_behind_proxies<'a>(
     forwarded_for: impl Iterator<Item = &'a [u8]>,
     trusted: &[ipnet::IpNet],
 ) -> Option<IpAddr> {
-    let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(&ip.to_canonical()));
+    let is_trusted = |ip: IpAddr| in_networks(trusted, Some(ip));
     let peer = peer?;
     if trusted.is_empty() || !is_trusted(peer) {
         return Some(peer);

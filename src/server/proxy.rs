@@ -147,10 +147,11 @@ impl Tried {
 }
 
 /// An ID per request for correlating logs: the edge's own (a per-process
-/// prefix and a counter), or the one a trusted proxy in front gave it.
-#[derive(Clone)]
+/// prefix and a counter, as 16 hex digits), or the one a trusted proxy in
+/// front gave it. Rendered once: the header to the upstream and the access
+/// line read the same text.
 enum RequestId {
-    Own(u64),
+    Own([u8; 16]),
     Kept(Box<str>),
 }
 
@@ -162,16 +163,27 @@ static PROCESS_PREFIX: once_cell::sync::Lazy<u64> = once_cell::sync::Lazy::new(|
 
 impl RequestId {
     fn next() -> RequestId {
-        RequestId::Own(*PROCESS_PREFIX ^ REQUEST_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let id = *PROCESS_PREFIX ^ REQUEST_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut text = [0u8; 16];
+        for (at, digit) in text.iter_mut().enumerate() {
+            *digit = HEX[((id >> (60 - 4 * at)) & 0xf) as usize];
+        }
+        RequestId::Own(text)
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Hex digits only, so always UTF-8.
+            RequestId::Own(text) => std::str::from_utf8(text).unwrap_or_default(),
+            RequestId::Kept(text) => text,
+        }
     }
 }
 
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RequestId::Own(id) => write!(f, "{id:016x}"),
-            RequestId::Kept(id) => f.write_str(id),
-        }
+        f.write_str(self.as_str())
     }
 }
 
@@ -271,7 +283,6 @@ const DISCARD_BYTES: u64 = 128 << 20;
 ///   are served meanwhile. Past a limit the stream is reset as before.
 async fn discard_request_body(session: &mut Session) {
     if session.req_header().version != http::Version::HTTP_2 {
-        session.set_read_timeout(Some(DISCARD_READ_TIMEOUT));
         crate::server::connections::half_close(session);
     }
     let drain = async {
@@ -516,19 +527,18 @@ impl ProxyHttp for EdgeProxy {
         let edge = Arc::clone(&ctx.edge);
         crate::server::connections::head_complete(session);
         let request = session.req_header();
-        let client = if edge.policy.forwarding.trusted_proxies.is_empty() {
-            peer_ip(session)
+        let peer = peer_ip(session);
+        let forwarding = &edge.policy.forwarding;
+        let client = if forwarding.trusted_proxies.is_empty() {
+            peer
         } else {
             let forwarded = request.headers.get_all(&X_FORWARDED_FOR).iter().map(|v| v.as_bytes());
-            let trusted = &edge.policy.forwarding.trusted_proxies;
-            crate::request::forward::client_behind_proxies(peer_ip(session), forwarded, trusted)
-        };
-        if let Some(name) = &edge.policy.forwarding.request_id_header {
-            let given = request.headers.get(name).map(|v| v.as_bytes());
-            if let Some(kept) = edge.policy.forwarding.kept_request_id(peer_ip(session), given) {
+            let given_id = forwarding.request_id_header.as_ref().and_then(|name| request.headers.get(name));
+            if let Some(kept) = forwarding.kept_request_id(peer, given_id.map(|v| v.as_bytes())) {
                 ctx.request_id = RequestId::Kept(kept.into_boxed_str());
             }
-        }
+            crate::request::forward::client_behind_proxies(peer, forwarded, &forwarding.trusted_proxies)
+        };
         ctx.client = client;
         let facts = RequestFacts {
             target: request.raw_path(),
@@ -602,8 +612,10 @@ impl ProxyHttp for EdgeProxy {
         let decision = match ctx.destination {
             Destination::Named(at, id) => return named_peer(&edge, (at, id), session, ctx),
             Destination::Synapse(decision) => decision,
-            // Not reached: the edge answers these itself.
-            Destination::Edge => return Ok(edge.main.peer()),
+            // `request_filter` answered these itself; fail closed if one gets here.
+            Destination::Edge => {
+                return Error::e_explain(ErrorType::InternalError, "no upstream was decided for this request")
+            }
         };
         let Some(pool) = edge.pools.get(decision.group) else { return Ok(edge.main.peer()) };
         let request = session.req_header();
@@ -636,7 +648,7 @@ impl ProxyHttp for EdgeProxy {
         // its process to come back (a restart) and try again. A worker's
         // refusal sends the request to another member (or main) at once,
         // below; main has no other.
-        let to_main = ctx.member.is_none() && !matches!(ctx.destination, Destination::Named(..));
+        let to_main = ctx.member.is_none() && matches!(ctx.destination, Destination::Synapse(_));
         if to_main && matches!(e.etype(), ErrorType::ConnectRefused) && !ctx.edge.policy.hold.is_zero() {
             ctx.held.get_or_insert_with(Hold::new);
             e.set_retry(true);
@@ -713,7 +725,7 @@ impl ProxyHttp for EdgeProxy {
     ) -> Result<()> {
         prepare_upstream_request(upstream_request, ctx.client, self.listener.tls)?;
         if let Some(name) = &ctx.edge.policy.forwarding.request_id_header {
-            upstream_request.insert_header(name.clone(), ctx.request_id.to_string())?;
+            upstream_request.insert_header(name.clone(), ctx.request_id.as_str())?;
         }
         if let Destination::Named(at, _) = ctx.destination {
             let route = ctx.edge.sites.route(at);
@@ -790,12 +802,10 @@ impl ProxyHttp for EdgeProxy {
             log::debug!("request {} failed: {error}", ctx.request_id);
         }
         if ctx.edge.policy.access_log == access_log::AccessLogFormat::Off {
-            // Nothing below is needed then; formatting the request ID alone
-            // was a measurable share of this hook.
+            // Nothing below is needed then.
             return;
         }
         let header = |name: http::header::HeaderName| request.headers.get(name).and_then(|v| v.to_str().ok());
-        let request_id = ctx.request_id.to_string();
         let entry = access_log::Entry {
             // Refused before request_filter ran: the connection's own peer.
             client: ctx.client.or_else(|| peer_ip(session)),
@@ -814,7 +824,7 @@ impl ProxyHttp for EdgeProxy {
             worker,
             duration_ms: elapsed.as_millis(),
             upstream_ms: ctx.upstream_time.map(|t| t.as_millis()),
-            request_id: &request_id,
+            request_id: ctx.request_id.as_str(),
             edge_error: ctx.local_error.as_ref().map(|e| e.errcode.as_str()),
         };
         if let Some(line) = access_log::line(ctx.edge.policy.access_log, &entry, std::time::SystemTime::now()) {
@@ -833,4 +843,23 @@ fn metrics_for(ctx: &RequestCtx) -> (&GroupMetrics, &WorkerCounters) {
         Destination::Edge => metrics.edge(),
     };
     (group, group.worker(ctx.member))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_request_ids_are_sixteen_lowercase_hex_digits_of_the_counter() {
+        let first = RequestId::next();
+        let second = RequestId::next();
+        for id in [&first, &second] {
+            assert_eq!(id.as_str().len(), 16);
+            assert!(id.as_str().bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id}");
+        }
+        let value = |id: &RequestId| u64::from_str_radix(id.as_str(), 16).unwrap_or_default();
+        // The counter under the prefix grows.
+        assert!(value(&second) ^ *PROCESS_PREFIX > value(&first) ^ *PROCESS_PREFIX);
+        assert_eq!(first.as_str(), format!("{:016x}", value(&first)));
+    }
 }

@@ -240,10 +240,7 @@ impl SiteRoute {
     pub fn allows(&self, client: Option<IpAddr>) -> bool {
         match &self.allow {
             None => true,
-            Some(networks) => client.is_some_and(|ip| {
-                let ip = ip.to_canonical();
-                networks.iter().any(|net| net.contains(&ip))
-            }),
+            Some(networks) => crate::request::forward::in_networks(networks, client),
         }
     }
 
