@@ -12,7 +12,8 @@ use crate::request::forward::in_networks;
 use crate::sites::Sites;
 use crate::synapse::table::{Group, Methods, Router, Rule, Section, Sticky};
 use crate::tls::{CertStore, CertifiedKey};
-use crate::upstream::named::{NamedUpstream, NamedUpstreams};
+use crate::upstream::balance::{Balancing, Choice};
+use crate::upstream::named::{NamedUpstream, NamedUpstreamError, NamedUpstreams};
 use crate::upstream::peer::Upstream;
 use crate::upstream::pool::{Member, Pool, Pools};
 use std::collections::BTreeSet;
@@ -571,7 +572,14 @@ fn build_named_upstreams(
                 .error_at(&[Seg::Key("upstreams")], format!("upstream name {name:?}: use letters, digits, - and _")));
         }
         let at = [Seg::Key("upstreams"), Seg::Name(name.clone())];
-        named.push(NamedUpstream::from_config(name, upstream).map_err(|e| source.error_at(&at, e))?);
+        let built = NamedUpstream::from_config(name, upstream).map_err(|e| match e {
+            NamedUpstreamError::Balancing((key, message)) => source.error_at(
+                &[Seg::Key("upstreams"), Seg::Name(name.clone()), Seg::Key("balancing"), Seg::Key(key)],
+                message,
+            ),
+            NamedUpstreamError::Other(message) => source.error_at(&at, message),
+        })?;
+        named.push(built);
     }
     Ok(NamedUpstreams::new(named))
 }
@@ -602,7 +610,54 @@ fn declared_groups(synapse: &SynapseConfig) -> Vec<(Group, Vec<Seg>, &WorkerList
     declared
 }
 
+/// Each group's balancing: `synapse.balancing` with the group's overrides.
+fn group_balancing(
+    synapse: &SynapseConfig,
+    declared: &[Group],
+    source: &Source,
+) -> Result<Vec<(Group, Balancing)>, ConfigError> {
+    let section = |key: &'static str| [Seg::Key("synapse"), Seg::Key("balancing"), Seg::Key(key)];
+    let defaults = &synapse.balancing;
+    Balancing::from_config(defaults, Choice::LeastOutstanding).map_err(|(key, e)| source.error_at(&section(key), e))?;
+    for (name, over) in &defaults.groups {
+        let at = |key: Option<&'static str>| {
+            let mut path =
+                vec![Seg::Key("synapse"), Seg::Key("balancing"), Seg::Key("groups"), Seg::Name(name.clone())];
+            path.extend(key.map(Seg::Key));
+            path
+        };
+        match Group::from_name(name) {
+            Some(group) if declared.contains(&group) => {}
+            Some(_) => {
+                return Err(
+                    source.error_at(&at(None), format!("no {name} workers are listed, so nothing uses these settings"))
+                )
+            }
+            None => return Err(source.error_at(&at(None), format!("{name:?} is not a worker group"))),
+        }
+        if !over.groups.is_empty() {
+            return Err(source.error_at(&at(Some("groups")), "groups do not nest"));
+        }
+        Balancing::from_config(&defaults.merged(over), Choice::LeastOutstanding)
+            .map_err(|(key, e)| source.error_at(&at(Some(key)), e))?;
+    }
+    declared
+        .iter()
+        .map(|&group| {
+            let config = match defaults.groups.get(group.name()) {
+                Some(over) => defaults.merged(over),
+                None => defaults.clone(),
+            };
+            let balancing = Balancing::from_config(&config, Choice::LeastOutstanding)
+                .map_err(|(key, e)| source.error_at(&section(key), e))?;
+            Ok((group, balancing))
+        })
+        .collect()
+}
+
 fn build_pools(synapse: &SynapseConfig, source: &Source, discovered: &Discovered) -> Result<Pools, ConfigError> {
+    let declared: Vec<Group> = declared_groups(synapse).iter().map(|(group, _, _)| *group).collect();
+    let mut balancing = group_balancing(synapse, &declared, source)?;
     let mut pools = Vec::new();
     for (group, at, list) in declared_groups(synapse) {
         let entries = list.entries();
@@ -663,11 +718,13 @@ fn build_pools(synapse: &SynapseConfig, source: &Source, discovered: &Discovered
                 };
                 let upstream = Upstream::new(address, &synapse.timeouts).map_err(|e| source.error_at(&at, e))?;
                 if !members.iter().any(|m: &Member| m.upstream.address == upstream.address) {
-                    members.push(Member::new(upstream, health, weight));
+                    members.push(Member::new(group.name(), upstream, health, weight));
                 }
             }
         }
-        pools.push((group, Pool::new(group.name(), members)));
+        let at = balancing.iter().position(|(g, _)| *g == group);
+        let policy = at.map(|at| balancing.swap_remove(at).1).unwrap_or_default();
+        pools.push((group, Pool::new(group.name(), members, policy)));
     }
     Ok(Pools::new(pools))
 }

@@ -5,6 +5,7 @@
 //! (`Edge::from_config`). serde_yaml is only touched here, so replacing it
 //! (it is unmaintained upstream) changes one file.
 
+pub mod balancing;
 mod locate;
 pub mod sites;
 pub mod values;
@@ -299,6 +300,9 @@ pub struct SynapseConfig {
     pub stream_writers: GroupLists<StreamWriterGroups>,
     #[serde(default)]
     pub health_check: HealthCheckConfig,
+    /// Caps, queues, ejection and slow start for the worker groups.
+    #[serde(default)]
+    pub balancing: balancing::BalancingConfig,
     /// Extra rules evaluated before the built-in table.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,

@@ -174,12 +174,18 @@ pub struct NamedUpstreamConfig {
     pub health_check: Option<NamedHealthCheckConfig>,
     #[serde(default)]
     pub timeouts: UpstreamTimeoutsConfig,
+    /// Caps, queue, ejection and slow start, as `synapse.balancing`.
+    #[serde(default)]
+    pub balancing: crate::config::balancing::BalancingConfig,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
+    /// The member with the fewest requests in flight for its weight.
     #[default]
+    LeastOutstanding,
+    /// Each member in turn (caps and ejection still apply).
     RoundRobin,
     /// Consistent hashing on the client address: a client stays on its member.
     ClientIp,

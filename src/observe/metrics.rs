@@ -20,6 +20,28 @@ pub struct Metrics {
     pub connections: ConnectionMetrics,
     /// Workers, certificates, reloads, discovery, shared limits, ACME.
     pub operations: OperationMetrics,
+    /// Pool members' load, queues, shedding, ejections.
+    pub balancing: BalancingMetrics,
+}
+
+/// Pool members' load, queues, shedding, ejections.
+pub struct BalancingMetrics {
+    /// Requests in flight per member (long-polls apart).
+    pub in_flight: IntGaugeVec,
+    /// Long-polls (syncs with a timeout) and WebSockets open per member.
+    pub long_polls: IntGaugeVec,
+    /// Requests waiting for a slot, per pool.
+    pub queued: IntGaugeVec,
+    /// How long admitted requests waited for a slot, per pool.
+    pub queue_wait: HistogramVec,
+    /// Requests answered 503 by the edge for lack of a slot, by reason.
+    pub shed: IntCounterVec,
+    /// Members taken out of rotation, by reason (`failures`, `stall`).
+    pub ejections: IntCounterVec,
+    /// Requests sent again because their member stalled before answering.
+    pub rescued: IntCounterVec,
+    /// Retries refused because the pool's retry budget was spent.
+    pub retries_denied: IntCounterVec,
 }
 
 /// Requests and what they carried.
@@ -162,6 +184,38 @@ fn build() -> Result<Metrics, prometheus::Error> {
                 &["name"],
             )?,
         },
+        balancing: BalancingMetrics {
+            in_flight: IntGaugeVec::new(
+                Opts::new("worker_in_flight", "Requests in flight per worker, long-polls apart"),
+                &["group", "worker"],
+            )?,
+            long_polls: IntGaugeVec::new(
+                Opts::new("worker_long_polls", "Long-polls and WebSockets open per worker"),
+                &["group", "worker"],
+            )?,
+            queued: IntGaugeVec::new(Opts::new("queued_requests", "Requests waiting for a worker's slot"), &["group"])?,
+            queue_wait: HistogramVec::new(
+                HistogramOpts::new("queue_wait_seconds", "How long admitted requests waited for a slot")
+                    .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                &["group"],
+            )?,
+            shed: IntCounterVec::new(
+                Opts::new("shed_total", "Requests answered 503 for lack of a slot, by reason"),
+                &["group", "reason"],
+            )?,
+            ejections: IntCounterVec::new(
+                Opts::new("ejections_total", "Workers taken out of rotation, by reason"),
+                &["group", "worker", "reason"],
+            )?,
+            rescued: IntCounterVec::new(
+                Opts::new("rescued_total", "Requests sent again because their worker stalled before answering"),
+                &["group"],
+            )?,
+            retries_denied: IntCounterVec::new(
+                Opts::new("retries_denied_total", "Retries refused because the pool's retry budget was spent"),
+                &["group"],
+            )?,
+        },
         registry,
     };
     register(&metrics)?;
@@ -170,7 +224,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
 
 /// Every metric into the registry, so `/metrics` renders it.
 fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
-    let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
+    let collectors: [Box<dyn prometheus::core::Collector>; 28] = [
         Box::new(metrics.traffic.requests.clone()),
         Box::new(metrics.traffic.latency.clone()),
         Box::new(metrics.traffic.upstream_latency.clone()),
@@ -191,6 +245,14 @@ fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
         Box::new(metrics.operations.rate_limit_fallbacks.clone()),
         Box::new(metrics.operations.discovery_failures.clone()),
         Box::new(metrics.operations.acme_next_renewal.clone()),
+        Box::new(metrics.balancing.in_flight.clone()),
+        Box::new(metrics.balancing.long_polls.clone()),
+        Box::new(metrics.balancing.queued.clone()),
+        Box::new(metrics.balancing.queue_wait.clone()),
+        Box::new(metrics.balancing.shed.clone()),
+        Box::new(metrics.balancing.ejections.clone()),
+        Box::new(metrics.balancing.rescued.clone()),
+        Box::new(metrics.balancing.retries_denied.clone()),
     ];
     for collector in collectors {
         metrics.registry.register(collector)?;

@@ -166,6 +166,8 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     // Always running: a reload may add workers or upstreams with checks.
     let checker = crate::services::health::HealthChecker { edge: Arc::clone(&edge) };
     server.add_service(pingora::services::background::background_service("worker health", checker));
+    let stalls = crate::services::health::StallWatch { edge: Arc::clone(&edge) };
+    server.add_service(pingora::services::background::background_service("stall watch", stalls));
     let discovery = crate::services::discovery::Discovery { edge: Arc::clone(&edge) };
     server.add_service(pingora::services::background::background_service("worker discovery", discovery));
     // Always running too: idle without `tls.acme`, and a reload may add it.

@@ -16,6 +16,7 @@ use crate::sites::{Action, RouteFacts, RouteRef, Target};
 use crate::synapse::sticky::{self, KeySource};
 use crate::synapse::table::Decision;
 use crate::upstream::named::UpstreamId;
+use crate::upstream::pool::{Pool, Refusal, Slot};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -56,6 +57,11 @@ pub struct RequestCtx {
     _in_flight: GaugeGuard,
     /// The pool member serving the current attempt, if a worker does.
     member: Option<usize>,
+    /// That member's slot: counts the attempt in its load until dropped.
+    slot: Option<Slot>,
+    /// A long-poll's own `timeout` (a sync waiting for news): counted apart
+    /// and given that long plus a margin to answer.
+    long_poll: Option<std::time::Duration>,
     /// Members already tried, so a retry goes elsewhere.
     tried: Tried,
     body_limit: u64,
@@ -308,7 +314,7 @@ fn request_host(request: &RequestHeader) -> Option<&[u8]> {
 }
 
 /// A member of the named upstream a site route forwards to.
-fn named_peer(
+async fn named_peer(
     edge: &Edge,
     (at, id): (RouteRef, UpstreamId),
     session: &Session,
@@ -328,18 +334,72 @@ fn named_peer(
         }
         _ => None,
     };
-    let Some(index) = upstream.pool.pick(key, ctx.tried.as_slice()) else {
-        return Error::e_explain(ErrorType::HTTPStatus(502), format!("no live member of upstream {}", upstream.name));
-    };
-    ctx.tried.push(index);
-    ctx.member = Some(index);
-    let mut peer = upstream.pool.members[index].upstream.peer();
     let upgrading = session.req_header().headers.contains_key(http::header::UPGRADE);
+    let slot = match upstream.pool.acquire(key, ctx.tried.as_slice(), upgrading).await {
+        Ok(slot) => slot,
+        Err(Refusal::NoneLive) => {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(502),
+                format!("no live member of upstream {}", upstream.name),
+            )
+        }
+        Err(refusal) => return shed(&upstream.pool, refusal),
+    };
+    let mut peer = take_slot(&upstream.pool, slot, ctx);
     if let (Some(idle), true) = (route.websocket_idle, upgrading) {
         peer.options.read_timeout = Some(idle);
         peer.options.write_timeout = Some(idle);
     }
     Ok(peer)
+}
+
+/// The two addresses of a TCP connection to an upstream, to recognise its
+/// descriptor later.
+fn tcp_connection(
+    fd: std::os::unix::io::RawFd,
+    digest: Option<&pingora::protocols::Digest>,
+) -> Option<crate::upstream::state::Connection> {
+    let socket = digest?.socket_digest.as_ref()?;
+    let local = *socket.local_addr()?.as_inet()?;
+    let peer = *socket.peer_addr()?.as_inet()?;
+    Some(crate::upstream::state::Connection { fd, local, peer })
+}
+
+/// The 503 for a request no member had room for (Matrix JSON, Retry-After, CORS).
+fn shed(pool: &Pool, refusal: Refusal) -> Result<Box<HttpPeer>> {
+    METRICS.balancing.shed.with_label_values(&[&pool.label, refusal.reason()]).inc();
+    Error::e_explain(ErrorType::HTTPStatus(503), format!("{}: every member is busy ({})", pool.label, refusal.reason()))
+}
+
+/// Sends this attempt to the slot's member, with the pool's time to answer:
+/// a long-poll its own timeout plus the margin, anything else the pool's
+/// `response_timeout` (else the upstream's read timeout).
+fn take_slot(pool: &Pool, slot: Slot, ctx: &mut RequestCtx) -> Box<HttpPeer> {
+    let index = slot.member;
+    if ctx.tried.as_slice().is_empty() {
+        pool.shared.deposit_retry_token();
+    }
+    ctx.tried.push(index);
+    ctx.member = Some(index);
+    ctx.slot = Some(slot);
+    let mut peer = pool.members[index].upstream.peer();
+    let answer_within = match ctx.long_poll {
+        Some(timeout) => Some(timeout + pool.balancing.long_poll_margin),
+        None => pool.balancing.response_timeout,
+    };
+    if let Some(limit) = answer_within {
+        peer.options.read_timeout = Some(peer.options.read_timeout.map_or(limit, |read| read.min(limit)));
+    }
+    peer
+}
+
+/// The pool serving this request's destination, if any.
+fn pool_of(ctx: &RequestCtx) -> Option<&Pool> {
+    match ctx.destination {
+        Destination::Named(_, id) => Some(&ctx.edge.upstreams.get(id).pool),
+        Destination::Synapse(decision) => ctx.edge.pools.get(decision.group),
+        Destination::Edge => None,
+    }
 }
 
 /// Streams the chosen bytes of a static file, a bounded chunk at a time,
@@ -474,6 +534,7 @@ impl EdgeProxy {
             Admission::Forward { body_limit } => {
                 ctx.body_limit = body_limit;
                 ctx.destination = Destination::Synapse(edge.router.route(request.method.as_str(), request.raw_path()));
+                ctx.long_poll = crate::synapse::long_poll::long_poll_timeout(request.raw_path());
                 session.set_read_timeout(Some(edge.policy.connections.body_idle_timeout));
                 Ok(false)
             }
@@ -513,6 +574,8 @@ impl ProxyHttp for EdgeProxy {
             held: None,
             websocket_open: None,
             member: None,
+            slot: None,
+            long_poll: None,
             tried: Tried::default(),
             body_limit: 0,
             body_seen: 0,
@@ -598,6 +661,8 @@ impl ProxyHttp for EdgeProxy {
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         let edge = Arc::clone(&ctx.edge);
         ctx.member = None;
+        // The previous attempt's slot goes back before this one takes one.
+        ctx.slot = None;
         if let Some(hold) = &mut ctx.held {
             match hold.next_wait(edge.policy.hold) {
                 Some(wait) => tokio::time::sleep(wait).await,
@@ -610,7 +675,7 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         let decision = match ctx.destination {
-            Destination::Named(at, id) => return named_peer(&edge, (at, id), session, ctx),
+            Destination::Named(at, id) => return named_peer(&edge, (at, id), session, ctx).await,
             Destination::Synapse(decision) => decision,
             // `request_filter` answered these itself; fail closed if one gets here.
             Destination::Edge => {
@@ -625,14 +690,15 @@ impl ProxyHttp for EdgeProxy {
             client_ip: ctx.client,
         };
         let key = sticky::key(decision.sticky, &source);
-        match pool.pick(key.as_ref().map(|k| k.as_bytes()), ctx.tried.as_slice()) {
-            Some(index) => {
-                ctx.tried.push(index);
-                ctx.member = Some(index);
-                Ok(pool.members[index].upstream.peer())
+        let upgrading = request.headers.contains_key(http::header::UPGRADE);
+        let long_poll = ctx.long_poll.is_some() || upgrading;
+        match pool.acquire(key.as_ref().map(|k| k.as_bytes()), ctx.tried.as_slice(), long_poll).await {
+            Ok(slot) => Ok(take_slot(pool, slot, ctx)),
+            Err(Refusal::NoneLive) if decision.group.falls_back_to_main() => Ok(edge.main.peer()),
+            Err(Refusal::NoneLive) => {
+                Error::e_explain(ErrorType::HTTPStatus(503), format!("no live {} worker", decision.group))
             }
-            None if decision.group.falls_back_to_main() => Ok(edge.main.peer()),
-            None => Error::e_explain(ErrorType::HTTPStatus(503), format!("no live {} worker", decision.group)),
+            Err(refusal) => shed(pool, refusal),
         }
     }
 
@@ -654,25 +720,22 @@ impl ProxyHttp for EdgeProxy {
             e.set_retry(true);
         }
         let Some(member) = ctx.member else { return e };
-        match ctx.destination {
-            Destination::Named(_, id) => {
-                let upstream = ctx.edge.upstreams.get(id);
-                log::debug!("connecting to member {member} of upstream {} failed: {e}", upstream.name);
-                // Without health checks nothing would bring it back up; the
-                // retry avoids it for this request all the same.
-                if upstream.health.is_some() {
-                    upstream.pool.mark(member, false);
-                }
-                e.set_retry(true);
-            }
-            Destination::Synapse(decision) => {
-                if let Some(pool) = ctx.edge.pools.get(decision.group) {
-                    log::debug!("connecting to worker {member} of {} failed: {e}", decision.group);
-                    pool.mark(member, false);
-                    e.set_retry(true);
-                }
-            }
-            Destination::Edge => {}
+        let Some(pool) = pool_of(ctx) else { return e };
+        log::debug!("connecting to member {member} of {} failed: {e}", pool.label);
+        // Without active checks nothing would bring a named upstream's
+        // member back up; the retry avoids it for this request all the same.
+        let checked = match ctx.destination {
+            Destination::Named(_, id) => ctx.edge.upstreams.get(id).health.is_some(),
+            _ => true,
+        };
+        if checked {
+            pool.mark(member, false);
+        }
+        pool.failed(member);
+        if pool.shared.take_retry() {
+            e.set_retry(true);
+        } else {
+            METRICS.balancing.retries_denied.with_label_values(&[&pool.label]).inc();
         }
         e
     }
@@ -696,7 +759,33 @@ impl ProxyHttp for EdgeProxy {
         // before a response header) as retryable on a reused connection only.
         let connection_failed = matches!(e.retry, RetryType::ReusedOnly);
         e.set_retry(false);
-        if repeatable && connection_failed {
+        if let Some(slot) = &mut ctx.slot {
+            slot.settle();
+        }
+        let pool = pool_of(ctx);
+        let timed_out = matches!(e.etype(), ErrorType::ReadTimedout) && session.response_written().is_none();
+        if let (Some(pool), Some(member), true) = (pool, ctx.member, timed_out) {
+            pool.failed(member);
+        }
+        // Past a deliberate limit (a long-poll's own timeout plus the
+        // margin, or the pool's response_timeout) the request may try
+        // another member; past the general read timeout it is answered 504.
+        let timed_out =
+            timed_out && (ctx.long_poll.is_some() || pool.is_some_and(|p| p.balancing.response_timeout.is_some()));
+        // A member taken out while this request waited on it (a stall):
+        // its connection was cut on purpose, and the request goes elsewhere.
+        let taken_out = match (pool, ctx.member) {
+            (Some(pool), Some(member)) => !pool.is_usable(member),
+            _ => false,
+        };
+        if repeatable && (taken_out || timed_out) && ctx.member.is_some() {
+            let budget = taken_out || pool.is_some_and(|pool| pool.shared.take_retry());
+            if budget {
+                e.set_retry(true);
+            } else if let Some(pool) = pool {
+                METRICS.balancing.retries_denied.with_label_values(&[&pool.label]).inc();
+            }
+        } else if repeatable && connection_failed {
             if client_reused {
                 // A pooled connection the upstream closed while idle
                 // (Twisted's ~60 s race) says nothing about the member, which
@@ -715,6 +804,26 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         e
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        fd: std::os::unix::io::RawFd,
+        digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(slot) = &mut ctx.slot {
+            // Only a request that is harmless to repeat, and has no body to
+            // replay, may be cut and sent elsewhere if the member stalls.
+            let request = session.req_header();
+            let repeatable = request.method.is_idempotent() && !has_body(request, content_length(request));
+            let connection = if repeatable { tcp_connection(fd, digest) } else { None };
+            slot.sent(ctx.long_poll, connection);
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -783,6 +892,16 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_time = Some(ctx.started.elapsed());
+        if let Some(slot) = &mut ctx.slot {
+            slot.settle();
+            slot.state().answered(crate::upstream::state::now_ms());
+        }
+        if let (Some(pool), Some(member)) = (pool_of(ctx), ctx.member) {
+            match upstream_response.status.as_u16() {
+                502..=504 => pool.failed(member),
+                _ => pool.succeeded(member),
+            }
+        }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS && ctx.websocket_open.is_none() {
             ctx.websocket_open = Some(GaugeGuard::new(&METRICS.traffic.websockets_open));
             METRICS.traffic.websocket_upgrades.with_label_values(&[metrics_for(ctx).0.name()]).inc();

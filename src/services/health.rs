@@ -62,6 +62,61 @@ impl BackgroundService for HealthChecker {
     }
 }
 
+/// How often pools are scanned for silent members, and how long the check
+/// of a silent member may take: a Synapse worker answers `/health` from its
+/// reactor at once unless the process itself is stuck.
+const STALL_SCAN: Duration = Duration::from_millis(250);
+const STALL_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Stall detection: a member that owes answers and has sent none for the
+/// pool's `stall_after` is checked at once; if the check fails too, it is
+/// taken out and the requests it holds that may be repeated go elsewhere
+/// (`Pool::stalled`). Named upstreams without active checks are not
+/// watched: nothing could tell a stall from a slow answer.
+pub struct StallWatch {
+    pub edge: Arc<ArcSwap<Edge>>,
+}
+
+#[async_trait]
+impl BackgroundService for StallWatch {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let edge = self.edge.load_full();
+            let synapse = edge.pools.all().iter().map(|pool| (pool, edge.ops.health.path.as_str()));
+            let named = edge
+                .upstreams
+                .all()
+                .iter()
+                .filter_map(|upstream| upstream.health.as_ref().map(|check| (&upstream.pool, check.path.as_str())));
+            let mut suspects = Vec::new();
+            for (pool_index, (pool, path)) in synapse.chain(named).enumerate() {
+                for member in pool.silent_members() {
+                    if pool.members[member].state.start_probe() {
+                        suspects.push((pool_index, member, pool.members[member].health.clone(), path.to_string()));
+                    }
+                }
+            }
+            for (pool_index, member, target, path) in suspects {
+                let edge = Arc::clone(&edge);
+                tokio::spawn(async move {
+                    let healthy = probe(&target, &path, STALL_PROBE_TIMEOUT).await;
+                    let named = edge.upstreams.all().iter().filter(|u| u.health.is_some()).map(|u| &u.pool);
+                    if let Some(pool) = edge.pools.all().iter().chain(named).nth(pool_index) {
+                        if !healthy {
+                            pool.stalled(member, true);
+                        }
+                        pool.members[member].state.end_probe();
+                    }
+                });
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(STALL_SCAN) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
 /// `HTTP/1.1 200`: the bytes that decide.
 const STATUS_LINE_START: usize = 12;
 

@@ -58,11 +58,11 @@ impl Reloader {
 }
 
 /// Swaps a new snapshot in, carrying over what must outlive snapshots:
-/// worker health, rate-limit counts, the shared-limits connection.
+/// members' health and load, pool queues, rate-limit counts, the shared-limits connection.
 pub fn install(cell: &ArcSwap<Edge>, mut new: Edge) {
     let old = cell.load();
-    new.pools.inherit_health(&old.pools);
-    new.upstreams.inherit_health(&old.upstreams);
+    new.pools.adopt_state(&old.pools);
+    new.upstreams.adopt_state(&old.upstreams);
     // A reload or a certificate renewal must not hand every client a fresh budget.
     new.policy.rate_limits.inherit(&old.policy.rate_limits);
     if let (Some(new_shared), Some(old_shared)) = (&new.policy.shared_limits, &old.policy.shared_limits) {

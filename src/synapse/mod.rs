@@ -1,2 +1,3 @@
+pub mod long_poll;
 pub mod sticky;
 pub mod table;

@@ -3,6 +3,7 @@
 
 use crate::config::sites::{Balance, NamedUpstreamConfig};
 use crate::config::values::{UpstreamTarget, RESOLVE_TIMEOUT};
+use crate::upstream::balance::{Balancing, Choice, SettingError};
 use crate::upstream::peer::Upstream;
 use crate::upstream::pool::{Member, Pool};
 use std::time::Duration;
@@ -24,7 +25,23 @@ pub struct NamedUpstream {
 }
 
 impl NamedUpstream {
-    pub fn from_config(name: &str, config: &NamedUpstreamConfig) -> Result<NamedUpstream, String> {
+    /// A refused `balancing` setting comes back apart, to be located by its key.
+    pub fn from_config(name: &str, config: &NamedUpstreamConfig) -> Result<NamedUpstream, NamedUpstreamError> {
+        if !config.balancing.groups.is_empty() {
+            return Err(NamedUpstreamError::Balancing((
+                "groups",
+                "per-group settings belong in synapse.balancing".into(),
+            )));
+        }
+        let choice = match config.balance {
+            Balance::RoundRobin => Choice::RoundRobin,
+            Balance::LeastOutstanding | Balance::ClientIp => Choice::LeastOutstanding,
+        };
+        let balancing = Balancing::from_config(&config.balancing, choice).map_err(NamedUpstreamError::Balancing)?;
+        Self::build(name, config, balancing).map_err(NamedUpstreamError::Other)
+    }
+
+    fn build(name: &str, config: &NamedUpstreamConfig, balancing: Balancing) -> Result<NamedUpstream, String> {
         let addresses: Vec<&UpstreamTarget> = match (&config.address, config.members.as_slice()) {
             (Some(address), []) => vec![address],
             (None, members) if !members.is_empty() => members.iter().collect(),
@@ -35,7 +52,7 @@ impl NamedUpstream {
         for target in addresses {
             let address = target.resolve(RESOLVE_TIMEOUT)?;
             let upstream = Upstream::new(&address, &config.timeouts)?;
-            members.push(Member::new(upstream, address, 1));
+            members.push(Member::new(name, upstream, address, 1));
         }
         let health = config
             .health_check
@@ -48,8 +65,19 @@ impl NamedUpstream {
                 return Err(format!("health_check.path {:?} must be a path starting with /", check.path));
             }
         }
-        Ok(NamedUpstream { name: name.to_string(), pool: Pool::new(name, members), balance: config.balance, health })
+        Ok(NamedUpstream {
+            name: name.to_string(),
+            pool: Pool::new(name, members, balancing),
+            balance: config.balance,
+            health,
+        })
     }
+}
+
+pub enum NamedUpstreamError {
+    /// A `balancing` key and why.
+    Balancing(SettingError),
+    Other(String),
 }
 
 /// Every named upstream, addressed by its index (`UpstreamId`).
@@ -79,11 +107,11 @@ impl NamedUpstreams {
         &self.upstreams
     }
 
-    /// Keeps what health checks learnt across a reload.
-    pub fn inherit_health(&self, old: &NamedUpstreams) {
-        for upstream in &self.upstreams {
+    /// Keeps each member's health, load and failures across a reload.
+    pub fn adopt_state(&mut self, old: &NamedUpstreams) {
+        for upstream in &mut self.upstreams {
             if let Some(previous) = old.id(&upstream.name).map(|id| old.get(id)) {
-                upstream.pool.inherit_health(&previous.pool);
+                upstream.pool.adopt_state(&previous.pool);
             }
         }
     }
