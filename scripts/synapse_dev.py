@@ -288,8 +288,10 @@ def cmd_workers(args) -> None:
         wait_health(ports[name], process, name)
 
     groups = {}
+    pids = dict((name, process.pid) for name, process in started)
     for name, group, _, _ in WORKERS:
-        groups.setdefault(group, []).append({"name": name, "address": f"127.0.0.1:{ports[name]}"})
+        groups.setdefault(group, []).append({"name": name, "address": f"127.0.0.1:{ports[name]}",
+                                             "pid": pids[name]})
     print(json.dumps({"main": f"127.0.0.1:{main_port}", "groups": groups, "logs": logs}), flush=True)
     try:
         sys.stdin.read()

@@ -332,6 +332,135 @@ synapse:
     let sliding =
         deployment.served(synchrotron).iter().filter(|(_, path)| path.ends_with("simplified_msc3575/sync")).count();
     assert_eq!(sliding, 3, "{synchrotron} served {:?}", deployment.served(synchrotron));
+
+    a_stopped_synchrotron_stalls_no_user(&deployment, &table, &edge_process, edge_addr, &pki.root_pem).await;
+}
+
+/// One sync, as a client that keeps up does (`timeout=0` from its `since`).
+struct Sync {
+    user: usize,
+    started: std::time::Instant,
+    took: Duration,
+    status: u16,
+}
+
+/// Twelve users syncing in a loop; one synchrotron is stopped (SIGSTOP) for
+/// 15 s. Its users' syncs must go to the other within seconds (the edge
+/// finds the stall, cuts their requests and sends them again), and after
+/// SIGCONT it takes its users back once its health check and slow start
+/// allow.
+async fn a_stopped_synchrotron_stalls_no_user(
+    deployment: &Deployment,
+    table: &Edge,
+    edge: &EdgeProcess,
+    edge_addr: SocketAddr,
+    root_pem: &str,
+) {
+    const USERS: usize = 12;
+    let mut tokens = Vec::new();
+    for user in 0..USERS {
+        let mut client = Client::new(edge_addr, root_pem, false);
+        tokens.push(client.register_and_login(&format!("syncer{user}"), "stall-test password").await);
+    }
+    // Where each user's syncs go, by the table loaded in-process.
+    let pool = table.pools.get(matrix_edge::synapse::table::Group::Synchrotron).unwrap();
+    let home = |token: &str| {
+        let authorization = format!("Bearer {token}");
+        let source = KeySource {
+            target: b"/_matrix/client/v3/sync",
+            authorization: Some(authorization.as_bytes()),
+            client_ip: None,
+        };
+        let key = sticky::key(matrix_edge::synapse::table::Sticky::User, &source);
+        pool.pick(key.as_ref().map(|k| k.as_bytes()), &[]).unwrap()
+    };
+    let homes: Vec<usize> = tokens.iter().map(|t| home(t)).collect();
+    let stopped = (0..pool.members.len()).max_by_key(|m| homes.iter().filter(|h| *h == m).count()).unwrap();
+    let stopped_address = pool.members[stopped].upstream.address.to_string();
+    let member = deployment.info["groups"]["synchrotron"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["address"] == stopped_address.as_str())
+        .unwrap()
+        .clone();
+    let (name, pid) = (member["name"].as_str().unwrap().to_string(), member["pid"].as_u64().unwrap());
+    let its_users = homes.iter().filter(|h| **h == stopped).count();
+    assert!(its_users > 0, "no user on either synchrotron?");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let syncs = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Sync>::new()));
+    let mut loops = Vec::new();
+    for (user, token) in tokens.into_iter().enumerate() {
+        let (stop, syncs) = (stop.clone(), syncs.clone());
+        let mut client = Client::new(edge_addr, root_pem, false);
+        client.token = Some(token);
+        loops.push(tokio::spawn(async move {
+            let mut since: Option<String> = None;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let target = match &since {
+                    Some(since) => format!("/_matrix/client/v3/sync?timeout=0&since={since}"),
+                    None => "/_matrix/client/v3/sync?timeout=0".to_string(),
+                };
+                let started = std::time::Instant::now();
+                let (status, body) = client.json(reqwest::Method::GET, &target, None).await;
+                let took = started.elapsed();
+                if let Some(next) = body["next_batch"].as_str() {
+                    since = Some(next.to_string());
+                }
+                syncs.lock().unwrap().push(Sync { user, started, took, status });
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }));
+    }
+    let signal = |name: &str| {
+        let status = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().unwrap();
+        assert!(status.success(), "kill -{name} {pid}");
+    };
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let stopped_at = std::time::Instant::now();
+    signal("STOP");
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    signal("CONT");
+    let resumed_at = std::time::Instant::now();
+    // The edge's access lines name the worker that answered; requests cut
+    // during the stall were answered by the other one, so only new syncs
+    // count here.
+    let answered_by_it = || {
+        let marker = format!("worker={stopped_address} ");
+        edge.log_text().lines().filter(|l| l.contains("/sync?") && l.contains(&marker)).count()
+    };
+    let answered_at_resume = answered_by_it();
+    // Health checks (every 5 s) bring it back, then a 10 s slow start.
+    let deadline = resumed_at + Duration::from_secs(30);
+    let mut back = false;
+    while std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if answered_by_it() >= answered_at_resume + 3 {
+            back = true;
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in loops {
+        task.await.unwrap();
+    }
+    let syncs = syncs.lock().unwrap();
+    let during: Vec<&Sync> = syncs.iter().filter(|s| s.started >= stopped_at && s.started < resumed_at).collect();
+    let longest = during.iter().map(|s| s.took).max().unwrap_or_default();
+    let (worst_user, _) = during.iter().map(|s| (s.user, s.took)).max_by_key(|(_, t)| *t).unwrap_or_default();
+    eprintln!(
+        "{name} stopped 15 s with {its_users} of {USERS} users: {} syncs during the stall, longest {longest:?} \
+         (user {worst_user}, home {})",
+        during.len(),
+        if homes[worst_user] == stopped { "the stopped one" } else { "the other" },
+    );
+    assert!(syncs.iter().all(|s| s.status == 200), "a sync failed");
+    assert!(during.len() > USERS * 5, "too few syncs during the stall: {}", during.len());
+    assert!(longest <= Duration::from_secs(5), "a user waited {longest:?} for a sync during the stall");
+    let log = edge.log_text();
+    assert!(log.contains("stalled: taken out"), "the edge never took the stopped synchrotron out:\n{log}");
+    assert!(back, "{name} served nothing new within 30 s of SIGCONT");
 }
 
 fn worker_for_origin(table: &Edge) -> String {
