@@ -35,6 +35,11 @@ REQUESTS = 20_000 if QUICK else 200_000
 # pair alike; the ratio per pair is the steadiest CPU comparison we have.
 PAIRED = int(os.environ.get("BENCH_PAIRED", 4 if QUICK else 12))
 PAIRED_REQUESTS = 20_000
+# Latency only: BENCH_LATENCY=1 runs the two fixed-rate latency workloads
+# (alone, and beside the long-polls) in BENCH_ROUNDS interleaved rounds and
+# nothing else, and prints each round's p99 per proxy: enough rounds to tell
+# a tail difference from the machine's noise.
+LATENCY_ONLY = os.environ.get("BENCH_LATENCY") == "1"
 
 
 def raise_fd_limit():
@@ -430,6 +435,8 @@ def paired_ratio(paired, kind, name, base):
 
 def measure(setup, name, pids, plain, tls):
     """Every workload against one proxy (or the stub itself for 'none')."""
+    if LATENCY_ONLY:
+        return measure_latency(setup, name, plain)
     result = {}
     urls_h1 = [f"http://127.0.0.1:{plain}{p}" for p in setup.paths]
     proc_pids = lambda: children(pids[0]) if pids else []
@@ -505,6 +512,37 @@ def measure(setup, name, pids, plain, tls):
     return result
 
 
+def measure_latency(setup, name, plain):
+    """The fixed-rate latency load alone, then beside the long-polls."""
+    result = {}
+    urls_h1 = [f"http://127.0.0.1:{plain}{p}" for p in setup.paths]
+    duration = 5 if QUICK else 10
+    log = os.path.join(setup.work, f"latency-{name}.log")
+    h2load(["--h1", "-c", "20", "-t", "1", "--rps", "100", "-D", str(duration), "--log-file", log], urls_h1)
+    result["p50_ms"], result["p99_ms"] = percentiles(log)
+    lp_port = setup.upstream_ports["synchrotron"] if name == "none" else plain
+    lp_url = f"http://127.0.0.1:{lp_port}/_matrix/client/v3/sync?since=s1&timeout=2000&longpoll=1"
+    polls = subprocess.Popen(["h2load", "--h1", "-c", str(LONG_POLLS), "-t", "1", "-D", str(duration + 3), lp_url],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.5)
+    log = os.path.join(setup.work, f"mix-{name}.log")
+    h2load(["--h1", "-c", "20", "-t", "1", "--rps", "100", "-D", str(duration), "--log-file", log], urls_h1)
+    result["mix_p50_ms"], result["mix_p99_ms"] = percentiles(log)
+    polls.communicate()
+    return result
+
+
+def report_latency(rounds):
+    names = [n for n in rounds if n != "none" and rounds[n]]
+    for key in ("p99_ms", "mix_p99_ms", "p50_ms", "mix_p50_ms"):
+        print(f"{key}: " + "; ".join(f"{n} median {median([r[key] for r in rounds[n]]):.2f} "
+                                      f"rounds {[round(r[key], 2) for r in rounds[n]]}" for n in names))
+        base = rounds["matrix-edge"]
+        for other in names[1:]:
+            below = sum(1 for a, b in zip(base, rounds[other]) if a[key] < b[key])
+            print(f"  matrix-edge below {other} in {below} of {len(base)} rounds")
+
+
 def main():
     if not shutil.which("h2load"):
         raise SystemExit("bench: run it through bench/run, which installs h2load, nginx and haproxy")
@@ -542,6 +580,10 @@ def main():
         for name, mib in at_start.items():
             for r in rounds[name]:
                 r["rss_start_mib"] = mib
+        if LATENCY_ONLY:
+            report_latency(rounds)
+            setup.stop()
+            return
         paired = paired_cpu(setup, proxies, ports)
         if AB:
             report_ab(rounds, paired)

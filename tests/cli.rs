@@ -276,6 +276,17 @@ fn routes_and_route_explain_the_table() {
     assert!(table.starts_with("# Synapse's own routing, as of Synapse 1.163"), "{table}");
     assert!(table.contains("simplified_msc3575/sync$"), "{table}");
     assert!(table.contains("(skipped: no mas)"), "MAS's rule without MAS: {table}");
+    // Each pool's policy, with the example's override for client readers.
+    assert!(
+        table.contains(
+            "group client_reader: 1 members; least outstanding, at most 100 in flight per member, 200 waiting up to 5s"
+        ),
+        "{table}"
+    );
+    assert!(
+        table.contains("group synchrotron: 2 members; least outstanding, no cap, ejected after 3 failures for 10s"),
+        "{table}"
+    );
     let explain = |method: &str, target: &str, headers: &[&str]| {
         let mut command = Command::new(support::binary());
         command.arg("route").arg("-c").arg(&config).arg(method).arg(target);
@@ -288,6 +299,7 @@ fn routes_and_route_explain_the_table() {
     };
     let sync = explain("GET", "/_matrix/client/v3/sync?since=s1", &["Authorization: Bearer syt_YWxpY2U_a_b"]);
     assert!(sync.contains("group synchrotron (2 workers), sticky by user: key \"YWxpY2U\""), "{sync}");
+    assert!(sync.contains("balancing: least outstanding, no cap"), "{sync}");
     let initial = explain("GET", "/_matrix/client/v3/sync", &[]);
     assert!(initial.contains("group initial_sync"), "{initial}");
     let media = explain("GET", "/_matrix/media/v3/download/a/b", &[]);
@@ -474,6 +486,10 @@ synapse:
       - { address: "127.0.0.1:18006", weight: 2 }
   stream_writers:
     typing: ["127.0.0.1:18007"]
+  balancing:
+    max_in_flight: 50
+    groups:
+      synchrotron: { slow_start: 5s }
 sites:
   - hosts: [a.example.com]
     routes:
@@ -487,7 +503,7 @@ rate_limits:
     std::fs::write(&file, base).unwrap();
     let (code, _, stderr) = check(&file);
     assert_eq!(code, 0, "the base config must pass: {stderr}");
-    let cases: [(&str, &str, &str, &str); 7] = [
+    let cases: [(&str, &str, &str, &str); 11] = [
         ("weight: 2", "wieght: 2", "synapse.workers.synchrotron[1]", "unknown field `wieght`"),
         ("weight: 2", "weight: -2", "synapse.workers.synchrotron[1].weight", "invalid type"),
         (
@@ -505,6 +521,25 @@ rate_limits:
         ("serves: [client] }", "serves: [client, client] }", "listeners[1].serves", "a role is listed twice"),
         ("per: 1m", "per: 0s", "rate_limits.login.per", "must be between 1s and 24h"),
         ("synchrotron:", "synchrotrn:", "synapse.workers", "unknown field `synchrotrn`"),
+        ("max_in_flight: 50", "max_in_flight: 0", "synapse.balancing.max_in_flight", "must be at least 1"),
+        (
+            "synchrotron: { slow_start: 5s }",
+            "synchrotron: { queue: { size: 0, timeout: 1s } }",
+            "synapse.balancing.groups.synchrotron.queue",
+            "size must be at least 1",
+        ),
+        (
+            "synchrotron: { slow_start: 5s }",
+            "client_reader: { slow_start: 5s }",
+            "synapse.balancing.groups.client_reader",
+            "no client_reader workers are listed",
+        ),
+        (
+            "web: { members: [\"127.0.0.1:18003\"] }",
+            "web: { members: [\"127.0.0.1:18003\"], balancing: { queue: { size: 4, timeout: 1s } } }",
+            "upstreams.web.balancing.queue",
+            "a queue needs max_in_flight",
+        ),
     ];
     for (from, to, key, message) in cases {
         let edited = base.replacen(from, to, 1);

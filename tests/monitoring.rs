@@ -131,7 +131,7 @@ fn promtool_checks_the_rules_and_their_unit_tests_pass() {
         String::from_utf8_lossy(&check.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&check.stdout).contains("SUCCESS: 7 rules found"),
+        String::from_utf8_lossy(&check.stdout).contains("SUCCESS: 8 rules found"),
         "{}",
         String::from_utf8_lossy(&check.stdout)
     );

@@ -44,6 +44,18 @@ PANELS = [
     ("WebSockets open, and upgrades per second by upstream", "short",
      [(f'sum(matrix_edge_websockets_open{{{SEL}}})', "open"),
       (f'sum by (upstream) (rate(matrix_edge_websocket_upgrades_total{{{SEL}}}[$__rate_interval]))', "upgrades {{upstream}}")], "timeseries"),
+    ("Requests in flight per worker (long-polls apart)", "short",
+     [(f'sum by (group, worker) (matrix_edge_worker_in_flight{{{SEL}}})', "{{group}} {{worker}}"),
+      (f'sum by (group) (matrix_edge_worker_long_polls{{{SEL}}})', "long-polls {{group}}")], "timeseries"),
+    ("Queued requests, and queue wait p99 by group", "short",
+     [(f'sum by (group) (matrix_edge_queued_requests{{{SEL}}})', "queued {{group}}"),
+      (f'histogram_quantile(0.99, sum by (le, group) (rate(matrix_edge_queue_wait_seconds_bucket{{{SEL}}}[$__rate_interval])))', "wait p99 {{group}} (s)")], "timeseries"),
+    ("Shed (503, no slot) per second by group and reason", "reqps",
+     [(f'sum by (group, reason) (rate(matrix_edge_shed_total{{{SEL}}}[$__rate_interval]))', "{{group}} {{reason}}")], "timeseries"),
+    ("Workers ejected, requests rescued from stalls, retries refused", "short",
+     [(f'sum by (group, worker, reason) (increase(matrix_edge_ejections_total{{{SEL}}}[$__rate_interval]))', "ejected {{group}} {{worker}} ({{reason}})"),
+      (f'sum by (group) (increase(matrix_edge_rescued_total{{{SEL}}}[$__rate_interval]))', "rescued {{group}}"),
+      (f'sum by (group) (increase(matrix_edge_retries_denied_total{{{SEL}}}[$__rate_interval]))', "retries refused {{group}}")], "timeseries"),
 ]
 
 

@@ -35,6 +35,15 @@ pub fn routes_table(edge: &Edge) -> String {
         );
     }
     let _ = writeln!(out, "  -  {:<9} {:<88} {:<26} -", "*", "(anything else)", "main");
+    let named = edge.upstreams.all().iter().map(|upstream| ("upstream", &upstream.pool));
+    let pools: Vec<_> = edge.pools.all().iter().map(|pool| ("group", pool)).chain(named).collect();
+    if !pools.is_empty() {
+        let _ = writeln!(out, "\n# Balancing (sticky keys keep their member while it is usable and has room)");
+        for (kind, pool) in pools {
+            let _ =
+                writeln!(out, "{kind} {}: {} members; {}", pool.label, pool.members.len(), pool.balancing.describe());
+        }
+    }
     out
 }
 
@@ -140,10 +149,11 @@ fn explain_synapse_route(out: &mut String, edge: &Edge, method: &str, target: &s
     let key = sticky::key(decision.sticky, &source);
     let how = match &key {
         Some(key) => format!("sticky by {}: key {:?}", decision.sticky, String::from_utf8_lossy(key.as_bytes())),
-        None if decision.sticky == crate::synapse::table::Sticky::None => "round robin".to_string(),
-        None => format!("sticky by {}, but the request carries no key: round robin", decision.sticky),
+        None if decision.sticky == crate::synapse::table::Sticky::None => "no sticky key".to_string(),
+        None => format!("sticky by {}, but the request carries no key", decision.sticky),
     };
     let _ = writeln!(out, "  group {} ({} workers), {how}", decision.group, pool.members.len());
+    let _ = writeln!(out, "  balancing: {}", pool.balancing.describe());
     match pool.pick(key.as_ref().map(|k| k.as_bytes()), &[]) {
         Some(index) => {
             let _ = writeln!(out, "  -> {}", pool.members[index].upstream.address);

@@ -83,7 +83,10 @@ pub fn install(cell: &ArcSwap<Edge>, mut new: Edge) {
                 .chain(named_new)
                 .any(|p| p.label == pool.label && p.members.iter().any(|m| m.label == member.label));
             if !stays {
-                let _ = METRICS.operations.worker_up.remove_label_values(&[pool.label.as_str(), &member.label]);
+                let labels = [pool.label.as_str(), member.label.as_str()];
+                let _ = METRICS.operations.worker_up.remove_label_values(&labels);
+                let _ = METRICS.balancing.in_flight.remove_label_values(&labels);
+                let _ = METRICS.balancing.long_polls.remove_label_values(&labels);
             }
         }
     }
@@ -95,15 +98,22 @@ pub fn install(cell: &ArcSwap<Edge>, mut new: Edge) {
 pub fn publish(edge: &Edge) {
     crate::tls::publish_expiry(&edge.tls.certificates.load());
     let named = edge.upstreams.all().iter().map(|u| &u.pool);
+    let balancing = &METRICS.balancing;
     for pool in edge.pools.all().iter().chain(named) {
+        let group = pool.label.as_str();
         for member in &pool.members {
-            let worker = member.upstream.address.to_string();
-            METRICS
-                .operations
-                .worker_up
-                .with_label_values(&[pool.label.as_str(), &worker])
-                .set(i64::from(member.is_healthy()));
+            let worker = member.label.as_str();
+            METRICS.operations.worker_up.with_label_values(&[group, worker]).set(i64::from(member.is_healthy()));
+            for reason in ["failures", "stall"] {
+                balancing.ejections.with_label_values(&[group, worker, reason]);
+            }
         }
+        for refusal in [crate::upstream::pool::Refusal::QueueFull, crate::upstream::pool::Refusal::QueueTimeout] {
+            balancing.shed.with_label_values(&[group, refusal.reason()]);
+        }
+        balancing.queue_wait.with_label_values(&[group]);
+        balancing.rescued.with_label_values(&[group]);
+        balancing.retries_denied.with_label_values(&[group]);
     }
     // Counters a dashboard or an alert reads exist from the start, at 0, so
     // `increase()` sees their first event and panels are not "no data".
