@@ -58,6 +58,8 @@ pub struct Policy {
     pub access_log: crate::observe::access_log::AccessLogFormat,
     /// How long a request whose upstream refused the connection is held.
     pub hold: std::time::Duration,
+    /// How many may be held at once; past that, 503 at once.
+    pub hold_limit: usize,
 }
 
 /// The certificates a snapshot serves and where they come from.
@@ -557,6 +559,7 @@ fn build_policy(config: &EdgeConfig, listeners: &[Listener], source: &Source) ->
         https_port: listeners.iter().find(|l| l.tls).map(|l| l.address.port()),
         access_log: config.process.access_log,
         hold: config.synapse.hold.0,
+        hold_limit: config.synapse.hold_limit,
     })
 }
 

@@ -43,6 +43,9 @@ struct Cli {
     /// The Unix socket used to hand listening sockets to a new instance.
     #[arg(long, global = true)]
     upgrade_socket: Option<String>,
+    /// The running edge's control socket (`workers` talks to it).
+    #[arg(long, global = true)]
+    control_socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -118,6 +121,13 @@ enum Command {
         #[arg(long)]
         address: Option<std::net::SocketAddr>,
     },
+    /// The running edge's workers and upstream members: list them, or drain
+    /// one (no new requests; `--wait` until nothing is in flight), put it in
+    /// maintenance, or make it ready again. Through the control socket.
+    Workers {
+        #[command(subcommand)]
+        action: Option<WorkersAction>,
+    },
     /// Explain where one request would go and why, e.g. `route GET '/_matrix/client/v3/sync?since=x'`.
     Route {
         method: String,
@@ -126,6 +136,27 @@ enum Command {
         #[arg(short = 'H', long = "header")]
         headers: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum WorkersAction {
+    /// Every member with its state and requests in flight (the default).
+    List,
+    /// No new requests for ADDRESS (its sticky keys move to the others).
+    Drain {
+        address: String,
+        /// Return once nothing is in flight on it, or fail after this long (e.g. 2m).
+        #[arg(long, value_name = "LIMIT", num_args = 0..=1, default_missing_value = "10m")]
+        wait: Option<String>,
+    },
+    /// As drain, and its health checks stop too (it is down on purpose).
+    Maintenance {
+        address: String,
+        #[arg(long, value_name = "LIMIT", num_args = 0..=1, default_missing_value = "10m")]
+        wait: Option<String>,
+    },
+    /// Back in rotation, ramping up over the pool's slow start.
+    Ready { address: String },
 }
 
 fn init_logging(level: log::LevelFilter) {
@@ -169,6 +200,7 @@ fn main() -> ExitCode {
         Some(Command::Renew { names }) => renew(&cli.config, &paths, &names),
         Some(Command::Probe { probe: which, address }) => probe(&cli.config, which, address),
         Some(Command::Route { method, target, headers }) => route(&cli.config, &method, &target, &headers),
+        Some(Command::Workers { action }) => workers(&paths.control_socket, action.unwrap_or(WorkersAction::List)),
     };
     outcome.unwrap_or_else(|error| {
         eprintln!("matrix-edge: {error}");
@@ -180,6 +212,7 @@ fn main() -> ExitCode {
 struct RuntimePaths {
     pid_file: String,
     upgrade_socket: String,
+    control_socket: PathBuf,
 }
 
 impl RuntimePaths {
@@ -187,6 +220,7 @@ impl RuntimePaths {
         RuntimePaths {
             pid_file: cli.pid_file.clone().unwrap_or_else(|| runtime_path("matrix-edge.pid")),
             upgrade_socket: cli.upgrade_socket.clone().unwrap_or_else(|| runtime_path("matrix-edge-upgrade.sock")),
+            control_socket: cli.control_socket.clone().unwrap_or_else(|| runtime_path("control.sock").into()),
         }
     }
 }
@@ -203,7 +237,12 @@ fn load(config: &std::path::Path) -> Result<Edge, CliError> {
 fn serve(config: &std::path::Path, upgrade: bool, paths: RuntimePaths) -> Result<ExitCode, CliError> {
     let edge = load(config)?;
     init_logging(edge.ops.config.process.log_level.as_filter());
-    let options = RunOptions { upgrade, pid_file: Some(paths.pid_file), upgrade_socket: Some(paths.upgrade_socket) };
+    let options = RunOptions {
+        upgrade,
+        pid_file: Some(paths.pid_file),
+        upgrade_socket: Some(paths.upgrade_socket),
+        control_socket: Some(paths.control_socket),
+    };
     let server = server::build(edge, config, &options)?;
     log::info!("matrix-edge {} starting", env!("CARGO_PKG_VERSION"));
     server.run_forever()
@@ -278,6 +317,22 @@ fn route(config: &std::path::Path, method: &str, target: &str, headers: &[String
         parsed.push((name.trim().to_string(), value.trim().to_string()));
     }
     print!("{}", matrix_edge::cli::explain::explain(&edge, &method.to_ascii_uppercase(), target, &parsed));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn workers(socket: &std::path::Path, action: WorkersAction) -> Result<ExitCode, CliError> {
+    use matrix_edge::cli::workers;
+    let limit = |wait: Option<String>| -> Result<Option<std::time::Duration>, CliError> {
+        wait.map(|text| humantime::parse_duration(&text).map_err(|e| CliError::Failed(format!("--wait {text:?}: {e}"))))
+            .transpose()
+    };
+    let out = match action {
+        WorkersAction::List => workers::list(socket)?,
+        WorkersAction::Drain { address, wait } => workers::set(socket, "drain", &address, limit(wait)?)?,
+        WorkersAction::Maintenance { address, wait } => workers::set(socket, "maintenance", &address, limit(wait)?)?,
+        WorkersAction::Ready { address } => workers::set(socket, "ready", &address, None)?,
+    };
+    print!("{out}");
     Ok(ExitCode::SUCCESS)
 }
 

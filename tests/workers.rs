@@ -110,6 +110,8 @@ synapse:
     synchrotron: ["127.0.0.1:{}", "127.0.0.1:{}", "127.0.0.1:{}"]
     media_repository: ["{}"]
   health_check: {{ interval: 300ms, timeout: 250ms }}
+  # A revived worker takes its users back over the slow start (10 s by default).
+  balancing: {{ slow_start: 2s }}
 process: {{ threads: 2 }}
 "#,
         main.addr, ports[0], ports[1], ports[2], media.addr

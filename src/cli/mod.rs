@@ -5,3 +5,4 @@ pub mod probe;
 pub mod reload_command;
 pub mod renew;
 pub mod synapse_check;
+pub mod workers;

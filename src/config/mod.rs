@@ -293,6 +293,10 @@ pub struct SynapseConfig {
     /// `0s` answers 502 at once.
     #[serde(default = "default_hold")]
     pub hold: Span,
+    /// How many requests may wait for main at once (each holds a client
+    /// connection and its body); past that, 503 with `Retry-After` at once.
+    #[serde(default = "default_hold_limit")]
+    pub hold_limit: usize,
     /// Worker processes by type (Synapse's `docs/workers.md`).
     #[serde(default)]
     pub workers: GroupLists<WorkerGroups>,
@@ -637,6 +641,10 @@ impl Default for HealthCheckConfig {
             port: None,
         }
     }
+}
+
+fn default_hold_limit() -> usize {
+    1000
 }
 
 fn default_health_path() -> String {

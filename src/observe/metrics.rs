@@ -3,11 +3,7 @@
 //! Labels are bounded: groups and workers come from the config, methods are
 //! folded into classes, TLS names into the certificate that answered.
 
-use async_trait::async_trait;
-use http::Response;
 use once_cell::sync::Lazy;
-use pingora::apps::http_app::ServeHttp;
-use pingora::protocols::http::ServerSession;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -54,6 +50,8 @@ pub struct TrafficMetrics {
     pub upstream_latency: HistogramVec,
     /// Requests being served right now.
     pub in_flight: IntGauge,
+    /// Requests waiting for Synapse's main process to accept connections again.
+    pub held: IntGauge,
     /// Requests refused with 429, by limit class.
     pub rate_limited: IntCounterVec,
     /// WebSocket upgrades the upstream accepted (101), by upstream.
@@ -118,6 +116,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
                 &["group"],
             )?,
             in_flight: IntGauge::new("requests_in_flight", "Requests being served")?,
+            held: IntGauge::new("requests_held", "Requests waiting for Synapse's main process to accept again")?,
             rate_limited: IntCounterVec::new(
                 Opts::new("rate_limited_total", "Requests refused with 429 by limit class"),
                 &["class"],
@@ -224,7 +223,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
 
 /// Every metric into the registry, so `/metrics` renders it.
 fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
-    let collectors: [Box<dyn prometheus::core::Collector>; 28] = [
+    let collectors: [Box<dyn prometheus::core::Collector>; 29] = [
         Box::new(metrics.traffic.requests.clone()),
         Box::new(metrics.traffic.latency.clone()),
         Box::new(metrics.traffic.upstream_latency.clone()),
@@ -232,6 +231,7 @@ fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
         Box::new(metrics.connections.tls_handshakes.clone()),
         Box::new(metrics.connections.tls_handshakes_started.clone()),
         Box::new(metrics.traffic.in_flight.clone()),
+        Box::new(metrics.traffic.held.clone()),
         Box::new(metrics.operations.certificate_expiry.clone()),
         Box::new(metrics.operations.reloads.clone()),
         Box::new(metrics.operations.config_loaded_at.clone()),
@@ -273,31 +273,6 @@ pub fn render() -> Vec<u8> {
         log::error!("cannot encode metrics: {e}");
     }
     out
-}
-
-/// The private listener: `/metrics`, and the `/livez` and `/readyz` probes.
-pub struct MetricsApp;
-
-#[async_trait]
-impl ServeHttp for MetricsApp {
-    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let (status, content_type, body) = match session.req_header().uri.path() {
-            "/metrics" => (200, "text/plain; version=0.0.4", render()),
-            // The process answers: it is alive, whatever its readiness.
-            "/livez" => (200, "text/plain", b"alive\n".to_vec()),
-            "/readyz" => {
-                let (status, body) = crate::observe::probes::Readiness::now().answer();
-                (status, "text/plain", body.as_bytes().to_vec())
-            }
-            _ => (404, "text/plain", b"not found\n".to_vec()),
-        };
-        Response::builder()
-            .status(status)
-            .header("Content-Type", content_type)
-            .header("Content-Length", body.len())
-            .body(body)
-            .unwrap_or_default()
-    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,8 @@ pub struct RunOptions {
     pub upgrade: bool,
     pub pid_file: Option<String>,
     pub upgrade_socket: Option<String>,
+    /// Where `matrix-edge workers` reaches the running edge.
+    pub control_socket: Option<std::path::PathBuf>,
 }
 
 /// The read buffer under each TLS client connection. Pingora's default,
@@ -145,7 +147,9 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     if let Some(address) = metrics_address {
         let mut metrics = pingora::services::listening::Service::new(
             "metrics".to_string(),
-            pingora::apps::http_app::HttpServer::new_app(crate::observe::metrics::MetricsApp),
+            pingora::apps::http_app::HttpServer::new_app(crate::services::status::PrivateApp {
+                edge: Arc::clone(&edge),
+            }),
         );
         metrics.add_tcp(&address.to_string());
         server.add_service(metrics);
@@ -166,6 +170,10 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     // Always running: a reload may add workers or upstreams with checks.
     let checker = crate::services::health::HealthChecker { edge: Arc::clone(&edge) };
     server.add_service(pingora::services::background::background_service("worker health", checker));
+    if let Some(path) = &options.control_socket {
+        let control = crate::services::control::ControlSocket { path: path.clone(), edge: Arc::clone(&edge) };
+        server.add_service(pingora::services::background::background_service("control socket", control));
+    }
     let stalls = crate::services::health::StallWatch { edge: Arc::clone(&edge) };
     server.add_service(pingora::services::background::background_service("stall watch", stalls));
     let discovery = crate::services::discovery::Discovery { edge: Arc::clone(&edge) };

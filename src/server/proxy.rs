@@ -93,8 +93,14 @@ struct Hold {
 }
 
 impl Hold {
-    fn new() -> Hold {
-        Hold { since: Instant::now(), attempts: 0 }
+    /// Counted in `requests_held` while it lives; `None` when `limit` wait already.
+    fn start(limit: usize) -> Option<Hold> {
+        let held = &METRICS.traffic.held;
+        if held.get() >= i64::try_from(limit).unwrap_or(i64::MAX) {
+            return None;
+        }
+        held.inc();
+        Some(Hold { since: Instant::now(), attempts: 0 })
     }
 
     /// How long to wait before the next try: 100 ms doubling to 1 s, never
@@ -104,6 +110,12 @@ impl Hold {
         let wait = std::time::Duration::from_millis(100 << self.attempts.min(4)).min(std::time::Duration::from_secs(1));
         self.attempts += 1;
         Some(wait.min(left))
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        METRICS.traffic.held.dec();
     }
 }
 
@@ -716,7 +728,17 @@ impl ProxyHttp for EdgeProxy {
         // below; main has no other.
         let to_main = ctx.member.is_none() && matches!(ctx.destination, Destination::Synapse(_));
         if to_main && matches!(e.etype(), ErrorType::ConnectRefused) && !ctx.edge.policy.hold.is_zero() {
-            ctx.held.get_or_insert_with(Hold::new);
+            if ctx.held.is_none() {
+                match Hold::start(ctx.edge.policy.hold_limit) {
+                    Some(hold) => ctx.held = Some(hold),
+                    None => {
+                        return Error::explain(
+                            ErrorType::HTTPStatus(503),
+                            "Synapse's main process refused the connection and enough requests wait for it already",
+                        )
+                    }
+                }
+            }
             e.set_retry(true);
         }
         let Some(member) = ctx.member else { return e };
@@ -729,7 +751,7 @@ impl ProxyHttp for EdgeProxy {
             _ => true,
         };
         if checked {
-            pool.mark(member, false);
+            pool.mark_unreachable(member);
         }
         pool.failed(member);
         if pool.shared.take_retry() {

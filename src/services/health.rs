@@ -25,6 +25,9 @@ impl BackgroundService for HealthChecker {
             let mut probes = tokio::task::JoinSet::new();
             for (pool_index, pool) in edge.pools.all().iter().enumerate() {
                 for (member_index, member) in pool.members.iter().enumerate() {
+                    if in_maintenance(member) {
+                        continue;
+                    }
                     let target = member.health.clone();
                     let path = settings.path.clone();
                     probes.spawn(async move {
@@ -38,6 +41,9 @@ impl BackgroundService for HealthChecker {
             for (upstream_index, upstream) in edge.upstreams.all().iter().enumerate() {
                 let Some(check) = upstream.health.clone() else { continue };
                 for (member_index, member) in upstream.pool.members.iter().enumerate() {
+                    if in_maintenance(member) {
+                        continue;
+                    }
                     let target = member.health.clone();
                     let path = check.path.clone();
                     probes.spawn(async move {
@@ -60,6 +66,11 @@ impl BackgroundService for HealthChecker {
             }
         }
     }
+}
+
+/// A member stopped on purpose is not checked: its state stays as it was.
+fn in_maintenance(member: &crate::upstream::pool::Member) -> bool {
+    member.state.admin() == crate::upstream::state::Admin::Maintenance
 }
 
 /// How often pools are scanned for silent members, and how long the check

@@ -16,6 +16,27 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// The last reload's outcome, for the status page (outlives snapshots).
+#[derive(Debug, Clone)]
+pub struct ReloadOutcome {
+    /// Unix seconds.
+    pub at: i64,
+    pub error: Option<String>,
+}
+
+static LAST_RELOAD: std::sync::Mutex<Option<ReloadOutcome>> = std::sync::Mutex::new(None);
+
+pub fn last_reload() -> Option<ReloadOutcome> {
+    LAST_RELOAD.lock().ok().and_then(|last| last.clone())
+}
+
+fn record(error: Option<String>) {
+    let at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    if let Ok(mut last) = LAST_RELOAD.lock() {
+        *last = Some(ReloadOutcome { at, error });
+    }
+}
+
 pub struct Reloader {
     pub config_path: PathBuf,
     pub edge: Arc<ArcSwap<Edge>>,
@@ -38,6 +59,7 @@ impl Reloader {
             Err(error) => {
                 METRICS.operations.reloads.with_label_values(&["error"]).inc();
                 log::error!("reload ({why}) refused, still serving the previous configuration: {error}");
+                record(Some(error.to_string()));
                 return false;
             }
         };
@@ -51,6 +73,7 @@ impl Reloader {
         }
         install(&self.edge, new);
         METRICS.operations.reloads.with_label_values(&["ok"]).inc();
+        record(None);
         log::info!("configuration reloaded ({why})");
         self.reloaded.notify_one();
         true

@@ -8,7 +8,7 @@ use crate::observe::metrics::METRICS;
 use crate::synapse::table::Group;
 use crate::upstream::balance::{Balancing, Choice};
 use crate::upstream::peer::Upstream;
-use crate::upstream::state::{now_ms, Connection, MemberState, PoolShared};
+use crate::upstream::state::{now_ms, Admin, Connection, MemberState, OutReason, PoolShared};
 use pingora_ketama::{Bucket, Continuum};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -165,8 +165,7 @@ impl Pool {
     }
 
     fn usable(&self, index: usize, avoid: &[usize], now: u64) -> bool {
-        let state = &self.members[index].state;
-        state.is_healthy() && !state.is_ejected(now) && !avoid.contains(&index)
+        self.members[index].state.is_usable(now) && !avoid.contains(&index)
     }
 
     fn has_room(&self, index: usize, long_poll: bool) -> bool {
@@ -373,6 +372,13 @@ impl Pool {
         changed
     }
 
+    /// A connection to `index` failed: down until its health check passes.
+    pub fn mark_unreachable(&self, index: usize) {
+        if self.mark(index, false) {
+            self.members[index].state.went_out(now_ms(), OutReason::ConnectFailed);
+        }
+    }
+
     pub fn live_count(&self) -> usize {
         self.members.iter().filter(|m| m.is_healthy()).count()
     }
@@ -393,7 +399,7 @@ impl Pool {
         if eject_after == 0 || failures < eject_after || state.is_ejected(now) || self.usable_others(index, now) == 0 {
             return;
         }
-        let length = state.eject(now, |n| self.balancing.ejection_length(n));
+        let length = state.eject(now, OutReason::Failures, |n| self.balancing.ejection_length(n));
         let member = &self.members[index].label;
         METRICS.balancing.ejections.with_label_values(&[&self.label, member, "failures"]).inc();
         log::warn!("worker {member} ({}) ejected for {length:?} after {failures} failures in a row", self.label);
@@ -431,13 +437,29 @@ impl Pool {
         if checked {
             self.mark(index, false);
         } else {
-            member.state.eject(now, |n| self.balancing.ejection_length(n));
+            member.state.eject(now, OutReason::Stalled, |n| self.balancing.ejection_length(n));
         }
+        member.state.went_out(now, OutReason::Stalled);
         METRICS.balancing.ejections.with_label_values(&[&self.label, &member.label, "stall"]).inc();
         let cut = member.state.cut_rescuable();
         METRICS.balancing.rescued.with_label_values(&[&self.label]).inc_by(cut as u64);
         log::warn!("worker {} ({}) stalled: taken out, {cut} requests sent elsewhere", member.label, self.label);
         cut
+    }
+
+    /// Applies an operator's `drain`, `maintenance` or `ready` to the
+    /// members at `label`; returns how many there were.
+    pub fn set_admin(&self, label: &str, admin: Admin) -> usize {
+        let mut count = 0;
+        for member in self.members.iter().filter(|m| m.label == label) {
+            member.state.set_admin(admin, now_ms());
+            log::warn!("worker {label} ({}) set {admin:?} by the operator", self.label);
+            count += 1;
+        }
+        if count > 0 && admin == Admin::Ready {
+            self.shared.slot_freed().notify_waiters();
+        }
+        count
     }
 
     /// Takes over the long-lived state of the previous snapshot's pool of the

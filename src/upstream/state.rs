@@ -32,6 +32,59 @@ pub struct Connection {
     pub peer: SocketAddr,
 }
 
+/// What an operator asked of a member (`matrix-edge workers …`); it
+/// survives reloads, not restarts of the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Admin {
+    Ready,
+    /// No new requests; those in flight finish. Its sticky keys move to the
+    /// others until it is ready again.
+    Draining,
+    /// As draining, and not health-checked either (stopped on purpose).
+    Maintenance,
+}
+
+impl Admin {
+    fn from_u8(value: u8) -> Admin {
+        match value {
+            1 => Admin::Draining,
+            2 => Admin::Maintenance,
+            _ => Admin::Ready,
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<Admin> {
+        match word {
+            "ready" => Some(Admin::Ready),
+            "drain" | "draining" => Some(Admin::Draining),
+            "maintenance" => Some(Admin::Maintenance),
+            _ => None,
+        }
+    }
+}
+
+/// Why a member last went out of rotation, for the status page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutReason {
+    HealthCheck = 1,
+    ConnectFailed = 2,
+    Stalled = 3,
+    Failures = 4,
+}
+
+impl OutReason {
+    pub fn describe(code: u8) -> &'static str {
+        match code {
+            1 => "health check failed",
+            2 => "connection failed",
+            3 => "stalled: owed answers and its health check failed",
+            4 => "failures in a row",
+            _ => "",
+        }
+    }
+}
+
 /// A request sent to a member and not answered yet.
 struct Outstanding {
     id: u64,
@@ -57,6 +110,10 @@ pub struct MemberState {
     last_answer: AtomicU64,
     /// A stall check is running.
     probing: AtomicBool,
+    admin: std::sync::atomic::AtomicU8,
+    /// When it last went down or was ejected (0: never), and why (`OutReason`).
+    out_since: AtomicU64,
+    out_reason: std::sync::atomic::AtomicU8,
     next_id: AtomicU64,
     outstanding: Mutex<Vec<Outstanding>>,
     in_flight_gauge: IntGauge,
@@ -75,6 +132,9 @@ impl MemberState {
             ramp_from: AtomicU64::new(0),
             last_answer: AtomicU64::new(0),
             probing: AtomicBool::new(false),
+            admin: std::sync::atomic::AtomicU8::new(0),
+            out_since: AtomicU64::new(0),
+            out_reason: std::sync::atomic::AtomicU8::new(0),
             next_id: AtomicU64::new(1),
             outstanding: Mutex::new(Vec::new()),
             in_flight_gauge: METRICS.balancing.in_flight.with_label_values(&[pool, member]),
@@ -92,7 +152,39 @@ impl MemberState {
         if changed && healthy {
             self.ramp_from.store(now, Ordering::Relaxed);
         }
+        if changed && !healthy {
+            self.went_out(now, OutReason::HealthCheck);
+        }
         changed
+    }
+
+    /// Records when and why it left rotation (the first reason of a spell out stays).
+    pub fn went_out(&self, now: u64, reason: OutReason) {
+        self.out_since.store(now, Ordering::Relaxed);
+        self.out_reason.store(reason as u8, Ordering::Relaxed);
+    }
+
+    /// When (monotonic ms) and why it last left rotation; `None` if never.
+    pub fn last_out(&self) -> Option<(u64, &'static str)> {
+        let since = self.out_since.load(Ordering::Relaxed);
+        (since != 0).then(|| (since, OutReason::describe(self.out_reason.load(Ordering::Relaxed))))
+    }
+
+    pub fn admin(&self) -> Admin {
+        Admin::from_u8(self.admin.load(Ordering::Relaxed))
+    }
+
+    /// Sets what the operator asked; back to ready starts the slow start.
+    pub fn set_admin(&self, admin: Admin, now: u64) {
+        let previous = Admin::from_u8(self.admin.swap(admin as u8, Ordering::Relaxed));
+        if admin == Admin::Ready && previous != Admin::Ready {
+            self.ramp_from.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes requests now: healthy, not ejected, not drained.
+    pub fn is_usable(&self, now: u64) -> bool {
+        self.is_healthy() && !self.is_ejected(now) && self.admin.load(Ordering::Relaxed) == Admin::Ready as u8
     }
 
     pub fn is_ejected(&self, now: u64) -> bool {
@@ -177,7 +269,8 @@ impl MemberState {
 
     /// Takes the member out until `now + length(ejections in a row)`;
     /// it ramps up from then.
-    pub fn eject(&self, now: u64, length: impl Fn(u32) -> Duration) -> Duration {
+    pub fn eject(&self, now: u64, reason: OutReason, length: impl Fn(u32) -> Duration) -> Duration {
+        self.went_out(now, reason);
         let ejections = self.ejections.fetch_add(1, Ordering::Relaxed);
         let length = length(ejections);
         let until = now.saturating_add(millis(length));
@@ -348,14 +441,16 @@ mod tests {
         let member = MemberState::new("test_eject", "m");
         let length = |n: u32| Duration::from_secs(10) * (1 << n.min(4));
         assert_eq!(member.failed(), 1);
-        assert_eq!(member.eject(1000, length), Duration::from_secs(10));
+        let failures = OutReason::Failures;
+        assert_eq!(member.eject(1000, failures, length), Duration::from_secs(10));
         assert!(member.is_ejected(10_999) && !member.is_ejected(11_000));
-        assert_eq!(member.eject(11_000, length), Duration::from_secs(20));
+        assert_eq!(member.eject(11_000, failures, length), Duration::from_secs(20));
         // Still out: a good answer (an old request finishing) keeps the back-off.
         member.succeeded(20_000);
-        assert_eq!(member.eject(31_000, length), Duration::from_secs(40));
+        assert_eq!(member.eject(31_000, failures, length), Duration::from_secs(40));
         member.succeeded(80_000);
-        assert_eq!(member.eject(80_000, length), Duration::from_secs(10));
+        assert_eq!(member.eject(80_000, failures, length), Duration::from_secs(10));
+        assert_eq!(member.last_out(), Some((80_000, "failures in a row")));
     }
 
     #[test]

@@ -78,6 +78,8 @@ impl EdgeProcess {
             .arg(dir.join("edge.pid"))
             .arg("--upgrade-socket")
             .arg(dir.join("upgrade.sock"))
+            .arg("--control-socket")
+            .arg(dir.join("control.sock"))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
@@ -115,6 +117,11 @@ impl EdgeProcess {
             let _ = file.read_to_string(&mut text);
         }
         text
+    }
+
+    /// Where `matrix-edge workers --control-socket` reaches this edge.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
     }
 
     pub fn path(&self) -> &Path {

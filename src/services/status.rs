@@ -1,0 +1,319 @@
+//! The private listener's pages: `/metrics`, the `/livez` and `/readyz`
+//! probes, and the status page an admin opens in an incident:
+//! `/status.json` and `/status` (HTML without scripts or external assets,
+//! refreshing itself every 5 s). Read-only and without secrets: addresses,
+//! states, counts, certificate names and dates.
+
+use crate::edge::Edge;
+use crate::observe::metrics::METRICS;
+use crate::services::control::{pools, state_word};
+use crate::sites::Action;
+use crate::upstream::state::now_ms;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub struct PrivateApp {
+    pub edge: Arc<ArcSwap<Edge>>,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A monotonic timestamp (ms) as Unix seconds.
+fn wall_time(monotonic_ms: u64) -> i64 {
+    let ago = now_ms().saturating_sub(monotonic_ms) as f64 / 1000.0;
+    (unix_now() - ago) as i64
+}
+
+/// The certificate's issuer as its common name (else the whole name).
+fn issuer(certificate: &crate::tls::CertifiedKey) -> String {
+    let Some(leaf) = certificate.chain.first() else { return String::new() };
+    let name = leaf.issuer_name();
+    let common = name.entries_by_nid(openssl::nid::Nid::COMMONNAME).next().and_then(|e| e.data().to_string().ok());
+    common.unwrap_or_else(|| name.entries().filter_map(|e| e.data().to_string().ok()).collect::<Vec<_>>().join(", "))
+}
+
+/// Everything the page shows, as JSON.
+pub fn snapshot(edge: &Edge) -> Value {
+    let now = now_ms();
+    let listeners: Vec<Value> = edge
+        .ops
+        .listeners
+        .iter()
+        .map(|l| {
+            json!({
+                "address": l.address.to_string(),
+                "tls": l.tls,
+                "roles": l.roles.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "proxy_protocol": l.proxy_protocol.is_some(),
+            })
+        })
+        .collect();
+    let sites: Vec<Value> = edge
+        .sites
+        .all()
+        .iter()
+        .map(|site| {
+            let routes: Vec<Value> = site
+                .routes
+                .iter()
+                .map(|route| {
+                    let to = match &route.action {
+                        Action::Upstream(id) => format!("upstream {}", edge.upstreams.get(*id).name),
+                        Action::Redirect(redirect) => format!("redirect {} to {}", redirect.status, redirect.to),
+                        Action::Static(_) => "static files".to_string(),
+                    };
+                    json!({ "match": route.matcher.to_string(), "to": to })
+                })
+                .collect();
+            json!({ "hosts": site.hosts, "routes": routes })
+        })
+        .collect();
+    let pool_views: Vec<Value> = pools(edge)
+        .map(|(kind, pool)| {
+            let members: Vec<Value> = pool
+                .members
+                .iter()
+                .enumerate()
+                .map(|(index, member)| {
+                    let state = &member.state;
+                    let mut view = json!({
+                        "address": member.label,
+                        "state": state_word(pool, index, now),
+                        "weight": member.weight,
+                        "in_flight": state.in_flight(),
+                        "long_polls": state.long_polls(),
+                    });
+                    if let Some((since, why)) = state.last_out() {
+                        view["last_out"] = json!({ "at": wall_time(since), "why": why });
+                    }
+                    if state.is_ejected(now) {
+                        view["ejected_until"] = json!(wall_time(state.ejected_until()));
+                    }
+                    view
+                })
+                .collect();
+            json!({
+                "kind": kind,
+                "name": pool.label,
+                "balancing": pool.balancing.describe(),
+                "queued": pool.shared.waiting(),
+                "members": members,
+            })
+        })
+        .collect();
+    let file_backed = &edge.tls.file_certificates;
+    let certificates: Vec<Value> = edge
+        .tls
+        .certificates
+        .load()
+        .certificates()
+        .iter()
+        .map(|certificate| {
+            let from_file = file_backed.iter().any(|f| Arc::ptr_eq(f, certificate));
+            let mut view = json!({
+                "names": certificate.names,
+                "issuer": issuer(certificate),
+                "not_after": certificate.not_after_unix,
+                "days_left": ((certificate.not_after_unix as f64 - unix_now()) / 86400.0 * 10.0).round() / 10.0,
+                "source": if from_file { "file" } else { "acme" },
+            });
+            if !from_file {
+                let next = certificate
+                    .names
+                    .first()
+                    .map(|name| METRICS.operations.acme_next_renewal.with_label_values(&[name]).get())
+                    .filter(|at| *at > 0);
+                view["next_renewal"] = json!(next);
+            }
+            view
+        })
+        .collect();
+    let reload = crate::services::reload::last_reload();
+    let rate_limited: serde_json::Map<String, Value> = crate::request::ratelimit::Class::ALL
+        .iter()
+        .zip(crate::request::ratelimit::RATE_LIMITED.iter())
+        .map(|(class, counter)| (class.name().to_string(), json!(counter.get())))
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "server_name": edge.server_name,
+        "now": unix_now() as i64,
+        "readiness": format!("{:?}", crate::observe::probes::Readiness::now()).to_lowercase(),
+        "config": {
+            "loaded_at": METRICS.operations.config_loaded_at.get(),
+            "last_reload": reload.map(|r| json!({ "at": r.at, "result": if r.error.is_some() { "error" } else { "ok" }, "error": r.error })),
+        },
+        "listeners": listeners,
+        "sites": sites,
+        "main": { "address": edge.main.address.to_string(), "held": METRICS.traffic.held.get() },
+        "pools": pool_views,
+        "certificates": certificates,
+        "requests_in_flight": METRICS.traffic.in_flight.get(),
+        "rate_limited": rate_limited,
+    })
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => escape(s),
+        Value::Null => "-".to_string(),
+        other => escape(&other.to_string()),
+    }
+}
+
+fn when(unix: &Value) -> String {
+    match unix.as_i64() {
+        Some(at) => escape(&httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(at.max(0) as u64))),
+        None => "-".to_string(),
+    }
+}
+
+/// The page: one table per section, states coloured by class.
+pub fn html(status: &Value) -> String {
+    let mut out = String::with_capacity(8192);
+    out.push_str(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\">\
+         <meta name=\"viewport\" content=\"width=device-width\"><title>matrix-edge status</title><style>\
+         body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}\
+         td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f3f3f3}\
+         .up{color:#176d17}.down,.error{color:#b00;font-weight:bold}.ejected,.draining,.maintenance,.slow_start{color:#a65f00}\
+         </style></head><body>",
+    );
+    out.push_str(&format!(
+        "<h1>matrix-edge {} for {}</h1><p>Readiness: <b>{}</b>. Requests in flight: {}. Held for main: {}. Page generated {}; it refreshes every 5 s.</p>",
+        text(&status["version"]),
+        text(&status["server_name"]),
+        text(&status["readiness"]),
+        text(&status["requests_in_flight"]),
+        text(&status["main"]["held"]),
+        when(&status["now"]),
+    ));
+    let reload = &status["config"]["last_reload"];
+    let reload_line = if reload.is_null() {
+        "no reload since start".to_string()
+    } else if reload["result"] == "error" {
+        format!(
+            "<span class=\"error\">failed</span> at {}: {} (the previous configuration is still serving)",
+            when(&reload["at"]),
+            text(&reload["error"])
+        )
+    } else {
+        format!("ok at {}", when(&reload["at"]))
+    };
+    out.push_str(&format!(
+        "<h2>Configuration</h2><p>Loaded {}. Last reload: {reload_line}.</p>",
+        when(&status["config"]["loaded_at"])
+    ));
+    out.push_str("<h2>Workers and upstreams</h2>");
+    for pool in status["pools"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "<h3>{} {}</h3><p>{}; {} queued.</p><table><tr><th>address</th><th>state</th><th>in flight</th><th>long-polls</th><th>weight</th><th>last out of rotation</th></tr>",
+            text(&pool["kind"]),
+            text(&pool["name"]),
+            text(&pool["balancing"]),
+            text(&pool["queued"])
+        ));
+        for member in pool["members"].as_array().into_iter().flatten() {
+            let state = member["state"].as_str().unwrap_or("");
+            let out_line = match member.get("last_out") {
+                Some(last) => format!("{} ({})", when(&last["at"]), text(&last["why"])),
+                None => "never".to_string(),
+            };
+            out.push_str(&format!(
+                "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{out_line}</td></tr>",
+                text(&member["address"]),
+                escape(state),
+                escape(&state.replace('_', " ")),
+                text(&member["in_flight"]),
+                text(&member["long_polls"]),
+                text(&member["weight"]),
+            ));
+        }
+        out.push_str("</table>");
+    }
+    out.push_str(&format!("<p>Main process: {}.</p>", text(&status["main"]["address"])));
+    out.push_str("<h2>Certificates</h2><table><tr><th>names</th><th>issuer</th><th>expires</th><th>days left</th><th>source</th><th>next renewal</th></tr>");
+    for cert in status["certificates"].as_array().into_iter().flatten() {
+        let names: Vec<String> = cert["names"].as_array().into_iter().flatten().map(text).collect();
+        out.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            names.join(", "),
+            text(&cert["issuer"]),
+            when(&cert["not_after"]),
+            text(&cert["days_left"]),
+            text(&cert["source"]),
+            when(&cert["next_renewal"]),
+        ));
+    }
+    out.push_str(
+        "</table><h2>Listeners</h2><table><tr><th>address</th><th>TLS</th><th>serves</th><th>PROXY protocol</th></tr>",
+    );
+    for listener in status["listeners"].as_array().into_iter().flatten() {
+        let roles: Vec<String> = listener["roles"].as_array().into_iter().flatten().map(text).collect();
+        out.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            text(&listener["address"]),
+            text(&listener["tls"]),
+            roles.join(", "),
+            text(&listener["proxy_protocol"])
+        ));
+    }
+    out.push_str("</table><h2>Sites</h2><table><tr><th>hosts</th><th>routes</th></tr>");
+    for site in status["sites"].as_array().into_iter().flatten() {
+        let hosts: Vec<String> = site["hosts"].as_array().into_iter().flatten().map(text).collect();
+        let routes: Vec<String> = site["routes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| format!("{} &rarr; {}", text(&r["match"]), text(&r["to"])))
+            .collect();
+        out.push_str(&format!("<tr><td>{}</td><td>{}</td></tr>", hosts.join(", "), routes.join("<br>")));
+    }
+    out.push_str("</table><h2>Rate limits</h2><table><tr><th>class</th><th>refused since start</th></tr>");
+    for (class, count) in status["rate_limited"].as_object().into_iter().flatten() {
+        out.push_str(&format!("<tr><td>{}</td><td>{}</td></tr>", escape(class), text(count)));
+    }
+    out.push_str("</table><p><a href=\"/status.json\">status.json</a> &middot; <a href=\"/metrics\">metrics</a></p></body></html>\n");
+    out
+}
+
+#[async_trait]
+impl ServeHttp for PrivateApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let (status, content_type, body) = match session.req_header().uri.path() {
+            "/metrics" => (200, "text/plain; version=0.0.4", crate::observe::metrics::render()),
+            // The process answers: it is alive, whatever its readiness.
+            "/livez" => (200, "text/plain", b"alive\n".to_vec()),
+            "/readyz" => {
+                let (status, body) = crate::observe::probes::Readiness::now().answer();
+                (status, "text/plain", body.as_bytes().to_vec())
+            }
+            "/status.json" => {
+                let mut body = serde_json::to_vec_pretty(&snapshot(&self.edge.load())).unwrap_or_default();
+                body.push(b'\n');
+                (200, "application/json", body)
+            }
+            "/status" => (200, "text/html; charset=utf-8", html(&snapshot(&self.edge.load())).into_bytes()),
+            _ => (404, "text/plain", b"not found\n".to_vec()),
+        };
+        Response::builder()
+            .status(status)
+            .header("Content-Type", content_type)
+            .header("Content-Length", body.len())
+            .header("Cache-Control", "no-store")
+            .body(body)
+            .unwrap_or_default()
+    }
+}
