@@ -438,7 +438,6 @@ def measure(setup, name, pids, plain, tls):
     if LATENCY_ONLY:
         return measure_latency(setup, name, plain)
     result = {}
-    urls_h1 = [f"http://127.0.0.1:{plain}{p}" for p in setup.paths]
     proc_pids = lambda: children(pids[0]) if pids else []
     # Small GETs over the route table, HTTP/1.1 keep-alive, plaintext.
     result["h1_cpu_us"], result["h1_rps"] = cpu_per_request(proc_pids(), "h1", plain, tls, setup.paths, REQUESTS)
@@ -454,24 +453,8 @@ def measure(setup, name, pids, plain, tls):
         cpu1 = cpu_seconds(proc_pids())
         result["tls_conn_per_s"] = done / elapsed
         result["tls_conn_cpu_us"] = (cpu1 - cpu0) / max(done, 1) * 1e6
-    # Latency at a fixed rate: 20 clients x 100 req/s for 10 s.
-    log = os.path.join(setup.work, f"latency-{name}.log")
-    h2load(["--h1", "-c", "20", "-t", "1", "--rps", "100", "-D", "5" if QUICK else "10", "--log-file", log], urls_h1)
-    result["p50_ms"], result["p99_ms"] = percentiles(log)
-    # The same fixed-rate load while LONG_POLLS clients hold /sync long-polls
-    # of 2 s each (re-issued as each returns), as Synapse's clients do.
-    lp_port = setup.upstream_ports["synchrotron"] if name == "none" else plain
-    lp_url = f"http://127.0.0.1:{lp_port}/_matrix/client/v3/sync?since=s1&timeout=2000&longpoll=1"
-    duration = 5 if QUICK else 10
-    polls = subprocess.Popen(["h2load", "--h1", "-c", str(LONG_POLLS), "-t", "1", "-D", str(duration + 3), lp_url],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(1.5)
-    log = os.path.join(setup.work, f"mix-{name}.log")
-    h2load(["--h1", "-c", "20", "-t", "1", "--rps", "100", "-D", str(duration), "--log-file", log], urls_h1)
-    result["mix_p50_ms"], result["mix_p99_ms"] = percentiles(log)
-    out, _ = polls.communicate()
-    succeeded = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
-    result["longpolls_done"] = int(succeeded.group(1)) if succeeded else 0
+    # Latency at a fixed rate (20 clients x 100 req/s), alone and beside long-polls.
+    result.update(measure_latency(setup, name, plain))
     # Memory: idle, then with many idle keep-alive connections.
     result["rss_idle_mib"] = rss_kib(proc_pids()) / 1024
     held = idle_connections(plain, IDLE_CONNECTIONS)
@@ -513,7 +496,9 @@ def measure(setup, name, pids, plain, tls):
 
 
 def measure_latency(setup, name, plain):
-    """The fixed-rate latency load alone, then beside the long-polls."""
+    """The fixed-rate latency load alone for 10 s, then while LONG_POLLS
+    clients hold /sync long-polls of 2 s each (re-issued as each returns),
+    as Synapse's clients do."""
     result = {}
     urls_h1 = [f"http://127.0.0.1:{plain}{p}" for p in setup.paths]
     duration = 5 if QUICK else 10
@@ -528,7 +513,9 @@ def measure_latency(setup, name, plain):
     log = os.path.join(setup.work, f"mix-{name}.log")
     h2load(["--h1", "-c", "20", "-t", "1", "--rps", "100", "-D", str(duration), "--log-file", log], urls_h1)
     result["mix_p50_ms"], result["mix_p99_ms"] = percentiles(log)
-    polls.communicate()
+    out, _ = polls.communicate()
+    succeeded = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
+    result["longpolls_done"] = int(succeeded.group(1)) if succeeded else 0
     return result
 
 

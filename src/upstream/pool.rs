@@ -230,61 +230,66 @@ impl Pool {
         }
     }
 
-    /// The fewest requests in flight for the member's weight (scaled down
-    /// while it ramps up); ties go round, from a rotating start.
-    fn choose_least(&self, avoid: &[usize], long_poll: bool, now: u64) -> Pick {
+    /// Members in turn from a rotating start (returned too) that are usable
+    /// and have room; `full` is set when a usable one lacked room.
+    fn in_turn<'a>(
+        &'a self,
+        avoid: &'a [usize],
+        long_poll: bool,
+        now: u64,
+        full: &'a mut bool,
+    ) -> (usize, impl Iterator<Item = usize> + 'a) {
         let count = self.members.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut best: Option<(u64, usize)> = None;
-        let mut full = false;
-        for index in (0..count).map(|offset| (start + offset) % count) {
+        let members = (0..count).map(move |offset| (start + offset) % count).filter(move |&index| {
             if !self.usable(index, avoid, now) {
-                continue;
+                return false;
             }
-            if !self.has_room(index, long_poll) {
-                full = true;
-                continue;
-            }
-            let member = &self.members[index];
-            let weight = u64::from(member.weight) * member.state.ramp_permille(self.balancing.slow_start, now);
-            let score = (u64::from(member.state.in_flight()) + 1) * 1_000_000_000 / weight.max(1);
-            if best.is_none_or(|(lowest, _)| score < lowest) {
-                best = Some((score, index));
-            }
-        }
-        match (best, full) {
-            (Some((_, index)), _) => Pick::Member(index),
+            let room = self.has_room(index, long_poll);
+            *full |= !room;
+            room
+        });
+        (start, members)
+    }
+
+    fn outcome(chosen: Option<usize>, full: bool) -> Pick {
+        match (chosen, full) {
+            (Some(index), _) => Pick::Member(index),
             (None, true) => Pick::Full,
             (None, false) => Pick::NoneLive,
         }
     }
 
+    /// The fewest requests in flight for the member's weight (scaled down
+    /// while it ramps up); ties go round, from a rotating start.
+    fn choose_least(&self, avoid: &[usize], long_poll: bool, now: u64) -> Pick {
+        let mut full = false;
+        let (_, members) = self.in_turn(avoid, long_poll, now, &mut full);
+        let score = |index: usize| {
+            let member = &self.members[index];
+            let weight = u64::from(member.weight) * member.state.ramp_permille(self.balancing.slow_start, now);
+            (u64::from(member.state.in_flight()) + 1) * 1_000_000_000 / weight.max(1)
+        };
+        // `min_by_key` keeps the first of equals: the rotation breaks ties.
+        let chosen = members.min_by_key(|&index| score(index));
+        Self::outcome(chosen, full)
+    }
+
     fn choose_round_robin(&self, avoid: &[usize], long_poll: bool, now: u64) -> Pick {
-        let count = self.members.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut full = false;
         let mut ramping = None;
-        for index in (0..count).map(|offset| (start + offset) % count) {
-            if !self.usable(index, avoid, now) {
-                continue;
-            }
-            if !self.has_room(index, long_poll) {
-                full = true;
-                continue;
-            }
-            // A ramping member takes its turn only that share of the time.
+        let (start, mut members) = self.in_turn(avoid, long_poll, now, &mut full);
+        // A ramping member takes its turn only that share of the time.
+        let chosen = members.find(|&index| {
             let ramp = self.members[index].state.ramp_permille(self.balancing.slow_start, now);
-            if ramp < 1000 && (start as u64).wrapping_mul(7919) % 1000 >= ramp {
+            let skip = ramp < 1000 && (start as u64).wrapping_mul(7919) % 1000 >= ramp;
+            if skip {
                 ramping.get_or_insert(index);
-                continue;
             }
-            return Pick::Member(index);
-        }
-        match (ramping, full) {
-            (Some(index), _) => Pick::Member(index),
-            (None, true) => Pick::Full,
-            (None, false) => Pick::NoneLive,
-        }
+            !skip
+        });
+        drop(members);
+        Self::outcome(chosen.or(ramping), full)
     }
 
     fn take(&self, index: usize, long_poll: bool) -> Option<Slot> {
