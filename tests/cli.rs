@@ -303,7 +303,7 @@ fn routes_and_route_explain_the_table() {
     let initial = explain("GET", "/_matrix/client/v3/sync", &[]);
     assert!(initial.contains("group initial_sync"), "{initial}");
     let media = explain("GET", "/_matrix/media/v3/download/a/b", &[]);
-    assert!(media.contains("none: 503 when every worker of the group is down"), "{media}");
+    assert!(media.contains("none: waits for a worker up to synapse.hold, then 503"), "{media}");
     let refused = explain("GET", "/_synapse/replication/x", &[]);
     assert!(refused.contains("refused by the edge: 404 M_UNRECOGNIZED"), "{refused}");
     let unclaimed = explain("POST", "/_matrix/client/v3/logout", &[]);

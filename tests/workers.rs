@@ -1,6 +1,7 @@
 //! Worker pools through the real binary: sticky placement, a worker killed
 //! under steady load (nothing fails, only its keys move), its return, a whole
-//! group falling back to main, and media answering 503 rather than falling back.
+//! group falling back to main, and media waiting for its restarting worker,
+//! then answering 503 rather than falling back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -99,7 +100,8 @@ fn killing_a_worker_under_load_moves_only_its_keys_and_loses_nothing() {
     let ports = [free_port(), free_port(), free_port()];
     let mut syncs: Vec<Option<RecordingUpstream>> =
         ports.iter().enumerate().map(|(i, p)| Some(RecordingUpstream::start_named(&format!("sync{i}"), *p))).collect();
-    let media = RecordingUpstream::start_named("media", 0);
+    let media_port = free_port();
+    let media = RecordingUpstream::start_named("media", media_port);
     let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let config = format!(
         r#"server_name: example.com
@@ -110,6 +112,7 @@ synapse:
     synchrotron: ["127.0.0.1:{}", "127.0.0.1:{}", "127.0.0.1:{}"]
     media_repository: ["{}"]
   health_check: {{ interval: 300ms, timeout: 250ms }}
+  hold: 3s
   # A revived worker takes its users back over the slow start (10 s by default).
   balancing: {{ slow_start: 2s }}
 process: {{ threads: 2 }}
@@ -165,10 +168,25 @@ process: {{ threads: 2 }}
     let fallback = placement(edge_addr);
     assert!(fallback.values().all(|w| w == "main"), "{fallback:?}");
 
-    // Media never falls back to main: 503 with Retry-After.
+    // Media never falls back to main. Its only worker restarting within
+    // synapse.hold: the request waits for it and is answered by it.
     assert_eq!(get(edge_addr, "/_matrix/media/v3/download/example.com/abc").json()["upstream"], "media");
     drop(media);
+    let restarted = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        RecordingUpstream::start_named("media", media_port)
+    });
+    let asked = Instant::now();
     let response = get(edge_addr, "/_matrix/media/v3/download/example.com/abc");
+    assert_eq!((response.status, response.json()["upstream"].as_str()), (200, Some("media")), "{response:?}");
+    assert!(asked.elapsed() >= Duration::from_millis(1400), "answered before the worker was back");
+    let media = restarted.join().unwrap();
+    // Gone for longer than the hold: 503 with Retry-After once it ran out.
+    drop(media);
+    let asked = Instant::now();
+    let response = get(edge_addr, "/_matrix/media/v3/download/example.com/abc");
+    let waited = asked.elapsed();
+    assert!(waited >= Duration::from_millis(2900) && waited < Duration::from_secs(6), "{waited:?}");
     response.assert_matrix_error(503, "M_UNKNOWN");
     assert!(response.header("retry-after").is_some());
     assert!(main.records().iter().all(|r| !r.target().starts_with("/_matrix/media/")));

@@ -165,7 +165,7 @@ fn explain_synapse_route(out: &mut String, edge: &Edge, method: &str, target: &s
     let fallback = if decision.group.falls_back_to_main() {
         "main, if every worker of the group is down"
     } else {
-        "none: 503 when every worker of the group is down"
+        "none: waits for a worker up to synapse.hold, then 503"
     };
     let _ = writeln!(out, "  fallback: {fallback}");
 }

@@ -704,13 +704,30 @@ impl ProxyHttp for EdgeProxy {
         let key = sticky::key(decision.sticky, &source);
         let upgrading = request.headers.contains_key(http::header::UPGRADE);
         let long_poll = ctx.long_poll.is_some() || upgrading;
-        match pool.acquire(key.as_ref().map(|k| k.as_bytes()), ctx.tried.as_slice(), long_poll).await {
-            Ok(slot) => Ok(take_slot(pool, slot, ctx)),
-            Err(Refusal::NoneLive) if decision.group.falls_back_to_main() => Ok(edge.main.peer()),
-            Err(Refusal::NoneLive) => {
-                Error::e_explain(ErrorType::HTTPStatus(503), format!("no live {} worker", decision.group))
+        loop {
+            match pool.acquire(key.as_ref().map(|k| k.as_bytes()), ctx.tried.as_slice(), long_poll).await {
+                Ok(slot) => return Ok(take_slot(pool, slot, ctx)),
+                Err(Refusal::NoneLive) if decision.group.falls_back_to_main() => return Ok(edge.main.peer()),
+                // A group with no fallback (media, SSO, MAS) and no member to
+                // take the request (restarting, drained): nothing was sent,
+                // so it waits for one as a request to a restarting main does.
+                Err(Refusal::NoneLive) => {
+                    if ctx.held.is_none() && !edge.policy.hold.is_zero() {
+                        ctx.held = Hold::start(edge.policy.hold_limit);
+                    }
+                    let wait = ctx.held.as_mut().and_then(|hold| hold.next_wait(edge.policy.hold));
+                    let Some(wait) = wait else {
+                        return Error::e_explain(
+                            ErrorType::HTTPStatus(503),
+                            format!("no live {} worker", decision.group),
+                        );
+                    };
+                    // Members refused before reached nothing: they may take it once back.
+                    ctx.tried = Tried::default();
+                    tokio::time::sleep(wait).await;
+                }
+                Err(refusal) => return shed(pool, refusal),
             }
-            Err(refusal) => shed(pool, refusal),
         }
     }
 
