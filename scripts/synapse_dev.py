@@ -256,9 +256,19 @@ def cmd_workers(args) -> None:
     python = sys.executable
     subprocess.run([python, "-m", "synapse.app.homeserver", "-c", config, "--generate-keys"], check=True,
                    stdout=subprocess.DEVNULL)
-    main = subprocess.Popen([python, "-m", "synapse.app.homeserver", "-c", config],
-                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(base, "main", "stderr.log"), "w"))
-    processes.append(main)
+    # name -> (command, stderr file, port): what `restart NAME` on stdin runs again.
+    launches = {"main": ([python, "-m", "synapse.app.homeserver", "-c", config],
+                         os.path.join(base, "main", "stderr.log"), main_port)}
+    running = {}
+
+    def launch(name):
+        command, stderr, _ = launches[name]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(stderr, "a"))
+        processes.append(process)
+        running[name] = process
+        return process
+
+    main = launch("main")
     wait_health(main_port, main, "main")
 
     logs = {"main": os.path.join(base, "main", "homeserver.log")}
@@ -279,9 +289,9 @@ def cmd_workers(args) -> None:
             settings["enable_media_repo"] = True
         with open(worker_config, "w") as f:
             json.dump(settings, f)
-        process = subprocess.Popen([python, "-m", "synapse.app.generic_worker", "-c", config, "-c", worker_config],
-                                   stdout=subprocess.DEVNULL, stderr=open(os.path.join(base, f"{name}.stderr"), "w"))
-        processes.append(process)
+        launches[name] = ([python, "-m", "synapse.app.generic_worker", "-c", config, "-c", worker_config],
+                          os.path.join(base, f"{name}.stderr"), ports[name])
+        process = launch(name)
         started.append((name, process))
         logs[name] = logfile
     for name, process in started:
@@ -293,8 +303,26 @@ def cmd_workers(args) -> None:
         groups.setdefault(group, []).append({"name": name, "address": f"127.0.0.1:{ports[name]}",
                                              "pid": pids[name]})
     print(json.dumps({"main": f"127.0.0.1:{main_port}", "groups": groups, "logs": logs}), flush=True)
+    # `restart NAME` on stdin stops that process (SIGTERM, Synapse's own
+    # graceful stop), starts it again and answers once it is healthy;
+    # end of input stops everything.
     try:
-        sys.stdin.read()
+        for line in sys.stdin:
+            words = line.split()
+            if len(words) != 2 or words[0] != "restart" or words[1] not in launches:
+                print(json.dumps({"error": f"unknown command {line.strip()!r}"}), flush=True)
+                continue
+            name = words[1]
+            old = running[name]
+            old.terminate()
+            try:
+                old.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                old.kill()
+                old.wait()
+            process = launch(name)
+            wait_health(launches[name][2], process, name)
+            print(json.dumps({"restarted": name, "pid": process.pid}), flush=True)
     finally:
         stop()
 

@@ -24,6 +24,8 @@ use support::{free_port, EdgeProcess};
 struct Deployment {
     child: Child,
     info: Value,
+    /// Lines the deployment prints after its first (answers to `restart`).
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Deployment {
@@ -42,9 +44,12 @@ impl Deployment {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
         });
         let line = rx.recv_timeout(Duration::from_secs(240)).unwrap_or_default();
         let info: Value = serde_json::from_str(&line).unwrap_or_else(|_| {
@@ -54,7 +59,18 @@ impl Deployment {
                 std::fs::read_to_string(dir.with_extension("stderr")).unwrap_or_default()
             )
         });
-        Deployment { child, info }
+        Deployment { child, info, lines: rx }
+    }
+
+    /// Stops one process (SIGTERM) and starts it again; returns once it is healthy.
+    fn restart(&mut self, name: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "restart {name}").unwrap();
+        stdin.flush().unwrap();
+        let line = self.lines.recv_timeout(Duration::from_secs(180)).unwrap();
+        let answer: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(answer["restarted"], name, "{answer}");
     }
 
     /// Worker name for each address, and "main".
@@ -107,7 +123,7 @@ async fn each_worker_receives_exactly_what_the_table_sends_it() {
     let pki = TestPki::new(&[&[HOST]]);
     let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let base_url = format!("https://{HOST}:{}", edge_addr.port());
-    let deployment = Deployment::start(&work.path().join("synapse"), &format!("{base_url}/"));
+    let mut deployment = Deployment::start(&work.path().join("synapse"), &format!("{base_url}/"));
     let groups = &deployment.info["groups"];
     let list = |group: &str| {
         let addresses: Vec<String> = groups[group]
@@ -186,7 +202,10 @@ synapse:
         compared += 1;
     }
     assert!(compared > 200, "{compared}");
-    let edge_process = EdgeProcess::start(&generated, Some(&pki), &[edge_addr]);
+    // The later phases register and log in a few dozen users from one
+    // address: the edge's login limit (30 a minute per address) would refuse them.
+    let served_config = format!("{generated}\nrate_limits:\n  login: ~\n");
+    let edge_process = EdgeProcess::start(&served_config, Some(&pki), &[edge_addr]);
     // The same table, loaded in-process, says where each request should land.
     let source = Source::read(&edge_process.config).unwrap();
     let table = Edge::from_config(source.parse().unwrap(), &source).unwrap();
@@ -334,6 +353,266 @@ synapse:
     assert_eq!(sliding, 3, "{synchrotron} served {:?}", deployment.served(synchrotron));
 
     a_stopped_synchrotron_stalls_no_user(&deployment, &table, &edge_process, edge_addr, &pki.root_pem).await;
+
+    for drain in [true, false] {
+        let outcome = rolling_restart(
+            &mut deployment,
+            &edge_process,
+            edge_addr,
+            &pki.root_pem,
+            drain,
+            if drain { "d" } else { "n" },
+        )
+        .await;
+        eprintln!(
+            "rolling restart of every worker then main, {}: {} of {} requests failed {:?}; longest {:?}",
+            if drain { "draining each worker first" } else { "without draining" },
+            outcome.failed.len(),
+            outcome.total,
+            tally(&outcome.failed),
+            outcome.longest
+        );
+        assert!(outcome.total > 200, "too little traffic to judge: {}", outcome.total);
+        if drain {
+            assert!(
+                outcome.failed.is_empty(),
+                "requests failed during the drained rolling restart: {:?}",
+                outcome.failed
+            );
+        }
+    }
+
+    // The same restarts through nginx configured by Synapse's table (one
+    // regex location per rule, round robin, its default retries), for comparison.
+    let nginx = Nginx::start(&table, edge_process.path(), work.path());
+    let outcome = rolling_restart(&mut deployment, &edge_process, nginx.address, &pki.root_pem, false, "x").await;
+    eprintln!(
+        "rolling restart of every worker then main, through nginx: {} of {} requests failed {:?}; longest {:?}",
+        outcome.failed.len(),
+        outcome.total,
+        tally(&outcome.failed),
+        outcome.longest
+    );
+    assert!(outcome.total > 200, "too little traffic through nginx to judge: {}", outcome.total);
+}
+
+/// Debian's nginx in front of the same deployment, TLS with the edge's certificate.
+struct Nginx {
+    address: SocketAddr,
+    process: Child,
+}
+
+impl Drop for Nginx {
+    /// SIGTERM, not SIGKILL: a killed master leaves its worker behind.
+    fn drop(&mut self) {
+        EdgeProcess::signal(self.process.id(), "TERM");
+        let _ = self.process.wait();
+    }
+}
+
+impl Nginx {
+    fn start(table: &Edge, edge_dir: &Path, work: &Path) -> Nginx {
+        let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut upstreams = String::new();
+        let mut locations = String::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for pool in table.pools.all() {
+            let servers: String = pool.members.iter().map(|m| format!("server {}; ", m.label)).collect();
+            upstreams.push_str(&format!("  upstream {} {{ {servers}keepalive 16; }}\n", pool.label));
+        }
+        for (index, rule) in table.router.rules().iter().enumerate() {
+            let group = table.router.serving_group(rule);
+            // nginx's locations know no methods: the first rule of a path wins.
+            if !table.router.applies(index) || !seen.insert(rule.pattern.to_string()) {
+                continue;
+            }
+            let to = if table.pools.get(group).is_some() { group.name() } else { "main" };
+            locations.push_str(&format!("    location ~ \"{}\" {{ proxy_pass http://{to}; }}\n", rule.pattern));
+        }
+        let certs = edge_dir.join(format!("certs/{HOST}"));
+        let config = format!(
+            r#"worker_processes 1; daemon off; pid {dir}/nginx.pid; error_log {dir}/nginx.err warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  upstream main {{ server {main}; keepalive 16; }}
+{upstreams}  server {{
+    listen {address} ssl http2;
+    ssl_certificate {cert}; ssl_certificate_key {key};
+    client_max_body_size 50M;
+    proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $host;
+    proxy_set_header X-Forwarded-For $remote_addr; proxy_set_header X-Forwarded-Proto https;
+    proxy_read_timeout 600s;
+{locations}    location / {{ proxy_pass http://main; }}
+  }}
+}}
+"#,
+            dir = work.display(),
+            main = table.main.address,
+            cert = certs.join("fullchain.pem").display(),
+            key = certs.join("privkey.pem").display(),
+        );
+        let path = work.join("nginx.conf");
+        std::fs::write(&path, config).unwrap();
+        let process = Command::new("nginx")
+            .arg("-p")
+            .arg(work)
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let nginx = Nginx { address, process };
+        support::wait_listening(address, "nginx");
+        nginx
+    }
+}
+
+/// How many of each kind of failure, e.g. `{"sync 502": 63}`.
+fn tally(failed: &[String]) -> BTreeMap<&str, usize> {
+    let mut counts = BTreeMap::new();
+    for failure in failed {
+        *counts.entry(failure.as_str()).or_default() += 1;
+    }
+    counts
+}
+
+struct RollingOutcome {
+    total: usize,
+    /// `what status` of each failed request.
+    failed: Vec<String>,
+    longest: Duration,
+}
+
+/// Three users keep a mixed flow going (sync, send, /messages, media
+/// download, a login now and then) while every worker is restarted one
+/// after another (drained first, or not), then main.
+async fn rolling_restart(
+    deployment: &mut Deployment,
+    edge: &EdgeProcess,
+    edge_addr: SocketAddr,
+    root_pem: &str,
+    drain: bool,
+    tag: &str,
+) -> RollingOutcome {
+    let mut users = Vec::new();
+    for i in 0..3 {
+        let mut client = Client::new(edge_addr, root_pem, false);
+        let name = format!("roller{tag}{i}");
+        client.register_and_login(&name, "rolling password").await;
+        let (status, room) = client.json(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(json!({}))).await;
+        assert_eq!(status, 200, "{room}");
+        let upload = client
+            .request(reqwest::Method::POST, "/_matrix/media/v3/upload?filename=r.bin")
+            .header("Content-Type", "application/octet-stream")
+            .body(vec![7u8; 20_000])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(upload.status(), 200);
+        let uri = upload.json::<Value>().await.unwrap()["content_uri"].as_str().unwrap().to_string();
+        let media = format!("/_matrix/client/v1/media/download/example.com/{}", uri.rsplit('/').next().unwrap());
+        users.push((client, name, room["room_id"].as_str().unwrap().to_string(), media));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let outcomes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, u16, Duration)>::new()));
+    let mut loops = Vec::new();
+    for (client, name, room, media) in users {
+        let (stop, outcomes) = (stop.clone(), outcomes.clone());
+        loops.push(tokio::spawn(async move {
+            let mut since: Option<String> = None;
+            let mut round = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                round += 1;
+                let sync = match &since {
+                    Some(since) => format!("/_matrix/client/v3/sync?timeout=0&since={since}"),
+                    None => "/_matrix/client/v3/sync?timeout=0".to_string(),
+                };
+                let send = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{name}-{round}", encode(&room));
+                let messages = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=5", encode(&room));
+                let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": name}, "password": "rolling password"});
+                let mut steps: Vec<(&str, reqwest::Method, String, Option<Value>)> = vec![
+                    ("sync", reqwest::Method::GET, sync, None),
+                    ("send", reqwest::Method::PUT, send, Some(json!({"msgtype": "m.text", "body": "rolling"}))),
+                    ("messages", reqwest::Method::GET, messages, None),
+                    ("media", reqwest::Method::GET, media.clone(), None),
+                ];
+                if round.is_multiple_of(5) {
+                    steps.push(("login", reqwest::Method::POST, "/_matrix/client/v3/login".to_string(), Some(login)));
+                }
+                for (what, method, target, body) in steps {
+                    let started = std::time::Instant::now();
+                    let mut request = client.request(method, &target);
+                    if let Some(body) = body {
+                        request = request.json(&body);
+                    }
+                    let status = match request.send().await {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            if what == "sync" && status == 200 {
+                                if let Ok(body) = response.json::<Value>().await {
+                                    since = body["next_batch"].as_str().map(str::to_string);
+                                }
+                            } else {
+                                let _ = response.bytes().await;
+                            }
+                            status
+                        }
+                        Err(_) => 0,
+                    };
+                    outcomes.lock().unwrap().push((what.to_string(), status, started.elapsed()));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let workers: Vec<(String, String)> = deployment.info["groups"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|members| members.as_array().unwrap().clone())
+        .map(|m| (m["name"].as_str().unwrap().to_string(), m["address"].as_str().unwrap().to_string()))
+        .collect();
+    let workers_cli = |args: &[&str]| {
+        let output = Command::new(support::binary())
+            .arg("workers")
+            .arg("--control-socket")
+            .arg(edge.control_socket())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "workers {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    for (name, address) in &workers {
+        tokio::task::block_in_place(|| {
+            if drain {
+                workers_cli(&["drain", address, "--wait", "60s"]);
+            }
+            deployment.restart(name);
+            if drain {
+                workers_cli(&["ready", address]);
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::task::block_in_place(|| deployment.restart("main"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in loops {
+        task.await.unwrap();
+    }
+    let outcomes = outcomes.lock().unwrap();
+    RollingOutcome {
+        total: outcomes.len(),
+        failed: outcomes
+            .iter()
+            .filter(|(_, status, _)| *status != 200)
+            .map(|(what, status, _)| format!("{what} {status}"))
+            .collect(),
+        longest: outcomes.iter().map(|(_, _, took)| *took).max().unwrap_or_default(),
+    }
 }
 
 /// One sync, as a client that keeps up does (`timeout=0` from its `since`).
