@@ -441,10 +441,10 @@ impl Pool {
         let member = &self.members[index];
         if checked {
             self.mark(index, false);
+            member.state.went_out(now, OutReason::Stalled);
         } else {
             member.state.eject(now, OutReason::Stalled, |n| self.balancing.ejection_length(n));
         }
-        member.state.went_out(now, OutReason::Stalled);
         METRICS.balancing.ejections.with_label_values(&[&self.label, &member.label, "stall"]).inc();
         let cut = member.state.cut_rescuable();
         METRICS.balancing.rescued.with_label_values(&[&self.label]).inc_by(cut as u64);

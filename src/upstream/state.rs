@@ -247,8 +247,8 @@ impl MemberState {
     }
 
     /// A good answer: the failure streak and the ejection back-off end.
+    /// (`answered` has already noted the answer itself.)
     pub fn succeeded(&self, now: u64) {
-        self.last_answer.store(now, Ordering::Relaxed);
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
