@@ -60,6 +60,8 @@ pub struct Policy {
     pub hold: std::time::Duration,
     /// How many may be held at once; past that, 503 at once.
     pub hold_limit: usize,
+    /// The federation gate; `None` when `federation.verify.mode` is `off`.
+    pub federation_gate: Option<std::sync::Arc<crate::federation::gate::Gate>>,
 }
 
 /// The certificates a snapshot serves and where they come from.
@@ -240,6 +242,7 @@ impl Edge {
             matrix_site: _,
             trusted_proxies: _,
             request_id_header: _,
+            federation: _,
         } = &config;
         let mut warnings = Vec::new();
         let listeners = build_listeners(&config, source, &mut warnings)?;
@@ -560,7 +563,80 @@ fn build_policy(config: &EdgeConfig, listeners: &[Listener], source: &Source) ->
         access_log: config.process.access_log,
         hold: config.synapse.hold.0,
         hold_limit: config.synapse.hold_limit,
+        federation_gate: build_federation_gate(config, source)?,
     })
+}
+
+/// `federation`: the gate's mode, how it fetches keys, the deny and allow lists.
+fn build_federation_gate(
+    config: &EdgeConfig,
+    source: &Source,
+) -> Result<Option<std::sync::Arc<crate::federation::gate::Gate>>, ConfigError> {
+    use crate::config::VerifyMode;
+    use crate::federation::gate::{Gate, Mode, ServerList};
+    let federation = &config.federation;
+    let at = |key: &'static str| [Seg::Key("federation"), Seg::Key("verify"), Seg::Key(key)];
+    let deny = ServerList::new(&federation.deny)
+        .map_err(|e| source.error_at(&[Seg::Key("federation"), Seg::Key("deny")], e))?;
+    let allow = match &federation.allow {
+        Some(names) => {
+            Some(ServerList::new(names).map_err(|e| source.error_at(&[Seg::Key("federation"), Seg::Key("allow")], e))?)
+        }
+        None => None,
+    };
+    let mode = match federation.verify.mode {
+        VerifyMode::Off => {
+            if !deny.is_empty() || allow.is_some() {
+                return Err(source.error_at(
+                    &at("mode"),
+                    "federation.deny and federation.allow apply to verified origins: set mode to observe or enforce",
+                ));
+            }
+            return Ok(None);
+        }
+        VerifyMode::Observe => Mode::Observe,
+        VerifyMode::Enforce => Mode::Enforce,
+    };
+    let mut rules = Vec::new();
+    for (index, rule) in federation.verify.connect_to.iter().enumerate() {
+        let parsed = rule.parse::<crate::federation::fetch::ConnectTo>().map_err(|e| {
+            source.error_at(&[Seg::Key("federation"), Seg::Key("verify"), Seg::Key("connect_to"), Seg::Index(index)], e)
+        })?;
+        rules.push(parsed);
+    }
+    let ca_file = federation.verify.ca_file.clone();
+    let client = crate::federation::fetch::Client::new(rules, ca_file.as_deref())
+        .map_err(|e| source.error_at(&at("ca_file"), e))?;
+    let mut notaries = Vec::new();
+    for (index, notary) in federation.verify.trusted_key_servers.iter().enumerate() {
+        let here = [Seg::Key("federation"), Seg::Key("verify"), Seg::Key("trusted_key_servers"), Seg::Index(index)];
+        if !crate::federation::header::is_server_name(&notary.server_name) {
+            return Err(source.error_at(&here, format!("{:?} is not a server name", notary.server_name)));
+        }
+        let mut keys = Vec::new();
+        for (key_id, text) in &notary.verify_keys {
+            let key = crate::federation::keys::pinned_key(text)
+                .filter(|_| key_id.starts_with("ed25519:"))
+                .ok_or_else(|| source.error_at(&here, format!("verify_keys.{key_id}: not an ed25519 public key")))?;
+            keys.push((key_id.clone(), key));
+        }
+        if keys.is_empty() {
+            return Err(source.error_at(&here, "pin at least one key in verify_keys"));
+        }
+        notaries.push(crate::federation::keys::Notary { server_name: notary.server_name.clone(), keys });
+    }
+    for reason in crate::federation::gate::Refusal::REASONS {
+        crate::observe::metrics::METRICS.federation.requests.with_label_values(&["refused", reason]);
+    }
+    crate::observe::metrics::METRICS.federation.requests.with_label_values(&["verified", ""]);
+    let fetcher = crate::federation::keys::KeyFetcher::new(client, federation.verify.dns, notaries);
+    Ok(Some(std::sync::Arc::new(Gate {
+        mode,
+        server_name: config.server_name.0.clone(),
+        fetcher: std::sync::Arc::new(fetcher),
+        deny,
+        allow,
+    })))
 }
 
 /// `upstreams`: each named upstream with its members and checks.

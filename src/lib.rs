@@ -41,7 +41,7 @@
 //! 5. `sites`, `acme`
 //! 6. `local`, `upstream`
 //! 7. `request`
-//! 8. `config`, `tls`
+//! 8. `config`, `tls`, `federation`
 //! 9. `observe`
 //! 10. `synapse`
 
@@ -49,6 +49,7 @@ pub mod acme;
 pub mod cli;
 pub mod config;
 pub mod edge;
+pub mod federation;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod local;

@@ -357,7 +357,10 @@ fn doctor(
     };
     let mut rules = Vec::with_capacity(connect_to.len());
     for rule in connect_to {
-        rules.push(rule.parse::<doctor::fetch::ConnectTo>().map_err(|error| format!("--connect-to {error}"))?);
+        rules.push(
+            rule.parse::<matrix_edge::federation::fetch::ConnectTo>()
+                .map_err(|error| format!("--connect-to {error}"))?,
+        );
     }
     let options = doctor::Options { server_name: server_name.clone(), connect_to: rules, ca, signing_key, dns };
     let findings = doctor::run(&options);

@@ -60,6 +60,61 @@ pub struct EdgeConfig {
     /// it, so both access logs name the same request); `~` sends none.
     #[serde(default = "default_request_id_header")]
     pub request_id_header: Option<String>,
+    /// The federation gate: X-Matrix signatures checked before Synapse,
+    /// and the servers refused outright.
+    #[serde(default)]
+    pub federation: FederationConfig,
+}
+
+/// `federation:`: the gate and the deny and allow lists.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    #[serde(default)]
+    pub verify: FederationVerifyConfig,
+    /// Server names and `*.name` globs refused (403), by verified origin.
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// When given, only these servers (names and `*.name` globs) are let in.
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationVerifyConfig {
+    /// `off`, `observe` (default: check, log and count, forward all) or `enforce`.
+    #[serde(default)]
+    pub mode: VerifyMode,
+    /// A PEM CA that origins' certificates may chain to, besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// `name:port:host:port` rules, as curl's `--connect-to` and `doctor`'s.
+    #[serde(default)]
+    pub connect_to: Vec<String>,
+    /// DNS server (`IP:port`) for SRV lookups; default: the system's.
+    #[serde(default)]
+    pub dns: Option<std::net::SocketAddr>,
+    /// Notaries asked when an origin cannot be reached, each with its pinned keys.
+    #[serde(default)]
+    pub trusted_key_servers: Vec<TrustedKeyServerConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyMode {
+    Off,
+    #[default]
+    Observe,
+    Enforce,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedKeyServerConfig {
+    pub server_name: String,
+    /// Key id to unpadded base64 public key, as in Synapse's `trusted_key_servers`.
+    pub verify_keys: std::collections::BTreeMap<String, String>,
 }
 
 fn default_hold() -> Span {

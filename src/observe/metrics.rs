@@ -18,6 +18,17 @@ pub struct Metrics {
     pub operations: OperationMetrics,
     /// Pool members' load, queues, shedding, ejections.
     pub balancing: BalancingMetrics,
+    /// The federation gate's verdicts and key fetches.
+    pub federation: FederationMetrics,
+}
+
+/// The federation gate's verdicts and key fetches.
+pub struct FederationMetrics {
+    /// Signed-endpoint requests by outcome (`verified`, `refused`,
+    /// `unverifiable`) and reason (why refused or unverifiable; empty when verified).
+    pub requests: IntCounterVec,
+    /// Fetches of origins' keys by result (`fetched`, `failed`).
+    pub key_fetches: IntCounterVec,
 }
 
 /// Pool members' load, queues, shedding, ejections.
@@ -215,6 +226,19 @@ fn build() -> Result<Metrics, prometheus::Error> {
                 &["group"],
             )?,
         },
+        federation: FederationMetrics {
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "federation_requests_total",
+                    "Signed federation requests checked at the edge, by outcome and reason",
+                ),
+                &["outcome", "reason"],
+            )?,
+            key_fetches: IntCounterVec::new(
+                Opts::new("federation_key_fetches_total", "Fetches of origin servers' signing keys, by result"),
+                &["result"],
+            )?,
+        },
         registry,
     };
     register(&metrics)?;
@@ -223,7 +247,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
 
 /// Every metric into the registry, so `/metrics` renders it.
 fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
-    let collectors: [Box<dyn prometheus::core::Collector>; 29] = [
+    let collectors: [Box<dyn prometheus::core::Collector>; 31] = [
         Box::new(metrics.traffic.requests.clone()),
         Box::new(metrics.traffic.latency.clone()),
         Box::new(metrics.traffic.upstream_latency.clone()),
@@ -253,6 +277,8 @@ fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
         Box::new(metrics.balancing.ejections.clone()),
         Box::new(metrics.balancing.rescued.clone()),
         Box::new(metrics.balancing.retries_denied.clone()),
+        Box::new(metrics.federation.requests.clone()),
+        Box::new(metrics.federation.key_fetches.clone()),
     ];
     for collector in collectors {
         metrics.registry.register(collector)?;

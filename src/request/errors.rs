@@ -24,6 +24,10 @@ pub enum ErrCode {
     Unknown,
     /// The resource is not configured (well-known documents).
     NotFound,
+    /// A federation request without a valid signature of its origin.
+    Unauthorized,
+    /// A federation body that is not JSON.
+    NotJson,
 }
 
 impl ErrCode {
@@ -35,6 +39,8 @@ impl ErrCode {
             ErrCode::LimitExceeded => "M_LIMIT_EXCEEDED",
             ErrCode::Unknown => "M_UNKNOWN",
             ErrCode::NotFound => "M_NOT_FOUND",
+            ErrCode::Unauthorized => "M_UNAUTHORIZED",
+            ErrCode::NotJson => "M_NOT_JSON",
         }
     }
 }
@@ -116,6 +122,19 @@ impl MatrixError {
 
     pub fn internal() -> Self {
         Self::new(500, ErrCode::Unknown, "Internal error in the edge proxy")
+    }
+
+    /// The federation gate's refusal: 401 `M_UNAUTHORIZED` as Synapse
+    /// answers a bad signature, 403 for a denied server, 400 for a body
+    /// that is not JSON. The message says the edge refused it.
+    pub fn federation_refused(refusal: &crate::federation::gate::Refusal) -> Self {
+        use crate::federation::gate::Refusal;
+        let message = format!("{refusal} (refused by the edge)");
+        match refusal {
+            Refusal::Denied(_) => Self::new(403, ErrCode::Forbidden, message),
+            Refusal::NotJson => Self::new(400, ErrCode::NotJson, message),
+            _ => Self::new(401, ErrCode::Unauthorized, message),
+        }
     }
 
     /// The error for a bare status Pingora answered with before any hook

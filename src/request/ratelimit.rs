@@ -127,6 +127,8 @@ pub struct RateFacts<'a> {
     pub client_ip: Option<IpAddr>,
     /// The `Authorization` header: federation is counted by its `X-Matrix` origin.
     pub authorization: Option<&'a [u8]>,
+    /// The origin the federation gate verified, if it did.
+    pub verified_origin: Option<&'a [u8]>,
 }
 
 impl RateLimits {
@@ -187,7 +189,15 @@ impl RateLimits {
                 // origin from elsewhere costs the real server nothing. The
                 // address alone is counted too, so inventing origins does not
                 // multiply one address's budget.
-                if let Some(limiter) = &self.federation {
+                if let (Some(limiter), Some(verified)) = (&self.federation, facts.verified_origin) {
+                    // A verified origin is the server itself, from whichever
+                    // address it sends: its budget is its own.
+                    let verified = &verified[..verified.len().min(MAX_ORIGIN)];
+                    let mut key = [0u8; MAX_ORIGIN + 1];
+                    key[0] = b'v';
+                    key[1..=verified.len()].copy_from_slice(verified);
+                    check("federation", limiter, &[&key[..=verified.len()]]);
+                } else if let Some(limiter) = &self.federation {
                     let origin = crate::synapse::sticky::origin(facts.authorization).unwrap_or_default();
                     let origin = &origin[..origin.len().min(MAX_ORIGIN)];
                     let mut pair = [0u8; MAX_ORIGIN + 10];
@@ -295,7 +305,7 @@ mod tests {
     }
 
     fn facts<'a>(is_post: bool, target: &'a [u8], ip: &str, authorization: Option<&'a [u8]>) -> RateFacts<'a> {
-        RateFacts { is_post, target, client_ip: Some(ip.parse().unwrap()), authorization }
+        RateFacts { is_post, target, client_ip: Some(ip.parse().unwrap()), authorization, verified_origin: None }
     }
 
     #[test]

@@ -48,6 +48,7 @@ fn listener_service(
     edge: &Arc<ArcSwap<Edge>>,
     counts: &Arc<ConnectionCounts>,
     challenges: &crate::acme::SharedChallenges,
+    federation_keys: &Arc<crate::federation::keys::KeyCache>,
 ) -> Result<Service<GuardedApp<pingora::proxy::HttpProxy<EdgeProxy>>>, String> {
     let address = listener.address.to_string();
     let name = format!("matrix-edge {address}");
@@ -56,7 +57,12 @@ fn listener_service(
     let buffers = L4BufferSettings::default().read(if tls { TLS_READ_BUFFER } else { PLAIN_READ_BUFFER });
     let http_app = pingora::proxy::http_proxy(
         &server.configuration,
-        EdgeProxy { listener, edge: Arc::clone(edge), challenges: Arc::clone(challenges) },
+        EdgeProxy {
+            listener,
+            edge: Arc::clone(edge),
+            challenges: Arc::clone(challenges),
+            federation_keys: Arc::clone(federation_keys),
+        },
     );
     let app = GuardedApp {
         inner: Arc::new(http_app),
@@ -140,8 +146,9 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     let counts = Arc::new(ConnectionCounts::default());
     let challenges: crate::acme::SharedChallenges = Arc::default();
     let reloaded = Arc::new(tokio::sync::Notify::new());
+    let federation_keys = Arc::new(crate::federation::keys::KeyCache::default());
     for listener in listeners {
-        let service = listener_service(&server, listener, &edge, &counts, &challenges)?;
+        let service = listener_service(&server, listener, &edge, &counts, &challenges, &federation_keys)?;
         server.add_service(service);
     }
     if let Some(address) = metrics_address {

@@ -37,6 +37,8 @@ pub struct EdgeProxy {
     pub edge: Arc<ArcSwap<Edge>>,
     /// ACME HTTP-01 tokens on offer; outlives snapshots.
     pub challenges: crate::acme::SharedChallenges,
+    /// Origins' signing keys for the federation gate; outlives snapshots.
+    pub federation_keys: Arc<crate::federation::keys::KeyCache>,
 }
 
 pub struct RequestCtx {
@@ -71,6 +73,12 @@ pub struct RequestCtx {
     /// When Synapse's response header arrived, from `started`.
     upstream_time: Option<std::time::Duration>,
     request_id: RequestId,
+    /// A signed federation body too large to read before choosing a worker:
+    /// held here chunk by chunk and judged when complete, before any of it
+    /// is sent on.
+    gate_pending: Option<Vec<u8>>,
+    /// The gate's refusal of such a body, answered by `fail_to_proxy`.
+    gate_refusal: Option<MatrixError>,
 }
 
 /// Where a request goes: decided once, in `request_filter`, by the site's
@@ -223,7 +231,12 @@ fn has_body(request: &RequestHeader, content_length: Option<u64>) -> bool {
 }
 
 /// The configured request rates; a refusal is a 429 with the wait.
-async fn rate_limit(edge: &Edge, session: &Session, client: Option<IpAddr>) -> std::result::Result<(), MatrixError> {
+async fn rate_limit(
+    edge: &Edge,
+    session: &Session,
+    client: Option<IpAddr>,
+    verified_origin: Option<&str>,
+) -> std::result::Result<(), MatrixError> {
     if edge.policy.rate_limits.is_empty() {
         return Ok(());
     }
@@ -233,6 +246,7 @@ async fn rate_limit(edge: &Edge, session: &Session, client: Option<IpAddr>) -> s
         target: request.raw_path(),
         client_ip: client,
         authorization: request.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
+        verified_origin: verified_origin.map(str::as_bytes),
     };
     let outcome = match &edge.policy.shared_limits {
         Some(shared) => crate::upstream::shared_limits::admit_shared(&edge.policy.rate_limits, shared, &facts).await,
@@ -449,6 +463,75 @@ async fn send_file(session: &mut Session, file: &FileAnswer, head_only: bool, cl
     Ok(())
 }
 
+/// The largest federation body read before a worker is chosen: Pingora
+/// keeps this much to send on (its retry buffer), so a refused request
+/// sends nothing at all.
+const PREREAD_BODY: u64 = 64 * 1024;
+
+/// Reads a request's whole body (at most `limit` bytes), keeping it in
+/// Pingora's retry buffer, from which it is sent on unchanged.
+async fn read_whole_body(
+    session: &mut Session,
+    limit: u64,
+    idle: std::time::Duration,
+) -> std::result::Result<Vec<u8>, MatrixError> {
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue && session.write_continue_response().await.is_err() {
+        return Err(MatrixError::bad_request("the connection failed"));
+    }
+    session.enable_retry_buffering();
+    let mut body = Vec::new();
+    loop {
+        match tokio::time::timeout(idle, session.read_request_body()).await {
+            Ok(Ok(Some(chunk))) => {
+                body.extend_from_slice(&chunk);
+                if body.len() as u64 > limit {
+                    return Err(MatrixError::too_large(limit));
+                }
+            }
+            Ok(Ok(None)) => return Ok(body),
+            Ok(Err(_)) => return Err(MatrixError::bad_request("the request body could not be read")),
+            Err(_) => return Err(MatrixError::request_timeout()),
+        }
+    }
+}
+
+/// Counts and logs the gate's verdict; the refusal to answer in enforce mode.
+fn settle_verdict(
+    gate: &crate::federation::gate::Gate,
+    verdict: crate::federation::gate::Verdict,
+    request_id: &RequestId,
+) -> std::result::Result<Option<String>, MatrixError> {
+    use crate::federation::gate::{Mode, Verdict};
+    let requests = &METRICS.federation.requests;
+    match verdict {
+        Verdict::Verified(origin) => {
+            requests.with_label_values(&["verified", ""]).inc();
+            Ok(Some(origin))
+        }
+        Verdict::Unverifiable { origin, reason } => {
+            requests.with_label_values(&["unverifiable", reason]).inc();
+            log::info!("request {request_id}: federation request from {origin} passed unverified ({reason})");
+            Ok(None)
+        }
+        Verdict::Refused(refusal) => {
+            requests.with_label_values(&["refused", refusal.reason()]).inc();
+            let enforced = gate.mode == Mode::Enforce;
+            let action = if enforced { "refused" } else { "would be refused (observe)" };
+            log::warn!("request {request_id}: federation request {action}: {refusal}");
+            if enforced {
+                Err(MatrixError::federation_refused(&refusal))
+            } else {
+                Ok(None)
+            }
+        }
+    }
+}
+
 impl EdgeProxy {
     /// A request for a site route: admitted there, then forwarded to its
     /// upstream or answered by its local responder.
@@ -515,21 +598,69 @@ impl EdgeProxy {
         }
     }
 
-    /// Synapse's paths on the Matrix site: the listener's policy, then the rates.
+    /// Synapse's paths on the Matrix site: the listener's policy, the
+    /// federation gate, then the rates.
     async fn matrix_admission(
         &self,
-        session: &Session,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
         edge: &Edge,
-        facts: &RequestFacts<'_>,
+        admission: Admission,
         client: Option<IpAddr>,
     ) -> Admission {
-        match admit(&self.listener.roles, facts, &edge.policy.limits) {
-            Admission::Forward { body_limit } => match rate_limit(edge, session, client).await {
-                Ok(()) => Admission::Forward { body_limit },
-                Err(error) => Admission::Reject(error),
-            },
+        match admission {
+            Admission::Forward { body_limit } => {
+                let verified = match self.federation_gate(session, ctx, edge, body_limit).await {
+                    Ok(verified) => verified,
+                    Err(error) => return Admission::Reject(error),
+                };
+                match rate_limit(edge, session, client, verified.as_deref()).await {
+                    Ok(()) => Admission::Forward { body_limit },
+                    Err(error) => Admission::Reject(error),
+                }
+            }
             other => other,
         }
+    }
+
+    /// The federation gate, for a signed endpoint when it is on: the
+    /// verified origin, `None` when nothing was verified, or the refusal
+    /// (enforce mode). A body up to `PREREAD_BODY` is read here, so a
+    /// refused request reaches no worker at all; a larger one is judged in
+    /// `request_body_filter` before any of it is sent on.
+    async fn federation_gate(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        edge: &Edge,
+        body_limit: u64,
+    ) -> std::result::Result<Option<String>, MatrixError> {
+        let Some(gate) = &edge.policy.federation_gate else { return Ok(None) };
+        let request = session.req_header();
+        if !crate::federation::gate::is_signed_endpoint(path_of(request.raw_path())) {
+            return Ok(None);
+        }
+        let length = content_length(request);
+        let body = if has_body(request, length) {
+            if length.is_none_or(|n| n > PREREAD_BODY) {
+                ctx.gate_pending = Some(Vec::new());
+                return Ok(None);
+            }
+            read_whole_body(session, body_limit, edge.policy.connections.body_idle_timeout).await?
+        } else {
+            Vec::new()
+        };
+        let request = session.req_header();
+        let verdict = gate
+            .judge(
+                &self.federation_keys,
+                request.method.as_str(),
+                request.raw_path(),
+                request.headers.get_all(http::header::AUTHORIZATION).iter().map(|v| v.as_bytes()),
+                &body,
+            )
+            .await;
+        settle_verdict(gate, verdict, &ctx.request_id)
     }
 
     /// Applies the Matrix admission: the worker table, a well-known document or a refusal.
@@ -595,6 +726,8 @@ impl ProxyHttp for EdgeProxy {
             upstream_time: None,
             request_id: RequestId::next(),
             client: None,
+            gate_pending: None,
+            gate_refusal: None,
         }
     }
 
@@ -635,8 +768,9 @@ impl ProxyHttp for EdgeProxy {
         }
         let (_, target) = edge.sites.target(&self.listener.roles, request_host(request), path_of(facts.target));
         if let Target::Matrix = target {
-            let admission = self.matrix_admission(session, &edge, &facts, client).await;
             let content_length = facts.content_length;
+            let admission = admit(&self.listener.roles, &facts, &edge.policy.limits);
+            let admission = self.matrix_admission(session, ctx, &edge, admission, client).await;
             return self.matrix_request(session, ctx, &edge, admission, content_length).await;
         }
         // Matrix admission checks the caps itself; every other target here.
@@ -892,25 +1026,58 @@ impl ProxyHttp for EdgeProxy {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         // After a 101 the client's bytes are a stream that lives as long as
         // the call or app does, not a body: no body cap applies to them.
         let upgraded = ctx.websocket_open.is_some();
-        if let (Some(chunk), false) = (body, upgraded) {
+        if let (Some(chunk), false) = (body.as_ref(), upgraded) {
             ctx.body_seen += chunk.len() as u64;
             if ctx.body_seen > ctx.body_limit {
                 return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the limit");
             }
         }
+        if let Some(held) = &mut ctx.gate_pending {
+            if let Some(chunk) = body.take() {
+                held.extend_from_slice(&chunk);
+            }
+            if !end_of_stream {
+                // Nothing goes on until the whole body is judged.
+                *body = Some(Bytes::new());
+                return Ok(());
+            }
+            let held = std::mem::take(held);
+            ctx.gate_pending = None;
+            let edge = Arc::clone(&ctx.edge);
+            if let Some(gate) = &edge.policy.federation_gate {
+                let request = session.req_header();
+                let verdict = gate
+                    .judge(
+                        &self.federation_keys,
+                        request.method.as_str(),
+                        request.raw_path(),
+                        request.headers.get_all(http::header::AUTHORIZATION).iter().map(|v| v.as_bytes()),
+                        &held,
+                    )
+                    .await;
+                if let Err(error) = settle_verdict(gate, verdict, &ctx.request_id) {
+                    ctx.gate_refusal = Some(error);
+                    return Error::e_explain(ErrorType::HTTPStatus(401), "federation signature refused");
+                }
+            }
+            *body = Some(Bytes::from(held));
+        }
         Ok(())
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
-        let error = crate::request::errors::for_proxy_error(e, ctx.body_limit);
+        let error = match ctx.gate_refusal.take() {
+            Some(refusal) => Some(refusal),
+            None => crate::request::errors::for_proxy_error(e, ctx.body_limit),
+        };
         let code = error.as_ref().map_or(0, |error| error.status);
         if let Some(error) = error {
             if session.response_written().is_none() {

@@ -10,10 +10,9 @@
 //! authenticated media asking for a token, MAS's
 //! `auth_metadata` and the MatrixRTC foci it publishes.
 
-pub mod fetch;
-
-use fetch::{Client, Fetched};
-use openssl::pkey::{Id, PKey};
+use crate::federation::discover::{split_host_port, srv_lookup};
+use crate::federation::fetch::{self, Client, Fetched};
+use crate::federation::signing::{read_signing_key, verify_server_keys, x_matrix};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -70,21 +69,6 @@ impl Report {
 }
 
 /// `host`, `host:port`, `[v6]:port` or an IP literal.
-fn split_host_port(name: &str) -> (String, Option<u16>) {
-    if let Some(rest) = name.strip_prefix('[') {
-        if let Some((host, after)) = rest.split_once(']') {
-            return (host.to_string(), after.strip_prefix(':').and_then(|p| p.parse().ok()));
-        }
-    }
-    if name.parse::<std::net::Ipv6Addr>().is_ok() {
-        return (name.to_string(), None);
-    }
-    match name.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() => (host.to_string(), port.parse().ok()),
-        _ => (name.to_string(), None),
-    }
-}
-
 fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
@@ -126,115 +110,6 @@ fn judge_certificate(report: &mut Report, what: &str, fetched: &Fetched) {
     } else {
         report.ok(&check, format!("valid for the name, chain complete, expires in {days} days"));
     }
-}
-
-/// The spec's canonical JSON: keys sorted (serde_json's maps are), no spaces.
-fn canonical(value: &serde_json::Value) -> String {
-    serde_json::to_string(value).unwrap_or_default()
-}
-
-fn decode_unpadded(text: &str) -> Option<Vec<u8>> {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD_NO_PAD.decode(text.trim_end_matches('=')).ok()
-}
-
-fn encode_unpadded(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
-}
-
-/// Checks `/_matrix/key/v2/server`'s self-signature with its own keys.
-fn verify_server_keys(document: &serde_json::Value, server_name: &str) -> Result<String, String> {
-    let named = document["server_name"].as_str().unwrap_or("");
-    if named != server_name {
-        return Err(format!("the keys are for {named:?}, not {server_name:?}"));
-    }
-    let signatures =
-        document["signatures"][server_name].as_object().ok_or("the document is not signed by the server")?;
-    let keys = document["verify_keys"].as_object().ok_or("no verify_keys")?;
-    let mut unsigned = document.clone();
-    if let Some(map) = unsigned.as_object_mut() {
-        map.remove("signatures");
-        map.remove("unsigned");
-    }
-    let message = canonical(&unsigned);
-    for (key_id, signature) in signatures {
-        let (Some(public), Some(signature)) = (
-            keys.get(key_id).and_then(|k| k["key"].as_str()).and_then(decode_unpadded),
-            signature.as_str().and_then(decode_unpadded),
-        ) else {
-            continue;
-        };
-        let key = PKey::public_key_from_raw_bytes(&public, Id::ED25519).map_err(|e| e.to_string())?;
-        let mut verifier = openssl::sign::Verifier::new_without_digest(&key).map_err(|e| e.to_string())?;
-        if verifier.verify_oneshot(&signature, message.as_bytes()).unwrap_or(false) {
-            return Ok(key_id.clone());
-        }
-        return Err(format!("the signature by {key_id} does not verify"));
-    }
-    Err("no signature by a listed key".into())
-}
-
-/// Synapse's signing key file: `ed25519 <version> <base64 seed>`.
-fn read_signing_key(path: &std::path::Path) -> Result<(String, PKey<openssl::pkey::Private>), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut parts = text.split_whitespace();
-    let (Some("ed25519"), Some(version), Some(seed)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(format!("{} is not a Synapse signing key (ed25519 <version> <key>)", path.display()));
-    };
-    let seed = decode_unpadded(seed).ok_or_else(|| format!("{}: the key is not base64", path.display()))?;
-    let key = PKey::private_key_from_raw_bytes(&seed, Id::ED25519).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok((format!("ed25519:{version}"), key))
-}
-
-/// An `Authorization: X-Matrix` header for a GET from `origin` to `destination`.
-fn x_matrix(
-    origin: &str,
-    destination: &str,
-    uri: &str,
-    key_id: &str,
-    key: &PKey<openssl::pkey::Private>,
-) -> Result<String, String> {
-    let request = serde_json::json!({ "method": "GET", "uri": uri, "origin": origin, "destination": destination });
-    let mut signer = openssl::sign::Signer::new_without_digest(key).map_err(|e| e.to_string())?;
-    let signature = signer.sign_oneshot_to_vec(canonical(&request).as_bytes()).map_err(|e| e.to_string())?;
-    Ok(format!(
-        "X-Matrix origin=\"{origin}\",destination=\"{destination}\",key=\"{key_id}\",sig=\"{}\"",
-        encode_unpadded(&signature)
-    ))
-}
-
-fn srv_lookup(name: &str, dns: Option<std::net::SocketAddr>) -> Result<Option<(String, u16)>, String> {
-    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    runtime.block_on(async {
-        let mut builder = match dns {
-            Some(server) => {
-                let mut config = ResolverConfig::from_name_servers(Vec::new());
-                let mut udp = ConnectionConfig::udp();
-                udp.port = server.port();
-                config.add_name_server(NameServerConfig::new(server.ip(), true, vec![udp]));
-                hickory_resolver::TokioResolver::builder_with_config(
-                    config,
-                    hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
-                )
-            }
-            None => hickory_resolver::TokioResolver::builder_tokio().map_err(|e| e.to_string())?,
-        };
-        builder.options_mut().timeout = std::time::Duration::from_secs(3);
-        builder.options_mut().attempts = 1;
-        let resolver = builder.build().map_err(|e| e.to_string())?;
-        match resolver.srv_lookup(format!("{name}.")).await {
-            Ok(answer) => Ok(answer.answers().iter().find_map(|record| match &record.data {
-                hickory_resolver::proto::rr::RData::SRV(srv) => {
-                    Some((srv.target.to_string().trim_end_matches('.').to_string(), srv.port))
-                }
-                _ => None,
-            })),
-            Err(error) if error.to_string().contains("no record") || error.to_string().contains("NXDomain") => Ok(None),
-            Err(error) => Err(error.to_string()),
-        }
-    })
 }
 
 /// Runs every check; the caller prints and sets the exit code.
@@ -316,8 +191,12 @@ pub fn run(options: &Options) -> Vec<Finding> {
     match client.get(&target_host, target_port, "/_matrix/key/v2/server", &[]) {
         Err(error) => report.fail("signing keys", error, "forward /_matrix/key/ to Synapse"),
         Ok(fetched) => match fetched.json().and_then(|document| verify_server_keys(&document, &server_name)) {
-            Ok(key_id) => {
-                report.ok("signing keys", format!("/_matrix/key/v2/server is signed by {key_id} of {server_name}"))
+            Ok(keys) => {
+                let ids: Vec<&str> = keys.keys.iter().map(|(id, _)| id.as_str()).collect();
+                report.ok(
+                    "signing keys",
+                    format!("/_matrix/key/v2/server is self-signed by {server_name} ({})", ids.join(", ")),
+                )
             }
             Err(error) => report.fail(
                 "signing keys",
@@ -486,7 +365,7 @@ fn signed_request(
     let mut refused: Vec<(TargetPart, String)> = Vec::new();
     let mut accepted = Vec::new();
     for probe in signed_probes(server_name) {
-        let authorization = match x_matrix(server_name, server_name, &probe.target, &key_id, &key) {
+        let authorization = match x_matrix(server_name, server_name, "GET", &probe.target, None, &key_id, &key) {
             Ok(header) => header,
             Err(error) => {
                 report.fail(check, error, "check the signing key");
@@ -763,28 +642,6 @@ mod tests {
         assert!(!signature_refused(403, br#"{"errcode":"M_FORBIDDEN","error":"Host not in room."}"#));
         assert!(!signature_refused(404, br#"{"errcode":"M_NOT_FOUND"}"#));
         assert!(!signature_refused(200, b"{}"));
-    }
-
-    #[test]
-    fn key_documents_are_verified_and_signed_requests_verify() {
-        let key = PKey::generate_ed25519().unwrap();
-        let public = key.raw_public_key().unwrap();
-        let mut document = serde_json::json!({
-            "server_name": "example.org",
-            "valid_until_ts": 1,
-            "verify_keys": { "ed25519:a_1": { "key": encode_unpadded(&public) } },
-            "old_verify_keys": {},
-        });
-        let mut signer = openssl::sign::Signer::new_without_digest(&key).unwrap();
-        let signature = signer.sign_oneshot_to_vec(canonical(&document).as_bytes()).unwrap();
-        document["signatures"] = serde_json::json!({ "example.org": { "ed25519:a_1": encode_unpadded(&signature) } });
-        assert_eq!(verify_server_keys(&document, "example.org").unwrap(), "ed25519:a_1");
-        assert!(verify_server_keys(&document, "other.org").unwrap_err().contains("not \"other.org\""));
-        let mut tampered = document.clone();
-        tampered["valid_until_ts"] = serde_json::json!(2);
-        assert!(verify_server_keys(&tampered, "example.org").unwrap_err().contains("does not verify"));
-        let header = x_matrix("a.org", "b.org", "/x?y=%40z", "ed25519:a_1", &key).unwrap();
-        assert!(header.starts_with("X-Matrix origin=\"a.org\",destination=\"b.org\",key=\"ed25519:a_1\",sig=\""));
     }
 
     #[test]

@@ -1,0 +1,351 @@
+//! Origins' signing keys: fetched from the origin (server discovery, then
+//! `/_matrix/key/v2/server`, self-signed) or, if configured and the origin
+//! cannot be reached, from a notary whose key is pinned; kept until the
+//! lesser of `valid_until_ts` and seven days after the fetch.
+//!
+//! The cache outlives reloads; the way keys are fetched (CA, `connect_to`,
+//! notaries) belongs to the running configuration and is passed in.
+//!
+//! What a flood of forged requests can make it do is bounded: one fetch in
+//! flight per server; a failure is remembered and the server not asked
+//! again for a back-off growing from one minute to an hour; a key id the
+//! server did not list is not asked for again within a minute of the last
+//! fetch; at most `MAX_FETCHES` fetches at once in all; at most
+//! `MAX_SERVERS` servers remembered, those without keys dropped first.
+
+use crate::federation::discover;
+use crate::federation::fetch::Client;
+use crate::federation::signing::{self, public_key, ServerKeys};
+use crate::observe::metrics::METRICS;
+use openssl::pkey::{PKey, Public};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A fetch (discovery and all) that takes longer is abandoned.
+pub const FETCH_DEADLINE: Duration = Duration::from_millis(2500);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_KEY_LIFETIME_MS: u64 = 7 * 24 * 3600 * 1000;
+const FIRST_BACKOFF_MS: u64 = 60_000;
+const LAST_BACKOFF_MS: u64 = 3_600_000;
+const UNKNOWN_KEY_REFETCH_MS: u64 = 60_000;
+const MAX_FETCHES: usize = 64;
+const MAX_SERVERS: usize = 50_000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A notary (`trusted_key_servers`) and its pinned keys.
+pub struct Notary {
+    pub server_name: String,
+    pub keys: Vec<(String, PKey<Public>)>,
+}
+
+/// How keys are fetched: part of the configuration snapshot.
+pub struct KeyFetcher {
+    client: Client,
+    dns: Option<std::net::SocketAddr>,
+    notaries: Vec<Notary>,
+}
+
+impl KeyFetcher {
+    pub fn new(mut client: Client, dns: Option<std::net::SocketAddr>, notaries: Vec<Notary>) -> KeyFetcher {
+        client.timeout = CONNECT_TIMEOUT;
+        client.strict = true;
+        KeyFetcher { client, dns, notaries }
+    }
+
+    /// The server's current keys: from itself, else from a notary. Blocking.
+    pub fn fetch(&self, server_name: &str) -> Result<ServerKeys, String> {
+        let direct = self.fetch_direct(server_name);
+        if direct.is_ok() || self.notaries.is_empty() {
+            return direct;
+        }
+        let mut errors = vec![direct.err().unwrap_or_default()];
+        for notary in &self.notaries {
+            match self.fetch_from_notary(notary, server_name) {
+                Ok(keys) => return Ok(keys),
+                Err(error) => errors.push(format!("notary {}: {error}", notary.server_name)),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    fn fetch_direct(&self, server_name: &str) -> Result<ServerKeys, String> {
+        let located = discover::locate(&self.client, server_name, self.dns)?;
+        let fetched = located.get(&self.client, "/_matrix/key/v2/server")?;
+        if fetched.status != 200 {
+            return Err(format!("/_matrix/key/v2/server answered {}", fetched.status));
+        }
+        signing::verify_server_keys(&fetched.json()?, server_name)
+    }
+
+    fn fetch_from_notary(&self, notary: &Notary, server_name: &str) -> Result<ServerKeys, String> {
+        let located = discover::locate(&self.client, &notary.server_name, self.dns)?;
+        let fetched = located.get(&self.client, &format!("/_matrix/key/v2/query/{server_name}"))?;
+        if fetched.status != 200 {
+            return Err(format!("the key query answered {}", fetched.status));
+        }
+        let answer = fetched.json()?;
+        let documents = answer["server_keys"].as_array().ok_or("no server_keys")?;
+        let mut last_error = format!("no keys for {server_name}");
+        for document in documents.iter().filter(|d| d["server_name"] == server_name) {
+            let countersigned = signing::signed_bytes(document).ok().is_some_and(|message| {
+                notary.keys.iter().any(|(key_id, key)| {
+                    document["signatures"][&notary.server_name][key_id]
+                        .as_str()
+                        .is_some_and(|signature| signing::verifies(key, signature, &message))
+                })
+            });
+            if !countersigned {
+                last_error = format!("the keys for {server_name} are not signed by the notary's pinned key");
+                continue;
+            }
+            match signing::verify_server_keys(document, server_name) {
+                Ok(keys) => return Ok(keys),
+                Err(error) => last_error = error,
+            }
+        }
+        Err(last_error)
+    }
+}
+
+/// Parses a pinned key given in the configuration.
+pub fn pinned_key(text: &str) -> Option<PKey<Public>> {
+    public_key(text)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    /// The server's keys could not be had (its key server is down or
+    /// answers nonsense); the reason is the last fetch's.
+    Unavailable(String),
+    /// The server's keys are known and this key id is not among them.
+    Unknown,
+}
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyError::Unavailable(reason) => write!(f, "the origin's keys could not be fetched: {reason}"),
+            KeyError::Unknown => f.write_str("the origin does not list that key"),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Known {
+    /// Key id, key, usable until (ms since the epoch).
+    keys: Vec<(String, PKey<Public>, u64)>,
+    fetched_at: u64,
+    retry_at: u64,
+    backoff: u64,
+    error: String,
+}
+
+enum Lookup {
+    Found(PKey<Public>),
+    Failed(String),
+    Unknown,
+    Fetch,
+}
+
+impl Known {
+    fn lookup(&self, key_id: &str, now: u64) -> Lookup {
+        if let Some((_, key, _)) = self.keys.iter().find(|(id, _, until)| id == key_id && *until > now) {
+            return Lookup::Found(key.clone());
+        }
+        if self.retry_at > now {
+            return Lookup::Failed(self.error.clone());
+        }
+        if self.fetched_at > 0 && now < self.fetched_at + UNKNOWN_KEY_REFETCH_MS {
+            return Lookup::Unknown;
+        }
+        Lookup::Fetch
+    }
+
+    fn record(&mut self, result: Result<ServerKeys, String>, now: u64) {
+        match result {
+            Ok(fetched) => {
+                let until = fetched.valid_until_ts.min(now + MAX_KEY_LIFETIME_MS);
+                self.keys = fetched.keys.into_iter().map(|(id, key)| (id, key, until)).collect();
+                self.fetched_at = now;
+                self.retry_at = 0;
+                self.backoff = 0;
+                self.error.clear();
+            }
+            Err(error) => {
+                self.backoff = (self.backoff * 2).clamp(FIRST_BACKOFF_MS, LAST_BACKOFF_MS);
+                self.retry_at = now + self.backoff;
+                self.error = error;
+            }
+        }
+    }
+
+    fn has_keys(&self, now: u64) -> bool {
+        self.keys.iter().any(|(_, _, until)| *until > now)
+    }
+}
+
+#[derive(Default)]
+struct ServerEntry {
+    known: Mutex<Known>,
+    fetching: tokio::sync::Mutex<()>,
+}
+
+/// Keys by server name; lives as long as the process.
+pub struct KeyCache {
+    servers: Mutex<HashMap<String, Arc<ServerEntry>>>,
+    fetches: tokio::sync::Semaphore,
+}
+
+impl Default for KeyCache {
+    fn default() -> Self {
+        KeyCache { servers: Mutex::default(), fetches: tokio::sync::Semaphore::new(MAX_FETCHES) }
+    }
+}
+
+impl KeyCache {
+    fn entry(&self, server_name: &str) -> Arc<ServerEntry> {
+        let mut servers = self.servers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(entry) = servers.get(server_name) {
+            return Arc::clone(entry);
+        }
+        if servers.len() >= MAX_SERVERS {
+            let now = now_ms();
+            servers.retain(|_, entry| entry.known.lock().is_ok_and(|known| known.has_keys(now)));
+            if servers.len() >= MAX_SERVERS {
+                servers.clear();
+            }
+        }
+        Arc::clone(servers.entry(server_name.to_string()).or_default())
+    }
+
+    fn lookup(entry: &ServerEntry, key_id: &str) -> Lookup {
+        entry.known.lock().map_or(Lookup::Fetch, |known| known.lookup(key_id, now_ms()))
+    }
+
+    /// The key `key_id` of `server_name`, fetching the server's keys if
+    /// they are not known (or no longer valid) and may be asked for.
+    pub async fn key(
+        &self,
+        server_name: &str,
+        key_id: &str,
+        fetcher: &Arc<KeyFetcher>,
+    ) -> Result<PKey<Public>, KeyError> {
+        let entry = self.entry(server_name);
+        if let Some(answer) = Self::answer(Self::lookup(&entry, key_id)) {
+            return answer;
+        }
+        let Ok(_fetching) = tokio::time::timeout(FETCH_DEADLINE, entry.fetching.lock()).await else {
+            return Err(KeyError::Unavailable("another fetch of its keys is still waiting".into()));
+        };
+        // Whoever held the lock may have fetched them meanwhile.
+        if let Some(answer) = Self::answer(Self::lookup(&entry, key_id)) {
+            return answer;
+        }
+        let result = match tokio::time::timeout(FETCH_DEADLINE, self.fetches.acquire()).await {
+            Ok(Ok(_permit)) => {
+                let fetcher = Arc::clone(fetcher);
+                let name = server_name.to_string();
+                match tokio::time::timeout(FETCH_DEADLINE, tokio::task::spawn_blocking(move || fetcher.fetch(&name)))
+                    .await
+                {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(join)) => Err(format!("the fetch failed: {join}")),
+                    Err(_) => Err(format!("no answer within {} ms", FETCH_DEADLINE.as_millis())),
+                }
+            }
+            _ => Err("too many key fetches at once".into()),
+        };
+        let outcome = if result.is_ok() { "fetched" } else { "failed" };
+        METRICS.federation.key_fetches.with_label_values(&[outcome]).inc();
+        if let Err(error) = &result {
+            log::info!("federation gate: cannot fetch the keys of {server_name}: {error}");
+        }
+        if let Ok(mut known) = entry.known.lock() {
+            known.record(result, now_ms());
+        }
+        Self::answer(Self::lookup(&entry, key_id)).unwrap_or(Err(KeyError::Unknown))
+    }
+
+    /// The key if the cache can answer without fetching.
+    pub fn cached(&self, server_name: &str, key_id: &str) -> Option<Result<PKey<Public>, KeyError>> {
+        Self::answer(Self::lookup(&self.entry(server_name), key_id))
+    }
+
+    /// Fetches in the background what `cached` could not answer.
+    pub fn prefetch(self: &Arc<Self>, server_name: &str, key_id: &str, fetcher: &Arc<KeyFetcher>) {
+        let (cache, fetcher) = (Arc::clone(self), Arc::clone(fetcher));
+        let (server_name, key_id) = (server_name.to_string(), key_id.to_string());
+        tokio::spawn(async move {
+            let _ = cache.key(&server_name, &key_id, &fetcher).await;
+        });
+    }
+
+    fn answer(lookup: Lookup) -> Option<Result<PKey<Public>, KeyError>> {
+        match lookup {
+            Lookup::Found(key) => Some(Ok(key)),
+            Lookup::Failed(reason) => Some(Err(KeyError::Unavailable(reason))),
+            Lookup::Unknown => Some(Err(KeyError::Unknown)),
+            Lookup::Fetch => None,
+        }
+    }
+
+    /// How many servers' keys are known and usable, for the status page.
+    pub fn servers_known(&self) -> usize {
+        let now = now_ms();
+        let servers = self.servers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        servers.values().filter(|entry| entry.known.lock().is_ok_and(|known| known.has_keys(now))).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(valid_until_ts: u64) -> ServerKeys {
+        let key = PKey::generate_ed25519().expect("key");
+        let public = PKey::public_key_from_raw_bytes(&key.raw_public_key().expect("raw"), openssl::pkey::Id::ED25519);
+        ServerKeys { keys: vec![("ed25519:a".into(), public.expect("public"))], valid_until_ts }
+    }
+
+    #[test]
+    fn keys_live_until_the_lesser_of_their_validity_and_a_week() {
+        let mut known = Known::default();
+        known.record(Ok(keys(u64::MAX)), 1000);
+        assert!(matches!(known.lookup("ed25519:a", 1000 + MAX_KEY_LIFETIME_MS - 1), Lookup::Found(_)));
+        assert!(matches!(known.lookup("ed25519:a", 1000 + MAX_KEY_LIFETIME_MS), Lookup::Fetch));
+        known.record(Ok(keys(5000)), 1000);
+        assert!(matches!(known.lookup("ed25519:a", 4999), Lookup::Found(_)));
+        assert!(matches!(known.lookup("ed25519:a", 5000), Lookup::Unknown));
+    }
+
+    #[test]
+    fn an_unknown_key_id_is_asked_for_once_a_minute() {
+        let mut known = Known::default();
+        assert!(matches!(known.lookup("ed25519:b", 0), Lookup::Fetch));
+        known.record(Ok(keys(u64::MAX)), 1000);
+        assert!(matches!(known.lookup("ed25519:b", 1000 + UNKNOWN_KEY_REFETCH_MS - 1), Lookup::Unknown));
+        assert!(matches!(known.lookup("ed25519:b", 1000 + UNKNOWN_KEY_REFETCH_MS), Lookup::Fetch));
+    }
+
+    #[test]
+    fn failures_back_off_from_a_minute_to_an_hour_and_keep_good_keys() {
+        let mut known = Known::default();
+        let mut now = 0;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            known.record(Err("down".into()), now);
+            assert!(matches!(known.lookup("ed25519:a", now + 1), Lookup::Failed(ref e) if e == "down"));
+            waits.push(known.retry_at - now);
+            now = known.retry_at;
+        }
+        assert_eq!(waits, [60_000, 120_000, 240_000, 480_000, 960_000, 1_920_000, 3_600_000, 3_600_000]);
+        known.record(Ok(keys(u64::MAX)), now);
+        known.record(Err("down again".into()), now + 1);
+        assert!(matches!(known.lookup("ed25519:a", now + 2), Lookup::Found(_)));
+        assert_eq!(known.backoff, FIRST_BACKOFF_MS);
+    }
+}
