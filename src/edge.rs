@@ -604,7 +604,9 @@ fn build_federation_gate(
         })?;
         rules.push(parsed);
     }
-    let ca_file = federation.verify.ca_file.clone();
+    // Relative to the configuration file, as certificate paths are.
+    let base = source.file.parent().unwrap_or(Path::new("."));
+    let ca_file = federation.verify.ca_file.as_ref().map(|file| base.join(file));
     let client = crate::federation::fetch::Client::new(rules, ca_file.as_deref())
         .map_err(|e| source.error_at(&at("ca_file"), e))?;
     let mut notaries = Vec::new();

@@ -9,7 +9,7 @@
 //! What a flood of forged requests can make it do is bounded: one fetch in
 //! flight per server; a failure is remembered and the server not asked
 //! again for a back-off growing from one minute to an hour; a key id the
-//! server did not list is not asked for again within a minute of the last
+//! server did not list is not asked for again within ten seconds of the last
 //! fetch; at most `MAX_FETCHES` fetches at once in all; at most
 //! `MAX_SERVERS` servers remembered, those without keys dropped first.
 
@@ -28,7 +28,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_KEY_LIFETIME_MS: u64 = 7 * 24 * 3600 * 1000;
 const FIRST_BACKOFF_MS: u64 = 60_000;
 const LAST_BACKOFF_MS: u64 = 3_600_000;
-const UNKNOWN_KEY_REFETCH_MS: u64 = 60_000;
+const UNKNOWN_KEY_REFETCH_MS: u64 = 10_000;
 const MAX_FETCHES: usize = 64;
 const MAX_SERVERS: usize = 50_000;
 
@@ -323,7 +323,7 @@ mod tests {
     }
 
     #[test]
-    fn an_unknown_key_id_is_asked_for_once_a_minute() {
+    fn an_unknown_key_id_is_asked_for_once_in_ten_seconds() {
         let mut known = Known::default();
         assert!(matches!(known.lookup("ed25519:b", 0), Lookup::Fetch));
         known.record(Ok(keys(u64::MAX)), 1000);

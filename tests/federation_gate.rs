@@ -1,0 +1,507 @@
+//! The federation gate against the real binary: origins sign requests with
+//! ed25519 keys that an HTTPS key server (a stand-in for the origin's
+//! Synapse, answering `/_matrix/key/v2/server` self-signed, as the spec
+//! says) publishes; the edge in `enforce` mode must forward good ones
+//! unchanged and refuse the rest before the recording upstream sees them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use matrix_edge::federation::signing::{encode_unpadded, sign, signed_bytes, x_matrix};
+use openssl::pkey::{PKey, Private};
+use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::certs::TestPki;
+use support::upstream::RecordingUpstream;
+use support::{free_port, EdgeProcess};
+
+const SERVER_NAME: &str = "edge.test";
+
+/// The origins' published keys: server name (with port) to key id and key.
+type Published = Arc<Mutex<Vec<(String, String, PKey<Private>)>>>;
+
+/// An HTTPS key server for every origin, by `Host`; counts its fetches.
+struct KeyServer {
+    address: SocketAddr,
+    published: Published,
+    fetches: Arc<AtomicUsize>,
+}
+
+impl KeyServer {
+    fn start(dir: &std::path::Path, pki: &TestPki) -> KeyServer {
+        let leaf = &pki.leaves[1];
+        std::fs::write(dir.join("ks.pem"), &leaf.fullchain_pem).unwrap();
+        std::fs::write(dir.join("ks.key"), &leaf.key_pem).unwrap();
+        let mut acceptor = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+        acceptor.set_certificate_chain_file(dir.join("ks.pem")).unwrap();
+        acceptor.set_private_key_file(dir.join("ks.key"), SslFiletype::PEM).unwrap();
+        let acceptor = Arc::new(acceptor.build());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let published: Published = Arc::default();
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let (keys, count) = (Arc::clone(&published), Arc::clone(&fetches));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (acceptor, keys, count) = (Arc::clone(&acceptor), Arc::clone(&keys), Arc::clone(&count));
+                std::thread::spawn(move || {
+                    let Ok(stream) = acceptor.accept(stream) else { return };
+                    let mut reader = BufReader::new(stream);
+                    let (mut line, mut host) = (String::new(), String::new());
+                    reader.read_line(&mut line).unwrap_or(0);
+                    loop {
+                        let mut header = String::new();
+                        if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(value) = header.strip_prefix("Host:").or_else(|| header.strip_prefix("host:")) {
+                            host = value.trim().to_string();
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let document = key_document(&keys.lock().unwrap(), &host);
+                    let body = document.to_string();
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = reader.get_mut().write_all(answer.as_bytes());
+                });
+            }
+        });
+        KeyServer { address, published, fetches }
+    }
+
+    fn publish(&self, origin: &str, key_id: &str) -> PKey<Private> {
+        let key = PKey::generate_ed25519().unwrap();
+        let mut published = self.published.lock().unwrap();
+        published.retain(|(name, _, _)| name != origin);
+        published.push((origin.into(), key_id.into(), key.clone()));
+        key
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+}
+
+/// `/_matrix/key/v2/server` for `origin`, self-signed.
+fn key_document(published: &[(String, String, PKey<Private>)], origin: &str) -> Value {
+    let mut verify_keys = serde_json::Map::new();
+    for (_, key_id, key) in published.iter().filter(|(name, _, _)| name == origin) {
+        verify_keys.insert(key_id.clone(), json!({ "key": encode_unpadded(&key.raw_public_key().unwrap()) }));
+    }
+    let valid_until =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 + 3_600_000;
+    let mut document = json!({
+        "server_name": origin,
+        "valid_until_ts": valid_until,
+        "verify_keys": verify_keys,
+        "old_verify_keys": {},
+    });
+    let message = signed_bytes(&document).unwrap();
+    let mut signatures = serde_json::Map::new();
+    for (_, key_id, key) in published.iter().filter(|(name, _, _)| name == origin) {
+        signatures.insert(key_id.clone(), json!(sign(key, &message).unwrap()));
+    }
+    document["signatures"] = json!({ origin: signatures });
+    document
+}
+
+/// A listener that accepts and never answers: a key server that hangs.
+fn silent_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    address
+}
+
+fn config(
+    listen: SocketAddr,
+    main: SocketAddr,
+    keys: SocketAddr,
+    dead: SocketAddr,
+    metrics: SocketAddr,
+    mode: &str,
+) -> String {
+    format!(
+        r#"server_name: {SERVER_NAME}
+listeners:
+  - {{ address: "{listen}", tls: false, serves: [federation] }}
+synapse:
+  main: "{main}"
+federation:
+  verify:
+    mode: {mode}
+    ca_file: certs/ca.pem
+    connect_to:
+      - "origin.test:8448:127.0.0.1:{keys_port}"
+      - "other.test:8448:127.0.0.1:{keys_port}"
+      - "x.denied.test:8448:127.0.0.1:{keys_port}"
+      - "dead.test:8448:127.0.0.1:{dead_port}"
+  deny: ["*.denied.test"]
+metrics: {{ address: "{metrics}" }}
+process: {{ threads: 2 }}
+"#,
+        keys_port = keys.port(),
+        dead_port = dead.port(),
+    )
+}
+
+struct Sent {
+    status: u16,
+    body: Value,
+    took: Duration,
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+fn send(edge: SocketAddr, method: &str, target: &str, authorization: &[String], body: &[u8]) -> Sent {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(edge).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {SERVER_NAME}\r\nConnection: close\r\n");
+    for value in authorization {
+        head.push_str(&format!("Authorization: {value}\r\n"));
+    }
+    if method == "PUT" || method == "POST" {
+        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    // The edge may refuse before reading all of a large body.
+    let _ = stream.write_all(body);
+    let mut reader = BufReader::new(stream);
+    let response = support::client::read_response(&mut reader, false).expect("an HTTP response");
+    let body = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+    Sent { status: response.status, body, took: started.elapsed() }
+}
+
+fn signed(origin: &str, key_id: &str, key: &PKey<Private>, method: &str, uri: &str, content: Option<&Value>) -> String {
+    x_matrix(origin, SERVER_NAME, method, uri, content, key_id, key).unwrap()
+}
+
+fn metric(metrics: SocketAddr, line_start: &str) -> u64 {
+    let mut stream = TcpStream::connect(metrics).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find(|line| line.starts_with(line_start))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0)
+}
+
+fn refused(metrics: SocketAddr, reason: &str) -> u64 {
+    metric(metrics, &format!("matrix_edge_federation_requests_total{{outcome=\"refused\",reason=\"{reason}\"}}"))
+}
+
+/// A transaction of `pdus` events of about 1.5 KB each.
+fn transaction(origin: &str, pdus: usize) -> Value {
+    let pdus: Vec<Value> = (0..pdus)
+        .map(|i| {
+            json!({
+                "type": "m.room.message", "room_id": "!room:origin.test", "sender": format!("@u{i}:{origin}"),
+                "origin_server_ts": 1_700_000_000_000u64 + i as u64, "depth": i,
+                "content": { "msgtype": "m.text", "body": format!("message {i} é \u{1} \"quoted\" {}", "x".repeat(1400)) },
+                "hashes": { "sha256": "abc" }, "prev_events": [], "auth_events": [],
+            })
+        })
+        .collect();
+    json!({ "origin": origin, "origin_server_ts": 1_700_000_000_000u64, "pdus": pdus, "edus": [] })
+}
+
+#[test]
+fn enforce_forwards_good_signatures_unchanged_and_refuses_the_rest_before_synapse() {
+    let pki = TestPki::new(&[&["edge.test"], &["origin.test", "other.test", "x.denied.test", "dead.test"]]);
+    let scratch = tempfile::tempdir().unwrap();
+    let keys = KeyServer::start(scratch.path(), &pki);
+    let origin = "origin.test:8448";
+    let key = keys.publish(origin, "ed25519:a1");
+    let denied_key = keys.publish("x.denied.test:8448", "ed25519:d");
+    let upstream = RecordingUpstream::start();
+    let (listen, metrics) =
+        (SocketAddr::from(([127, 0, 0, 1], free_port())), SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let dead = silent_server();
+    let edge = EdgeProcess::start(
+        &config(listen, upstream.addr, keys.address, dead, metrics, "enforce"),
+        Some(&pki),
+        &[listen, metrics],
+    );
+
+    // Good: a GET whose target carries encoded sigils, exactly as signed.
+    let target = "/_matrix/federation/v1/query/profile?user_id=%40alice%3Aedge.test&field=displayname";
+    let sent = send(listen, "GET", target, &[signed(origin, "ed25519:a1", &key, "GET", target, None)], b"");
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    let records = upstream.wait_for(1);
+    assert_eq!(records[0].target(), target);
+    assert_eq!(keys.fetches(), 1);
+
+    // Good: a small and a large transaction (the large one is held until
+    // judged), bodies byte for byte.
+    for (txn, pdus) in [("t1", 3), ("t2", 80)] {
+        let target = format!("/_matrix/federation/v1/send/{txn}");
+        let content = transaction(origin, pdus);
+        // Not canonical on the wire: order and spacing as a sender might write them.
+        let body = serde_json::to_vec_pretty(&content).unwrap();
+        let authorization = signed(origin, "ed25519:a1", &key, "PUT", &target, Some(&content));
+        let sent = send(listen, "PUT", &target, &[authorization], &body);
+        assert_eq!(sent.status, 200, "{txn}: {}", sent.body);
+        let record = upstream.records().into_iter().find(|r| r.target() == target).expect("forwarded");
+        assert_eq!(record.body_len, body.len() as u64, "{txn}");
+        assert!(record.body_complete);
+        assert_eq!(record.body_start, body[..body.len().min(65536)], "{txn}");
+    }
+    assert!(transaction(origin, 80).to_string().len() > 100_000);
+
+    // Thirty more from the known origin: no new key fetch.
+    for i in 0..30 {
+        let target = format!("/_matrix/federation/v1/state_ids/!r:origin.test?event_id=%24e{i}");
+        let sent = send(listen, "GET", &target, &[signed(origin, "ed25519:a1", &key, "GET", &target, None)], b"");
+        assert_eq!(sent.status, 200);
+    }
+    assert_eq!(keys.fetches(), 1, "30 requests from a known origin fetched its keys again");
+    upstream.clear();
+
+    // Refused, each with nothing forwarded.
+    let forger = PKey::generate_ed25519().unwrap();
+    let send_target = "/_matrix/federation/v1/send/t3";
+    let content = transaction(origin, 2);
+    let body = serde_json::to_vec(&content).unwrap();
+    let good =
+        |method: &str, uri: &str, content: Option<&Value>| signed(origin, "ed25519:a1", &key, method, uri, content);
+    let big_content = transaction(origin, 80);
+    let big_body = serde_json::to_vec(&big_content).unwrap();
+    let mut tampered_big = big_content.clone();
+    tampered_big["pdus"][79]["content"]["body"] = json!("changed");
+    let cases: Vec<(&str, String, Vec<String>, Vec<u8>, &str)> = vec![
+        (
+            "forged",
+            send_target.into(),
+            vec![signed(origin, "ed25519:a1", &forger, "PUT", send_target, Some(&content))],
+            body.clone(),
+            "bad_signature",
+        ),
+        (
+            "tampered",
+            send_target.into(),
+            vec![good("PUT", send_target, Some(&json!({"pdus": []})))],
+            body.clone(),
+            "bad_signature",
+        ),
+        (
+            "tampered, large",
+            send_target.into(),
+            vec![good("PUT", send_target, Some(&tampered_big))],
+            big_body.clone(),
+            "bad_signature",
+        ),
+        (
+            "replayed to another target",
+            "/_matrix/federation/v1/send/t4".into(),
+            vec![good("PUT", send_target, Some(&content))],
+            body.clone(),
+            "bad_signature",
+        ),
+        (
+            "another method",
+            send_target.into(),
+            vec![good("POST", send_target, Some(&content))],
+            body.clone(),
+            "bad_signature",
+        ),
+        (
+            "misdirected",
+            "/_matrix/federation/v1/version/x".into(),
+            vec![x_matrix(
+                origin,
+                "elsewhere.test",
+                "GET",
+                "/_matrix/federation/v1/version/x",
+                None,
+                "ed25519:a1",
+                &key,
+            )
+            .unwrap()],
+            vec![],
+            "misdirected",
+        ),
+        ("unsigned", "/_matrix/federation/v1/make_join/!r:o/@u:o".into(), vec![], vec![], "unsigned"),
+        (
+            "bearer only",
+            "/_matrix/federation/v1/media/download/abc".into(),
+            vec!["Bearer secret".into()],
+            vec![],
+            "unsigned",
+        ),
+        (
+            "garbled header",
+            "/_matrix/federation/v1/event/$e".into(),
+            vec!["X-Matrix origin=\"origin.test:8448,key=k".into()],
+            vec![],
+            "bad_header",
+        ),
+        (
+            "unknown key",
+            "/_matrix/federation/v1/event/$e".into(),
+            vec![signed(origin, "ed25519:zz", &key, "GET", "/_matrix/federation/v1/event/$e", None)],
+            vec![],
+            "unknown_key",
+        ),
+        ("not JSON", send_target.into(), vec![good("PUT", send_target, None)], b"{not json".to_vec(), "not_json"),
+    ];
+    for (what, target, authorization, body, reason) in &cases {
+        let method = if body.is_empty() { "GET" } else { "PUT" };
+        let before = refused(metrics, reason);
+        let sent = send(listen, method, target, authorization, body);
+        let expected = if *reason == "not_json" { (400, "M_NOT_JSON") } else { (401, "M_UNAUTHORIZED") };
+        assert_eq!((sent.status, sent.body["errcode"].as_str().unwrap_or("")), expected, "{what}: {}", sent.body);
+        assert!(sent.body["error"].as_str().unwrap_or("").contains("refused by the edge"), "{what}");
+        assert_eq!(refused(metrics, reason), before + 1, "{what} not counted as {reason}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let complete: Vec<String> =
+        upstream.records().iter().filter(|r| r.body_complete).map(|r| r.request_line.clone()).collect();
+    assert!(complete.is_empty(), "refused requests reached the upstream: {complete:?}");
+    // Only the large body's head may have gone out (its body was held); the rest sent nothing.
+    assert!(upstream.heads().len() <= 1, "{:?}", upstream.heads());
+    assert!(keys.fetches() <= 2, "the unknown key was asked for more than once: {}", keys.fetches());
+
+    // Endpoints without signatures pass.
+    for target in [
+        "/_matrix/federation/v1/version",
+        "/_matrix/key/v2/server",
+        "/_matrix/key/v2/query/origin.test",
+        "/_matrix/federation/v1/openid/userinfo?access_token=abc",
+    ] {
+        assert_eq!(send(listen, "GET", target, &[], b"").status, 200, "{target}");
+    }
+
+    // A verified origin on the deny list: 403, nothing forwarded.
+    upstream.clear();
+    let target = "/_matrix/federation/v1/event/$e";
+    let sent = send(
+        listen,
+        "GET",
+        target,
+        &[signed("x.denied.test:8448", "ed25519:d", &denied_key, "GET", target, None)],
+        b"",
+    );
+    assert_eq!((sent.status, sent.body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{}", sent.body);
+    assert!(upstream.heads().is_empty());
+
+    // A float in the body: valid JSON Synapse reads, which a strict encoder
+    // cannot vouch for: passed on unverified and counted.
+    let content = json!({ "pdus": [], "edus": [{ "edu_type": "m.x", "content": { "ratio": 0.5 } }] });
+    let body = serde_json::to_vec(&content).unwrap();
+    let sent = send(
+        listen,
+        "PUT",
+        "/_matrix/federation/v1/send/t5",
+        &[good("PUT", "/_matrix/federation/v1/send/t5", None)],
+        &body,
+    );
+    assert_eq!(sent.status, 200);
+    assert_eq!(metric(metrics, "matrix_edge_federation_requests_total{outcome=\"unverifiable\",reason=\"float\"}"), 1);
+
+    // A key server that never answers: ten requests at once are each
+    // refused within 3 s and all within 10 s; it is not asked again.
+    let dead_key = PKey::generate_ed25519().unwrap();
+    let started = Instant::now();
+    let threads: Vec<_> = (0..10)
+        .map(|i| {
+            let target = format!("/_matrix/federation/v1/event/$dead{i}");
+            let authorization = signed("dead.test:8448", "ed25519:x", &dead_key, "GET", &target, None);
+            std::thread::spawn(move || send(listen, "GET", &target, &[authorization], b""))
+        })
+        .collect();
+    for thread in threads {
+        let sent = thread.join().unwrap();
+        assert_eq!(sent.status, 401, "{}", sent.body);
+        assert!(sent.took < Duration::from_secs(3), "one refusal took {:?}", sent.took);
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let fetches_before = metric(metrics, "matrix_edge_federation_key_fetches_total{result=\"failed\"}");
+    let again = send(
+        listen,
+        "GET",
+        "/_matrix/federation/v1/event/$dead",
+        &[signed("dead.test:8448", "ed25519:x", &dead_key, "GET", "/_matrix/federation/v1/event/$dead", None)],
+        b"",
+    );
+    assert_eq!(again.status, 401);
+    assert!(again.took < Duration::from_millis(500), "the failure was not remembered: {:?}", again.took);
+    assert_eq!(metric(metrics, "matrix_edge_federation_key_fetches_total{result=\"failed\"}"), fetches_before);
+    assert_eq!(fetches_before, 1, "one fetch for ten requests");
+
+    // Key rotation: the origin publishes a new key; once the unknown-key
+    // back-off (10 s after the last fetch) has passed, it is fetched and used.
+    let rotated = keys.publish(origin, "ed25519:a2");
+    let target = "/_matrix/federation/v1/event/$rotated";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let sent = send(listen, "GET", target, &[signed(origin, "ed25519:a2", &rotated, "GET", target, None)], b"");
+        if sent.status == 200 || Instant::now() > deadline {
+            break sent.status;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(status, 200, "the rotated key was not picked up");
+    let verified = metric(metrics, "matrix_edge_federation_requests_total{outcome=\"verified\",reason=\"\"}");
+    assert!(verified >= 34, "verified: {verified}");
+    drop(edge);
+}
+
+#[test]
+fn observe_forwards_everything_and_counts_what_it_would_refuse() {
+    let pki = TestPki::new(&[&["edge.test"], &["origin.test", "other.test", "x.denied.test", "dead.test"]]);
+    let scratch = tempfile::tempdir().unwrap();
+    let keys = KeyServer::start(scratch.path(), &pki);
+    let origin = "other.test:8448";
+    let key = keys.publish(origin, "ed25519:o");
+    let upstream = RecordingUpstream::start();
+    let (listen, metrics) =
+        (SocketAddr::from(([127, 0, 0, 1], free_port())), SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let edge = EdgeProcess::start(
+        &config(listen, upstream.addr, keys.address, silent_server(), metrics, "observe"),
+        Some(&pki),
+        &[listen, metrics],
+    );
+    let target = "/_matrix/federation/v1/event/$a";
+    // The first request does not wait for the keys: it goes on, and they are fetched beside it.
+    let sent = send(listen, "GET", target, &[signed(origin, "ed25519:o", &key, "GET", target, None)], b"");
+    assert_eq!(sent.status, 200);
+    assert!(sent.took < Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while keys.fetches() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let forger = PKey::generate_ed25519().unwrap();
+    assert_eq!(
+        send(listen, "GET", target, &[signed(origin, "ed25519:o", &forger, "GET", target, None)], b"").status,
+        200
+    );
+    assert_eq!(send(listen, "GET", target, &[], b"").status, 200);
+    assert_eq!(send(listen, "GET", target, &[signed(origin, "ed25519:o", &key, "GET", target, None)], b"").status, 200);
+    assert_eq!(upstream.wait_for(4).len(), 4);
+    assert_eq!(refused(metrics, "bad_signature"), 1);
+    assert_eq!(refused(metrics, "unsigned"), 1);
+    assert_eq!(
+        metric(metrics, "matrix_edge_federation_requests_total{outcome=\"unverifiable\",reason=\"keys_pending\"}"),
+        1
+    );
+    assert_eq!(metric(metrics, "matrix_edge_federation_requests_total{outcome=\"verified\",reason=\"\"}"), 1);
+    let log = edge.log_text();
+    assert!(log.contains("would be refused (observe)"), "{log}");
+}
