@@ -210,6 +210,39 @@ pub fn proxy_header(data: &[u8]) {
     let _ = parse(data);
 }
 
+/// `Authorization: X-Matrix` values: a header that parses renders back
+/// (every value quoted and escaped) to one that parses the same.
+pub fn x_matrix(data: &[u8]) {
+    use crate::federation::header::parse;
+    let Ok(parsed) = parse(data) else { return };
+    let quote = |value: &str| value.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut rendered = format!(
+        "X-Matrix origin=\"{}\",key=\"{}\",sig=\"{}\"",
+        quote(&parsed.origin),
+        quote(&parsed.key),
+        quote(&parsed.sig)
+    );
+    if let Some(destination) = &parsed.destination {
+        rendered.push_str(&format!(",destination=\"{}\"", quote(destination)));
+    }
+    assert_eq!(parse(rendered.as_bytes()).as_ref(), Ok(&parsed), "{rendered}");
+    assert!(crate::federation::header::is_server_name(&parsed.origin));
+}
+
+/// Canonical JSON: what the encoder writes reads back as the same value,
+/// and encoding that again gives the same bytes.
+pub fn canonical_json(data: &[u8]) {
+    use crate::federation::canonical::encode;
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else { return };
+    let Ok(encoded) = encode(&value) else { return };
+    let again: serde_json::Value = match serde_json::from_slice(&encoded) {
+        Ok(again) => again,
+        Err(error) => panic!("the encoder wrote invalid JSON ({error}): {}", String::from_utf8_lossy(&encoded)),
+    };
+    assert_eq!(again, value);
+    assert_eq!(encode(&again).ok().as_deref(), Some(encoded.as_slice()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -284,7 +284,9 @@ fn enforce_forwards_good_signatures_unchanged_and_refuses_the_rest_before_synaps
     let big_body = serde_json::to_vec(&big_content).unwrap();
     let mut tampered_big = big_content.clone();
     tampered_big["pdus"][79]["content"]["body"] = json!("changed");
-    let cases: Vec<(&str, String, Vec<String>, Vec<u8>, &str)> = vec![
+    // (what, target, Authorization headers, body, refusal reason)
+    type Case<'a> = (&'a str, String, Vec<String>, Vec<u8>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "forged",
             send_target.into(),

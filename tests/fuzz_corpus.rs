@@ -37,3 +37,13 @@ fn config_seeds() {
 fn proxy_header_seeds() {
     replay("proxy_header", matrix_edge::fuzzing::proxy_header);
 }
+
+#[test]
+fn x_matrix_seeds() {
+    replay("x_matrix", matrix_edge::fuzzing::x_matrix);
+}
+
+#[test]
+fn canonical_json_seeds() {
+    replay("canonical_json", matrix_edge::fuzzing::canonical_json);
+}
