@@ -19,6 +19,18 @@ impl Synapse {
 
     /// As `start`, with more arguments for `synapse_dev.py config` (`--mas URL --mas-secret S`).
     pub fn start_with(dir: &Path, port: u16, server_name: &str, public_baseurl: &str, extra: &[&str]) -> Synapse {
+        Self::start_with_yaml(dir, port, server_name, public_baseurl, extra, "")
+    }
+
+    /// As `start_with`, with `yaml` appended to the config `synapse_dev.py` wrote.
+    pub fn start_with_yaml(
+        dir: &Path,
+        port: u16,
+        server_name: &str,
+        public_baseurl: &str,
+        extra: &[&str],
+        yaml: &str,
+    ) -> Synapse {
         let python = synapse_python();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/synapse_dev.py");
         let status = Command::new("python3")
@@ -32,6 +44,11 @@ impl Synapse {
             .unwrap();
         assert!(status.success());
         let config = dir.join("homeserver.yaml");
+        if !yaml.is_empty() {
+            let mut text = std::fs::read_to_string(&config).unwrap();
+            text.push_str(yaml);
+            std::fs::write(&config, text).unwrap();
+        }
         let status = Command::new(&python)
             .args(["-m", "synapse.app.homeserver", "--generate-keys", "-c"])
             .arg(&config)
