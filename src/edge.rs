@@ -631,6 +631,9 @@ fn build_federation_gate(
         crate::observe::metrics::METRICS.federation.requests.with_label_values(&["refused", reason]);
     }
     crate::observe::metrics::METRICS.federation.requests.with_label_values(&["verified", ""]);
+    for result in crate::federation::keys::FETCH_RESULTS {
+        crate::observe::metrics::METRICS.federation.key_fetches.with_label_values(&[result]);
+    }
     let fetcher = crate::federation::keys::KeyFetcher::new(client, federation.verify.dns, notaries);
     Ok(Some(std::sync::Arc::new(Gate {
         mode,

@@ -134,6 +134,9 @@ impl std::fmt::Display for KeyError {
     }
 }
 
+/// The `result` label of the key fetch counter: success, then failure.
+pub const FETCH_RESULTS: [&str; 2] = ["fetched", "failed"];
+
 #[derive(Default)]
 struct Known {
     /// Key id, key, usable until (ms since the epoch).
@@ -259,7 +262,7 @@ impl KeyCache {
             }
             _ => Err("too many key fetches at once".into()),
         };
-        let outcome = if result.is_ok() { "fetched" } else { "failed" };
+        let outcome = FETCH_RESULTS[usize::from(result.is_err())];
         METRICS.federation.key_fetches.with_label_values(&[outcome]).inc();
         if let Err(error) = &result {
             log::info!("federation gate: cannot fetch the keys of {server_name}: {error}");
