@@ -100,7 +100,7 @@ fn doctor_passes_a_good_deployment_and_names_each_broken_one() {
         "ok   .well-known/matrix/server: delegates to matrix.doctor.test:443",
         "ok   certificate of matrix.doctor.test:443",
         "ok   federation endpoint",
-        "ok   signing keys: /_matrix/key/v2/server is signed by ed25519:",
+        "ok   signing keys: /_matrix/key/v2/server is self-signed by doctor.test (ed25519:",
         "ok   signed federation request: Synapse accepted",
         "ok   .well-known/matrix/client: m.homeserver is https://matrix.doctor.test, with CORS",
         "ok   client API",
