@@ -275,7 +275,7 @@ def cmd_workers(args) -> None:
     started = []
     for name, group, resources, _ in WORKERS:
         listeners = [{"type": "http", "port": ports[name], "bind_addresses": ["127.0.0.1"], "x_forwarded": True,
-                      "resources": [{"names": resources}]}]
+                      "request_id_header": "X-Request-ID", "resources": [{"names": resources}]}]
         if name in replication:
             listeners.append({"type": "http", "port": replication[name], "bind_addresses": ["127.0.0.1"],
                               "resources": [{"names": ["replication"]}]})

@@ -113,6 +113,22 @@ fn doctor_passes_a_good_deployment_and_names_each_broken_one() {
     let json = doctor(port, &ca, None, &["--json"]);
     let findings: serde_json::Value = serde_json::from_str(&json.text).unwrap();
     assert!(findings.as_array().unwrap().iter().all(|f| f["verdict"] != "fail"), "{findings}");
+    // The gate observes by default: a forged request reaches Synapse.
+    assert!(good.text.contains("ok   federation gate: not enforcing"), "{}", good.text);
+    drop(edge);
+
+    // The gate enforcing: the doctor's requests signed with Synapse's key
+    // pass it (the edge fetches the keys through the delegation), a forged
+    // one is refused at the door.
+    let enforce = format!(
+        "federation:\n  verify:\n    mode: enforce\n    ca_file: certs/ca.pem\n    connect_to: \
+         [\"{SERVER_NAME}:443:127.0.0.1:{port}\", \"{HOMESERVER}:443:127.0.0.1:{port}\"]\n"
+    );
+    let edge = start(&edge_config(port, synapse_addr, &m_server, GOOD_CERTS, &enforce), &pki, port);
+    let enforcing = doctor(port, &ca, Some(&signing_key), &[]);
+    assert_eq!(enforcing.code, 0, "{}", enforcing.text);
+    assert!(enforcing.text.contains("ok   signed federation request: Synapse accepted"), "{}", enforcing.text);
+    assert!(enforcing.text.contains("ok   federation gate: enforcing"), "{}", enforcing.text);
     drop(edge);
 
     // nginx in front of the same Synapse, as Synapse's docs configure it

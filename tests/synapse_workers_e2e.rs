@@ -108,6 +108,26 @@ impl Deployment {
     }
 }
 
+impl Deployment {
+    /// Requests that carried one of the edge's request IDs, as every
+    /// process's access log names them ("PUT-<id>"), with the process.
+    fn edge_request_ids(&self) -> Vec<(String, String)> {
+        let mut seen = Vec::new();
+        for (name, log) in self.info["logs"].as_object().unwrap() {
+            let text = std::fs::read_to_string(log.as_str().unwrap()).unwrap_or_default();
+            for line in text.lines().filter(|l| l.contains("synapse.access.http") && l.contains("Processed request")) {
+                let Some(request) = line.split(" - ").nth(4) else { continue };
+                let Some((_, id)) = request.split_once('-') else { continue };
+                // The edge's IDs are 16 hex digits; Synapse's own are a counter.
+                if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    seen.push((request.to_string(), name.clone()));
+                }
+            }
+        }
+        seen
+    }
+}
+
 impl Drop for Deployment {
     fn drop(&mut self) {
         // Closing stdin stops PostgreSQL, Redis and every Synapse process.
@@ -381,6 +401,22 @@ synapse:
             );
         }
     }
+
+    // Nothing sent twice: no request of the edge's reached Synapse twice
+    // (each process logs the edge's X-Request-ID with every request).
+    let ids = deployment.edge_request_ids();
+    let mut counts: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (id, process) in &ids {
+        counts.entry(id.as_str()).or_default().push(process.as_str());
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, processes)| processes.len() > 1).collect();
+    eprintln!(
+        "{} requests of the edge's in Synapse's access logs, {} of them more than once",
+        counts.len(),
+        twice.len()
+    );
+    assert!(counts.len() > 500, "too few of the edge's request IDs in Synapse's logs: {}", counts.len());
+    assert!(twice.is_empty(), "requests that reached Synapse twice: {twice:?}");
 
     // The same restarts through nginx configured by Synapse's table (one
     // regex location per rule, round robin, its default retries), for comparison.

@@ -208,6 +208,7 @@ pub fn run(options: &Options) -> Vec<Finding> {
     if let Some(path) = &options.signing_key {
         signed_request(&mut report, &client, &server_name, &target_host, target_port, path);
     }
+    federation_gate(&mut report, &client, &server_name, &target_host, target_port);
 
     // 3. What clients see.
     client_side(&mut report, &client, &host);
@@ -406,6 +407,38 @@ fn signed_request(
         ),
         "forward the request target byte for byte (nginx: proxy_pass without a URI part, `proxy_pass http://127.0.0.1:8008;`; no normalising proxy in front)",
     );
+}
+
+/// Whether a federation gate refuses forged requests before Synapse: one
+/// request with a made-up key and signature, which Synapse would refuse too
+/// (the edge's refusals say they are its own).
+fn federation_gate(report: &mut Report, client: &Client, server_name: &str, host: &str, port: u16) {
+    let check = "federation gate";
+    let target = format!("/_matrix/federation/v1/query/profile?user_id=%40doctor%3A{server_name}&field=displayname");
+    let forged = format!(
+        "X-Matrix origin=\"{server_name}\",destination=\"{server_name}\",key=\"ed25519:doctor_forged\",sig=\"{}\"",
+        "A".repeat(86)
+    );
+    match client.get(host, port, &target, &[("Authorization", forged)]) {
+        Err(error) => report.warn(check, format!("could not send a forged request: {error}"), "see the federation endpoint check"),
+        Ok(fetched) if String::from_utf8_lossy(&fetched.body).contains("(refused by the edge)") => report.ok(
+            check,
+            format!("enforcing: a request with a forged signature was refused at the door ({})", fetched.status),
+        ),
+        Ok(fetched) if signature_refused(fetched.status, &fetched.body) => report.ok(
+            check,
+            format!(
+                "not enforcing: a forged request reached Synapse, which refused it ({}); with matrix-edge, \
+                 federation.verify.mode: enforce once matrix_edge_federation_requests_total shows no real server refused",
+                fetched.status
+            ),
+        ),
+        Ok(fetched) => report.fail(
+            check,
+            format!("a request with a forged signature was answered {}, not refused", fetched.status),
+            "something in front of Synapse answers federation requests without checking their signatures",
+        ),
+    }
 }
 
 fn client_side(report: &mut Report, client: &Client, host: &str) {
