@@ -300,22 +300,33 @@ def synapse(work, pki):
     sys.exit("Synapse did not start")
 
 
+def read_more(sock, buffer):
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise ConnectionError("closed")
+    return buffer + chunk
+
+
 def read_response(sock, buffer):
-    """Reads one HTTP/1.1 response with a Content-Length; returns (status, rest of buffer)."""
+    """Reads one HTTP/1.1 response (Content-Length or chunked); returns
+    (status, whether the server closes, rest of buffer)."""
     while b"\r\n\r\n" not in buffer:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        buffer += chunk
+        buffer = read_more(sock, buffer)
     head, buffer = buffer.split(b"\r\n\r\n", 1)
-    length = 0
+    headers = {}
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(buffer) < length:
-        buffer += sock.recv(65536)
-    return int(head.split()[1]), buffer[length:]
+        headers[name.strip().lower()] = value.strip().lower()
+    if headers.get(b"transfer-encoding") == b"chunked":
+        while b"0\r\n\r\n" not in buffer:
+            buffer = read_more(sock, buffer)
+        buffer = buffer.split(b"0\r\n\r\n", 1)[1]
+    else:
+        length = int(headers.get(b"content-length", b"0"))
+        while len(buffer) < length:
+            buffer = read_more(sock, buffer)
+        buffer = buffer[length:]
+    return int(head.split()[1]), headers.get(b"connection") == b"close", buffer
 
 
 def flood(port, origin, count, connections=8):
@@ -337,13 +348,19 @@ def flood(port, origin, count, connections=8):
             content = transaction(origin, 50, number)
             body = json.dumps(content).encode()
             header = authorization(forger, origin, "PUT", target, content)
-            sock.sendall(f"PUT {target} HTTP/1.1\r\nHost: {SERVER_NAME}\r\nAuthorization: {header}\r\n"
-                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-            try:
-                status, buffer = read_response(sock, buffer)
-            except ConnectionError:
-                sock = socket.create_connection(("127.0.0.1", port))
-                buffer, status = b"", "closed"
+            request = (f"PUT {target} HTTP/1.1\r\nHost: {SERVER_NAME}\r\nAuthorization: {header}\r\n"
+                       f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+            for attempt in range(3):
+                try:
+                    sock.sendall(request)
+                    status, closes, buffer = read_response(sock, buffer)
+                    break
+                except (ConnectionError, OSError):
+                    sock.close()
+                    sock, buffer, status, closes = socket.create_connection(("127.0.0.1", port)), b"", "lost", False
+            if closes:
+                sock.close()
+                sock, buffer = socket.create_connection(("127.0.0.1", port)), b""
             with lock:
                 statuses[status] = statuses.get(status, 0) + 1
         sock.close()
