@@ -18,7 +18,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::certs::TestPki;
-use support::matrix::{encode, synapse_python};
+use support::matrix::{encode, synapse_python, Client};
 use support::synapse::Synapse;
 use support::{free_port, EdgeProcess};
 
@@ -106,30 +106,18 @@ process: {{ threads: 2 }}
             .timeout(Duration::from_secs(90))
             .build()
             .unwrap();
-        User { http, base: format!("https://{}", self.name), token: String::new(), user_id: String::new() }
+        User { client: Client { http, base: format!("https://{}", self.name), token: None }, user_id: String::new() }
     }
 }
 
 struct User {
-    http: reqwest::Client,
-    base: String,
-    token: String,
+    client: Client,
     user_id: String,
 }
 
 impl User {
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
-        if !self.token.is_empty() {
-            request = request.bearer_auth(&self.token);
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON from {path}: {text}")))
+        self.client.json(method, path, body).await
     }
 
     async fn ok(&self, method: Method, path: &str, body: Option<Value>) -> Value {
@@ -141,7 +129,7 @@ impl User {
     async fn register(&mut self, name: &str) {
         let body = json!({"username": name, "password": "correct horse battery", "auth": {"type": "m.login.dummy"}});
         let answer = self.ok(Method::POST, "/_matrix/client/v3/register", Some(body)).await;
-        self.token = answer["access_token"].as_str().unwrap().to_string();
+        self.client.token = answer["access_token"].as_str().map(str::to_string);
         self.user_id = answer["user_id"].as_str().unwrap().to_string();
     }
 
@@ -276,16 +264,15 @@ async fn two_synapses_federate_through_two_enforcing_edges() {
     let typing_path = format!("/_matrix/client/v3/rooms/{}/typing/{}", encode(&room), encode(&alice.user_id));
     alice.ok(Method::PUT, &typing_path, Some(json!({"typing": true, "timeout": 30000}))).await;
     let alice_id = alice.user_id.clone();
-    (_, bob_since) = bob
-        .sync_until(&bob_since, "alice typing", |s| {
-            s["rooms"]["join"][&room]["ephemeral"]["events"].as_array().is_some_and(|events| {
-                events.iter().any(|e| {
-                    e["type"] == "m.typing"
-                        && e["content"]["user_ids"].as_array().is_some_and(|ids| ids.contains(&json!(alice_id)))
-                })
+    bob.sync_until(&bob_since, "alice typing", |s| {
+        s["rooms"]["join"][&room]["ephemeral"]["events"].as_array().is_some_and(|events| {
+            events.iter().any(|e| {
+                e["type"] == "m.typing"
+                    && e["content"]["user_ids"].as_array().is_some_and(|ids| ids.contains(&json!(alice_id)))
             })
         })
-        .await;
+    })
+    .await;
 
     // Device lists: alice asks for bob's keys (a signed POST to B), then a
     // new device of bob's with keys reaches her as a device list update.
@@ -293,8 +280,10 @@ async fn two_synapses_federate_through_two_enforcing_edges() {
     let answer = alice.ok(Method::POST, "/_matrix/client/v3/keys/query", Some(query.clone())).await;
     assert!(answer["failures"].as_object().is_none_or(|f| f.is_empty()), "keys/query over federation failed: {answer}");
     let (phone_token, phone_device) = bob.login_again("bob").await;
-    let phone =
-        User { http: bob.http.clone(), base: bob.base.clone(), token: phone_token, user_id: bob.user_id.clone() };
+    let phone = User {
+        client: Client { http: bob.client.http.clone(), base: bob.client.base.clone(), token: Some(phone_token) },
+        user_id: bob.user_id.clone(),
+    };
     let device_keys = json!({"device_keys": {
         "user_id": bob.user_id, "device_id": phone_device,
         "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
@@ -318,9 +307,8 @@ async fn two_synapses_federate_through_two_enforcing_edges() {
     // Media: uploaded on B, downloaded by alice through A (A fetches it from B).
     let picture: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 251) as u8).collect();
     let uploaded: Value = bob
-        .http
-        .post(format!("{}/_matrix/media/v3/upload?filename=p.bin", bob.base))
-        .bearer_auth(&bob.token)
+        .client
+        .request(Method::POST, "/_matrix/media/v3/upload?filename=p.bin")
         .header("Content-Type", "application/octet-stream")
         .body(picture.clone())
         .send()
@@ -332,9 +320,8 @@ async fn two_synapses_federate_through_two_enforcing_edges() {
     let uri = uploaded["content_uri"].as_str().unwrap_or_else(|| panic!("upload failed: {uploaded}"));
     let media_id = uri.rsplit('/').next().unwrap();
     let downloaded = alice
-        .http
-        .get(format!("{}/_matrix/client/v1/media/download/{}/{media_id}", alice.base, b.name))
-        .bearer_auth(&alice.token)
+        .client
+        .request(Method::GET, &format!("/_matrix/client/v1/media/download/{}/{media_id}", b.name))
         .send()
         .await
         .unwrap();
@@ -361,7 +348,6 @@ async fn two_synapses_federate_through_two_enforcing_edges() {
         a.metric("matrix_edge_federation_key_fetches_total{result=\"fetched\"}") > fetches_before,
         "A's edge verified B's new key without fetching it"
     );
-    let _ = bob_since;
 
     for (label, server) in [("A", &a), ("B", &b)] {
         assert!(server.verified() >= 5, "edge {label} verified only {} requests", server.verified());

@@ -199,22 +199,23 @@ struct ServerEntry {
 
 /// Keys by server name; lives as long as the process.
 pub struct KeyCache {
-    servers: Mutex<HashMap<String, Arc<ServerEntry>>>,
+    /// Read on every federation request, written only for a server not seen yet.
+    servers: std::sync::RwLock<HashMap<String, Arc<ServerEntry>>>,
     fetches: tokio::sync::Semaphore,
 }
 
 impl Default for KeyCache {
     fn default() -> Self {
-        KeyCache { servers: Mutex::default(), fetches: tokio::sync::Semaphore::new(MAX_FETCHES) }
+        KeyCache { servers: std::sync::RwLock::default(), fetches: tokio::sync::Semaphore::new(MAX_FETCHES) }
     }
 }
 
 impl KeyCache {
     fn entry(&self, server_name: &str) -> Arc<ServerEntry> {
-        let mut servers = self.servers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(entry) = servers.get(server_name) {
+        if let Some(entry) = self.servers.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(server_name) {
             return Arc::clone(entry);
         }
+        let mut servers = self.servers.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         if servers.len() >= MAX_SERVERS {
             let now = now_ms();
             servers.retain(|_, entry| entry.known.lock().is_ok_and(|known| known.has_keys(now)));
@@ -299,7 +300,7 @@ impl KeyCache {
     /// How many servers' keys are known and usable, for the status page.
     pub fn servers_known(&self) -> usize {
         let now = now_ms();
-        let servers = self.servers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let servers = self.servers.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         servers.values().filter(|entry| entry.known.lock().is_ok_and(|known| known.has_keys(now))).count()
     }
 }

@@ -45,6 +45,10 @@ impl ErrCode {
     }
 }
 
+/// Ends the message of every federation gate refusal, so that `doctor` can
+/// tell the edge's 401 from Synapse's.
+pub const FEDERATION_REFUSAL_MARK: &str = "(refused by the edge)";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MatrixError {
     pub status: u16,
@@ -129,7 +133,7 @@ impl MatrixError {
     /// that is not JSON. The message says the edge refused it.
     pub fn federation_refused(refusal: &crate::federation::gate::Refusal) -> Self {
         use crate::federation::gate::Refusal;
-        let message = format!("{refusal} (refused by the edge)");
+        let message = format!("{refusal} {FEDERATION_REFUSAL_MARK}");
         match refusal {
             Refusal::Denied(_) => Self::new(403, ErrCode::Forbidden, message),
             Refusal::NotJson => Self::new(400, ErrCode::NotJson, message),

@@ -421,7 +421,7 @@ fn federation_gate(report: &mut Report, client: &Client, server_name: &str, host
     );
     match client.get(host, port, &target, &[("Authorization", forged)]) {
         Err(error) => report.warn(check, format!("could not send a forged request: {error}"), "see the federation endpoint check"),
-        Ok(fetched) if String::from_utf8_lossy(&fetched.body).contains("(refused by the edge)") => report.ok(
+        Ok(fetched) if String::from_utf8_lossy(&fetched.body).contains(crate::request::errors::FEDERATION_REFUSAL_MARK) => report.ok(
             check,
             format!("enforcing: a request with a forged signature was refused at the door ({})", fetched.status),
         ),
