@@ -224,7 +224,11 @@ pub fn h2_tls_many(addr: SocketAddr, sni: &str, root_pem: &str, targets: &[&str]
         let ssl = connector(root_pem, &["h2"]).configure().unwrap().into_ssl(sni).unwrap();
         let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
         std::pin::Pin::new(&mut tls).connect().await.unwrap();
-        let (client, connection) = h2::client::handshake(tls).await.unwrap();
+        // Until the server's SETTINGS arrive, h2 would open streams without
+        // limit and the server refuses those past its own (RFC 9113 §5.1.2);
+        // 100 is the least limit the RFC recommends a server to allow.
+        let (client, connection) =
+            h2::client::Builder::new().initial_max_send_streams(100).handshake::<_, bytes::Bytes>(tls).await.unwrap();
         tokio::spawn(async move {
             let _ = connection.await;
         });
