@@ -190,12 +190,18 @@ fn signed(origin: &str, key_id: &str, key: &PKey<Private>, method: &str, uri: &s
     x_matrix(origin, SERVER_NAME, method, uri, content, key_id, key).unwrap()
 }
 
-fn metric(metrics: SocketAddr, line_start: &str) -> u64 {
+/// A page of the private listener, head and body.
+fn private_page(metrics: SocketAddr, path: &str) -> String {
     let mut stream = TcpStream::connect(metrics).unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
     let mut text = String::new();
     stream.read_to_string(&mut text).unwrap();
-    text.lines()
+    text
+}
+
+fn metric(metrics: SocketAddr, line_start: &str) -> u64 {
+    private_page(metrics, "/metrics")
+        .lines()
         .find(|line| line.starts_with(line_start))
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
@@ -461,6 +467,20 @@ fn enforce_forwards_good_signatures_unchanged_and_refuses_the_rest_before_synaps
     assert_eq!(status, 200, "the rotated key was not picked up");
     let verified = metric(metrics, "matrix_edge_federation_requests_total{outcome=\"verified\",reason=\"\"}");
     assert!(verified >= 34, "verified: {verified}");
+
+    let page = private_page(metrics, "/status.json");
+    let status: Value = serde_json::from_str(page.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let latest = status["federation"]["latest_refusals"].as_array().unwrap().clone();
+    assert!(!latest.is_empty() && latest.iter().all(|r| r["enforced"] == true), "{latest:?}");
+    // Newest first: the rotated key's requests refused until it was
+    // fetched, or (if the first passed) the dead key server's last one.
+    let newest = (latest[0]["origin"].clone(), latest[0]["reason"].clone());
+    assert!(
+        newest == (json!(origin), json!("unknown_key"))
+            || newest == (json!("dead.test:8448"), json!("key_unavailable")),
+        "{latest:?}"
+    );
+    assert!(private_page(metrics, "/status").contains("401 at the door"));
     drop(edge);
 }
 
@@ -506,4 +526,20 @@ fn observe_forwards_everything_and_counts_what_it_would_refuse() {
     assert_eq!(metric(metrics, "matrix_edge_federation_requests_total{outcome=\"verified\",reason=\"\"}"), 1);
     let log = edge.log_text();
     assert!(log.contains("would be refused (observe)"), "{log}");
+
+    // The status page names who was turned away, newest first.
+    let page = private_page(metrics, "/status.json");
+    let status: Value = serde_json::from_str(page.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let federation = &status["federation"];
+    assert_eq!(federation["mode"], "observe", "{federation}");
+    assert_eq!(federation["requests"]["refused/bad_signature"], 1, "{federation}");
+    assert_eq!(federation["requests"]["verified"], 1, "{federation}");
+    assert_eq!(federation["servers_with_keys"], 1, "{federation}");
+    let latest = federation["latest_refusals"].as_array().unwrap();
+    assert_eq!(latest.len(), 2, "{federation}");
+    assert_eq!((&latest[0]["reason"], &latest[0]["origin"]), (&json!("unsigned"), &Value::Null));
+    assert_eq!((&latest[1]["reason"], &latest[1]["origin"]), (&json!("bad_signature"), &json!(origin)));
+    assert_eq!(latest[1]["enforced"], false);
+    let html = private_page(metrics, "/status");
+    assert!(html.contains("<td>other.test:8448</td>") && html.contains("forwarded (observe)"), "{html}");
 }

@@ -108,7 +108,15 @@ pub enum Verdict {
         origin: String,
         reason: &'static str,
     },
-    Refused(Refusal),
+    /// With the origin the request claimed, when its header named one.
+    Refused {
+        origin: Option<String>,
+        refusal: Refusal,
+    },
+}
+
+fn refused(origin: &str, refusal: Refusal) -> Verdict {
+    Verdict::Refused { origin: Some(origin.to_string()), refusal }
 }
 
 /// Endpoints under `/_matrix/federation/` that carry no signature.
@@ -258,16 +266,16 @@ impl Gate {
     ) -> Verdict {
         let claims = match claims(authorizations, &self.server_name) {
             Ok(claims) => claims,
-            Err(refusal) => return Verdict::Refused(refusal),
+            Err(refusal) => return Verdict::Refused { origin: None, refusal },
         };
         // Synapse decodes the target as ASCII; anything else cannot verify there either.
         let Some(uri) = std::str::from_utf8(uri).ok().filter(|uri| uri.is_ascii()) else {
-            return Verdict::Refused(Refusal::BadSignature);
+            return refused(&claims.origin, Refusal::BadSignature);
         };
         let content = match content(method, body) {
             Ok(content) => content,
             Err(Ok(reason)) => return Verdict::Unverifiable { origin: claims.origin, reason },
-            Err(Err(refusal)) => return Verdict::Refused(refusal),
+            Err(Err(refusal)) => return refused(&claims.origin, refusal),
         };
         let message = match signed_message(method, uri, &claims.origin, &self.server_name, content) {
             Ok(message) => message,
@@ -292,17 +300,17 @@ impl Gate {
             };
             match key {
                 Ok(key) if signing::verifies(&key, signature, &message) => verified = true,
-                Ok(_) => return Verdict::Refused(Refusal::BadSignature),
+                Ok(_) => return refused(&claims.origin, Refusal::BadSignature),
                 Err(error) => missing = Some(error),
             }
         }
         if !verified {
-            return Verdict::Refused(Refusal::NoKey(missing.unwrap_or(KeyError::Unknown)));
+            return refused(&claims.origin, Refusal::NoKey(missing.unwrap_or(KeyError::Unknown)));
         }
         let denied = self.deny.contains(&claims.origin)
             || self.allow.as_ref().is_some_and(|allow| !allow.contains(&claims.origin));
         if denied {
-            return Verdict::Refused(Refusal::Denied(claims.origin));
+            return refused(&claims.origin, Refusal::Denied(claims.origin.clone()));
         }
         Verdict::Verified(claims.origin)
     }

@@ -7,7 +7,8 @@
 //! - [`signing`]: ed25519 over signed JSON, key documents;
 //! - [`discover`], [`fetch`]: where a server answers, and one HTTPS GET;
 //! - [`keys`]: origins' keys, fetched once and kept (outlives reloads);
-//! - [`gate`]: the verdict on one request.
+//! - [`gate`]: the verdict on one request;
+//! - [`recent`]: the latest refusals, for the status page.
 
 pub mod canonical;
 pub mod discover;
@@ -15,4 +16,5 @@ pub mod fetch;
 pub mod gate;
 pub mod header;
 pub mod keys;
+pub mod recent;
 pub mod signing;

@@ -156,6 +156,7 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
             "metrics".to_string(),
             pingora::apps::http_app::HttpServer::new_app(crate::services::status::PrivateApp {
                 edge: Arc::clone(&edge),
+                federation_keys: Arc::clone(&federation_keys),
             }),
         );
         metrics.add_tcp(&address.to_string());

@@ -518,11 +518,12 @@ fn settle_verdict(
             log::info!("request {request_id}: federation request from {origin} passed unverified ({reason})");
             Ok(None)
         }
-        Verdict::Refused(refusal) => {
+        Verdict::Refused { origin, refusal } => {
             requests.with_label_values(&["refused", refusal.reason()]).inc();
             let enforced = gate.mode == Mode::Enforce;
             let action = if enforced { "refused" } else { "would be refused (observe)" };
             log::warn!("request {request_id}: federation request {action}: {refusal}");
+            crate::federation::recent::note(origin.as_deref(), refusal.reason(), &refusal.to_string(), enforced);
             if enforced {
                 Err(MatrixError::federation_refused(&refusal))
             } else {

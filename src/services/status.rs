@@ -5,6 +5,7 @@
 //! states, counts, certificate names and dates.
 
 use crate::edge::Edge;
+use crate::federation::keys::KeyCache;
 use crate::observe::metrics::METRICS;
 use crate::services::control::{pools, state_word};
 use crate::sites::Action;
@@ -20,6 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub struct PrivateApp {
     pub edge: Arc<ArcSwap<Edge>>,
+    pub federation_keys: Arc<KeyCache>,
 }
 
 fn unix_now() -> f64 {
@@ -40,8 +42,38 @@ fn issuer(certificate: &crate::tls::CertifiedKey) -> String {
     common.unwrap_or_else(|| name.entries().filter_map(|e| e.data().to_string().ok()).collect::<Vec<_>>().join(", "))
 }
 
+/// A counter family's values by label values joined with "/" ("refused/bad_signature").
+fn counts_by_label(counter: &prometheus::IntCounterVec) -> serde_json::Map<String, Value> {
+    use prometheus::core::Collector;
+    let mut counts = serde_json::Map::new();
+    for family in counter.collect() {
+        for metric in family.get_metric() {
+            let labels: Vec<&str> = metric.get_label().iter().map(|l| l.value()).filter(|v| !v.is_empty()).collect();
+            counts.insert(labels.join("/"), json!(metric.get_counter().get_value() as u64));
+        }
+    }
+    counts
+}
+
+/// The federation gate: its mode, verdicts and key fetches since start,
+/// and the latest refusals with the origin each claimed.
+fn federation(edge: &Edge, keys: &KeyCache) -> Value {
+    let Some(gate) = &edge.policy.federation_gate else { return json!({ "mode": "off" }) };
+    let refusals: Vec<Value> = crate::federation::recent::latest()
+        .into_iter()
+        .map(|r| json!({ "at": r.at, "origin": r.origin, "reason": r.reason, "detail": r.detail, "enforced": r.enforced }))
+        .collect();
+    json!({
+        "mode": gate.mode.name(),
+        "requests": counts_by_label(&METRICS.federation.requests),
+        "key_fetches": counts_by_label(&METRICS.federation.key_fetches),
+        "servers_with_keys": keys.servers_known(),
+        "latest_refusals": refusals,
+    })
+}
+
 /// Everything the page shows, as JSON.
-pub fn snapshot(edge: &Edge) -> Value {
+pub fn snapshot(edge: &Edge, keys: &KeyCache) -> Value {
     let now = now_ms();
     let listeners: Vec<Value> = edge
         .ops
@@ -158,6 +190,7 @@ pub fn snapshot(edge: &Edge) -> Value {
         "certificates": certificates,
         "requests_in_flight": METRICS.traffic.in_flight.get(),
         "rate_limited": rate_limited,
+        "federation": federation(edge, keys),
     })
 }
 
@@ -285,8 +318,46 @@ pub fn html(status: &Value) -> String {
     for (class, count) in status["rate_limited"].as_object().into_iter().flatten() {
         out.push_str(&format!("<tr><td>{}</td><td>{}</td></tr>", escape(class), text(count)));
     }
-    out.push_str("</table><p><a href=\"/status.json\">status.json</a> &middot; <a href=\"/metrics\">metrics</a></p></body></html>\n");
+    out.push_str("</table>");
+    federation_html(&mut out, &status["federation"]);
+    out.push_str(
+        "<p><a href=\"/status.json\">status.json</a> &middot; <a href=\"/metrics\">metrics</a></p></body></html>\n",
+    );
     out
+}
+
+fn federation_html(out: &mut String, federation: &Value) {
+    out.push_str(&format!("<h2>Federation gate</h2><p>Mode: <b>{}</b>.", text(&federation["mode"])));
+    if federation["mode"] == "off" {
+        out.push_str(" Signatures are left to Synapse.</p>");
+        return;
+    }
+    out.push_str(&format!(" Servers whose keys are at hand: {}.</p>", text(&federation["servers_with_keys"])));
+    out.push_str("<table><tr><th>requests</th><th>since start</th></tr>");
+    for (outcome, count) in federation["requests"].as_object().into_iter().flatten() {
+        out.push_str(&format!("<tr><td>{}</td><td>{}</td></tr>", escape(outcome), text(count)));
+    }
+    for (result, count) in federation["key_fetches"].as_object().into_iter().flatten() {
+        out.push_str(&format!("<tr><td>key fetches {}</td><td>{}</td></tr>", escape(result), text(count)));
+    }
+    out.push_str("</table>");
+    let refusals = federation["latest_refusals"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if refusals.is_empty() {
+        out.push_str("<p>Nothing refused since start.</p>");
+        return;
+    }
+    out.push_str("<h3>Latest refusals</h3><table><tr><th>when</th><th>claimed origin</th><th>reason</th><th>detail</th><th>answered</th></tr>");
+    for refusal in refusals {
+        out.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td class=\"error\">{}</td><td>{}</td><td>{}</td></tr>",
+            when(&refusal["at"]),
+            text(&refusal["origin"]),
+            text(&refusal["reason"]),
+            text(&refusal["detail"]),
+            if refusal["enforced"] == true { "401 at the door" } else { "forwarded (observe)" },
+        ));
+    }
+    out.push_str("</table>");
 }
 
 #[async_trait]
@@ -301,11 +372,16 @@ impl ServeHttp for PrivateApp {
                 (status, "text/plain", body.as_bytes().to_vec())
             }
             "/status.json" => {
-                let mut body = serde_json::to_vec_pretty(&snapshot(&self.edge.load())).unwrap_or_default();
+                let mut body =
+                    serde_json::to_vec_pretty(&snapshot(&self.edge.load(), &self.federation_keys)).unwrap_or_default();
                 body.push(b'\n');
                 (200, "application/json", body)
             }
-            "/status" => (200, "text/html; charset=utf-8", html(&snapshot(&self.edge.load())).into_bytes()),
+            "/status" => (
+                200,
+                "text/html; charset=utf-8",
+                html(&snapshot(&self.edge.load(), &self.federation_keys)).into_bytes(),
+            ),
             _ => (404, "text/plain", b"not found\n".to_vec()),
         };
         Response::builder()

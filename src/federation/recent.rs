@@ -1,0 +1,74 @@
+//! The gate's latest refusals, for the status page an admin opens while
+//! federation misbehaves: which servers were turned away, when and why.
+//! Counters say how many; this says who. Kept across reloads, lost on
+//! restart, and bounded: only the newest [`KEPT`] stay.
+
+use once_cell::sync::Lazy;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// How many refusals the page lists.
+pub const KEPT: usize = 20;
+
+/// A peer writes these strings; the page shows no more of them than this.
+const MAX_TEXT: usize = 200;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Unix seconds.
+    pub at: i64,
+    /// The origin the request claimed, when its header named one.
+    pub origin: Option<String>,
+    /// The metric's `reason` label.
+    pub reason: &'static str,
+    /// What was wrong, as the refusal's answer says it.
+    pub detail: String,
+    /// Answered 401 (enforce) rather than forwarded (observe).
+    pub enforced: bool,
+}
+
+static RECENT: Lazy<Mutex<VecDeque<Refused>>> = Lazy::new(|| Mutex::new(VecDeque::with_capacity(KEPT)));
+
+fn clipped(text: &str) -> String {
+    match text.char_indices().nth(MAX_TEXT) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+/// Notes a refusal; the oldest one goes when [`KEPT`] are already noted.
+pub fn note(origin: Option<&str>, reason: &'static str, detail: &str, enforced: bool) {
+    let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let refused = Refused { at, origin: origin.map(clipped), reason, detail: clipped(detail), enforced };
+    // A poisoned lock only means a panic elsewhere mid-push; the list is still whole.
+    let mut recent = RECENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if recent.len() == KEPT {
+        recent.pop_front();
+    }
+    recent.push_back(refused);
+}
+
+/// The noted refusals, newest first.
+pub fn latest() -> Vec<Refused> {
+    let recent = RECENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    recent.iter().rev().cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_newest_and_clips_what_a_peer_wrote() {
+        let long = "x".repeat(5000);
+        for n in 0..KEPT + 5 {
+            note(Some(&format!("s{n}.example")), "bad_signature", &long, n % 2 == 0);
+        }
+        let latest = latest();
+        assert_eq!(latest.len(), KEPT);
+        assert_eq!(latest[0].origin.as_deref(), Some(format!("s{}.example", KEPT + 4).as_str()));
+        assert_eq!(latest[KEPT - 1].origin.as_deref(), Some("s5.example"));
+        assert!(latest.iter().all(|r| r.detail.chars().count() == MAX_TEXT + 1));
+    }
+}
