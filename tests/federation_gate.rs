@@ -516,9 +516,13 @@ fn observe_forwards_everything_and_counts_what_it_would_refuse() {
     );
     assert_eq!(send(listen, "GET", target, &[], b"").status, 200);
     assert_eq!(send(listen, "GET", target, &[signed(origin, "ed25519:o", &key, "GET", target, None)], b"").status, 200);
-    assert_eq!(upstream.wait_for(4).len(), 4);
+    let elsewhere =
+        format!("X-Matrix origin=\"{origin}\",destination=\"elsewhere.test\",key=\"ed25519:o\",sig=\"AAAA\"");
+    assert_eq!(send(listen, "GET", target, &[elsewhere], b"").status, 200);
+    assert_eq!(upstream.wait_for(5).len(), 5);
     assert_eq!(refused(metrics, "bad_signature"), 1);
     assert_eq!(refused(metrics, "unsigned"), 1);
+    assert_eq!(refused(metrics, "misdirected"), 1);
     assert_eq!(
         metric(metrics, "matrix_edge_federation_requests_total{outcome=\"unverifiable\",reason=\"keys_pending\"}"),
         1
@@ -536,10 +540,11 @@ fn observe_forwards_everything_and_counts_what_it_would_refuse() {
     assert_eq!(federation["requests"]["verified"], 1, "{federation}");
     assert_eq!(federation["servers_with_keys"], 1, "{federation}");
     let latest = federation["latest_refusals"].as_array().unwrap();
-    assert_eq!(latest.len(), 2, "{federation}");
-    assert_eq!((&latest[0]["reason"], &latest[0]["origin"]), (&json!("unsigned"), &Value::Null));
-    assert_eq!((&latest[1]["reason"], &latest[1]["origin"]), (&json!("bad_signature"), &json!(origin)));
-    assert_eq!(latest[1]["enforced"], false);
+    assert_eq!(latest.len(), 3, "{federation}");
+    assert_eq!((&latest[0]["reason"], &latest[0]["origin"]), (&json!("misdirected"), &json!(origin)));
+    assert_eq!((&latest[1]["reason"], &latest[1]["origin"]), (&json!("unsigned"), &Value::Null));
+    assert_eq!((&latest[2]["reason"], &latest[2]["origin"]), (&json!("bad_signature"), &json!(origin)));
+    assert_eq!(latest[2]["enforced"], false);
     let html = private_page(metrics, "/status");
     assert!(html.contains("<td>other.test:8448</td>") && html.contains("forwarded (observe)"), "{html}");
 }

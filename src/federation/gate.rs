@@ -42,7 +42,10 @@ pub enum Refusal {
     Unsigned,
     BadHeader(HeaderError),
     /// The header names another server as its destination.
-    Misdirected(String),
+    Misdirected {
+        origin: String,
+        destination: String,
+    },
     /// `X-Matrix` headers naming different origins.
     MixedOrigins,
     NoKey(KeyError),
@@ -58,7 +61,7 @@ impl Refusal {
         match self {
             Refusal::Unsigned => "unsigned",
             Refusal::BadHeader(_) => "bad_header",
-            Refusal::Misdirected(_) => "misdirected",
+            Refusal::Misdirected { .. } => "misdirected",
             Refusal::MixedOrigins => "bad_header",
             Refusal::NoKey(KeyError::Unavailable(_)) => "key_unavailable",
             Refusal::NoKey(KeyError::Unknown) => "unknown_key",
@@ -86,7 +89,9 @@ impl std::fmt::Display for Refusal {
         match self {
             Refusal::Unsigned => f.write_str("Missing Authorization headers"),
             Refusal::BadHeader(error) => write!(f, "{error}"),
-            Refusal::Misdirected(destination) => write!(f, "Destination mismatch in auth header: {destination:?}"),
+            Refusal::Misdirected { destination, .. } => {
+                write!(f, "Destination mismatch in auth header: {destination:?}")
+            }
             Refusal::MixedOrigins => f.write_str("X-Matrix headers name different origins"),
             Refusal::NoKey(error) => write!(f, "{error}"),
             Refusal::BadSignature => f.write_str("Invalid signature"),
@@ -205,7 +210,7 @@ pub fn claims<'a>(authorizations: impl Iterator<Item = &'a [u8]>, server_name: &
         };
         if let Some(destination) = destination {
             if !destination.eq_ignore_ascii_case(server_name) {
-                return Err(Refusal::Misdirected(destination));
+                return Err(Refusal::Misdirected { origin, destination });
             }
         }
         match &mut found {
@@ -266,7 +271,14 @@ impl Gate {
     ) -> Verdict {
         let claims = match claims(authorizations, &self.server_name) {
             Ok(claims) => claims,
-            Err(refusal) => return Verdict::Refused { origin: None, refusal },
+            Err(refusal) => {
+                // Only a misdirected header names one origin to show for it.
+                let origin = match &refusal {
+                    Refusal::Misdirected { origin, .. } => Some(origin.clone()),
+                    _ => None,
+                };
+                return Verdict::Refused { origin, refusal };
+            }
         };
         // Synapse decodes the target as ASCII; anything else cannot verify there either.
         let Some(uri) = std::str::from_utf8(uri).ok().filter(|uri| uri.is_ascii()) else {
@@ -349,7 +361,7 @@ mod tests {
         let elsewhere: [&[u8]; 1] = [b"X-Matrix origin=a.example,destination=other.example,key=k,sig=s"];
         assert_eq!(
             super::claims(elsewhere.into_iter(), "me.example"),
-            Err(Refusal::Misdirected("other.example".into()))
+            Err(Refusal::Misdirected { origin: "a.example".into(), destination: "other.example".into() })
         );
         let mixed: [&[u8]; 2] = [b"X-Matrix origin=a.example,key=k,sig=s", b"X-Matrix origin=b.example,key=k,sig=s"];
         assert_eq!(super::claims(mixed.into_iter(), "me.example"), Err(Refusal::MixedOrigins));
