@@ -627,13 +627,7 @@ fn build_federation_gate(
         }
         notaries.push(crate::federation::keys::Notary { server_name: notary.server_name.clone(), keys });
     }
-    for reason in crate::federation::gate::Refusal::REASONS {
-        crate::observe::metrics::METRICS.federation.requests.with_label_values(&["refused", reason]);
-    }
-    crate::observe::metrics::METRICS.federation.requests.with_label_values(&["verified", ""]);
-    for result in crate::federation::keys::FETCH_RESULTS {
-        crate::observe::metrics::METRICS.federation.key_fetches.with_label_values(&[result]);
-    }
+    crate::federation::counters::create_all();
     let fetcher = crate::federation::keys::KeyFetcher::new(client, federation.verify.dns, notaries);
     Ok(Some(std::sync::Arc::new(Gate {
         mode,

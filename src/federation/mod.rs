@@ -7,10 +7,11 @@
 //! - [`signing`]: ed25519 over signed JSON, key documents;
 //! - [`discover`], [`fetch`]: where a server answers, and one HTTPS GET;
 //! - [`keys`]: origins' keys, fetched once and kept (outlives reloads);
-//! - [`gate`]: the verdict on one request;
+//! - [`gate`]: the verdict on one request, counted by [`counters`];
 //! - [`recent`]: the latest refusals, for the status page.
 
 pub mod canonical;
+pub mod counters;
 pub mod discover;
 pub mod fetch;
 pub mod gate;

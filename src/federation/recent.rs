@@ -1,7 +1,8 @@
 //! The gate's latest refusals, for the status page an admin opens while
 //! federation misbehaves: which servers were turned away, when and why.
 //! Counters say how many; this says who. Kept across reloads, lost on
-//! restart, and bounded: only the newest [`KEPT`] stay.
+//! restart, and bounded: only the newest [`KEPT`] stay. Under a flood it is
+//! a sample: a refusal that finds the list busy is not noted.
 
 use once_cell::sync::Lazy;
 use std::collections::VecDeque;
@@ -41,8 +42,14 @@ fn clipped(text: &str) -> String {
 pub fn note(origin: Option<&str>, reason: &'static str, detail: &str, enforced: bool) {
     let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let refused = Refused { at, origin: origin.map(clipped), reason, detail: clipped(detail), enforced };
-    // A poisoned lock only means a panic elsewhere mid-push; the list is still whole.
-    let mut recent = RECENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    // A refusal never waits for the list: when another thread holds it (a
+    // flood of refusals), this one is left out and the list is a sample. A
+    // poisoned lock only means a panic elsewhere mid-push; the list is whole.
+    let mut recent = match RECENT.try_lock() {
+        Ok(recent) => recent,
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return,
+    };
     if recent.len() == KEPT {
         recent.pop_front();
     }

@@ -506,20 +506,20 @@ fn settle_verdict(
     verdict: crate::federation::gate::Verdict,
     request_id: &RequestId,
 ) -> std::result::Result<Option<String>, MatrixError> {
+    use crate::federation::counters;
     use crate::federation::gate::{Mode, Verdict};
-    let requests = &METRICS.federation.requests;
     match verdict {
         Verdict::Verified(origin) => {
-            requests.with_label_values(&["verified", ""]).inc();
+            counters::verified();
             Ok(Some(origin))
         }
         Verdict::Unverifiable { origin, reason } => {
-            requests.with_label_values(&["unverifiable", reason]).inc();
+            counters::unverifiable(reason);
             log::info!("request {request_id}: federation request from {origin} passed unverified ({reason})");
             Ok(None)
         }
         Verdict::Refused { origin, refusal } => {
-            requests.with_label_values(&["refused", refusal.reason()]).inc();
+            counters::refused(refusal.reason());
             let enforced = gate.mode == Mode::Enforce;
             let action = if enforced { "refused" } else { "would be refused (observe)" };
             log::warn!("request {request_id}: federation request {action}: {refusal}");
