@@ -103,6 +103,7 @@ pub struct ConnectionLimits {
     /// 0: no cap.
     pub per_ip: u32,
     pub keepalive_requests: u32,
+    pub keepalive_timeout: std::time::Duration,
 }
 
 fn check_limits(
@@ -111,7 +112,11 @@ fn check_limits(
     source: &Source,
 ) -> Result<(), ConfigError> {
     let at = |section, key| [Seg::Key(section), Seg::Key(key)];
-    let nonzero_span = [("header_timeout", limits.header_timeout), ("body_idle_timeout", limits.body_idle_timeout)];
+    let nonzero_span = [
+        ("header_timeout", limits.header_timeout),
+        ("body_idle_timeout", limits.body_idle_timeout),
+        ("keepalive_timeout", limits.keepalive_timeout),
+    ];
     for (key, span) in nonzero_span {
         if span.0.is_zero() {
             return Err(source.error_at(&at("limits", key), "must be longer than 0s"));
@@ -509,6 +514,11 @@ fn check_well_known(
             ));
         }
     }
+    if well_known.server.is_none() && config.synapse.federation != crate::config::FederationMode::OpenidOnly {
+        let federation_ports: Vec<u16> =
+            listeners.iter().filter(|l| l.roles.contains(&Role::Federation)).map(|l| l.address.port()).collect();
+        warnings.extend(undelegated_federation_warning(&config.server_name, &federation_ports));
+    }
     if config.synapse.federation == crate::config::FederationMode::OpenidOnly && well_known.server.is_some() {
         return Err(source.error_at(
             &[Seg::Key("synapse"), Seg::Key("federation")],
@@ -524,6 +534,36 @@ fn check_well_known(
         ));
     }
     Ok(())
+}
+
+/// Without `m.server`, other servers follow the spec's discovery for the
+/// server name: its well-known (not published here), SRV records, then the
+/// name's own port or 8448. A warning, not an error, when no federation
+/// listener is on that port: an SRV record or a port mapping in front may
+/// still bring them here, which the config cannot see.
+fn undelegated_federation_warning(
+    server_name: &crate::config::values::ServerName,
+    federation_ports: &[u16],
+) -> Option<String> {
+    let address = server_name.address()?;
+    if federation_ports.is_empty() {
+        return None;
+    }
+    let (host, port) = (address.host.as_str(), address.effective_port());
+    if federation_ports.contains(&port) {
+        return None;
+    }
+    let discovery = if address.port.is_some() || host.parse::<IpAddr>().is_ok() {
+        format!("other servers connect to {host}:{port}, which the server name names")
+    } else {
+        format!(
+            "other servers look for https://{host}/.well-known/matrix/server (not published), then SRV records _matrix-fed._tcp.{host}, then connect to {host}:{port}"
+        )
+    };
+    let suggested = federation_ports.first().map_or(443, |p| *p);
+    Some(format!(
+        "no listener serves federation on port {port} and well_known.server is not set: {discovery}, where this edge does not listen (it serves federation on {federation_ports:?}). Publish `well_known.server: \"{host}:{suggested}\"`, or add a listener on {port} serving federation; ignore this only if an SRV record or a port mapping in front sends them here"
+    ))
 }
 
 /// Allow-lists, limits, rate limits (and their Redis), forwarding.
@@ -556,6 +596,7 @@ fn build_policy(config: &EdgeConfig, listeners: &[Listener], source: &Source) ->
             body_idle_timeout: limits.body_idle_timeout.0,
             per_ip: limits.connections_per_ip,
             keepalive_requests: limits.keepalive_requests,
+            keepalive_timeout: limits.keepalive_timeout.0,
         },
         rate_limits: crate::request::ratelimit::RateLimits::from_config(rate_limits),
         shared_limits,

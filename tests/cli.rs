@@ -554,3 +554,46 @@ rate_limits:
         );
     }
 }
+
+/// Applies `edit` to conf/delegation.yaml; check must pass: its warnings.
+fn passing_edit(edit: impl Fn(&str) -> String) -> (i32, String) {
+    let (_dir, path) = conf_copy();
+    let original = std::fs::read_to_string(path.join("delegation.yaml")).unwrap();
+    let edited = edit(&original);
+    assert_ne!(edited, original, "the edit changed nothing");
+    let file = path.join("edited.yaml");
+    std::fs::write(&file, edited).unwrap();
+    let (code, stdout, stderr) = check(&file);
+    assert!(stdout.contains(" ok: "), "{stdout}{stderr}");
+    (code, stderr)
+}
+
+/// Without `m.server`, other servers try the server name's port 8448: check
+/// warns (and passes) when no listener serves federation there, and stays
+/// quiet when either the delegation or a listener on 8448 makes it right.
+#[test]
+fn check_warns_when_federation_is_unreachable_by_discovery() {
+    let warning = "no listener serves federation on port 8448 and well_known.server is not set";
+    let undelegated = |t: &str| t.replace("  server: synapse.example.com:443\n", "");
+    let (code, stderr) = passing_edit(undelegated);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains(warning), "{stderr}");
+    assert!(
+        stderr.contains("then SRV records _matrix-fed._tcp.example.com, then connect to example.com:8448"),
+        "discovery not named: {stderr}"
+    );
+    assert!(stderr.contains("Publish `well_known.server: \"example.com:443\"`"), "{stderr}");
+    // A listener on 8448 serving federation: discovery finds it.
+    let (code, stderr) = passing_edit(|t| {
+        undelegated(t).replace(
+            "serves: [well_known, client, federation] }\n",
+            "serves: [well_known, client, federation] }\n  - { address: \"[::]:8448\", tls: true, serves: [federation] }\n",
+        )
+    });
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains(warning), "{stderr}");
+    // Delegated (the shipped file as it is): no warning either.
+    let (code, stderr) = passing_edit(|t| t.replace("max_age: 1h", "max_age: 2h"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains(warning), "{stderr}");
+}

@@ -359,3 +359,99 @@ fn old_media_worker() -> SocketAddr {
     });
     address
 }
+
+/// `init` on a homeserver.yaml without delegation (`public_baseurl`'s host
+/// is the server name) and on one with it: the edge started on what `init`
+/// wrote, in front of a real Synapse, is reachable by federation as other
+/// servers discover it. Port 8448 is mapped to a port where nothing
+/// listens, so a config that leaves discovery to fall through to 8448 fails.
+#[test]
+fn init_writes_configs_other_servers_reach() {
+    let work = tempfile::tempdir().unwrap();
+    let synapse_port = free_port();
+    let synapse =
+        Synapse::start(&work.path().join("synapse"), synapse_port, SERVER_NAME, &format!("https://{HOMESERVER}/"));
+    let pki = TestPki::new(&[&[SERVER_NAME]]);
+    let ca = work.path().join("ca.pem");
+    std::fs::write(&ca, &pki.root_pem).unwrap();
+    let leaf = pki.issue(&[SERVER_NAME, HOMESERVER]);
+    let (cert, key) = (work.path().join("fullchain.pem"), work.path().join("privkey.pem"));
+    std::fs::write(&cert, &leaf.fullchain_pem).unwrap();
+    std::fs::write(&key, &leaf.key_pem).unwrap();
+    let homeserver = std::fs::read_to_string(synapse.dir.join("homeserver.yaml")).unwrap();
+    assert!(homeserver.contains(&format!("https://{HOMESERVER}/")), "{homeserver}");
+
+    for (case, public_host, m_server) in [
+        ("not delegated", SERVER_NAME, format!("{SERVER_NAME}:443")),
+        ("delegated", HOMESERVER, format!("{HOMESERVER}:443")),
+    ] {
+        let yaml = work.path().join(format!("{}.yaml", case.replace(' ', "-")));
+        std::fs::write(
+            &yaml,
+            homeserver.replace(&format!("https://{HOMESERVER}/"), &format!("https://{public_host}/")),
+        )
+        .unwrap();
+        let output = Command::new(support::binary())
+            .arg("init")
+            .arg("--from-synapse")
+            .arg(&yaml)
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{case}: {}", String::from_utf8_lossy(&output.stderr));
+        let written = String::from_utf8(output.stdout).unwrap();
+        assert!(written.contains(&format!("\n  server: {m_server}\n")), "{case}:\n{written}");
+        let port = free_port();
+        let nothing_on_8448 = free_port();
+        let config = written.replace("\"[::]:443\"", &format!("\"127.0.0.1:{port}\""));
+        assert_ne!(config, written, "{case}: no listener on [::]:443 in:\n{written}");
+        let edge = start(&config, &pki, port);
+        let checked = Command::new(support::binary()).arg("check").arg("-c").arg(&edge.config).output().unwrap();
+        assert!(checked.status.success());
+        assert!(!String::from_utf8_lossy(&checked.stderr).contains("no listener serves federation"), "{case}");
+        let found =
+            doctor(port, &ca, None, &["--connect-to", &format!("{SERVER_NAME}:8448:127.0.0.1:{nothing_on_8448}")]);
+        assert_eq!(found.code, 0, "{case}:\n{}", found.text);
+        for line in [
+            format!("ok   .well-known/matrix/server: delegates to {m_server}"),
+            "ok   federation endpoint".to_string(),
+            format!("ok   signing keys: /_matrix/key/v2/server is self-signed by {SERVER_NAME}"),
+            format!("ok   .well-known/matrix/client: m.homeserver is https://{public_host}"),
+        ] {
+            assert!(found.text.contains(&line), "{case}: missing {line:?} in:\n{}", found.text);
+        }
+    }
+
+    // What init wrote before: no m.server for the server without
+    // delegation. Discovery falls through to 8448, check warns, doctor
+    // fails and names the fix in the edge's config.
+    let yaml = work.path().join("not-delegated.yaml");
+    let output = Command::new(support::binary())
+        .args(["init", "--from-synapse"])
+        .arg(&yaml)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    let written = String::from_utf8(output.stdout).unwrap();
+    let port = free_port();
+    let config = written
+        .replace("\"[::]:443\"", &format!("\"127.0.0.1:{port}\""))
+        .replace(&format!("\n  server: {SERVER_NAME}:443\n"), "\n");
+    let edge = start(&config, &pki, port);
+    let checked = Command::new(support::binary()).arg("check").arg("-c").arg(&edge.config).output().unwrap();
+    assert!(checked.status.success());
+    let warning = String::from_utf8_lossy(&checked.stderr).into_owned();
+    assert!(warning.contains("no listener serves federation on port 8448"), "{warning}");
+    let nothing_on_8448 = free_port();
+    let lost = doctor(port, &ca, None, &["--connect-to", &format!("{SERVER_NAME}:8448:127.0.0.1:{nothing_on_8448}")]);
+    assert_eq!(lost.code, 1, "{}", lost.text);
+    let line = lost.line("FAIL federation endpoint");
+    assert!(line.contains(&format!("{SERVER_NAME}:8448")), "{line}");
+    assert!(lost.text.contains(&format!("well_known.server: \"{SERVER_NAME}:443\"")), "{}", lost.text);
+}

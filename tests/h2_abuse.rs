@@ -29,6 +29,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with("")
+}
+
+/// The edge in front of a recording upstream, with `extra` YAML appended.
+fn setup_with(extra: &str) -> Setup {
     let pki = TestPki::new(&[&[HOST]]);
     let upstream = RecordingUpstream::start();
     let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -41,7 +46,7 @@ tls:
 synapse:
   main: "{}"
 process: {{ threads: 2, access_log: off }}
-"#,
+{extra}"#,
         upstream.addr
     );
     let edge = EdgeProcess::start(&config, Some(&pki), &[public]);
@@ -215,4 +220,78 @@ fn h2_abuse_costs_bounded_memory_and_leaves_honest_clients_served() {
     eprintln!("{}", report.join("\n"));
     assert!(after.saturating_sub(before) < 64 << 10, "RSS grew {} KiB: {}", after - before, report.join("; "));
     honest_requests_served(&s, "the aftermath");
+}
+
+/// Reads one frame: (type, flags, stream, payload); `None` at the end of the stream.
+fn read_frame(stream: &mut impl Read) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).ok()?;
+    let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; length];
+    stream.read_exact(&mut payload).ok()?;
+    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    Some((head[3], head[4], id, payload))
+}
+
+/// An HTTP/2 connection with no stream open for `keepalive_timeout` gets a
+/// GOAWAY naming the last stream served and is closed, within the limit
+/// plus a few seconds; a long-poll outlasting the limit on another HTTP/2
+/// connection is not idle and is answered. HTTP/1.1 keeps the same limit.
+#[test]
+fn idle_connections_are_closed_after_keepalive_timeout() {
+    let s = setup_with("limits: { keepalive_timeout: 5s }\n");
+    let (public, root) = (s.public, s.pki.root_pem.clone());
+    let long_poll = std::thread::spawn(move || {
+        let started = Instant::now();
+        let target = "/_matrix/client/v3/sync?timeout=10000&hold_ms=10000";
+        (client::h2_tls(public, HOST, &root, "GET", target, &[], None), started.elapsed())
+    });
+
+    let mut tls = client::tls_connect(s.public, HOST, &s.pki.root_pem, &["h2"]);
+    tls.get_ref().set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    tls.write_all(&[preface(), frame(1, 0x5, 1, &get_head())].concat()).unwrap();
+    let (mut answered, mut goaways) = (None, Vec::new());
+    while let Some((kind, flags, stream, payload)) = read_frame(&mut tls) {
+        match kind {
+            // SETTINGS and PING answered as any client does.
+            4 if flags & 1 == 0 => tls.write_all(&frame(4, 1, 0, &[])).unwrap(),
+            6 if flags & 1 == 0 => tls.write_all(&frame(6, 1, 0, &payload)).unwrap(),
+            0 | 1 if stream == 1 && flags & 1 == 1 => answered = Some(Instant::now()),
+            7 => {
+                let last = u32::from_be_bytes(payload[0..4].try_into().unwrap()) & 0x7fff_ffff;
+                let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+                goaways.push((last, code, Instant::now()));
+            }
+            _ => {}
+        }
+    }
+    let closed = Instant::now();
+    let answered = answered.expect("the request on the idle connection was not answered");
+    let idle = closed - answered;
+    assert!(idle >= Duration::from_millis(4500), "closed after {idle:?}, before the idle limit");
+    assert!(idle <= Duration::from_secs(8), "closed after {idle:?}, not within the limit plus a few seconds");
+    let (last, code, _) = *goaways.last().expect("closed without a GOAWAY");
+    assert_eq!((last, code), (1, 0), "the final GOAWAY names stream 1 as the last served, NO_ERROR");
+    assert!(goaways.iter().all(|(_, _, at)| *at - answered >= Duration::from_millis(4500)), "early GOAWAY");
+
+    let (answer, took) = long_poll.join().unwrap();
+    assert_eq!(answer.unwrap().status, 200, "the long-poll outlasting the idle limit was cut");
+    assert!(took >= Duration::from_secs(10), "answered after {took:?}: not held upstream");
+
+    // HTTP/1.1 between requests: the same limit.
+    let mut h1 = client::tls_connect(s.public, HOST, &s.pki.root_pem, &["http/1.1"]);
+    h1.get_ref().set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reader = std::io::BufReader::new(&mut h1);
+    reader.get_mut().write_all(&client::get(PATH, HOST)).unwrap();
+    let response = client::read_response(&mut reader, false).unwrap();
+    assert_eq!(response.status, 200);
+    let answered = Instant::now();
+    let mut byte = [0u8; 1];
+    match reader.read(&mut byte) {
+        Ok(0) => {}
+        Err(e) if !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+        other => panic!("the idle HTTP/1.1 connection was not closed: {other:?}"),
+    }
+    let idle = answered.elapsed();
+    assert!(idle >= Duration::from_millis(4500) && idle <= Duration::from_secs(8), "HTTP/1.1 closed after {idle:?}");
 }

@@ -205,6 +205,39 @@ fn worker_sections(
     Ok(())
 }
 
+/// `well_known.server`, and why. Without it other servers follow the
+/// spec's discovery to the server name's port 8448; the edge's one listener
+/// is elsewhere (443 by default), so the document sends them there, as
+/// Synapse's own `serve_server_wellknown` does: one port to open for
+/// clients and servers alike, one certificate, and no second listener.
+fn server_delegation(server_name: &str, base_host: Option<&str>, listen_port: u16) -> String {
+    let mut out = String::new();
+    match base_host {
+        Some(host) if host != server_name => {
+            let with_port = if host.contains(':') { host.to_string() } else { format!("{host}:{listen_port}") };
+            let _ = writeln!(out, "  # Federation goes to public_baseurl's host, on the listener above.");
+            let _ = writeln!(out, "  server: {with_port}");
+        }
+        _ if server_name.contains(':') => {
+            let _ = writeln!(out, "  # server: not published: {server_name} names its own port, where other");
+            let _ = writeln!(out, "  # servers connect directly; a listener must serve federation there.");
+        }
+        _ if listen_port == 8448 => {
+            let _ = writeln!(out, "  # server: not needed: other servers try {server_name}:8448 by default,");
+            let _ = writeln!(out, "  # where the listener above serves federation.");
+        }
+        _ => {
+            let _ = writeln!(out, "  # Other servers read this first; without it they would try {server_name}:8448");
+            let _ = writeln!(out, "  # (the spec's default), where nothing listens. It sends them to the listener");
+            let _ = writeln!(out, "  # above instead, as Synapse's serve_server_wellknown would: one port and one");
+            let _ =
+                writeln!(out, "  # certificate for clients and servers. Behind a port mapping, name the public port.");
+            let _ = writeln!(out, "  server: {server_name}:{listen_port}");
+        }
+    }
+    out
+}
+
 /// The config text, and warnings for the admin.
 pub fn init(options: &InitOptions) -> Result<(String, Vec<String>), String> {
     let homeserver = read_yaml(&options.homeserver)?;
@@ -259,16 +292,9 @@ pub fn init(options: &InitOptions) -> Result<(String, Vec<String>), String> {
         .as_deref()
         .and_then(|u| u.split("://").nth(1))
         .map(|rest| rest.split('/').next().unwrap_or(rest).to_string());
+    let listen_port = listen.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).unwrap_or(443);
     let _ = writeln!(out, "\nwell_known:");
-    match &base_host {
-        Some(host) if host != &server_name => {
-            let with_port = if host.contains(':') { host.clone() } else { format!("{host}:443") };
-            let _ = writeln!(out, "  server: {with_port}   # federation goes to public_baseurl's host");
-        }
-        _ => {
-            let _ = writeln!(out, "  # server: not published: federation reaches {server_name} itself");
-        }
-    }
+    out.push_str(&server_delegation(&server_name, base_host.as_deref(), listen_port));
     if let Some(url) = &public_baseurl {
         let _ = writeln!(out, "  client:\n    homeserver: {url}   # from public_baseurl");
     } else {
@@ -309,6 +335,19 @@ pub fn init(options: &InitOptions) -> Result<(String, Vec<String>), String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_server_without_delegation_is_sent_to_the_listener() {
+        let own = server_delegation("example.org", Some("example.org"), 443);
+        assert!(own.contains("\n  server: example.org:443\n"), "{own}");
+        assert!(server_delegation("example.org", None, 8443).contains("\n  server: example.org:8443\n"));
+        let on_8448 = server_delegation("example.org", Some("example.org"), 8448);
+        assert!(!on_8448.contains("\n  server:"), "{on_8448}");
+        let delegated = server_delegation("example.org", Some("matrix.example.org"), 443);
+        assert!(delegated.contains("\n  server: matrix.example.org:443\n"), "{delegated}");
+        let explicit = server_delegation("example.org", Some("matrix.example.org:8443"), 443);
+        assert!(explicit.contains("\n  server: matrix.example.org:8443\n"), "{explicit}");
+    }
 
     #[test]
     fn worker_names_say_their_group() {

@@ -797,6 +797,11 @@ pub struct LimitsConfig {
     /// Requests served on one keep-alive connection before it is closed.
     #[serde(default = "default_keepalive_requests")]
     pub keepalive_requests: u32,
+    /// How long a client connection may stay open with no request in
+    /// flight: HTTP/1.1 between requests, HTTP/2 with no stream open (then
+    /// a GOAWAY). A long-poll or a WebSocket is a request in flight.
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout: Span,
     /// Open connections allowed from one client address; 0 turns the cap
     /// off (needed behind a load balancer, where every client shares its address).
     #[serde(default = "default_connections_per_ip")]
@@ -814,6 +819,7 @@ impl Default for LimitsConfig {
             header_timeout: default_header_timeout(),
             body_idle_timeout: default_body_idle_timeout(),
             keepalive_requests: default_keepalive_requests(),
+            keepalive_timeout: default_keepalive_timeout(),
             connections_per_ip: default_connections_per_ip(),
         }
     }
@@ -841,6 +847,10 @@ fn default_body_idle_timeout() -> Span {
 
 fn default_keepalive_requests() -> u32 {
     1000
+}
+
+fn default_keepalive_timeout() -> Span {
+    Span(std::time::Duration::from_secs(60))
 }
 
 fn default_connections_per_ip() -> u32 {

@@ -246,6 +246,13 @@ impl TryFrom<String> for ServerAddress {
     }
 }
 
+impl ServerName {
+    /// The host and port the name itself gives (the port is rarely there).
+    pub fn address(&self) -> Option<ServerAddress> {
+        parse_server_address(&self.0)
+    }
+}
+
 fn parse_server_address(text: &str) -> Option<ServerAddress> {
     let (host, port) = if let Some(rest) = text.strip_prefix('[') {
         let (ip6, after) = rest.split_once(']')?;

@@ -85,6 +85,8 @@ pub struct ConnectionMetrics {
     pub guard_missing: IntCounter,
     /// Connections from a listed load balancer closed for a missing or bad PROXY header.
     pub proxy_protocol_refused: IntCounter,
+    /// HTTP/2 connections said goodbye to (GOAWAY) after `keepalive_timeout` with no stream open.
+    pub h2_idle_closed: IntCounter,
 }
 
 /// Workers, certificates, reloads, discovery, shared limits, ACME.
@@ -158,6 +160,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
             proxy_protocol_refused: IntCounter::new(
                 "proxy_protocol_refused_total",
                 "Connections from a listed load balancer closed for a missing or invalid PROXY header",
+            )?,
+            h2_idle_closed: IntCounter::new(
+                "http2_idle_closed_total",
+                "HTTP/2 connections closed with a GOAWAY after keepalive_timeout with no stream open",
             )?,
         },
         operations: OperationMetrics {
@@ -247,7 +253,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
 
 /// Every metric into the registry, so `/metrics` renders it.
 fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
-    let collectors: [Box<dyn prometheus::core::Collector>; 31] = [
+    let collectors: [Box<dyn prometheus::core::Collector>; 32] = [
         Box::new(metrics.traffic.requests.clone()),
         Box::new(metrics.traffic.latency.clone()),
         Box::new(metrics.traffic.upstream_latency.clone()),
@@ -266,6 +272,7 @@ fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
         Box::new(metrics.traffic.websockets_open.clone()),
         Box::new(metrics.operations.acme_orders.clone()),
         Box::new(metrics.connections.proxy_protocol_refused.clone()),
+        Box::new(metrics.connections.h2_idle_closed.clone()),
         Box::new(metrics.operations.rate_limit_fallbacks.clone()),
         Box::new(metrics.operations.discovery_failures.clone()),
         Box::new(metrics.operations.acme_next_renewal.clone()),

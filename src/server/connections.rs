@@ -126,8 +126,6 @@ pub struct GuardedApp<A> {
     pub plain_proxy: Option<crate::edge::ProxyProtocol>,
 }
 
-/// How long an HTTP/1 connection may sit idle between requests.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// Pingora's first buffer for a request head.
 const HEAD_BUFFER: usize = 4096;
 
@@ -144,7 +142,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> GuardedApp<A> {
         self: &Arc<Self>,
         mut stream: Stream,
         shutdown: &ShutdownWatch,
-        keepalive_requests: u32,
+        limits: crate::edge::ConnectionLimits,
     ) -> Option<Stream> {
         let mut carried: Option<HttpPersistentSettings> = None;
         loop {
@@ -156,7 +154,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> GuardedApp<A> {
                 return None;
             }
             let read = tokio::select! {
-                read = tokio::time::timeout(KEEPALIVE_IDLE, read_head_start(&mut stream)) => read,
+                read = tokio::time::timeout(limits.keepalive_timeout, read_head_start(&mut stream)) => read,
                 _ = watch.changed() => return None,
             };
             let prefix = match read {
@@ -166,7 +164,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> GuardedApp<A> {
             if let Some(guarded) = stream.as_any().downcast_ref::<HeadDeadline>() {
                 guarded.start_clock();
             }
-            let session = http1_session(stream, prefix, carried.take(), keepalive_requests, *shutdown.borrow());
+            let session = http1_session(stream, prefix, carried.take(), limits, *shutdown.borrow());
             let reused = self.inner.process_new_http(session, shutdown).await?;
             (stream, carried) = reused.consume();
         }
@@ -204,16 +202,16 @@ fn http1_session(
     stream: Stream,
     prefix: bytes::BytesMut,
     carried: Option<HttpPersistentSettings>,
-    keepalive_requests: u32,
+    limits: crate::edge::ConnectionLimits,
     shutting_down: bool,
 ) -> ServerSession {
     let mut session = ServerSession::new_http1(stream);
     match carried {
         Some(settings) => settings.apply_to_session(&mut session),
         None => {
-            session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs()));
+            session.set_keepalive(Some(limits.keepalive_timeout.as_secs().max(1)));
             // Pingora counts reuses after the first request.
-            session.set_keepalive_reuses_remaining(Some(keepalive_requests.saturating_sub(1)));
+            session.set_keepalive_reuses_remaining(Some(limits.keepalive_requests.saturating_sub(1)));
         }
     }
     if shutting_down {
@@ -246,13 +244,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
             None => None,
         };
         // HTTP/2 heads arrive as frames on a shared connection; the h2
-        // library bounds those itself, and Pingora runs its streams.
+        // library bounds those itself, and our accept loop runs its streams.
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             let guarded: Stream = Box::new(HeadDeadline::new(stream, None));
-            return self.inner.process_new(guarded, shutdown).await;
+            crate::server::http2::serve(&self.inner, guarded, shutdown, limits.keepalive_timeout).await;
+            return None;
         }
         let guarded: Stream = Box::new(HeadDeadline::new(stream, Some(limits.header_timeout)));
-        self.serve_http1(guarded, shutdown, limits.keepalive_requests).await
+        self.serve_http1(guarded, shutdown, limits).await
     }
 
     async fn cleanup(&self) {

@@ -3,6 +3,7 @@
 
 pub mod connections;
 pub mod framing;
+pub mod http2;
 pub mod proxy;
 pub mod proxy_protocol;
 

@@ -211,8 +211,13 @@ fn read_counted(reader: &mut impl Read, length: u64, buf: &mut [u8], body_start:
 }
 
 /// Answers by path: `/slow-stream` sends half its body, waits, then the
-/// rest; `/big-download/N` sends N bytes; anything else echoes a small JSON.
+/// rest; `/big-download/N` sends N bytes; anything else echoes a small JSON,
+/// after `hold_ms=N` milliseconds when the query says so (a long-poll).
 fn respond(writer: &mut TcpStream, target: &str, body_len: u64, name: &str) -> std::io::Result<()> {
+    let hold = target.split("hold_ms=").nth(1).and_then(|rest| rest.split('&').next()?.parse::<u64>().ok());
+    if let Some(ms) = hold {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     if target.contains("/slow-stream") {
         writer.write_all(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 200000\r\n\r\n",

@@ -163,14 +163,20 @@ pub fn run(options: &Options) -> Vec<Finding> {
         }
     };
     let federation = format!("{target_host}:{target_port}");
+    // Discovery fell through to the default port: the usual cause is an
+    // edge serving federation on 443 without saying so in its well-known.
+    let unreachable_fix = if !literal && port.is_none() && target_host == host && target_port == 8448 {
+        format!(
+            "in the edge's config, publish `well_known.server: \"{host}:443\"` so other servers come to the listener serving `federation` on 443, or add a listener on 8448 with `serves: [federation]`"
+        )
+    } else {
+        "make sure a listener serves `federation` on that port, and that m.server (or SRV) names the right host and port"
+            .to_string()
+    };
 
     // 2. The federation endpoint, its certificate and the server's keys.
     match client.get(&target_host, target_port, "/_matrix/federation/v1/version", &[]) {
-        Err(error) => report.fail(
-            "federation endpoint",
-            format!("{federation}: {error}"),
-            "make sure a listener serves `federation` on that port, and that m.server (or SRV) names the right host and port",
-        ),
+        Err(error) => report.fail("federation endpoint", format!("{federation}: {error}"), &unreachable_fix),
         Ok(fetched) => {
             if tls_name == target_host {
                 judge_certificate(&mut report, &federation, &fetched);
