@@ -1094,7 +1094,7 @@ impl ProxyHttp for EdgeProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut pingora::http::ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -1108,6 +1108,9 @@ impl ProxyHttp for EdgeProxy {
                 502..=504 => pool.failed(member),
                 _ => pool.succeeded(member),
             }
+        }
+        if session.as_downstream().is_http2() {
+            crate::server::http2::own_header_values(upstream_response);
         }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS && ctx.websocket_open.is_none() {
             ctx.websocket_open = Some(GaugeGuard::new(&METRICS.traffic.websockets_open));
