@@ -28,7 +28,9 @@
 //!    ([`observe::redact`]).
 //!
 //! Beside requests ([`services`]): health checks, reloads on SIGHUP or
-//! certificate changes, readiness, heap trimming.
+//! certificate changes, readiness, heap trimming. Snapshots are swapped in
+//! one place, [`services::install`]: reloads and DNS discovery send it
+//! reasons and it builds and installs one snapshot at a time.
 //!
 //! Floors, top to bottom. A module imports only from floors below its own,
 //! never from its own floor, so there is no cycle; `tests/layers.rs` reads

@@ -163,11 +163,11 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
         metrics.add_tcp(&address.to_string());
         server.add_service(metrics);
     }
-    let reloader = crate::services::reload::Reloader {
-        config_path: config_path.to_path_buf(),
-        edge: Arc::clone(&edge),
-        reloaded: Arc::clone(&reloaded),
-    };
+    let installer =
+        crate::services::install::Installer::new(Arc::clone(&edge), config_path.to_path_buf(), Arc::clone(&reloaded));
+    let (installer, installs) = installer.service();
+    server.add_service(pingora::services::background::background_service("installer", installer));
+    let reloader = crate::services::reload::Reloader { edge: Arc::clone(&edge), installs: installs.clone() };
     server.add_service(pingora::services::background::background_service("reload", reloader));
     let readiness = crate::services::readiness::Readiness {
         addresses: edge.load().ops.listeners.iter().map(|l| l.address).collect(),
@@ -185,7 +185,7 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     }
     let stalls = crate::services::health::StallWatch { edge: Arc::clone(&edge) };
     server.add_service(pingora::services::background::background_service("stall watch", stalls));
-    let discovery = crate::services::discovery::Discovery { edge: Arc::clone(&edge) };
+    let discovery = crate::services::discovery::Discovery { edge: Arc::clone(&edge), installs };
     server.add_service(pingora::services::background::background_service("worker discovery", discovery));
     // Always running too: idle without `tls.acme`, and a reload may add it.
     let acme = crate::services::acme::AcmeManager { edge: Arc::clone(&edge), challenges, wake: reloaded };

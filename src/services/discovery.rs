@@ -30,6 +30,8 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Discovery {
     pub edge: Arc<ArcSwap<Edge>>,
+    /// New answers go to the installer, which rebuilds in turn with reloads.
+    pub installs: crate::services::install::Installs,
 }
 
 fn resolver(servers: &[SocketAddr]) -> Result<TokioResolver, String> {
@@ -130,7 +132,7 @@ impl BackgroundService for Discovery {
                     }
                     known.retain(|name, _| names.contains(name));
                     if changed {
-                        rebuild(&self.edge, &known);
+                        self.installs.discovered(known);
                     }
                 }
             }
@@ -139,19 +141,5 @@ impl BackgroundService for Discovery {
                 _ = shutdown.changed() => return,
             }
         }
-    }
-}
-
-/// The running snapshot again, from its own config, with new addresses.
-/// Built on whatever runs now: a reload since the lookups started has
-/// already replaced the one they began with.
-fn rebuild(cell: &ArcSwap<Edge>, known: &Discovered) {
-    let base = cell.load_full();
-    match Edge::from_config_with(base.ops.config.clone(), &base.ops.source, known) {
-        Ok(new) => {
-            crate::services::reload::install(cell, new);
-            log::info!("worker discovery: pools updated");
-        }
-        Err(error) => log::error!("worker discovery: cannot rebuild the configuration: {error}"),
     }
 }

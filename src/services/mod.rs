@@ -2,6 +2,7 @@ pub mod acme;
 pub mod control;
 pub mod discovery;
 pub mod health;
+pub mod install;
 pub mod readiness;
 pub mod reload;
 pub mod shutdown;

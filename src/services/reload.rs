@@ -30,91 +30,23 @@ pub fn last_reload() -> Option<ReloadOutcome> {
     LAST_RELOAD.lock().ok().and_then(|last| last.clone())
 }
 
-fn record(error: Option<String>) {
+pub(crate) fn record(error: Option<String>) {
     let at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     if let Ok(mut last) = LAST_RELOAD.lock() {
         *last = Some(ReloadOutcome { at, error });
     }
 }
 
+/// Watches for SIGHUP and certificate file changes and asks the installer
+/// (`services::install`) for a reload.
 pub struct Reloader {
-    pub config_path: PathBuf,
     pub edge: Arc<ArcSwap<Edge>>,
-    /// Told after each successful reload (the ACME service looks again).
-    pub reloaded: Arc<tokio::sync::Notify>,
+    pub installs: crate::services::install::Installs,
 }
 
 /// Modification times of the files a snapshot depends on.
 fn stamps(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
     files.iter().map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()).collect()
-}
-
-impl Reloader {
-    /// Loads the config file again; on success the new snapshot serves every
-    /// request that starts from now on.
-    pub fn reload(&self, why: &str) -> bool {
-        let old = self.edge.load();
-        let new = match Edge::load_with(&self.config_path, &old.ops.discovered) {
-            Ok(new) => new,
-            Err(error) => {
-                METRICS.operations.reloads.with_label_values(&["error"]).inc();
-                log::error!("reload ({why}) refused, still serving the previous configuration: {error}");
-                record(Some(error.to_string()));
-                return false;
-            }
-        };
-        if new.ops.listeners != old.ops.listeners {
-            log::warn!(
-                "listener changes take effect at the next restart or binary upgrade; the running listeners stay"
-            );
-        }
-        for warning in &new.ops.warnings {
-            log::warn!("{warning}");
-        }
-        install(&self.edge, new);
-        METRICS.operations.reloads.with_label_values(&["ok"]).inc();
-        record(None);
-        log::info!("configuration reloaded ({why})");
-        self.reloaded.notify_one();
-        true
-    }
-}
-
-/// Swaps a new snapshot in, carrying over what must outlive snapshots:
-/// members' health and load, pool queues, rate-limit counts, the shared-limits connection.
-pub fn install(cell: &ArcSwap<Edge>, mut new: Edge) {
-    let old = cell.load();
-    new.pools.adopt_state(&old.pools);
-    new.upstreams.adopt_state(&old.upstreams);
-    // A reload or a certificate renewal must not hand every client a fresh budget.
-    new.policy.rate_limits.inherit(&old.policy.rate_limits);
-    if let (Some(new_shared), Some(old_shared)) = (&new.policy.shared_limits, &old.policy.shared_limits) {
-        if new_shared.config == old_shared.config {
-            new.policy.shared_limits = Some(std::sync::Arc::clone(old_shared));
-        }
-    }
-    // Members that left (a reload, DNS discovery) leave the worker gauge too,
-    // or dashboards would show them up or down forever.
-    let named_old = old.upstreams.all().iter().map(|u| &u.pool);
-    for pool in old.pools.all().iter().chain(named_old) {
-        for member in &pool.members {
-            let named_new = new.upstreams.all().iter().map(|u| &u.pool);
-            let stays = new
-                .pools
-                .all()
-                .iter()
-                .chain(named_new)
-                .any(|p| p.label == pool.label && p.members.iter().any(|m| m.label == member.label));
-            if !stays {
-                let labels = [pool.label.as_str(), member.label.as_str()];
-                let _ = METRICS.operations.worker_up.remove_label_values(&labels);
-                let _ = METRICS.balancing.in_flight.remove_label_values(&labels);
-                let _ = METRICS.balancing.long_polls.remove_label_values(&labels);
-            }
-        }
-    }
-    publish(&new);
-    cell.store(Arc::new(new));
 }
 
 /// Gauges that describe a loaded snapshot.
@@ -170,14 +102,14 @@ impl BackgroundService for Reloader {
             let interval = self.edge.load().tls.certificate_watch.unwrap_or(Duration::from_secs(3600));
             tokio::select! {
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    if self.reload("SIGHUP") {
+                    if self.installs.reload("SIGHUP").await {
                         seen = stamps(&self.edge.load().tls.certificate_files);
                     }
                 }
                 _ = tokio::time::sleep(interval), if self.edge.load().tls.certificate_watch.is_some() => {
                     let now = stamps(&self.edge.load().tls.certificate_files);
                     // A failed reload (a renewal caught half-written) is tried again next time.
-                    if now != seen && self.reload("certificate files changed") {
+                    if now != seen && self.installs.reload("certificate files changed").await {
                         seen = stamps(&self.edge.load().tls.certificate_files);
                     }
                 }
