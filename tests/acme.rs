@@ -2,7 +2,7 @@
 //! answering its DNS. Pebble validates HTTP-01 by connecting to the edge's
 //! plain listener on loopback; every name resolves to 127.0.0.1 unless a
 //! test points it elsewhere.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

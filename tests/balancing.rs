@@ -3,7 +3,7 @@
 //! long GC does) or serve one request at a time: a stalled worker must not
 //! stall its clients, and an overloaded one sheds what it cannot take in
 //! time with a 503 its clients can read.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

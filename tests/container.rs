@@ -9,7 +9,7 @@
 //! vfs, and a containers.conf without default ulimits: this machine's
 //! hybrid cgroups refuse crun, and podman's default limits exceed the hard
 //! ones here.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

@@ -5,7 +5,7 @@
 //!
 //! Root only, and it refuses to run where a matrix-edge package is already
 //! installed (it would take it away).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

@@ -4,7 +4,7 @@
 //! Names live under `doctor.test`; `--connect-to` sends them to the edge on
 //! loopback and `--ca` trusts the test PKI, as an admin would test before
 //! DNS points at a new host.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

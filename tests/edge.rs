@@ -1,6 +1,6 @@
 //! The real binary over real sockets: TLS (h1 and h2), well-known documents,
 //! byte-exact forwarding, forbidden paths, limits and errors.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

@@ -7,7 +7,7 @@
 //! must show requests verified and none refused.
 //!
 //! Needs the Synapse virtualenv that `scripts/test` installs.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

@@ -5,7 +5,7 @@
 //! an honest HTTP/2 client on another connection must be served promptly;
 //! across all of them the edge's memory must stay bounded, and the attacks
 //! may reach Synapse only as far as the limits allow.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

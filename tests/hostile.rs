@@ -2,7 +2,7 @@
 //! upstream standing in for Synapse. Each case states the statuses the client
 //! must get, whether the edge must close the connection, and exactly which
 //! request lines reached the upstream (a smuggled request never may).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

@@ -2,7 +2,7 @@
 //! running edge: every metric they name is one the edge exports, the rules
 //! pass `promtool check rules` and their unit tests (`promtool test rules`),
 //! and the dashboard file is what its generator writes.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

@@ -2,7 +2,7 @@
 //! made ready again from the CLI over the control socket while clients
 //! sync, and the status page (JSON, and HTML that headless Chromium loads)
 //! showing a live and a dead worker, a certificate and a failed reload.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

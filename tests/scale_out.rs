@@ -3,7 +3,7 @@
 //! behind. Clients connect to HAProxy from different loopback addresses
 //! (127.0.0.x), so every "real client" is distinct while HAProxy's own
 //! connections to the edge all come from 127.0.0.1.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

@@ -2,7 +2,7 @@
 //! one listener by Host and SNI, an Element-Web-like static tree, named
 //! upstreams with prefix stripping, header changes and allow-lists, a
 //! redirect, and a real WebSocket client and server through the edge.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

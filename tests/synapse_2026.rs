@@ -3,7 +3,7 @@
 //! client well-known, a homeserver that does not federate but keeps the
 //! OpenID userinfo endpoint open, and MAS's private API into Synapse
 //! reachable only from its listed network.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

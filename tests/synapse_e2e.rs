@@ -6,7 +6,7 @@
 //!
 //! Needs the Synapse virtualenv that `scripts/test` installs; set
 //! `MATRIX_EDGE_SYNAPSE_PYTHON` to use another one.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

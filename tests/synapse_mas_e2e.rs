@@ -4,7 +4,7 @@
 //! a client logs in through the edge (MAS answers, Synapse never sees
 //! `/login`), then creates a room, sends and reads a message on Synapse with
 //! MAS's token.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

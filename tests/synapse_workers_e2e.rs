@@ -3,7 +3,7 @@
 //! worker, a media repository and a typing writer (scripts/synapse_dev.py
 //! workers). A client flow goes through the edge over TLS, and each process's
 //! own access log must hold exactly the requests the routing table sends it.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

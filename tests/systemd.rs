@@ -1,5 +1,5 @@
 //! The systemd unit and `matrix-edge reload`, which `systemctl reload` runs.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 mod support;
 

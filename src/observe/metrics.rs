@@ -113,7 +113,20 @@ fn build() -> Result<Metrics, prometheus::Error> {
     let registry = Registry::new_custom(Some("matrix_edge".into()), None)?;
     let buckets = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
     let metrics = Metrics {
-        traffic: TrafficMetrics {
+        traffic: TrafficMetrics::new(buckets)?,
+        connections: ConnectionMetrics::new()?,
+        operations: OperationMetrics::new()?,
+        balancing: BalancingMetrics::new()?,
+        federation: FederationMetrics::new()?,
+        registry,
+    };
+    register(&metrics)?;
+    Ok(metrics)
+}
+
+impl TrafficMetrics {
+    fn new(buckets: Vec<f64>) -> Result<Self, prometheus::Error> {
+        Ok(TrafficMetrics {
             requests: IntCounterVec::new(
                 Opts::new("requests_total", "Requests by route group, worker, method class and status"),
                 &["group", "worker", "method", "status"],
@@ -139,8 +152,13 @@ fn build() -> Result<Metrics, prometheus::Error> {
                 &["upstream"],
             )?,
             websockets_open: IntGauge::new("websockets_open", "WebSocket connections open through the edge")?,
-        },
-        connections: ConnectionMetrics {
+        })
+    }
+}
+
+impl ConnectionMetrics {
+    fn new() -> Result<Self, prometheus::Error> {
+        Ok(ConnectionMetrics {
             tls_handshakes_started: IntCounterVec::new(
                 Opts::new("tls_handshakes_started_total", "TLS handshakes that chose a certificate (by SNI)"),
                 &["certificate"],
@@ -165,8 +183,13 @@ fn build() -> Result<Metrics, prometheus::Error> {
                 "http2_idle_closed_total",
                 "HTTP/2 connections closed with a GOAWAY after keepalive_timeout with no stream open",
             )?,
-        },
-        operations: OperationMetrics {
+        })
+    }
+}
+
+impl OperationMetrics {
+    fn new() -> Result<Self, prometheus::Error> {
+        Ok(OperationMetrics {
             worker_up: IntGaugeVec::new(
                 Opts::new("worker_up", "1 when a worker passes its health check"),
                 &["group", "worker"],
@@ -199,8 +222,13 @@ fn build() -> Result<Metrics, prometheus::Error> {
                 Opts::new("acme_next_renewal_timestamp_seconds", "When each ACME name is next due for renewal"),
                 &["name"],
             )?,
-        },
-        balancing: BalancingMetrics {
+        })
+    }
+}
+
+impl BalancingMetrics {
+    fn new() -> Result<Self, prometheus::Error> {
+        Ok(BalancingMetrics {
             in_flight: IntGaugeVec::new(
                 Opts::new("worker_in_flight", "Requests in flight per worker, long-polls apart"),
                 &["group", "worker"],
@@ -231,8 +259,13 @@ fn build() -> Result<Metrics, prometheus::Error> {
                 Opts::new("retries_denied_total", "Retries refused because the pool's retry budget was spent"),
                 &["group"],
             )?,
-        },
-        federation: FederationMetrics {
+        })
+    }
+}
+
+impl FederationMetrics {
+    fn new() -> Result<Self, prometheus::Error> {
+        Ok(FederationMetrics {
             requests: IntCounterVec::new(
                 Opts::new(
                     "federation_requests_total",
@@ -244,11 +277,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
                 Opts::new("federation_key_fetches_total", "Fetches of origin servers' signing keys, by result"),
                 &["result"],
             )?,
-        },
-        registry,
-    };
-    register(&metrics)?;
-    Ok(metrics)
+        })
+    }
 }
 
 /// Every metric into the registry, so `/metrics` renders it.

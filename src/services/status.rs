@@ -72,6 +72,73 @@ fn federation(edge: &Edge, keys: &KeyCache) -> Value {
     })
 }
 
+/// Every group and named upstream, with its members' states.
+fn pool_views(edge: &Edge, now: u64) -> Vec<Value> {
+    pools(edge)
+        .map(|(kind, pool)| {
+            let members: Vec<Value> = pool
+                .members
+                .iter()
+                .enumerate()
+                .map(|(index, member)| {
+                    let state = &member.state;
+                    let mut view = json!({
+                        "address": member.label,
+                        "state": state_word(pool, index, now),
+                        "weight": member.weight,
+                        "in_flight": state.in_flight(),
+                        "long_polls": state.long_polls(),
+                    });
+                    if let Some((since, why)) = state.last_out() {
+                        view["last_out"] = json!({ "at": wall_time(since), "why": why });
+                    }
+                    if state.is_ejected(now) {
+                        view["ejected_until"] = json!(wall_time(state.ejected_until()));
+                    }
+                    view
+                })
+                .collect();
+            json!({
+                "kind": kind,
+                "name": pool.label,
+                "balancing": pool.balancing.describe(),
+                "queued": pool.shared.waiting(),
+                "members": members,
+            })
+        })
+        .collect()
+}
+
+/// Every certificate served, with where it came from and its next renewal.
+fn certificate_views(edge: &Edge) -> Vec<Value> {
+    let file_backed = &edge.tls.file_certificates;
+    edge.tls
+        .certificates
+        .load()
+        .certificates()
+        .iter()
+        .map(|certificate| {
+            let from_file = file_backed.iter().any(|f| Arc::ptr_eq(f, certificate));
+            let mut view = json!({
+                "names": certificate.names,
+                "issuer": issuer(certificate),
+                "not_after": certificate.not_after_unix,
+                "days_left": ((certificate.not_after_unix as f64 - unix_now()) / 86400.0 * 10.0).round() / 10.0,
+                "source": if from_file { "file" } else { "acme" },
+            });
+            if !from_file {
+                let next = certificate
+                    .names
+                    .first()
+                    .map(|name| METRICS.operations.acme_next_renewal.with_label_values(&[name]).get())
+                    .filter(|at| *at > 0);
+                view["next_renewal"] = json!(next);
+            }
+            view
+        })
+        .collect()
+}
+
 /// Everything the page shows, as JSON.
 pub fn snapshot(edge: &Edge, keys: &KeyCache) -> Value {
     let now = now_ms();
@@ -108,66 +175,8 @@ pub fn snapshot(edge: &Edge, keys: &KeyCache) -> Value {
             json!({ "hosts": site.hosts, "routes": routes })
         })
         .collect();
-    let pool_views: Vec<Value> = pools(edge)
-        .map(|(kind, pool)| {
-            let members: Vec<Value> = pool
-                .members
-                .iter()
-                .enumerate()
-                .map(|(index, member)| {
-                    let state = &member.state;
-                    let mut view = json!({
-                        "address": member.label,
-                        "state": state_word(pool, index, now),
-                        "weight": member.weight,
-                        "in_flight": state.in_flight(),
-                        "long_polls": state.long_polls(),
-                    });
-                    if let Some((since, why)) = state.last_out() {
-                        view["last_out"] = json!({ "at": wall_time(since), "why": why });
-                    }
-                    if state.is_ejected(now) {
-                        view["ejected_until"] = json!(wall_time(state.ejected_until()));
-                    }
-                    view
-                })
-                .collect();
-            json!({
-                "kind": kind,
-                "name": pool.label,
-                "balancing": pool.balancing.describe(),
-                "queued": pool.shared.waiting(),
-                "members": members,
-            })
-        })
-        .collect();
-    let file_backed = &edge.tls.file_certificates;
-    let certificates: Vec<Value> = edge
-        .tls
-        .certificates
-        .load()
-        .certificates()
-        .iter()
-        .map(|certificate| {
-            let from_file = file_backed.iter().any(|f| Arc::ptr_eq(f, certificate));
-            let mut view = json!({
-                "names": certificate.names,
-                "issuer": issuer(certificate),
-                "not_after": certificate.not_after_unix,
-                "days_left": ((certificate.not_after_unix as f64 - unix_now()) / 86400.0 * 10.0).round() / 10.0,
-                "source": if from_file { "file" } else { "acme" },
-            });
-            if !from_file {
-                let next = certificate
-                    .names
-                    .first()
-                    .map(|name| METRICS.operations.acme_next_renewal.with_label_values(&[name]).get())
-                    .filter(|at| *at > 0);
-                view["next_renewal"] = json!(next);
-            }
-            view
-        })
-        .collect();
+    let pool_views = pool_views(edge, now);
+    let certificates = certificate_views(edge);
     let reload = crate::services::reload::last_reload();
     let rate_limited: serde_json::Map<String, Value> = crate::request::ratelimit::Class::ALL
         .iter()
@@ -213,6 +222,37 @@ fn when(unix: &Value) -> String {
     }
 }
 
+/// One table per group and named upstream.
+fn pools_html(out: &mut String, status: &Value) {
+    out.push_str("<h2>Workers and upstreams</h2>");
+    for pool in status["pools"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "<h3>{} {}</h3><p>{}; {} queued.</p><table><tr><th>address</th><th>state</th><th>in flight</th><th>long-polls</th><th>weight</th><th>last out of rotation</th></tr>",
+            text(&pool["kind"]),
+            text(&pool["name"]),
+            text(&pool["balancing"]),
+            text(&pool["queued"])
+        ));
+        for member in pool["members"].as_array().into_iter().flatten() {
+            let state = member["state"].as_str().unwrap_or("");
+            let out_line = match member.get("last_out") {
+                Some(last) => format!("{} ({})", when(&last["at"]), text(&last["why"])),
+                None => "never".to_string(),
+            };
+            out.push_str(&format!(
+                "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{out_line}</td></tr>",
+                text(&member["address"]),
+                escape(state),
+                escape(&state.replace('_', " ")),
+                text(&member["in_flight"]),
+                text(&member["long_polls"]),
+                text(&member["weight"]),
+            ));
+        }
+        out.push_str("</table>");
+    }
+}
+
 /// The page: one table per section, states coloured by class.
 pub fn html(status: &Value) -> String {
     let mut out = String::with_capacity(8192);
@@ -249,33 +289,7 @@ pub fn html(status: &Value) -> String {
         "<h2>Configuration</h2><p>Loaded {}. Last reload: {reload_line}.</p>",
         when(&status["config"]["loaded_at"])
     ));
-    out.push_str("<h2>Workers and upstreams</h2>");
-    for pool in status["pools"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "<h3>{} {}</h3><p>{}; {} queued.</p><table><tr><th>address</th><th>state</th><th>in flight</th><th>long-polls</th><th>weight</th><th>last out of rotation</th></tr>",
-            text(&pool["kind"]),
-            text(&pool["name"]),
-            text(&pool["balancing"]),
-            text(&pool["queued"])
-        ));
-        for member in pool["members"].as_array().into_iter().flatten() {
-            let state = member["state"].as_str().unwrap_or("");
-            let out_line = match member.get("last_out") {
-                Some(last) => format!("{} ({})", when(&last["at"]), text(&last["why"])),
-                None => "never".to_string(),
-            };
-            out.push_str(&format!(
-                "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{out_line}</td></tr>",
-                text(&member["address"]),
-                escape(state),
-                escape(&state.replace('_', " ")),
-                text(&member["in_flight"]),
-                text(&member["long_polls"]),
-                text(&member["weight"]),
-            ));
-        }
-        out.push_str("</table>");
-    }
+    pools_html(&mut out, status);
     out.push_str(&format!("<p>Main process: {}.</p>", text(&status["main"]["address"])));
     out.push_str("<h2>Certificates</h2><table><tr><th>names</th><th>issuer</th><th>expires</th><th>days left</th><th>source</th><th>next renewal</th></tr>");
     for cert in status["certificates"].as_array().into_iter().flatten() {
