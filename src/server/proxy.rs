@@ -104,10 +104,13 @@ impl Hold {
     /// Counted in `requests_held` while it lives; `None` when `limit` wait already.
     fn start(limit: usize) -> Option<Hold> {
         let held = &METRICS.traffic.held;
-        if held.get() >= i64::try_from(limit).unwrap_or(i64::MAX) {
+        // Counted first, then checked: two requests arriving together can
+        // never both take the last place (a check first could let both in).
+        held.inc();
+        if held.get() > i64::try_from(limit).unwrap_or(i64::MAX) {
+            held.dec();
             return None;
         }
-        held.inc();
         Some(Hold { since: Instant::now(), attempts: 0 })
     }
 

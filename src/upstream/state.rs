@@ -7,6 +7,7 @@
 use crate::observe::metrics::METRICS;
 use once_cell::sync::Lazy;
 use prometheus::IntGauge;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -87,7 +88,6 @@ impl OutReason {
 
 /// A request sent to a member and not answered yet.
 struct Outstanding {
-    id: u64,
     /// From when its silence counts: when it was sent, or for a long-poll
     /// when its own timeout runs out.
     due: u64,
@@ -115,7 +115,9 @@ pub struct MemberState {
     out_since: AtomicU64,
     out_reason: std::sync::atomic::AtomicU8,
     next_id: AtomicU64,
-    outstanding: Mutex<Vec<Outstanding>>,
+    /// By ticket: settling one is a removal, not a scan of every request
+    /// the member owes (a synchrotron may owe hundreds of long-polls).
+    outstanding: Mutex<HashMap<u64, Outstanding>>,
     in_flight_gauge: IntGauge,
     long_poll_gauge: IntGauge,
 }
@@ -136,7 +138,7 @@ impl MemberState {
             out_since: AtomicU64::new(0),
             out_reason: std::sync::atomic::AtomicU8::new(0),
             next_id: AtomicU64::new(1),
-            outstanding: Mutex::new(Vec::new()),
+            outstanding: Mutex::new(HashMap::new()),
             in_flight_gauge: METRICS.balancing.in_flight.with_label_values(&[pool, member]),
             long_poll_gauge: METRICS.balancing.long_polls.with_label_values(&[pool, member]),
         }
@@ -286,7 +288,7 @@ impl MemberState {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let due = now.saturating_add(long_poll.map_or(0, millis));
         if let Ok(mut outstanding) = self.outstanding.lock() {
-            outstanding.push(Outstanding { id, due, rescue: connection });
+            outstanding.insert(id, Outstanding { due, rescue: connection });
         }
         id
     }
@@ -294,9 +296,7 @@ impl MemberState {
     /// The request's answer came, or it ended.
     pub fn settle(&self, ticket: u64) {
         if let Ok(mut outstanding) = self.outstanding.lock() {
-            if let Some(at) = outstanding.iter().position(|o| o.id == ticket) {
-                outstanding.swap_remove(at);
-            }
+            outstanding.remove(&ticket);
         }
     }
 
@@ -304,7 +304,7 @@ impl MemberState {
     /// later of its last answer and its oldest due request. Zero when it owes nothing.
     pub fn silence(&self, now: u64) -> Duration {
         let Ok(outstanding) = self.outstanding.lock() else { return Duration::ZERO };
-        let Some(oldest) = outstanding.iter().map(|o| o.due).min() else { return Duration::ZERO };
+        let Some(oldest) = outstanding.values().map(|o| o.due).min() else { return Duration::ZERO };
         let since = oldest.max(self.last_answer.load(Ordering::Relaxed));
         Duration::from_millis(now.saturating_sub(since))
     }
@@ -326,7 +326,7 @@ impl MemberState {
     pub fn cut_rescuable(&self) -> usize {
         let Ok(mut outstanding) = self.outstanding.lock() else { return 0 };
         let mut cut = 0;
-        outstanding.retain(|request| {
+        outstanding.retain(|_, request| {
             let Some(connection) = request.rescue else { return true };
             if same_connection(&connection) {
                 let _ = nix::sys::socket::shutdown(connection.fd, nix::sys::socket::Shutdown::Both);
