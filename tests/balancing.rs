@@ -250,7 +250,7 @@ process: {{ threads: 2 }}
 "#,
         main.addr, slow.addr
     );
-    let _edge = EdgeProcess::start(&config, None, &[edge_addr]);
+    let edge = EdgeProcess::start(&config, None, &[edge_addr]);
     let stop = Arc::new(AtomicBool::new(false));
     let clients = load(edge_addr, "/_matrix/client/v3/publicRooms", 48, Duration::from_millis(100), stop.clone());
     std::thread::sleep(Duration::from_secs(8));
@@ -272,6 +272,11 @@ process: {{ threads: 2 }}
     assert!(slowest_shed <= Duration::from_millis(1500), "a shed request took {slowest_shed:?}");
     assert!(shed.iter().all(|o| o.retry_after && o.matrix_json), "a 503 without Retry-After or Matrix JSON");
     assert_eq!(admitted.len() + shed.len(), outcomes.len(), "other outcomes than 200 and 503");
+    // Shed, and said so: the access log names the queue's refusal, not a
+    // missing worker or a restart.
+    let log = edge.log_text();
+    assert!(log.contains("edge_reason=queue_full") || log.contains("edge_reason=queue_timeout"), "{log}");
+    assert!(!log.contains("edge_reason=no_usable_worker") && !log.contains("edge_reason=hold_"), "{log}");
     // Nothing shed reached the worker; nothing admitted reached it twice.
     assert_eq!(slow.served.load(Ordering::Relaxed), admitted.len());
 }

@@ -188,8 +188,11 @@ process: {{ threads: 2 }}
     let waited = asked.elapsed();
     assert!(waited >= Duration::from_millis(2900) && waited < Duration::from_secs(6), "{waited:?}");
     response.assert_matrix_error(503, "M_UNKNOWN");
+    let message = response.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("No homeserver process is up"), "not told apart from a shed request: {message}");
     assert!(response.header("retry-after").is_some());
     assert!(main.records().iter().all(|r| !r.target().starts_with("/_matrix/media/")));
     let log = edge.log_text();
     assert!(log.contains("is down"), "{log}");
+    assert!(log.contains("edge_reason=no_usable_worker"), "{log}");
 }

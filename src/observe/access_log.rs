@@ -32,6 +32,8 @@ pub struct Entry<'a> {
     pub upstream_ms: Option<u128>,
     pub request_id: &'a str,
     pub edge_error: Option<&'a str>,
+    /// Why the edge refused, when the errcode alone does not say.
+    pub edge_reason: Option<&'a str>,
 }
 
 pub fn line(format: AccessLogFormat, entry: &Entry<'_>, now: SystemTime) -> Option<String> {
@@ -64,6 +66,9 @@ pub fn line(format: AccessLogFormat, entry: &Entry<'_>, now: SystemTime) -> Opti
             if let Some(error) = entry.edge_error {
                 let _ = write!(out, " edge_error={error}");
             }
+            if let Some(reason) = entry.edge_reason {
+                let _ = write!(out, " edge_reason={reason}");
+            }
             Some(out)
         }
         AccessLogFormat::Json => Some(
@@ -83,6 +88,7 @@ pub fn line(format: AccessLogFormat, entry: &Entry<'_>, now: SystemTime) -> Opti
                 "duration_ms": entry.duration_ms as u64,
                 "request_id": entry.request_id,
                 "edge_error": entry.edge_error,
+                "edge_reason": entry.edge_reason,
             })
             .to_string(),
         ),
@@ -138,6 +144,7 @@ mod tests {
             upstream_ms: Some(30),
             request_id: "abc",
             edge_error: None,
+            edge_reason: None,
         }
     }
 

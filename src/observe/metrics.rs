@@ -69,6 +69,9 @@ pub struct TrafficMetrics {
     pub websocket_upgrades: IntCounterVec,
     /// WebSockets open right now.
     pub websockets_open: IntGauge,
+    /// Requests the edge answered for want of an upstream, by reason
+    /// (`request::errors::Refused`).
+    pub refused: IntCounterVec,
 }
 
 /// Connections and TLS handshakes.
@@ -152,6 +155,10 @@ impl TrafficMetrics {
                 &["upstream"],
             )?,
             websockets_open: IntGauge::new("websockets_open", "WebSocket connections open through the edge")?,
+            refused: IntCounterVec::new(
+                Opts::new("refused_total", "Requests the edge answered itself for want of an upstream, by reason"),
+                &["reason"],
+            )?,
         })
     }
 }
@@ -283,7 +290,7 @@ impl FederationMetrics {
 
 /// Every metric into the registry, so `/metrics` renders it.
 fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
-    let collectors: [Box<dyn prometheus::core::Collector>; 32] = [
+    let collectors: [Box<dyn prometheus::core::Collector>; 33] = [
         Box::new(metrics.traffic.requests.clone()),
         Box::new(metrics.traffic.latency.clone()),
         Box::new(metrics.traffic.upstream_latency.clone()),
@@ -303,6 +310,7 @@ fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
         Box::new(metrics.operations.acme_orders.clone()),
         Box::new(metrics.connections.proxy_protocol_refused.clone()),
         Box::new(metrics.connections.h2_idle_closed.clone()),
+        Box::new(metrics.traffic.refused.clone()),
         Box::new(metrics.operations.rate_limit_fallbacks.clone()),
         Box::new(metrics.operations.discovery_failures.clone()),
         Box::new(metrics.operations.acme_next_renewal.clone()),

@@ -55,11 +55,80 @@ pub struct MatrixError {
     pub errcode: ErrCode,
     pub message: Cow<'static, str>,
     pub retry_after_ms: Option<u64>,
+    /// Why the edge refused, when an errcode alone does not say (the
+    /// access log's `edge_reason`; a [`Refused`]'s reason).
+    pub reason: Option<&'static str>,
+}
+
+/// Why the edge answered a request for want of an upstream to take it.
+/// Each is raised where it is decided, carried as the cause of Pingora's
+/// error, and turned into Matrix JSON in one place ([`for_proxy_error`]),
+/// so a shed request, an expired hold and a group with no worker up leave
+/// with their own message, access-log reason and metric.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// Every member was at its cap and the queue had no room.
+    #[error("every {group} worker is busy and its queue is full")]
+    QueueFull { group: String },
+    /// The request waited the queue's whole timeout for a slot.
+    #[error("no {group} worker had room within the queue's timeout")]
+    QueueTimeout { group: String },
+    /// The group has no member up to take it and no fallback, past the hold.
+    #[error("no {group} worker came back within the hold")]
+    NoUsableWorker { group: String },
+    /// The process kept refusing connections for longer than the hold.
+    #[error("the upstream refused connections for {waited_ms} ms, longer than the hold")]
+    HoldExpired { waited_ms: u128 },
+    /// `synapse.hold_limit` requests already wait.
+    #[error("Synapse's main process refused the connection and enough requests wait for it already")]
+    HoldFull,
+    /// A named upstream (a site route) has no live member.
+    #[error("no live member of upstream {name}")]
+    NoLiveMember { name: String },
+}
+
+impl Refused {
+    /// Every reason, for metrics made at 0 and the docs.
+    pub const REASONS: [&'static str; 6] =
+        ["queue_full", "queue_timeout", "no_usable_worker", "hold_expired", "hold_full", "no_live_member"];
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refused::QueueFull { .. } => Self::REASONS[0],
+            Refused::QueueTimeout { .. } => Self::REASONS[1],
+            Refused::NoUsableWorker { .. } => Self::REASONS[2],
+            Refused::HoldExpired { .. } => Self::REASONS[3],
+            Refused::HoldFull => Self::REASONS[4],
+            Refused::NoLiveMember { .. } => Self::REASONS[5],
+        }
+    }
+
+    /// What the client reads: distinct for each, without naming the
+    /// deployment's processes (the log line has the details).
+    pub fn to_matrix(&self) -> MatrixError {
+        let (status, message) = match self {
+            Refused::QueueFull { .. } | Refused::QueueTimeout { .. } => {
+                (503, "The homeserver is busy; try again shortly")
+            }
+            Refused::NoUsableWorker { .. } => {
+                (503, "No homeserver process is up to answer this request; try again shortly")
+            }
+            Refused::HoldExpired { .. } | Refused::HoldFull => (503, "The homeserver is restarting; try again shortly"),
+            Refused::NoLiveMember { .. } => (502, "The service behind this address could not be reached"),
+        };
+        MatrixError { reason: Some(self.reason()), ..MatrixError::new(status, ErrCode::Unknown, message) }
+    }
+
+    /// As Pingora's error, with this as its cause.
+    pub fn into_error(self) -> Box<pingora::Error> {
+        let status = self.to_matrix().status;
+        pingora::Error::because(pingora::ErrorType::HTTPStatus(status), self.to_string(), self)
+    }
 }
 
 impl MatrixError {
     fn new(status: u16, errcode: ErrCode, message: impl Into<Cow<'static, str>>) -> Self {
-        MatrixError { status, errcode, message: message.into(), retry_after_ms: None }
+        MatrixError { status, errcode, message: message.into(), retry_after_ms: None, reason: None }
     }
 
     pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
@@ -201,6 +270,9 @@ mod tests {
 /// client is gone and nothing can be sent.
 pub fn for_proxy_error(e: &pingora::Error, body_limit: u64) -> Option<MatrixError> {
     use pingora::{ErrorSource, ErrorType::*};
+    if let Some(refused) = e.root_cause().downcast_ref::<Refused>() {
+        return Some(refused.to_matrix());
+    }
     let by_status = |code: u16| match code {
         413 => MatrixError::too_large(body_limit),
         400 => MatrixError::bad_request("Malformed request"),
@@ -248,5 +320,28 @@ mod proxy_error_tests {
         let big = for_proxy_error(&error(ErrorType::HTTPStatus(413), ErrorSource::Internal), 7).unwrap();
         assert_eq!((big.status, big.errcode), (413, ErrCode::TooLarge));
         assert!(for_proxy_error(&error(ErrorType::ConnectionClosed, ErrorSource::Downstream), 0).is_none());
+    }
+
+    #[test]
+    fn refusals_are_told_apart_after_travelling_as_pingora_errors() {
+        let group = "client_reader".to_string();
+        let cases = [
+            (Refused::QueueFull { group: group.clone() }, 503, "busy"),
+            (Refused::QueueTimeout { group: group.clone() }, 503, "busy"),
+            (Refused::NoUsableWorker { group }, 503, "No homeserver process is up"),
+            (Refused::HoldExpired { waited_ms: 15_000 }, 503, "restarting"),
+            (Refused::HoldFull, 503, "restarting"),
+            (Refused::NoLiveMember { name: "livekit".into() }, 502, "could not be reached"),
+        ];
+        let mut reasons = Vec::new();
+        for (refused, status, words) in cases {
+            let reason = refused.reason();
+            let answer = for_proxy_error(&refused.into_error(), 0).unwrap();
+            assert_eq!((answer.status, answer.reason), (status, Some(reason)));
+            assert!(answer.message.contains(words), "{reason}: {}", answer.message);
+            assert!(!answer.message.contains("client_reader"), "the deployment leaks: {}", answer.message);
+            reasons.push(reason);
+        }
+        assert_eq!(reasons, Refused::REASONS);
     }
 }

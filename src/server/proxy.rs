@@ -8,7 +8,7 @@ use crate::observe::access_log;
 use crate::observe::metrics::METRICS;
 use crate::observe::request_metrics::{GroupMetrics, WorkerCounters};
 use crate::request::admission::{admit, check_caps, path_of, Admission, RequestFacts};
-use crate::request::errors::MatrixError;
+use crate::request::errors::{MatrixError, Refused};
 use crate::request::forward::prepare_upstream_request;
 use crate::request::ratelimit::RateFacts;
 use crate::request::response::LocalResponse;
@@ -366,12 +366,7 @@ async fn named_peer(
     let upgrading = session.req_header().headers.contains_key(http::header::UPGRADE);
     let slot = match upstream.pool.acquire(key, ctx.tried.as_slice(), upgrading).await {
         Ok(slot) => slot,
-        Err(Refusal::NoneLive) => {
-            return Error::e_explain(
-                ErrorType::HTTPStatus(502),
-                format!("no live member of upstream {}", upstream.name),
-            )
-        }
+        Err(Refusal::NoneLive) => return Err(Refused::NoLiveMember { name: upstream.name.clone() }.into_error()),
         Err(refusal) => return shed(&upstream.pool, refusal),
     };
     let mut peer = take_slot(&upstream.pool, slot, ctx);
@@ -397,7 +392,12 @@ fn tcp_connection(
 /// The 503 for a request no member had room for (Matrix JSON, Retry-After, CORS).
 fn shed(pool: &Pool, refusal: Refusal) -> Result<Box<HttpPeer>> {
     METRICS.balancing.shed.with_label_values(&[&pool.label, refusal.reason()]).inc();
-    Error::e_explain(ErrorType::HTTPStatus(503), format!("{}: every member is busy ({})", pool.label, refusal.reason()))
+    let group = pool.label.clone();
+    Err(match refusal {
+        Refusal::QueueTimeout => Refused::QueueTimeout { group },
+        Refusal::QueueFull | Refusal::NoneLive => Refused::QueueFull { group },
+    }
+    .into_error())
 }
 
 /// Sends this attempt to the slot's member, with the pool's time to answer:
@@ -816,12 +816,7 @@ impl ProxyHttp for EdgeProxy {
         if let Some(hold) = &mut ctx.held {
             match hold.next_wait(edge.policy.hold) {
                 Some(wait) => tokio::time::sleep(wait).await,
-                None => {
-                    return Error::e_explain(
-                        ErrorType::HTTPStatus(503),
-                        format!("the upstream refused connections for {:?}", hold.since.elapsed()),
-                    )
-                }
+                None => return Err(Refused::HoldExpired { waited_ms: hold.since.elapsed().as_millis() }.into_error()),
             }
         }
         let decision = match ctx.destination {
@@ -855,10 +850,7 @@ impl ProxyHttp for EdgeProxy {
                     }
                     let wait = ctx.held.as_mut().and_then(|hold| hold.next_wait(edge.policy.hold));
                     let Some(wait) = wait else {
-                        return Error::e_explain(
-                            ErrorType::HTTPStatus(503),
-                            format!("no live {} worker", decision.group),
-                        );
+                        return Err(Refused::NoUsableWorker { group: decision.group.to_string() }.into_error());
                     };
                     // Members refused before reached nothing: they may take it once back.
                     ctx.tried = Tried::default();
@@ -886,12 +878,7 @@ impl ProxyHttp for EdgeProxy {
             if ctx.held.is_none() {
                 match Hold::start(ctx.edge.policy.hold_limit) {
                     Some(hold) => ctx.held = Some(hold),
-                    None => {
-                        return Error::explain(
-                            ErrorType::HTTPStatus(503),
-                            "Synapse's main process refused the connection and enough requests wait for it already",
-                        )
-                    }
+                    None => return Refused::HoldFull.into_error(),
                 }
             }
             e.set_retry(true);
@@ -1083,6 +1070,10 @@ impl ProxyHttp for EdgeProxy {
             None => crate::request::errors::for_proxy_error(e, ctx.body_limit),
         };
         let code = error.as_ref().map_or(0, |error| error.status);
+        if let Some(reason) = error.as_ref().and_then(|error| error.reason) {
+            METRICS.traffic.refused.with_label_values(&[reason]).inc();
+            log::debug!("request {} refused: {e}", ctx.request_id);
+        }
         if let Some(error) = error {
             if session.response_written().is_none() {
                 let response = error.to_response().closing();
@@ -1158,6 +1149,7 @@ impl ProxyHttp for EdgeProxy {
             upstream_ms: ctx.upstream_time.map(|t| t.as_millis()),
             request_id: ctx.request_id.as_str(),
             edge_error: ctx.local_error.as_ref().map(|e| e.errcode.as_str()),
+            edge_reason: ctx.local_error.as_ref().and_then(|e| e.reason),
         };
         if let Some(line) = access_log::line(ctx.edge.policy.access_log, &entry, std::time::SystemTime::now()) {
             log::info!(target: "access", "{line}");

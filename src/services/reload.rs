@@ -75,6 +75,9 @@ pub fn publish(edge: &Edge) {
     for result in ["ok", "error"] {
         METRICS.operations.reloads.with_label_values(&[result]);
     }
+    for reason in crate::request::errors::Refused::REASONS {
+        METRICS.traffic.refused.with_label_values(&[reason]);
+    }
     once_cell::sync::Lazy::force(&crate::request::ratelimit::RATE_LIMITED);
     for site in edge.sites.all() {
         for route in site.routes.iter().filter(|r| r.websocket_idle.is_some()) {
