@@ -10,8 +10,8 @@ matrix-edge in release mode). For every case and proxy it reports:
 - the proxy's RSS growth: the peak during the case minus the RSS before;
 - the attack requests that reached the upstream;
 - how the attack ended (closed by the proxy, or still held open).
-Prints a Markdown table; nothing is asserted here (tests/hostile.rs and
-tests/h2_abuse.rs do that).
+Prints a Markdown table; nothing is asserted here (tests/it/hostile.rs and
+tests/it/h2_abuse.rs do that).
 """
 import os
 import re

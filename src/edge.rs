@@ -515,8 +515,14 @@ fn check_well_known(
         }
     }
     if well_known.server.is_none() && config.synapse.federation != crate::config::FederationMode::OpenidOnly {
-        let federation_ports: Vec<u16> =
-            listeners.iter().filter(|l| l.roles.contains(&Role::Federation)).map(|l| l.address.port()).collect();
+        // Plaintext federation listeners sit behind a TLS-terminating load
+        // balancer, whose ports the config cannot see (and which is warned
+        // about on its own).
+        let federation_ports: Vec<u16> = listeners
+            .iter()
+            .filter(|l| l.tls && l.roles.contains(&Role::Federation))
+            .map(|l| l.address.port())
+            .collect();
         warnings.extend(undelegated_federation_warning(&config.server_name, &federation_ports));
     }
     if config.synapse.federation == crate::config::FederationMode::OpenidOnly && well_known.server.is_some() {

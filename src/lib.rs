@@ -33,7 +33,7 @@
 //! reasons and it builds and installs one snapshot at a time.
 //!
 //! Floors, top to bottom. A module imports only from floors below its own,
-//! never from its own floor, so there is no cycle; `tests/layers.rs` reads
+//! never from its own floor, so there is no cycle; `tests/it/layers.rs` reads
 //! this list and every `crate::` path in src/ and fails on any other import.
 //!
 //! 1. `fuzzing`

@@ -111,6 +111,19 @@ impl EdgeProcess {
         panic!("matrix-edge did not listen on {addr}: {}", self.log_text());
     }
 
+    /// The log once it contains `needle` (the access line of a request is
+    /// written after its answer is sent), or as it is after `within`.
+    pub fn log_with(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let text = self.log_text();
+            if text.contains(needle) || Instant::now() >= deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         let mut text = String::new();
         if let Ok(mut file) = std::fs::File::open(&self.log) {

@@ -5,7 +5,7 @@
 //! unchanged and refuse the rest before the recording upstream sees them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use matrix_edge::federation::signing::{encode_unpadded, sign, signed_bytes, x_matrix};
 use openssl::pkey::{PKey, Private};

@@ -8,7 +8,7 @@
 //! `MATRIX_EDGE_SYNAPSE_PYTHON` to use another one.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use serde_json::{json, Value};
 use std::net::SocketAddr;

@@ -5,7 +5,7 @@
 //! are the ones it says it declines (floats, integers beyond ±2^53).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use matrix_edge::federation::canonical::encode;
 use serde_json::{json, Value};

@@ -5,7 +5,7 @@
 //! reachable only from its listed network.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use std::io::{BufReader, Write};
 use std::net::SocketAddr;

@@ -1,7 +1,7 @@
 //! The systemd unit and `matrix-edge reload`, which `systemctl reload` runs.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::Path;

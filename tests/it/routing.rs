@@ -53,11 +53,11 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    parse_cases(include_str!("routing/requests.txt"))
+    parse_cases(include_str!("../routing/requests.txt"))
 }
 
 fn mas_cases() -> Vec<Case> {
-    parse_cases(include_str!("routing/requests-mas.txt"))
+    parse_cases(include_str!("../routing/requests-mas.txt"))
 }
 
 fn parse_cases(text: &str) -> Vec<Case> {

@@ -4,7 +4,7 @@
 //! showing a live and a dead worker, a certificate and a failed reload.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};

@@ -2,7 +2,7 @@
 //! byte-exact forwarding, forbidden paths, limits and errors.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
 use std::io::{BufReader, Write};

@@ -5,7 +5,7 @@
 //! time with a 503 its clients can read.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -274,7 +274,7 @@ process: {{ threads: 2 }}
     assert_eq!(admitted.len() + shed.len(), outcomes.len(), "other outcomes than 200 and 503");
     // Shed, and said so: the access log names the queue's refusal, not a
     // missing worker or a restart.
-    let log = edge.log_text();
+    let log = edge.log_with("edge_reason=queue_", Duration::from_secs(2));
     assert!(log.contains("edge_reason=queue_full") || log.contains("edge_reason=queue_timeout"), "{log}");
     assert!(!log.contains("edge_reason=no_usable_worker") && !log.contains("edge_reason=hold_"), "{log}");
     // Nothing shed reached the worker; nothing admitted reached it twice.

@@ -5,7 +5,7 @@
 //! own access log must hold exactly the requests the routing table sends it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use matrix_edge::config::Source;
 use matrix_edge::edge::Edge;
@@ -210,7 +210,7 @@ synapse:
             .unwrap_or_else(|| vec![edge.main.address.to_string()]);
         (decision.sticky, members)
     };
-    let lines = include_str!("routing/requests.txt");
+    let lines = include_str!("../routing/requests.txt");
     let mut compared = 0;
     for line in lines.lines().filter(|l| !l.starts_with('#') && l.contains(" => ")) {
         let request = line.split(" => ").next().unwrap().split(" | ").next().unwrap();

@@ -4,7 +4,7 @@
 //! then answering 503 rather than falling back.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Write};
@@ -192,7 +192,7 @@ process: {{ threads: 2 }}
     assert!(message.contains("No homeserver process is up"), "not told apart from a shed request: {message}");
     assert!(response.header("retry-after").is_some());
     assert!(main.records().iter().all(|r| !r.target().starts_with("/_matrix/media/")));
-    let log = edge.log_text();
+    let log = edge.log_with("edge_reason=no_usable_worker", Duration::from_secs(2));
     assert!(log.contains("is down"), "{log}");
     assert!(log.contains("edge_reason=no_usable_worker"), "{log}");
 }

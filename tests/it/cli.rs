@@ -2,7 +2,7 @@
 //! mistake is named with its file, line, column and key, with exit code 1.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -112,7 +112,7 @@ fn bad_listen_address_is_named() {
 fn unreadable_certificate_is_named_with_its_key() {
     let (code, stderr) = check_edited(|t| t.replace("certs/example.com/fullchain.pem", "certs/missing/fullchain.pem"));
     assert_eq!(code, 1);
-    let line = line_of(include_str!("../conf/delegation.yaml"), "certs/example.com/fullchain.pem");
+    let line = line_of(include_str!("../../conf/delegation.yaml"), "certs/example.com/fullchain.pem");
     assert!(stderr.contains(&format!("edited.yaml:{line}:")), "{stderr}");
     assert!(stderr.contains("tls.certificates[1].cert: cannot read certificate file"), "{stderr}");
     assert!(stderr.contains("missing/fullchain.pem"), "{stderr}");
@@ -141,7 +141,7 @@ fn m_server_without_a_federation_listener_is_refused() {
     let (code, stderr) =
         check_edited(|t| t.replace("serves: [well_known, client, federation]", "serves: [well_known, client]"));
     assert_eq!(code, 1);
-    let line = line_of(include_str!("../conf/delegation.yaml"), "  server: synapse.example.com:443");
+    let line = line_of(include_str!("../../conf/delegation.yaml"), "  server: synapse.example.com:443");
     assert!(stderr.contains(&format!(":{line}:3: well_known.server: m.server")), "{stderr}");
     assert!(stderr.contains("no listener serves federation"), "{stderr}");
 }
@@ -312,7 +312,7 @@ fn routes_and_route_explain_the_table() {
 
 #[test]
 fn mistakes_in_sites_and_upstreams_are_located() {
-    let text = include_str!("../conf/full-stack.yaml");
+    let text = include_str!("../../conf/full-stack.yaml");
     let cases: [(&str, &str, &str, &str); 7] = [
         (
             "{ path: /sfu/get, upstream: lk-jwt }",

@@ -9,7 +9,7 @@
 //! Needs the Synapse virtualenv that `scripts/test` installs.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use reqwest::Method;
 use serde_json::{json, Value};

@@ -5,7 +5,7 @@
 //! connections to the edge all come from 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use openssl::ssl::SslStream;
 use std::io::{BufReader, Read, Write};

@@ -3,7 +3,7 @@
 //! config refused while the old one keeps serving, and metrics.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use std::io::{BufReader, Write};
 use std::net::SocketAddr;

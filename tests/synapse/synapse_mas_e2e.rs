@@ -6,7 +6,7 @@
 //! MAS's token.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use serde_json::json;
 use std::io::{BufRead, BufReader};

@@ -4,7 +4,7 @@
 //! redirect, and a real WebSocket client and server through the edge.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
