@@ -39,13 +39,14 @@
 //! 1. `fuzzing`
 //! 2. `server`, `cli`
 //! 3. `services`
-//! 4. `edge`
-//! 5. `sites`, `acme`
-//! 6. `local`, `upstream`
-//! 7. `request`
-//! 8. `config`, `tls`, `federation`
-//! 9. `observe`
-//! 10. `synapse`
+//! 4. `runtime`
+//! 5. `edge`
+//! 6. `sites`, `acme`
+//! 7. `local`, `upstream`
+//! 8. `request`
+//! 9. `config`, `tls`, `federation`
+//! 10. `observe`
+//! 11. `synapse`
 
 pub mod acme;
 pub mod cli;
@@ -57,6 +58,7 @@ pub mod fuzzing;
 pub mod local;
 pub mod observe;
 pub mod request;
+pub mod runtime;
 pub mod server;
 pub mod services;
 pub mod sites;

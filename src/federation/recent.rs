@@ -4,7 +4,6 @@
 //! restart, and bounded: only the newest [`KEPT`] stay. Under a flood it is
 //! a sample: a refusal that finds the list busy is not noted.
 
-use once_cell::sync::Lazy;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -29,7 +28,11 @@ pub struct Refused {
     pub enforced: bool,
 }
 
-static RECENT: Lazy<Mutex<VecDeque<Refused>>> = Lazy::new(|| Mutex::new(VecDeque::with_capacity(KEPT)));
+/// The list, held by the runtime (`runtime::Runtime`).
+#[derive(Debug, Default)]
+pub struct RecentRefusals {
+    list: Mutex<VecDeque<Refused>>,
+}
 
 fn clipped(text: &str) -> String {
     match text.char_indices().nth(MAX_TEXT) {
@@ -38,28 +41,30 @@ fn clipped(text: &str) -> String {
     }
 }
 
-/// Notes a refusal; the oldest one goes when [`KEPT`] are already noted.
-pub fn note(origin: Option<&str>, reason: &'static str, detail: &str, enforced: bool) {
-    let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    let refused = Refused { at, origin: origin.map(clipped), reason, detail: clipped(detail), enforced };
-    // A refusal never waits for the list: when another thread holds it (a
-    // flood of refusals), this one is left out and the list is a sample. A
-    // poisoned lock only means a panic elsewhere mid-push; the list is whole.
-    let mut recent = match RECENT.try_lock() {
-        Ok(recent) => recent,
-        Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-        Err(std::sync::TryLockError::WouldBlock) => return,
-    };
-    if recent.len() == KEPT {
-        recent.pop_front();
+impl RecentRefusals {
+    /// Notes a refusal; the oldest one goes when [`KEPT`] are already noted.
+    pub fn note(&self, origin: Option<&str>, reason: &'static str, detail: &str, enforced: bool) {
+        let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let refused = Refused { at, origin: origin.map(clipped), reason, detail: clipped(detail), enforced };
+        // A refusal never waits for the list: when another thread holds it (a
+        // flood of refusals), this one is left out and the list is a sample. A
+        // poisoned lock only means a panic elsewhere mid-push; the list is whole.
+        let mut recent = match self.list.try_lock() {
+            Ok(recent) => recent,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        if recent.len() == KEPT {
+            recent.pop_front();
+        }
+        recent.push_back(refused);
     }
-    recent.push_back(refused);
-}
 
-/// The noted refusals, newest first.
-pub fn latest() -> Vec<Refused> {
-    let recent = RECENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    recent.iter().rev().cloned().collect()
+    /// The noted refusals, newest first.
+    pub fn latest(&self) -> Vec<Refused> {
+        let recent = self.list.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        recent.iter().rev().cloned().collect()
+    }
 }
 
 #[cfg(test)]
@@ -69,10 +74,11 @@ mod tests {
     #[test]
     fn keeps_the_newest_and_clips_what_a_peer_wrote() {
         let long = "x".repeat(5000);
+        let recent = RecentRefusals::default();
         for n in 0..KEPT + 5 {
-            note(Some(&format!("s{n}.example")), "bad_signature", &long, n % 2 == 0);
+            recent.note(Some(&format!("s{n}.example")), "bad_signature", &long, n % 2 == 0);
         }
-        let latest = latest();
+        let latest = recent.latest();
         assert_eq!(latest.len(), KEPT);
         assert_eq!(latest[0].origin.as_deref(), Some(format!("s{}.example", KEPT + 4).as_str()));
         assert_eq!(latest[KEPT - 1].origin.as_deref(), Some("s5.example"));

@@ -5,18 +5,34 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-static LISTENING: AtomicBool = AtomicBool::new(false);
-static DRAINING: AtomicBool = AtomicBool::new(false);
-
-/// Every listener accepts connections, with a loaded configuration.
-pub fn mark_listening() {
-    LISTENING.store(true, Ordering::Release);
+/// What the probes answer from, held by the runtime (`runtime::Runtime`).
+#[derive(Debug, Default)]
+pub struct Probes {
+    listening: AtomicBool,
+    draining: AtomicBool,
 }
 
-/// A stop was asked for: no new connections are accepted, in-flight
-/// requests finish. A load balancer should send nothing more here.
-pub fn mark_draining() {
-    DRAINING.store(true, Ordering::Release);
+impl Probes {
+    /// Every listener accepts connections, with a loaded configuration.
+    pub fn mark_listening(&self) {
+        self.listening.store(true, Ordering::Release);
+    }
+
+    /// A stop was asked for: no new connections are accepted, in-flight
+    /// requests finish. A load balancer should send nothing more here.
+    pub fn mark_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        if self.draining.load(Ordering::Acquire) {
+            Readiness::Draining
+        } else if self.listening.load(Ordering::Acquire) {
+            Readiness::Ready
+        } else {
+            Readiness::Starting
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,16 +43,6 @@ pub enum Readiness {
 }
 
 impl Readiness {
-    pub fn now() -> Readiness {
-        if DRAINING.load(Ordering::Acquire) {
-            Readiness::Draining
-        } else if LISTENING.load(Ordering::Acquire) {
-            Readiness::Ready
-        } else {
-            Readiness::Starting
-        }
-    }
-
     /// The probe's answer: status and a one-word body.
     pub fn answer(self) -> (u16, &'static str) {
         match self {
@@ -53,13 +59,14 @@ mod tests {
 
     #[test]
     fn readiness_goes_starting_ready_draining_and_never_back() {
-        assert_eq!(Readiness::now().answer().0, 503);
-        mark_listening();
-        assert_eq!(Readiness::now(), Readiness::Ready);
-        assert_eq!(Readiness::now().answer(), (200, "ready\n"));
-        mark_draining();
-        assert_eq!(Readiness::now(), Readiness::Draining);
-        mark_listening();
-        assert_eq!(Readiness::now().answer(), (503, "draining\n"));
+        let probes = Probes::default();
+        assert_eq!(probes.readiness().answer().0, 503);
+        probes.mark_listening();
+        assert_eq!(probes.readiness(), Readiness::Ready);
+        assert_eq!(probes.readiness().answer(), (200, "ready\n"));
+        probes.mark_draining();
+        assert_eq!(probes.readiness(), Readiness::Draining);
+        probes.mark_listening();
+        assert_eq!(probes.readiness().answer(), (503, "draining\n"));
     }
 }

@@ -49,7 +49,7 @@ fn listener_service(
     edge: &Arc<ArcSwap<Edge>>,
     counts: &Arc<ConnectionCounts>,
     challenges: &crate::acme::SharedChallenges,
-    federation_keys: &Arc<crate::federation::keys::KeyCache>,
+    runtime: &Arc<crate::runtime::Runtime>,
 ) -> Result<Service<GuardedApp<pingora::proxy::HttpProxy<EdgeProxy>>>, String> {
     let address = listener.address.to_string();
     let name = format!("matrix-edge {address}");
@@ -62,7 +62,7 @@ fn listener_service(
             listener,
             edge: Arc::clone(edge),
             challenges: Arc::clone(challenges),
-            federation_keys: Arc::clone(federation_keys),
+            runtime: Arc::clone(runtime),
         },
     );
     let app = GuardedApp {
@@ -147,9 +147,9 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     let counts = Arc::new(ConnectionCounts::default());
     let challenges: crate::acme::SharedChallenges = Arc::default();
     let reloaded = Arc::new(tokio::sync::Notify::new());
-    let federation_keys = Arc::new(crate::federation::keys::KeyCache::default());
+    let runtime = Arc::new(crate::runtime::Runtime::default());
     for listener in listeners {
-        let service = listener_service(&server, listener, &edge, &counts, &challenges, &federation_keys)?;
+        let service = listener_service(&server, listener, &edge, &counts, &challenges, &runtime)?;
         server.add_service(service);
     }
     if let Some(address) = metrics_address {
@@ -157,14 +157,18 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
             "metrics".to_string(),
             pingora::apps::http_app::HttpServer::new_app(crate::services::status::PrivateApp {
                 edge: Arc::clone(&edge),
-                federation_keys: Arc::clone(&federation_keys),
+                runtime: Arc::clone(&runtime),
             }),
         );
         metrics.add_tcp(&address.to_string());
         server.add_service(metrics);
     }
-    let installer =
-        crate::services::install::Installer::new(Arc::clone(&edge), config_path.to_path_buf(), Arc::clone(&reloaded));
+    let installer = crate::services::install::Installer::new(
+        Arc::clone(&edge),
+        config_path.to_path_buf(),
+        Arc::clone(&reloaded),
+        Arc::clone(&runtime),
+    );
     let (installer, installs) = installer.service();
     server.add_service(pingora::services::background::background_service("installer", installer));
     let reloader = crate::services::reload::Reloader { edge: Arc::clone(&edge), installs: installs.clone() };
@@ -172,9 +176,10 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     let readiness = crate::services::readiness::Readiness {
         addresses: edge.load().ops.listeners.iter().map(|l| l.address).collect(),
         pid_file: options.pid_file.as_ref().map(std::path::PathBuf::from),
+        runtime: Arc::clone(&runtime),
     };
     server.add_service(pingora::services::background::background_service("readiness", readiness));
-    let stop = crate::services::shutdown::StopWhenDrained;
+    let stop = crate::services::shutdown::StopWhenDrained { runtime: Arc::clone(&runtime) };
     server.add_service(pingora::services::background::background_service("stop when drained", stop));
     // Always running: a reload may add workers or upstreams with checks.
     let checker = crate::services::health::HealthChecker { edge: Arc::clone(&edge) };

@@ -38,7 +38,8 @@ pub struct EdgeProxy {
     /// ACME HTTP-01 tokens on offer; outlives snapshots.
     pub challenges: crate::acme::SharedChallenges,
     /// Origins' signing keys for the federation gate; outlives snapshots.
-    pub federation_keys: Arc<crate::federation::keys::KeyCache>,
+    /// What outlives snapshots: the federation key cache and refusal log.
+    pub runtime: Arc<crate::runtime::Runtime>,
 }
 
 pub struct RequestCtx {
@@ -508,6 +509,7 @@ fn settle_verdict(
     gate: &crate::federation::gate::Gate,
     verdict: crate::federation::gate::Verdict,
     request_id: &RequestId,
+    refusals: &crate::federation::recent::RecentRefusals,
 ) -> std::result::Result<Option<String>, MatrixError> {
     use crate::federation::counters;
     use crate::federation::gate::{Mode, Verdict};
@@ -526,7 +528,7 @@ fn settle_verdict(
             let enforced = gate.mode == Mode::Enforce;
             let action = if enforced { "refused" } else { "would be refused (observe)" };
             log::warn!("request {request_id}: federation request {action}: {refusal}");
-            crate::federation::recent::note(origin.as_deref(), refusal.reason(), &refusal.to_string(), enforced);
+            refusals.note(origin.as_deref(), refusal.reason(), &refusal.to_string(), enforced);
             if enforced {
                 Err(MatrixError::federation_refused(&refusal))
             } else {
@@ -657,14 +659,14 @@ impl EdgeProxy {
         let request = session.req_header();
         let verdict = gate
             .judge(
-                &self.federation_keys,
+                &self.runtime.federation_keys,
                 request.method.as_str(),
                 request.raw_path(),
                 request.headers.get_all(http::header::AUTHORIZATION).iter().map(|v| v.as_bytes()),
                 &body,
             )
             .await;
-        settle_verdict(gate, verdict, &ctx.request_id)
+        settle_verdict(gate, verdict, &ctx.request_id, &self.runtime.federation_refusals)
     }
 
     /// Applies the Matrix admission: the worker table, a well-known document or a refusal.
@@ -1047,14 +1049,14 @@ impl ProxyHttp for EdgeProxy {
                 let request = session.req_header();
                 let verdict = gate
                     .judge(
-                        &self.federation_keys,
+                        &self.runtime.federation_keys,
                         request.method.as_str(),
                         request.raw_path(),
                         request.headers.get_all(http::header::AUTHORIZATION).iter().map(|v| v.as_bytes()),
                         &held,
                     )
                     .await;
-                if let Err(error) = settle_verdict(gate, verdict, &ctx.request_id) {
+                if let Err(error) = settle_verdict(gate, verdict, &ctx.request_id, &self.runtime.federation_refusals) {
                     ctx.gate_refusal = Some(error);
                     return Error::e_explain(ErrorType::HTTPStatus(401), "federation signature refused");
                 }

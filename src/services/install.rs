@@ -55,12 +55,19 @@ pub struct Installer {
     discovered: Discovered,
     /// Told after each successful reload (the ACME service looks again).
     pub reloaded: Arc<tokio::sync::Notify>,
+    /// Where the reload's outcome is kept for the status page.
+    pub runtime: Arc<crate::runtime::Runtime>,
 }
 
 impl Installer {
-    pub fn new(cell: Arc<ArcSwap<Edge>>, config_path: PathBuf, reloaded: Arc<tokio::sync::Notify>) -> Installer {
+    pub fn new(
+        cell: Arc<ArcSwap<Edge>>,
+        config_path: PathBuf,
+        reloaded: Arc<tokio::sync::Notify>,
+        runtime: Arc<crate::runtime::Runtime>,
+    ) -> Installer {
         let discovered = cell.load().ops.discovered.clone();
-        Installer { cell, config_path, discovered, reloaded }
+        Installer { cell, config_path, discovered, reloaded, runtime }
     }
 
     /// Carries out one reason; true when a new snapshot went in.
@@ -97,7 +104,7 @@ impl Installer {
             Err(error) => {
                 METRICS.operations.reloads.with_label_values(&["error"]).inc();
                 log::error!("reload ({why}) refused, still serving the previous configuration: {error}");
-                crate::services::reload::record(Some(error.to_string()));
+                self.runtime.record_reload(Some(error.to_string()));
                 return false;
             }
         };
@@ -111,7 +118,7 @@ impl Installer {
         }
         install(&self.cell, new);
         METRICS.operations.reloads.with_label_values(&["ok"]).inc();
-        crate::services::reload::record(None);
+        self.runtime.record_reload(None);
         log::info!("configuration reloaded ({why})");
         self.reloaded.notify_one();
         true
@@ -233,7 +240,7 @@ mod tests {
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, config(1)).unwrap();
         let cell = Arc::new(ArcSwap::from_pointee(Edge::load(&path).unwrap()));
-        let installer = Installer::new(Arc::clone(&cell), path.clone(), Arc::default());
+        let installer = Installer::new(Arc::clone(&cell), path.clone(), Arc::default(), Arc::default());
         let (service, installs) = installer.service();
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         runtime.block_on(async {
@@ -274,7 +281,7 @@ mod tests {
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, config(7)).unwrap();
         let cell = Arc::new(ArcSwap::from_pointee(Edge::load(&path).unwrap()));
-        let mut installer = Installer::new(Arc::clone(&cell), path.clone(), Arc::default());
+        let mut installer = Installer::new(Arc::clone(&cell), path.clone(), Arc::default(), Arc::default());
         assert!(installer.apply(Reason::Discovered(discovered(9100))));
         std::fs::write(&path, "server_name: [").unwrap();
         assert!(!installer.apply(Reason::Reload { why: "test", done: None }));

@@ -13,6 +13,7 @@ pub struct Readiness {
     /// Written with this process's ID once ready; `matrix-edge reload`
     /// reads it (and, after an upgrade, waits for the new ID to appear).
     pub pid_file: Option<std::path::PathBuf>,
+    pub runtime: std::sync::Arc<crate::runtime::Runtime>,
 }
 
 /// Whether the kernel lists a socket in LISTEN state on this port. Reading
@@ -46,7 +47,7 @@ impl BackgroundService for Readiness {
             }
         }
         log::info!("listening on {} addresses", self.addresses.len());
-        crate::observe::probes::mark_listening();
+        self.runtime.probes.mark_listening();
         if let Some(pid_file) = &self.pid_file {
             if let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
                 log::warn!("cannot write the pid file {}: {e}", pid_file.display());

@@ -16,27 +16,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// The last reload's outcome, for the status page (outlives snapshots).
-#[derive(Debug, Clone)]
-pub struct ReloadOutcome {
-    /// Unix seconds.
-    pub at: i64,
-    pub error: Option<String>,
-}
-
-static LAST_RELOAD: std::sync::Mutex<Option<ReloadOutcome>> = std::sync::Mutex::new(None);
-
-pub fn last_reload() -> Option<ReloadOutcome> {
-    LAST_RELOAD.lock().ok().and_then(|last| last.clone())
-}
-
-pub(crate) fn record(error: Option<String>) {
-    let at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    if let Ok(mut last) = LAST_RELOAD.lock() {
-        *last = Some(ReloadOutcome { at, error });
-    }
-}
-
 /// Watches for SIGHUP and certificate file changes and asks the installer
 /// (`services::install`) for a reload.
 pub struct Reloader {

@@ -6,7 +6,6 @@
 //! upgrade's SIGQUIT), so a load balancer sends nothing more.
 
 use crate::observe::metrics::METRICS;
-use crate::observe::probes;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -19,7 +18,9 @@ const POLL: Duration = Duration::from_millis(100);
 /// their request counted before "nothing in flight" is believed.
 const SETTLE: Duration = Duration::from_millis(300);
 
-pub struct StopWhenDrained;
+pub struct StopWhenDrained {
+    pub runtime: std::sync::Arc<crate::runtime::Runtime>,
+}
 
 #[async_trait]
 impl BackgroundService for StopWhenDrained {
@@ -29,7 +30,7 @@ impl BackgroundService for StopWhenDrained {
             Err(error) => {
                 log::warn!("cannot watch SIGTERM ({error}): a stop waits the whole shutdown_drain");
                 let _ = shutdown.wait_for(|stopping| *stopping).await;
-                probes::mark_draining();
+                self.runtime.probes.mark_draining();
                 return;
             }
         };
@@ -37,11 +38,11 @@ impl BackgroundService for StopWhenDrained {
             _ = terminate.recv() => {}
             _ = shutdown.wait_for(|stopping| *stopping) => {
                 // An upgrade or a fast stop: Pingora ends the process.
-                probes::mark_draining();
+                self.runtime.probes.mark_draining();
                 return;
             }
         }
-        probes::mark_draining();
+        self.runtime.probes.mark_draining();
         // Pingora closes the listeners on the same signal.
         let _ = tokio::time::timeout(Duration::from_secs(2), shutdown.wait_for(|stopping| *stopping)).await;
         tokio::time::sleep(SETTLE).await;

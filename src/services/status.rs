@@ -5,8 +5,8 @@
 //! states, counts, certificate names and dates.
 
 use crate::edge::Edge;
-use crate::federation::keys::KeyCache;
 use crate::observe::metrics::METRICS;
+use crate::runtime::Runtime;
 use crate::services::control::{pools, state_word};
 use crate::sites::Action;
 use crate::upstream::state::now_ms;
@@ -21,7 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub struct PrivateApp {
     pub edge: Arc<ArcSwap<Edge>>,
-    pub federation_keys: Arc<KeyCache>,
+    pub runtime: Arc<Runtime>,
 }
 
 fn unix_now() -> f64 {
@@ -57,9 +57,11 @@ fn counts_by_label(counter: &prometheus::IntCounterVec) -> serde_json::Map<Strin
 
 /// The federation gate: its mode, verdicts and key fetches since start,
 /// and the latest refusals with the origin each claimed.
-fn federation(edge: &Edge, keys: &KeyCache) -> Value {
+fn federation(edge: &Edge, runtime: &Runtime) -> Value {
     let Some(gate) = &edge.policy.federation_gate else { return json!({ "mode": "off" }) };
-    let refusals: Vec<Value> = crate::federation::recent::latest()
+    let refusals: Vec<Value> = runtime
+        .federation_refusals
+        .latest()
         .into_iter()
         .map(|r| json!({ "at": r.at, "origin": r.origin, "reason": r.reason, "detail": r.detail, "enforced": r.enforced }))
         .collect();
@@ -67,7 +69,7 @@ fn federation(edge: &Edge, keys: &KeyCache) -> Value {
         "mode": gate.mode.name(),
         "requests": counts_by_label(&METRICS.federation.requests),
         "key_fetches": counts_by_label(&METRICS.federation.key_fetches),
-        "servers_with_keys": keys.servers_known(),
+        "servers_with_keys": runtime.federation_keys.servers_known(),
         "latest_refusals": refusals,
     })
 }
@@ -140,7 +142,7 @@ fn certificate_views(edge: &Edge) -> Vec<Value> {
 }
 
 /// Everything the page shows, as JSON.
-pub fn snapshot(edge: &Edge, keys: &KeyCache) -> Value {
+pub fn snapshot(edge: &Edge, runtime: &Runtime) -> Value {
     let now = now_ms();
     let listeners: Vec<Value> = edge
         .ops
@@ -177,7 +179,7 @@ pub fn snapshot(edge: &Edge, keys: &KeyCache) -> Value {
         .collect();
     let pool_views = pool_views(edge, now);
     let certificates = certificate_views(edge);
-    let reload = crate::services::reload::last_reload();
+    let reload = runtime.last_reload();
     let rate_limited: serde_json::Map<String, Value> = crate::request::ratelimit::Class::ALL
         .iter()
         .zip(crate::request::ratelimit::RATE_LIMITED.iter())
@@ -187,7 +189,7 @@ pub fn snapshot(edge: &Edge, keys: &KeyCache) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "server_name": edge.server_name,
         "now": unix_now() as i64,
-        "readiness": format!("{:?}", crate::observe::probes::Readiness::now()).to_lowercase(),
+        "readiness": format!("{:?}", runtime.probes.readiness()).to_lowercase(),
         "config": {
             "loaded_at": METRICS.operations.config_loaded_at.get(),
             "last_reload": reload.map(|r| json!({ "at": r.at, "result": if r.error.is_some() { "error" } else { "ok" }, "error": r.error })),
@@ -199,7 +201,7 @@ pub fn snapshot(edge: &Edge, keys: &KeyCache) -> Value {
         "certificates": certificates,
         "requests_in_flight": METRICS.traffic.in_flight.get(),
         "rate_limited": rate_limited,
-        "federation": federation(edge, keys),
+        "federation": federation(edge, runtime),
     })
 }
 
@@ -382,20 +384,18 @@ impl ServeHttp for PrivateApp {
             // The process answers: it is alive, whatever its readiness.
             "/livez" => (200, "text/plain", b"alive\n".to_vec()),
             "/readyz" => {
-                let (status, body) = crate::observe::probes::Readiness::now().answer();
+                let (status, body) = self.runtime.probes.readiness().answer();
                 (status, "text/plain", body.as_bytes().to_vec())
             }
             "/status.json" => {
                 let mut body =
-                    serde_json::to_vec_pretty(&snapshot(&self.edge.load(), &self.federation_keys)).unwrap_or_default();
+                    serde_json::to_vec_pretty(&snapshot(&self.edge.load(), &self.runtime)).unwrap_or_default();
                 body.push(b'\n');
                 (200, "application/json", body)
             }
-            "/status" => (
-                200,
-                "text/html; charset=utf-8",
-                html(&snapshot(&self.edge.load(), &self.federation_keys)).into_bytes(),
-            ),
+            "/status" => {
+                (200, "text/html; charset=utf-8", html(&snapshot(&self.edge.load(), &self.runtime)).into_bytes())
+            }
             _ => (404, "text/plain", b"not found\n".to_vec()),
         };
         Response::builder()

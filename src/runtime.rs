@@ -1,0 +1,44 @@
+//! What outlives a snapshot, made once at start and shared by every
+//! service and listener: the federation key cache and its latest
+//! refusals, the probes' readiness, the last reload's outcome. A reload
+//! builds a new `Edge`; none of this is rebuilt or handed over.
+//!
+//! (Members' health and load, pool queues and rate limiters still travel
+//! from snapshot to snapshot in `services::install`; they move here next.)
+
+use crate::federation::keys::KeyCache;
+use crate::federation::recent::RecentRefusals;
+use crate::observe::probes::Probes;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+/// The last reload's outcome, for the status page.
+#[derive(Debug, Clone)]
+pub struct ReloadOutcome {
+    /// Unix seconds.
+    pub at: i64,
+    pub error: Option<String>,
+}
+
+#[derive(Default)]
+pub struct Runtime {
+    /// Origins' signing keys, fetched once per server.
+    pub federation_keys: Arc<KeyCache>,
+    /// The gate's latest refusals.
+    pub federation_refusals: RecentRefusals,
+    /// Listening, draining: what `/readyz` answers.
+    pub probes: Probes,
+    last_reload: Mutex<Option<ReloadOutcome>>,
+}
+
+impl Runtime {
+    pub fn record_reload(&self, error: Option<String>) {
+        let at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let mut last = self.last_reload.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *last = Some(ReloadOutcome { at, error });
+    }
+
+    pub fn last_reload(&self) -> Option<ReloadOutcome> {
+        self.last_reload.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+}
