@@ -3,7 +3,7 @@
 //! in whole, so a request sees one consistent snapshot.
 
 use crate::config::values::ListenAddr;
-use crate::config::values::{UpstreamAddr, RESOLVE_TIMEOUT};
+use crate::config::values::{Lookups, UpstreamAddr};
 use crate::config::{ConfigError, EdgeConfig, Role, Seg, Source};
 use crate::config::{SynapseConfig, WorkerList};
 use crate::local::well_known::WellKnown;
@@ -230,6 +230,29 @@ impl Edge {
     /// Builds the snapshot; workers given as `{ discover: ... }` get the
     /// addresses in `discovered` (none yet: their groups go to main).
     pub fn from_config_with(config: EdgeConfig, source: &Source, discovered: &Discovered) -> Result<Edge, ConfigError> {
+        Edge::build(config, source, discovered, &Lookups::strict())
+    }
+
+    /// The config file as `check` judges it: without a network too. A name
+    /// that does not resolve is a warning, not an error; everything else is
+    /// checked as a start would.
+    pub fn check_file(file: &Path) -> Result<Edge, ConfigError> {
+        let source = Source::read(file)?;
+        let config = source.parse()?;
+        let lookups = Lookups::lenient();
+        let mut edge = Edge::build(config, &source, &Discovered::new(), &lookups)?;
+        for unresolved in lookups.unresolved() {
+            edge.ops.warnings.push(format!("{unresolved}: its address was not checked (a start needs it to resolve)"));
+        }
+        Ok(edge)
+    }
+
+    fn build(
+        config: EdgeConfig,
+        source: &Source,
+        discovered: &Discovered,
+        lookups: &Lookups,
+    ) -> Result<Edge, ConfigError> {
         // Every section named, so a new one breaks the build until it is handled.
         let EdgeConfig {
             server_name,
@@ -262,9 +285,8 @@ impl Edge {
                 "must stay below 60s: Synapse closes idle connections after about 60s, and reusing one it just closed fails the request",
             ));
         }
-        let main = synapse
-            .main
-            .resolve(RESOLVE_TIMEOUT)
+        let main = lookups
+            .address(&synapse.main)
             .and_then(|address| Upstream::new(&address, timeouts))
             .map_err(|e| source.error_at(&[Seg::Key("synapse"), Seg::Key("main")], e))?;
         let metrics_address = metrics.as_ref().map(|m| m.address.0);
@@ -276,9 +298,9 @@ impl Edge {
                 ));
             }
         }
-        let pools = build_pools(synapse, source, discovered)?;
+        let pools = build_pools(synapse, source, discovered, lookups)?;
         let router = build_router(synapse, &pools.declared(), source)?;
-        let upstreams = build_named_upstreams(upstream_configs, source)?;
+        let upstreams = build_named_upstreams(upstream_configs, source, lookups)?;
         let sites = Sites::from_config(&config, source, &upstreams)?;
         if !sites.single_site() && !listeners.iter().any(|l| l.roles.contains(&Role::Sites)) {
             warnings.push("sites are configured but no listener serves `sites`".into());
@@ -689,6 +711,7 @@ fn build_federation_gate(
 fn build_named_upstreams(
     configs: &crate::config::UpstreamsConfig,
     source: &Source,
+    lookups: &Lookups,
 ) -> Result<NamedUpstreams, ConfigError> {
     let mut named = Vec::with_capacity(configs.len());
     for (name, upstream) in configs {
@@ -697,7 +720,7 @@ fn build_named_upstreams(
                 .error_at(&[Seg::Key("upstreams")], format!("upstream name {name:?}: use letters, digits, - and _")));
         }
         let at = [Seg::Key("upstreams"), Seg::Name(name.clone())];
-        let built = NamedUpstream::from_config(name, upstream).map_err(|e| match e {
+        let built = NamedUpstream::from_config(name, upstream, lookups).map_err(|e| match e {
             NamedUpstreamError::Balancing((key, message)) => source.error_at(
                 &[Seg::Key("upstreams"), Seg::Name(name.clone()), Seg::Key("balancing"), Seg::Key(key)],
                 message,
@@ -780,7 +803,12 @@ fn group_balancing(
         .collect()
 }
 
-fn build_pools(synapse: &SynapseConfig, source: &Source, discovered: &Discovered) -> Result<Pools, ConfigError> {
+fn build_pools(
+    synapse: &SynapseConfig,
+    source: &Source,
+    discovered: &Discovered,
+    lookups: &Lookups,
+) -> Result<Pools, ConfigError> {
     let declared: Vec<Group> = declared_groups(synapse).iter().map(|(group, _, _)| *group).collect();
     let mut balancing = group_balancing(synapse, &declared, source)?;
     let mut pools = Vec::new();
@@ -827,7 +855,7 @@ fn build_pools(synapse: &SynapseConfig, source: &Source, discovered: &Discovered
                     .map(|found| found.iter().map(|a| UpstreamAddr::Tcp(*a)).collect())
                     .unwrap_or_default(),
                 _ => match entry.address() {
-                    Some(target) => vec![target.resolve(RESOLVE_TIMEOUT).map_err(|e| source.error_at(&at, e))?],
+                    Some(target) => vec![lookups.address(target).map_err(|e| source.error_at(&at, e))?],
                     None => Vec::new(),
                 },
             };

@@ -253,7 +253,10 @@ fn check(
     synapse: Option<&std::path::Path>,
     workers: Option<&std::path::Path>,
 ) -> Result<ExitCode, CliError> {
-    let edge = load(config)?;
+    let edge = Edge::check_file(config)?;
+    for warning in &edge.ops.warnings {
+        eprintln!("matrix-edge: warning: {warning}");
+    }
     if let Some(homeserver) = synapse {
         let checked = matrix_edge::cli::synapse_check::cross_check(&edge, homeserver, workers)?;
         for warning in &checked.warnings {

@@ -172,6 +172,44 @@ impl UpstreamTarget {
     }
 }
 
+/// How a build finds the addresses of the names a config gives. Strict (a
+/// start, a reload): a name that does not resolve is an error. Lenient
+/// (`check`, which must work without a network): the name is noted, an
+/// unspecified address stands in for it, and everything else is checked.
+#[derive(Debug, Default)]
+pub struct Lookups {
+    lenient: bool,
+    unresolved: std::sync::Mutex<Vec<String>>,
+}
+
+impl Lookups {
+    pub fn strict() -> Lookups {
+        Lookups::default()
+    }
+
+    pub fn lenient() -> Lookups {
+        Lookups { lenient: true, ..Lookups::default() }
+    }
+
+    pub fn address(&self, target: &UpstreamTarget) -> Result<UpstreamAddr, String> {
+        match target.resolve(RESOLVE_TIMEOUT) {
+            Ok(address) => Ok(address),
+            Err(error) if self.lenient => {
+                self.unresolved.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(error);
+                let UpstreamTarget::Tcp { host, port, tls } = target else { return Err("not a name".into()) };
+                let stand_in = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), *port);
+                Ok(if *tls { UpstreamAddr::Tls(stand_in, host.clone()) } else { UpstreamAddr::Tcp(stand_in) })
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// What a lenient build could not resolve, each with the reason.
+    pub fn unresolved(&self) -> Vec<String> {
+        self.unresolved.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+}
+
 /// The system resolver has no timeout of its own: it runs on a thread of
 /// its own, and a late answer is dropped with it.
 fn lookup(host: &str, port: u16, timeout: Duration) -> Result<SocketAddr, String> {

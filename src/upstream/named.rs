@@ -2,7 +2,7 @@
 //! anything HTTP, each a pool with the same machinery as Synapse's workers.
 
 use crate::config::sites::{Balance, NamedUpstreamConfig};
-use crate::config::values::{UpstreamTarget, RESOLVE_TIMEOUT};
+use crate::config::values::{Lookups, UpstreamTarget};
 use crate::upstream::balance::{Balancing, Choice, SettingError};
 use crate::upstream::peer::Upstream;
 use crate::upstream::pool::{Member, Pool};
@@ -26,7 +26,11 @@ pub struct NamedUpstream {
 
 impl NamedUpstream {
     /// A refused `balancing` setting comes back apart, to be located by its key.
-    pub fn from_config(name: &str, config: &NamedUpstreamConfig) -> Result<NamedUpstream, NamedUpstreamError> {
+    pub fn from_config(
+        name: &str,
+        config: &NamedUpstreamConfig,
+        lookups: &Lookups,
+    ) -> Result<NamedUpstream, NamedUpstreamError> {
         if !config.balancing.groups.is_empty() {
             return Err(NamedUpstreamError::Balancing((
                 "groups",
@@ -38,10 +42,15 @@ impl NamedUpstream {
             Balance::LeastOutstanding | Balance::ClientIp => Choice::LeastOutstanding,
         };
         let balancing = Balancing::from_config(&config.balancing, choice).map_err(NamedUpstreamError::Balancing)?;
-        Self::build(name, config, balancing).map_err(NamedUpstreamError::Other)
+        Self::build(name, config, balancing, lookups).map_err(NamedUpstreamError::Other)
     }
 
-    fn build(name: &str, config: &NamedUpstreamConfig, balancing: Balancing) -> Result<NamedUpstream, String> {
+    fn build(
+        name: &str,
+        config: &NamedUpstreamConfig,
+        balancing: Balancing,
+        lookups: &Lookups,
+    ) -> Result<NamedUpstream, String> {
         let addresses: Vec<&UpstreamTarget> = match (&config.address, config.members.as_slice()) {
             (Some(address), []) => vec![address],
             (None, members) if !members.is_empty() => members.iter().collect(),
@@ -50,7 +59,7 @@ impl NamedUpstream {
         };
         let mut members = Vec::with_capacity(addresses.len());
         for target in addresses {
-            let address = target.resolve(RESOLVE_TIMEOUT)?;
+            let address = lookups.address(target)?;
             let upstream = Upstream::new(&address, &config.timeouts)?;
             members.push(Member::new(name, upstream, address, 1));
         }

@@ -597,3 +597,18 @@ fn check_warns_when_federation_is_unreachable_by_discovery() {
     assert_eq!(code, 0, "{stderr}");
     assert!(!stderr.contains(warning), "{stderr}");
 }
+
+/// `check` works without a network: a name that does not resolve is a
+/// warning naming it, and the rest of the config is still judged (a
+/// mistake elsewhere still fails). A start still needs the name.
+#[test]
+fn check_judges_a_config_whose_names_do_not_resolve() {
+    let unresolvable = |t: &str| t.replace("main: 127.0.0.1:8008", "main: synapse.invalid:8008");
+    let (code, stderr) = passing_edit(unresolvable);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("synapse.invalid"), "{stderr}");
+    assert!(stderr.contains("its address was not checked"), "{stderr}");
+    let (code, stderr) = check_edited(|t| unresolvable(t).replace("  allow: [", "  alow: ["));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("unknown field `alow`"), "{stderr}");
+}
