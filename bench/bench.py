@@ -542,13 +542,15 @@ def main():
         setup.start_sink()
         proxies = {}
         variants = AB.split(",") if AB else []
-        names = ["matrix-edge"] + [f"B{i}" for i in range(len(variants))] + ["nginx"] + ([] if AB else ["haproxy"])
+        # HAProxy stays in a latency-only A/B run: its tail is the other yardstick.
+        with_haproxy = not AB or LATENCY_ONLY
+        names = ["matrix-edge"] + [f"B{i}" for i in range(len(variants))] + ["nginx"] + (["haproxy"] if with_haproxy else [])
         ports = {name: (free_port(), free_port()) for name in names}
         proxies["matrix-edge"] = setup.start_edge(*ports["matrix-edge"])
         for i, binary in enumerate(variants):
             proxies[f"B{i}"] = setup.start_edge(*ports[f"B{i}"], binary=binary, tag=f"edge-b{i}")
         proxies["nginx"] = setup.start_nginx_proxy(*ports["nginx"])
-        if not AB:
+        if with_haproxy:
             proxies["haproxy"] = setup.start_haproxy(*ports["haproxy"])
         time.sleep(1)
         # Memory before any traffic: later idle figures include what a

@@ -247,7 +247,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         // library bounds those itself, and our accept loop runs its streams.
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             let guarded: Stream = Box::new(HeadDeadline::new(stream, None));
-            crate::server::http2::serve(&self.inner, guarded, shutdown, limits.keepalive_timeout).await;
+            // Boxed: an HTTP/1 connection's future must not carry room for
+            // the HTTP/2 connection state it never has.
+            Box::pin(crate::server::http2::serve(&self.inner, guarded, shutdown, limits.keepalive_timeout)).await;
             return None;
         }
         let guarded: Stream = Box::new(HeadDeadline::new(stream, Some(limits.header_timeout)));
