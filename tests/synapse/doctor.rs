@@ -360,6 +360,13 @@ fn old_media_worker() -> SocketAddr {
     address
 }
 
+/// `matrix-edge init --from-synapse` with certificate files.
+fn init(homeserver: &Path, cert: &Path, key: &Path) -> std::process::Output {
+    let mut command = Command::new(support::binary());
+    command.args(["init", "--from-synapse"]).arg(homeserver).arg("--cert").arg(cert).arg("--key").arg(key);
+    command.output().unwrap()
+}
+
 /// `init` on a homeserver.yaml without delegation (`public_baseurl`'s host
 /// is the server name) and on one with it: the edge started on what `init`
 /// wrote, in front of a real Synapse, is reachable by federation as other
@@ -391,16 +398,7 @@ fn init_writes_configs_other_servers_reach() {
             homeserver.replace(&format!("https://{HOMESERVER}/"), &format!("https://{public_host}/")),
         )
         .unwrap();
-        let output = Command::new(support::binary())
-            .arg("init")
-            .arg("--from-synapse")
-            .arg(&yaml)
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
-            .output()
-            .unwrap();
+        let output = init(&yaml, &cert, &key);
         assert!(output.status.success(), "{case}: {}", String::from_utf8_lossy(&output.stderr));
         let written = String::from_utf8(output.stdout).unwrap();
         assert!(written.contains(&format!("\n  server: {m_server}\n")), "{case}:\n{written}");
@@ -429,15 +427,7 @@ fn init_writes_configs_other_servers_reach() {
     // delegation. Discovery falls through to 8448, check warns, doctor
     // fails and names the fix in the edge's config.
     let yaml = work.path().join("not-delegated.yaml");
-    let output = Command::new(support::binary())
-        .args(["init", "--from-synapse"])
-        .arg(&yaml)
-        .arg("--cert")
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .unwrap();
+    let output = init(&yaml, &cert, &key);
     let written = String::from_utf8(output.stdout).unwrap();
     let port = free_port();
     let config = written

@@ -127,41 +127,7 @@ pub fn run(options: &Options) -> Vec<Finding> {
     let literal = host.parse::<std::net::IpAddr>().is_ok();
 
     // 1. Where other homeservers send federation.
-    let (target_host, target_port, tls_name) = if literal || port.is_some() {
-        report.ok("server name", format!("{server_name} names its address directly: no delegation is looked up"));
-        (host.clone(), port.unwrap_or(8448), host.clone())
-    } else {
-        let delegated = well_known_server(&mut report, &client, &host);
-        let (name, name_port) = match &delegated {
-            Some(m_server) => split_host_port(m_server),
-            None => (host.clone(), None),
-        };
-        if name.parse::<std::net::IpAddr>().is_ok() || name_port.is_some() {
-            (name.clone(), name_port.unwrap_or(8448), name)
-        } else if client.overridden(&name) {
-            report.ok("SRV records", format!("not looked up: --connect-to redirects {name}"));
-            (name.clone(), 8448, name)
-        } else {
-            let mut found = None;
-            for service in ["_matrix-fed._tcp", "_matrix._tcp"] {
-                match srv_lookup(&format!("{service}.{name}"), options.dns) {
-                    Ok(Some(target)) => {
-                        report.ok("SRV records", format!("{service}.{name} points at {}:{}", target.0, target.1));
-                        found = Some(target);
-                        break;
-                    }
-                    Ok(None) => {}
-                    Err(error) => {
-                        report.warn("SRV records", format!("{service}.{name}: {error}"), "check DNS for the name");
-                    }
-                }
-            }
-            match found {
-                Some((target, target_port)) => (target, target_port, name),
-                None => (name.clone(), 8448, name),
-            }
-        }
-    };
+    let (target_host, target_port, tls_name) = federation_target(&mut report, &client, options, &host, port, literal);
     let federation = format!("{target_host}:{target_port}");
     // Discovery fell through to the default port: the usual cause is an
     // edge serving federation on 443 without saying so in its well-known.
@@ -219,6 +185,54 @@ pub fn run(options: &Options) -> Vec<Finding> {
     // 3. What clients see.
     client_side(&mut report, &client, &host);
     report.findings
+}
+
+/// Step 1: where other homeservers send federation, as the spec's
+/// discovery finds it: (host, port, name the certificate must carry).
+fn federation_target(
+    report: &mut Report,
+    client: &Client,
+    options: &Options,
+    host: &str,
+    port: Option<u16>,
+    literal: bool,
+) -> (String, u16, String) {
+    let (host, server_name) = (host.to_string(), options.server_name.trim().to_ascii_lowercase());
+    if literal || port.is_some() {
+        report.ok("server name", format!("{server_name} names its address directly: no delegation is looked up"));
+        (host.clone(), port.unwrap_or(8448), host.clone())
+    } else {
+        let delegated = well_known_server(report, client, &host);
+        let (name, name_port) = match &delegated {
+            Some(m_server) => split_host_port(m_server),
+            None => (host.clone(), None),
+        };
+        if name.parse::<std::net::IpAddr>().is_ok() || name_port.is_some() {
+            (name.clone(), name_port.unwrap_or(8448), name)
+        } else if client.overridden(&name) {
+            report.ok("SRV records", format!("not looked up: --connect-to redirects {name}"));
+            (name.clone(), 8448, name)
+        } else {
+            let mut found = None;
+            for service in ["_matrix-fed._tcp", "_matrix._tcp"] {
+                match srv_lookup(&format!("{service}.{name}"), options.dns) {
+                    Ok(Some(target)) => {
+                        report.ok("SRV records", format!("{service}.{name} points at {}:{}", target.0, target.1));
+                        found = Some(target);
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        report.warn("SRV records", format!("{service}.{name}: {error}"), "check DNS for the name");
+                    }
+                }
+            }
+            match found {
+                Some((target, target_port)) => (target, target_port, name),
+                None => (name.clone(), 8448, name),
+            }
+        }
+    }
 }
 
 fn well_known_server(report: &mut Report, client: &Client, host: &str) -> Option<String> {
