@@ -285,10 +285,9 @@ impl Edge {
                 "must stay below 60s: Synapse closes idle connections after about 60s, and reusing one it just closed fails the request",
             ));
         }
-        let main = lookups
-            .address(&synapse.main)
-            .and_then(|address| Upstream::new(&address, timeouts))
-            .map_err(|e| source.error_at(&[Seg::Key("synapse"), Seg::Key("main")], e))?;
+        let at_main = [Seg::Key("synapse"), Seg::Key("main")];
+        let main = lookups.address(&synapse.main).map_err(|e| source.error_at(&at_main, e))?;
+        let main = Upstream::new(&main, timeouts).map_err(|e| source.error_at(&at_main, e))?;
         let metrics_address = metrics.as_ref().map(|m| m.address.0);
         if let Some(address) = metrics_address {
             if listeners.iter().any(|l| l.address.port() == address.port()) {
@@ -725,7 +724,7 @@ fn build_named_upstreams(
                 &[Seg::Key("upstreams"), Seg::Name(name.clone()), Seg::Key("balancing"), Seg::Key(key)],
                 message,
             ),
-            NamedUpstreamError::Other(message) => source.error_at(&at, message),
+            other => source.error_at(&at, other),
         })?;
         named.push(built);
     }

@@ -1,28 +1,37 @@
 //! matrix-edge: the front door of a Matrix homeserver.
 //!
-//! A request, step by step:
+//! A request, step by step, and where each decision is made:
 //!
-//! 1. A listener accepts; on TLS listeners [`tls::SniResolver`] picks the
-//!    certificate from a prebuilt name map (exact, wildcard, first).
+//! 1. A listener accepts ([`server::connections`]: PROXY header, HTTP/1
+//!    keep-alive, HTTP/2 in [`server::http2`]); on TLS listeners
+//!    [`tls::SniResolver`] picks the certificate from a prebuilt name map.
 //! 2. [`server::proxy::EdgeProxy::new_ctx`] takes the current [`edge::Edge`]
 //!    snapshot, so one request sees one configuration even across reloads.
-//! 3. `request_filter` picks the site by Host ([`sites::Sites::pick`]); the
-//!    site's router decides a [`sites::Target`]: the Matrix paths, where
-//!    [`request::admission::admit`] answers a well-known document
-//!    ([`local::well_known`]), refuses with a Matrix error
-//!    ([`request::errors`]) or forwards with a body limit; a named upstream
-//!    pool; or a local responder (static files, redirects).
-//!    Either way the request's destination is decided here, once: the
-//!    edge itself, a Synapse process by the table's decision, or a named
-//!    upstream; the later phases match on it and decide nothing again.
-//! 4. `upstream_peer` returns the process: a Synapse group's worker
-//!    ([`synapse::table`], [`synapse::sticky`], [`upstream::pool`]) or a
-//!    named upstream's member.
+//! 3. `request_filter` finds the client (trusted proxies), refuses a request
+//!    framed two ways ([`server::framing`]), then asks [`plan::plan`], a pure
+//!    function of the snapshot and a [`plan::RequestView`], what to do: the
+//!    site by Host ([`sites::Sites::pick`]), its router's
+//!    [`sites::Target`], admission ([`request::admission`]) and, for
+//!    Synapse's paths, the table's decision ([`synapse::table`]) with the
+//!    body limit, long-poll timeout, sticky key ([`synapse::sticky`]),
+//!    whether the federation gate and the rates apply and the hold policy.
+//!    A [`plan::Plan`] either answers locally (well-known, preflight,
+//!    redirects, static files, ACME, a refusal in Matrix JSON) or forwards;
+//!    the glue writes it ([`server::respond`]) and decides nothing again.
+//! 4. A forward passes the federation gate ([`server::gate`],
+//!    [`federation::gate`]) and the rates ([`request::ratelimit`]), then
+//!    gets a [`plan::attempt::Attempt`]: `upstream_peer` takes a member's
+//!    slot ([`upstream::pool`]) or main; `fail_to_connect` and
+//!    `error_while_proxy` report what failed and the attempt decides
+//!    whether to hold ([`request::hold`]), go to another member, or stop.
 //! 5. `upstream_request_filter` rewrites forwarding headers only
 //!    ([`request::forward`]); the request target is sent as received
 //!    (unless a site route strips a prefix).
-//! 6. `request_body_filter` counts streamed body bytes against the limit.
-//! 7. `fail_to_proxy` turns any failure into Matrix JSON ([`request::errors`]).
+//! 6. `request_body_filter` counts streamed body bytes against the limit
+//!    and holds a large signed body until the gate has judged it.
+//! 7. Every refusal is a [`request::errors::MatrixError`] or
+//!    [`request::errors::Refused`] carried as the cause of Pingora's
+//!    error; `fail_to_proxy` turns it into Matrix JSON in one place.
 //! 8. `logging` counts the request ([`observe::metrics`]) and writes the
 //!    access line ([`observe::access_log`]) with tokens removed
 //!    ([`observe::redact`]).
@@ -40,13 +49,14 @@
 //! 2. `server`, `cli`
 //! 3. `services`
 //! 4. `runtime`
-//! 5. `edge`
-//! 6. `sites`, `acme`
-//! 7. `local`, `upstream`
-//! 8. `request`
-//! 9. `config`, `tls`, `federation`
-//! 10. `observe`
-//! 11. `synapse`
+//! 5. `plan`
+//! 6. `edge`
+//! 7. `sites`, `acme`
+//! 8. `local`, `upstream`
+//! 9. `request`
+//! 10. `config`, `tls`, `federation`
+//! 11. `observe`
+//! 12. `synapse`
 
 pub mod acme;
 pub mod cli;
@@ -57,6 +67,7 @@ pub mod federation;
 pub mod fuzzing;
 pub mod local;
 pub mod observe;
+pub mod plan;
 pub mod request;
 pub mod runtime;
 pub mod server;

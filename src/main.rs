@@ -174,6 +174,8 @@ enum CliError {
     #[error("{0}")]
     Config(#[from] matrix_edge::config::ConfigError),
     #[error("{0}")]
+    Command(#[from] matrix_edge::cli::CliError),
+    #[error("{0}")]
     Failed(String),
 }
 

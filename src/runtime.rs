@@ -1,6 +1,7 @@
 //! What outlives a snapshot, made once at start and shared by every
 //! service and listener: the federation key cache and its latest
-//! refusals, the probes' readiness, the last reload's outcome. A reload
+//! refusals, the probes' readiness, the requests held, the last reload's
+//! outcome. A reload
 //! builds a new `Edge`; none of this is rebuilt or handed over.
 //!
 //! (Members' health and load, pool queues and rate limiters still travel
@@ -9,6 +10,7 @@
 use crate::federation::keys::KeyCache;
 use crate::federation::recent::RecentRefusals;
 use crate::observe::probes::Probes;
+use crate::request::hold::Held;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -28,6 +30,8 @@ pub struct Runtime {
     pub federation_refusals: RecentRefusals,
     /// Listening, draining: what `/readyz` answers.
     pub probes: Probes,
+    /// Requests waiting for their upstream to accept connections again.
+    pub held: Arc<Held>,
     last_reload: Mutex<Option<ReloadOutcome>>,
 }
 

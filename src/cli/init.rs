@@ -8,6 +8,7 @@
 //! docker scripts name them (`synchrotron1`, `client_reader2`...), and a
 //! worker whose name says nothing is listed in a comment for the admin.
 
+use crate::cli::{input, CliError};
 use crate::synapse::table::{Group, Section};
 use serde_yaml::Value;
 use std::fmt::Write as _;
@@ -30,9 +31,9 @@ pub(crate) fn routed_streams() -> impl Iterator<Item = &'static str> {
     Group::in_section(Section::StreamWriters).map(|spec| spec.name)
 }
 
-pub(crate) fn read_yaml(path: &Path) -> Result<Value, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+pub(crate) fn read_yaml(path: &Path) -> Result<Value, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| input(format!("cannot read {}: {e}", path.display())))?;
+    serde_yaml::from_str(&text).map_err(|e| input(format!("{}: {e}", path.display())))
 }
 
 fn text<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
@@ -97,9 +98,9 @@ pub(crate) struct Worker {
     pub media: bool,
 }
 
-pub(crate) fn read_workers(dir: &Path, warnings: &mut Vec<String>) -> Result<Vec<Worker>, String> {
+pub(crate) fn read_workers(dir: &Path, warnings: &mut Vec<String>) -> Result<Vec<Worker>, CliError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+        .map_err(|e| input(format!("cannot read {}: {e}", dir.display())))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json"))
         .collect();
@@ -134,7 +135,7 @@ fn worker_sections(
     homeserver: &Value,
     options: &InitOptions,
     warnings: &mut Vec<String>,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let workers = match &options.workers {
         Some(dir) => read_workers(dir, warnings)?,
         None => Vec::new(),
@@ -239,15 +240,16 @@ fn server_delegation(server_name: &str, base_host: Option<&str>, listen_port: u1
 }
 
 /// The config text, and warnings for the admin.
-pub fn init(options: &InitOptions) -> Result<(String, Vec<String>), String> {
+pub fn init(options: &InitOptions) -> Result<(String, Vec<String>), CliError> {
     let homeserver = read_yaml(&options.homeserver)?;
     let mut warnings = Vec::new();
-    let server_name = text(&homeserver, "server_name").ok_or("homeserver.yaml has no server_name")?.to_string();
+    let server_name =
+        text(&homeserver, "server_name").ok_or_else(|| input("homeserver.yaml has no server_name"))?.to_string();
     let public_baseurl = text(&homeserver, "public_baseurl").map(|u| u.trim_end_matches('/').to_string());
     let (main, x_forwarded) = homeserver
         .get("listeners")
         .and_then(http_address)
-        .ok_or("homeserver.yaml has no HTTP listener serving client or federation")?;
+        .ok_or_else(|| input("homeserver.yaml has no HTTP listener serving client or federation"))?;
     if !x_forwarded {
         warnings.push(format!(
             "Synapse's listener {main} has x_forwarded off: set `x_forwarded: true` so it logs and rate-limits the real client, not the edge"

@@ -2,6 +2,7 @@
 //! listener for `/readyz` or `/livez`, for a container health check or an
 //! exec probe in an image that has no curl. Exit 0 on a 200.
 
+use crate::cli::{edge, input, CliError};
 use crate::config::Source;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
@@ -30,13 +31,13 @@ impl Probe {
 /// The metrics listener of the config, as a client reaches it: a wildcard
 /// address is asked on loopback. Only the YAML is read (no certificates, no
 /// DNS), so a probe stays cheap however often it runs.
-pub fn address_from_config(config: &Path) -> Result<SocketAddr, String> {
-    let parsed = Source::read(config).and_then(|source| source.parse()).map_err(|e| e.to_string())?;
+pub fn address_from_config(config: &Path) -> Result<SocketAddr, CliError> {
+    let parsed = Source::read(config).and_then(|source| source.parse()).map_err(|e| input(e.to_string()))?;
     let metrics = parsed.metrics.ok_or_else(|| {
-        format!(
+        input(format!(
             "{}: no `metrics` listener to probe: add `metrics: {{ address: \"127.0.0.1:9090\" }}`",
             config.display()
-        )
+        ))
     })?;
     let mut address = metrics.address.0;
     if address.ip().is_unspecified() {
@@ -49,22 +50,23 @@ pub fn address_from_config(config: &Path) -> Result<SocketAddr, String> {
     Ok(address)
 }
 
-pub fn run(address: SocketAddr, probe: Probe) -> Result<String, String> {
+pub fn run(address: SocketAddr, probe: Probe) -> Result<String, CliError> {
     let path = probe.path();
-    let mut stream = TcpStream::connect_timeout(&address, TIMEOUT).map_err(|e| format!("{address}{path}: {e}"))?;
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
-    stream.set_write_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut stream =
+        TcpStream::connect_timeout(&address, TIMEOUT).map_err(|e| edge(format!("{address}{path}: {e}")))?;
+    stream.set_read_timeout(Some(TIMEOUT)).map_err(|e| edge(e.to_string()))?;
+    stream.set_write_timeout(Some(TIMEOUT)).map_err(|e| edge(e.to_string()))?;
     write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("{address}{path}: {e}"))?;
+        .map_err(|e| edge(format!("{address}{path}: {e}")))?;
     let mut answer = Vec::with_capacity(256);
-    stream.take(4096).read_to_end(&mut answer).map_err(|e| format!("{address}{path}: {e}"))?;
+    stream.take(4096).read_to_end(&mut answer).map_err(|e| edge(format!("{address}{path}: {e}")))?;
     let answer = String::from_utf8_lossy(&answer);
     let status = answer.split(' ').nth(1).unwrap_or("");
     let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body).trim();
     match status {
         "200" => Ok(format!("{address}{path}: {body}")),
-        "" => Err(format!("{address}{path}: no HTTP answer")),
-        status => Err(format!("{address}{path}: {status} {body}")),
+        "" => Err(edge(format!("{address}{path}: no HTTP answer"))),
+        status => Err(edge(format!("{address}{path}: {status} {body}"))),
     }
 }
 
@@ -88,7 +90,7 @@ mod tests {
         write("metrics: { address: \"[::]:9091\" }\n");
         assert_eq!(address_from_config(&config), Ok("[::1]:9091".parse().unwrap()));
         write("");
-        assert!(address_from_config(&config).is_err_and(|e| e.contains("no `metrics` listener")));
+        assert!(address_from_config(&config).is_err_and(|e| e.to_string().contains("no `metrics` listener")));
     }
 
     #[test]

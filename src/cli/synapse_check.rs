@@ -5,6 +5,7 @@
 //! the edge sends elsewhere, a worker nobody sends anything).
 
 use super::init::{http_address, read_workers, read_yaml, request_id_header, routed_streams};
+use crate::cli::CliError;
 use crate::edge::Edge;
 use serde_yaml::Value;
 use std::path::Path;
@@ -23,7 +24,7 @@ fn size_of(value: &Value) -> Option<u64> {
     }
 }
 
-pub fn cross_check(edge: &Edge, homeserver: &Path, workers: Option<&Path>) -> Result<CrossCheck, String> {
+pub fn cross_check(edge: &Edge, homeserver: &Path, workers: Option<&Path>) -> Result<CrossCheck, CliError> {
     let synapse = read_yaml(homeserver)?;
     let mut problems = Vec::new();
     let mut warnings = Vec::new();

@@ -2,6 +2,7 @@
 //! control socket (`services::control`), and draining, maintenance and
 //! ready on command.
 
+use crate::cli::{edge, CliError};
 use crate::services::control::MemberView;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -9,9 +10,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// One request to the control socket, its JSON answer.
-fn ask(socket: &Path, line: &str) -> Result<serde_json::Value, String> {
+fn ask(socket: &Path, line: &str) -> Result<serde_json::Value, CliError> {
     let unreachable = |e: std::io::Error| {
-        format!("cannot reach the running edge at {} ({e}): is it running, and are you its user?", socket.display())
+        edge(format!(
+            "cannot reach the running edge at {} ({e}): is it running, and are you its user?",
+            socket.display()
+        ))
     };
     let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(unreachable)?;
@@ -19,15 +23,15 @@ fn ask(socket: &Path, line: &str) -> Result<serde_json::Value, String> {
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(unreachable)?;
     let value: serde_json::Value =
-        serde_json::from_str(&answer).map_err(|e| format!("the edge's answer is not JSON ({e}): {answer:?}"))?;
+        serde_json::from_str(&answer).map_err(|e| edge(format!("the edge's answer is not JSON ({e}): {answer:?}")))?;
     match value["error"].as_str() {
-        Some(error) => Err(error.to_string()),
+        Some(error) => Err(edge(error.to_string())),
         None => Ok(value),
     }
 }
 
-fn members(value: &serde_json::Value) -> Result<Vec<MemberView>, String> {
-    serde_json::from_value(value["members"].clone()).map_err(|e| format!("unexpected answer from the edge: {e}"))
+fn members(value: &serde_json::Value) -> Result<Vec<MemberView>, CliError> {
+    serde_json::from_value(value["members"].clone()).map_err(|e| edge(format!("unexpected answer from the edge: {e}")))
 }
 
 pub fn render(members: &[MemberView]) -> String {
@@ -44,13 +48,13 @@ pub fn render(members: &[MemberView]) -> String {
     out
 }
 
-pub fn list(socket: &Path) -> Result<String, String> {
+pub fn list(socket: &Path) -> Result<String, CliError> {
     Ok(render(&members(&ask(socket, "list")?)?))
 }
 
 /// Sets a member's state; with `wait` (draining or maintenance), returns
 /// once nothing is in flight on it any more, printing the count as it falls.
-pub fn set(socket: &Path, state: &str, address: &str, wait: Option<Duration>) -> Result<String, String> {
+pub fn set(socket: &Path, state: &str, address: &str, wait: Option<Duration>) -> Result<String, CliError> {
     let answer = ask(socket, &format!("set {state} {address}"))?;
     let mut out = render(&members(&answer)?);
     let Some(limit) = wait else { return Ok(out) };
@@ -69,7 +73,7 @@ pub fn set(socket: &Path, state: &str, address: &str, wait: Option<Duration>) ->
             return Ok(out);
         }
         if started.elapsed() >= limit {
-            return Err(format!("{address} still has {busy} requests in flight after {limit:?}"));
+            return Err(edge(format!("{address} still has {busy} requests in flight after {limit:?}")));
         }
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -1056,14 +1056,14 @@ impl Source {
     }
 
     /// An error about the value at `path`, located in the text.
-    pub fn error_at(&self, path: &[Seg], message: impl Into<String>) -> ConfigError {
+    pub fn error_at(&self, path: &[Seg], message: impl std::fmt::Display) -> ConfigError {
         let position = locate(&self.text, path);
         ConfigError {
             file: self.file.clone(),
             line: position.map(|p| p.0),
             column: position.map(|p| p.1),
             key: (!path.is_empty()).then(|| render_path(path)),
-            message: message.into(),
+            message: message.to_string(),
         }
     }
 }

@@ -19,16 +19,18 @@ impl HostPattern {
 }
 
 impl TryFrom<String> for HostPattern {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
+    type Error = super::values::InvalidValue;
+    fn try_from(text: String) -> Result<Self, Self::Error> {
         let lowered = text.trim_end_matches('.').to_ascii_lowercase();
         let name = lowered.strip_prefix("*.").unwrap_or(&lowered);
         if super::values::is_dns_name(name) && name.contains('.') || name == "localhost" {
             Ok(HostPattern(lowered))
         } else {
-            Err(format!(
-                "invalid host {text:?}: expected a DNS name such as \"element.example.com\" or a wildcard such as \"*.example.com\" (no port, no scheme)"
-            ))
+            Err(super::values::InvalidValue {
+                what: "host",
+                text,
+                expected: "expected a DNS name such as \"element.example.com\" or a wildcard such as \"*.example.com\" (no port, no scheme)".into(),
+            })
         }
     }
 }

@@ -9,16 +9,43 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// A config value that does not parse: what it was meant to be, the text
+/// as written, and what was expected. serde_yaml adds the key path, line
+/// and column.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {text:?}: {expected}")]
+pub struct InvalidValue {
+    pub what: &'static str,
+    pub text: String,
+    pub expected: String,
+}
+
+fn invalid<T>(what: &'static str, text: &str, expected: impl Into<String>) -> Result<T, InvalidValue> {
+    Err(InvalidValue { what, text: text.to_string(), expected: expected.into() })
+}
+
+/// A name that could not be looked up while a snapshot was built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{host} has no address")]
+    NoAddress { host: String },
+    #[error("cannot resolve {host}: {reason}")]
+    Failed { host: String, reason: String },
+    #[error("resolving {host} took longer than {}s", .timeout.as_secs())]
+    TimedOut { host: String, timeout: Duration },
+}
+
 /// An address to listen on, such as `[::]:443` or `127.0.0.1:8008`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenAddr(pub SocketAddr);
 
 impl TryFrom<String> for ListenAddr {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
-        text.parse::<SocketAddr>().map(ListenAddr).map_err(|_| {
-            format!("invalid listen address {text:?}: expected IP:port, such as \"[::]:443\" or \"127.0.0.1:8448\"")
-        })
+    type Error = InvalidValue;
+    fn try_from(text: String) -> Result<Self, InvalidValue> {
+        match text.parse::<SocketAddr>() {
+            Ok(address) => Ok(ListenAddr(address)),
+            Err(_) => invalid("listen address", &text, "expected IP:port, such as \"[::]:443\" or \"127.0.0.1:8448\""),
+        }
     }
 }
 
@@ -49,11 +76,11 @@ impl ByteSize {
 }
 
 impl TryFrom<String> for ByteSize {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(text: String) -> Result<Self, InvalidValue> {
         match ByteSize::parse(&text) {
             Some(bytes) if bytes > 0 => Ok(ByteSize(bytes)),
-            _ => Err(format!("invalid size {text:?}: expected a positive size such as 50M, 200M or 1G")),
+            _ => invalid("size", &text, "expected a positive size such as 50M, 200M or 1G"),
         }
     }
 }
@@ -63,11 +90,12 @@ impl TryFrom<String> for ByteSize {
 pub struct Span(pub Duration);
 
 impl TryFrom<String> for Span {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
-        humantime::parse_duration(text.trim())
-            .map(Span)
-            .map_err(|e| format!("invalid duration {text:?} ({e}): expected e.g. 5s, 10m, 1h"))
+    type Error = InvalidValue;
+    fn try_from(text: String) -> Result<Self, InvalidValue> {
+        match humantime::parse_duration(text.trim()) {
+            Ok(span) => Ok(Span(span)),
+            Err(e) => invalid("duration", &text, format!("{e}; expected e.g. 5s, 10m, 1h")),
+        }
     }
 }
 
@@ -77,15 +105,15 @@ impl TryFrom<String> for Span {
 pub struct Cidr(pub ipnet::IpNet);
 
 impl TryFrom<String> for Cidr {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(text: String) -> Result<Self, InvalidValue> {
         if let Ok(net) = text.parse::<ipnet::IpNet>() {
             return Ok(Cidr(net.trunc()));
         }
         if let Ok(ip) = text.parse::<IpAddr>() {
             return Ok(Cidr(ipnet::IpNet::from(ip)));
         }
-        Err(format!("invalid network {text:?}: expected CIDR notation such as 127.0.0.1/32 or ::1/128"))
+        invalid("network", &text, "expected CIDR notation such as 127.0.0.1/32 or ::1/128")
     }
 }
 
@@ -115,12 +143,12 @@ pub enum UpstreamTarget {
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl TryFrom<String> for UpstreamTarget {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(text: String) -> Result<Self, InvalidValue> {
         let expected = "expected host:port, https://host:port or unix:/path";
         if let Some(path) = text.strip_prefix("unix:") {
             if !path.starts_with('/') {
-                return Err(format!("invalid upstream {text:?}: a unix socket path must be absolute ({expected})"));
+                return invalid("upstream", &text, format!("a unix socket path must be absolute ({expected})"));
             }
             return Ok(UpstreamTarget::Unix(PathBuf::from(path)));
         }
@@ -129,7 +157,7 @@ impl TryFrom<String> for UpstreamTarget {
             None => (text.strip_prefix("http://").unwrap_or(&text).trim_end_matches('/'), false),
         };
         if authority.contains('/') {
-            return Err(format!("invalid upstream {text:?}: no path is allowed ({expected})"));
+            return invalid("upstream", &text, format!("no path is allowed ({expected})"));
         }
         // Require an explicit port: guessing 8008 would hide mistakes.
         let parsed = authority.rsplit_once(':').and_then(|(host, port)| {
@@ -143,7 +171,7 @@ impl TryFrom<String> for UpstreamTarget {
         });
         match parsed {
             Some((host, port)) => Ok(UpstreamTarget::Tcp { host, port, tls }),
-            None => Err(format!("invalid upstream {text:?}: {expected}")),
+            None => invalid("upstream", &text, expected),
         }
     }
 }
@@ -159,7 +187,7 @@ impl UpstreamTarget {
 
     /// The address to connect to; a name is looked up (first answer), and
     /// a lookup that takes longer than `timeout` is an error.
-    pub fn resolve(&self, timeout: Duration) -> Result<UpstreamAddr, String> {
+    pub fn resolve(&self, timeout: Duration) -> Result<UpstreamAddr, ResolveError> {
         let (host, port, tls) = match self {
             UpstreamTarget::Unix(path) => return Ok(UpstreamAddr::Unix(path.clone())),
             UpstreamTarget::Tcp { host, port, tls } => (host, *port, *tls),
@@ -191,12 +219,12 @@ impl Lookups {
         Lookups { lenient: true, ..Lookups::default() }
     }
 
-    pub fn address(&self, target: &UpstreamTarget) -> Result<UpstreamAddr, String> {
+    pub fn address(&self, target: &UpstreamTarget) -> Result<UpstreamAddr, ResolveError> {
         match target.resolve(RESOLVE_TIMEOUT) {
             Ok(address) => Ok(address),
             Err(error) if self.lenient => {
-                self.unresolved.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(error);
-                let UpstreamTarget::Tcp { host, port, tls } = target else { return Err("not a name".into()) };
+                let UpstreamTarget::Tcp { host, port, tls } = target else { return Err(error) };
+                self.unresolved.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(error.to_string());
                 let stand_in = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), *port);
                 Ok(if *tls { UpstreamAddr::Tls(stand_in, host.clone()) } else { UpstreamAddr::Tcp(stand_in) })
             }
@@ -212,7 +240,7 @@ impl Lookups {
 
 /// The system resolver has no timeout of its own: it runs on a thread of
 /// its own, and a late answer is dropped with it.
-fn lookup(host: &str, port: u16, timeout: Duration) -> Result<SocketAddr, String> {
+fn lookup(host: &str, port: u16, timeout: Duration) -> Result<SocketAddr, ResolveError> {
     let (answer, wait) = std::sync::mpsc::channel();
     let name = host.to_string();
     std::thread::spawn(move || {
@@ -220,9 +248,9 @@ fn lookup(host: &str, port: u16, timeout: Duration) -> Result<SocketAddr, String
     });
     match wait.recv_timeout(timeout) {
         Ok(Ok(Some(addr))) => Ok(addr),
-        Ok(Ok(None)) => Err(format!("{host} has no address")),
-        Ok(Err(e)) => Err(format!("cannot resolve {host}: {e}")),
-        Err(_) => Err(format!("resolving {host} took longer than {}s", timeout.as_secs())),
+        Ok(Ok(None)) => Err(ResolveError::NoAddress { host: host.to_string() }),
+        Ok(Err(e)) => Err(ResolveError::Failed { host: host.to_string(), reason: e.to_string() }),
+        Err(_) => Err(ResolveError::TimedOut { host: host.to_string(), timeout }),
     }
 }
 
@@ -276,11 +304,16 @@ impl fmt::Display for ServerAddress {
 }
 
 impl TryFrom<String> for ServerAddress {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
-        parse_server_address(&text).ok_or_else(|| {
-            format!("invalid server address {text:?}: expected a hostname or IP literal with an optional port, such as \"synapse.example.com:443\"")
-        })
+    type Error = InvalidValue;
+    fn try_from(text: String) -> Result<Self, InvalidValue> {
+        match parse_server_address(&text) {
+            Some(address) => Ok(address),
+            None => invalid(
+                "server address",
+                &text,
+                "expected a hostname or IP literal with an optional port, such as \"synapse.example.com:443\"",
+            ),
+        }
     }
 }
 
@@ -330,13 +363,15 @@ pub fn is_dns_name(host: &str) -> bool {
 pub struct ServerName(pub String);
 
 impl TryFrom<String> for ServerName {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(text: String) -> Result<Self, InvalidValue> {
         match parse_server_address(&text) {
             Some(_) => Ok(ServerName(text)),
-            None => Err(format!(
-                "invalid server_name {text:?}: expected the domain at the end of your user IDs, such as \"example.com\""
-            )),
+            None => invalid(
+                "server_name",
+                &text,
+                "expected the domain at the end of your user IDs, such as \"example.com\"",
+            ),
         }
     }
 }
@@ -346,15 +381,13 @@ impl TryFrom<String> for ServerName {
 pub struct HttpUrl(pub String);
 
 impl TryFrom<String> for HttpUrl {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(text: String) -> Result<Self, InvalidValue> {
         let rest = text.strip_prefix("https://").or_else(|| text.strip_prefix("http://"));
         let host = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
         match host {
             Some(host) if !host.is_empty() && !text.chars().any(char::is_whitespace) => Ok(HttpUrl(text)),
-            _ => Err(format!(
-                "invalid URL {text:?}: expected an absolute https:// URL such as \"https://matrix.example.com\""
-            )),
+            _ => invalid("URL", &text, "expected an absolute https:// URL such as \"https://matrix.example.com\""),
         }
     }
 }
@@ -364,7 +397,7 @@ impl TryFrom<String> for HttpUrl {
 /// enclosing mapping.
 struct StrVisitor<T>(std::marker::PhantomData<T>, &'static str);
 
-impl<T: TryFrom<String, Error = String>> Visitor<'_> for StrVisitor<T> {
+impl<T: TryFrom<String, Error: fmt::Display>> Visitor<'_> for StrVisitor<T> {
     type Value = T;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.1)
@@ -453,7 +486,7 @@ mod tests {
         }
     }
 
-    fn target(text: &str) -> Result<UpstreamTarget, String> {
+    fn target(text: &str) -> Result<UpstreamTarget, InvalidValue> {
         UpstreamTarget::try_from(text.to_string())
     }
 
@@ -498,8 +531,8 @@ pub enum DiscoverName {
 }
 
 impl TryFrom<String> for DiscoverName {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(text: String) -> Result<Self, InvalidValue> {
         let text = text.trim().trim_end_matches('.').to_ascii_lowercase();
         let plain = |name: &str| {
             !name.is_empty()
@@ -511,18 +544,20 @@ impl TryFrom<String> for DiscoverName {
         };
         if text.starts_with('_') {
             if text.contains(':') || !plain(&text) || !text.contains("._tcp.") {
-                return Err(format!("{text:?}: an SRV name looks like _synapse-http._tcp.example.org"));
+                return invalid("discovery name", &text, "an SRV name looks like _synapse-http._tcp.example.org");
             }
             return Ok(DiscoverName::Srv(text));
         }
         match text.rsplit_once(':') {
             Some((host, port)) if plain(host) => match port.parse::<u16>() {
                 Ok(port) if port > 0 => Ok(DiscoverName::Host { host: host.to_string(), port }),
-                _ => Err(format!("{text:?}: {port:?} is not a port")),
+                _ => invalid("discovery name", &text, format!("{port:?} is not a port")),
             },
-            _ => Err(format!(
-                "{text:?}: give an SRV name (_synapse-http._tcp.example.org) or host:port (synchrotrons.example.org:8083)"
-            )),
+            _ => invalid(
+                "discovery name",
+                &text,
+                "give an SRV name (_synapse-http._tcp.example.org) or host:port (synchrotrons.example.org:8083)",
+            ),
         }
     }
 }

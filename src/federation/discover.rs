@@ -4,6 +4,7 @@
 //! to fetch an origin's keys.
 
 use crate::federation::fetch::{Client, ConnectTo};
+use crate::federation::{unreachable, FederationError};
 
 /// Where a server's federation API answers: the TCP address to connect to,
 /// and the name its certificate and `Host` must carry.
@@ -16,7 +17,7 @@ pub struct Located {
 
 impl Located {
     /// `GET target` there (the certificate checked for `tls_name`).
-    pub fn get(&self, client: &Client, target: &str) -> Result<crate::federation::fetch::Fetched, String> {
+    pub fn get(&self, client: &Client, target: &str) -> Result<crate::federation::fetch::Fetched, FederationError> {
         if self.connect_host == self.tls_name {
             return client.get(&self.tls_name, self.port, target, &[]);
         }
@@ -35,7 +36,11 @@ impl Located {
 }
 
 /// Follows discovery for `server_name`. Blocking (well-known over HTTPS, SRV).
-pub fn locate(client: &Client, server_name: &str, dns: Option<std::net::SocketAddr>) -> Result<Located, String> {
+pub fn locate(
+    client: &Client,
+    server_name: &str,
+    dns: Option<std::net::SocketAddr>,
+) -> Result<Located, FederationError> {
     let (host, port) = split_host_port(server_name);
     let literal = host.parse::<std::net::IpAddr>().is_ok();
     let direct = |host: String, port: u16| Located { tls_name: host.clone(), connect_host: host, port };
@@ -80,9 +85,10 @@ pub fn split_host_port(name: &str) -> (String, Option<u16>) {
     }
 }
 
-pub fn srv_lookup(name: &str, dns: Option<std::net::SocketAddr>) -> Result<Option<(String, u16)>, String> {
+pub fn srv_lookup(name: &str, dns: Option<std::net::SocketAddr>) -> Result<Option<(String, u16)>, FederationError> {
     use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| unreachable(e.to_string()))?;
     runtime.block_on(async {
         let mut builder = match dns {
             Some(server) => {
@@ -95,11 +101,11 @@ pub fn srv_lookup(name: &str, dns: Option<std::net::SocketAddr>) -> Result<Optio
                     hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
                 )
             }
-            None => hickory_resolver::TokioResolver::builder_tokio().map_err(|e| e.to_string())?,
+            None => hickory_resolver::TokioResolver::builder_tokio().map_err(|e| unreachable(e.to_string()))?,
         };
         builder.options_mut().timeout = std::time::Duration::from_secs(3);
         builder.options_mut().attempts = 1;
-        let resolver = builder.build().map_err(|e| e.to_string())?;
+        let resolver = builder.build().map_err(|e| unreachable(e.to_string()))?;
         match resolver.srv_lookup(format!("{name}.")).await {
             Ok(answer) => Ok(answer.answers().iter().find_map(|record| match &record.data {
                 hickory_resolver::proto::rr::RData::SRV(srv) => {
@@ -108,7 +114,7 @@ pub fn srv_lookup(name: &str, dns: Option<std::net::SocketAddr>) -> Result<Optio
                 _ => None,
             })),
             Err(error) if error.to_string().contains("no record") || error.to_string().contains("NXDomain") => Ok(None),
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(unreachable(error.to_string())),
         }
     })
 }

@@ -11,6 +11,8 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
+use super::{bad_answer, bad_config, unreachable, FederationError};
+
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// Well-known documents and key responses are small; refuse to buffer more.
 const MAX_BODY: usize = 1 << 20;
@@ -26,8 +28,8 @@ pub struct ConnectTo {
 }
 
 impl std::str::FromStr for ConnectTo {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
+    type Err = FederationError;
+    fn from_str(text: &str) -> Result<Self, FederationError> {
         // IPv6 targets come in brackets: example.org:443:[::1]:8443.
         let mut parts = vec![String::new()];
         let mut bracketed = false;
@@ -40,13 +42,13 @@ impl std::str::FromStr for ConnectTo {
             }
         }
         if bracketed {
-            return Err(format!("{text:?}: unclosed ["));
+            return Err(bad_config(format!("{text:?}: unclosed [")));
         }
         let port = |s: &str| {
             if s.is_empty() {
                 Ok(None)
             } else {
-                s.parse::<u16>().map(Some).map_err(|_| format!("{s:?} is not a port"))
+                s.parse::<u16>().map(Some).map_err(|_| bad_config(format!("{s:?} is not a port")))
             }
         };
         match parts.as_slice() {
@@ -56,7 +58,7 @@ impl std::str::FromStr for ConnectTo {
                 to_host: to_host.clone(),
                 to_port: port(to_port)?,
             }),
-            _ => Err(format!("{text:?}: expected HOST:PORT:CONNECT-TO-HOST:CONNECT-TO-PORT")),
+            _ => Err(bad_config(format!("{text:?}: expected HOST:PORT:CONNECT-TO-HOST:CONNECT-TO-PORT"))),
         }
     }
 }
@@ -87,17 +89,21 @@ impl Fetched {
         self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
-    pub fn json(&self) -> Result<serde_json::Value, String> {
-        serde_json::from_slice(&self.body).map_err(|e| format!("not JSON ({e})"))
+    pub fn json(&self) -> Result<serde_json::Value, FederationError> {
+        serde_json::from_slice(&self.body).map_err(|e| bad_answer(format!("not JSON ({e})")))
     }
 }
 
 impl Client {
-    pub fn new(connect_to: Vec<ConnectTo>, ca_file: Option<&Path>) -> Result<Client, String> {
+    pub fn new(connect_to: Vec<ConnectTo>, ca_file: Option<&Path>) -> Result<Client, FederationError> {
         let ca = match ca_file {
             Some(file) => {
-                let pem = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-                Some(X509::from_pem(&pem).map_err(|e| format!("{} is not a PEM certificate: {e}", file.display()))?)
+                let pem =
+                    std::fs::read(file).map_err(|e| unreachable(format!("cannot read {}: {e}", file.display())))?;
+                Some(
+                    X509::from_pem(&pem)
+                        .map_err(|e| unreachable(format!("{} is not a PEM certificate: {e}", file.display())))?,
+                )
             }
             None => None,
         };
@@ -109,7 +115,7 @@ impl Client {
         self.connect_to.iter().any(|rule| rule.host == host.to_ascii_lowercase())
     }
 
-    fn address(&self, host: &str, port: u16) -> Result<SocketAddr, String> {
+    fn address(&self, host: &str, port: u16) -> Result<SocketAddr, FederationError> {
         let host_lower = host.to_ascii_lowercase();
         let rule = self
             .connect_to
@@ -124,34 +130,40 @@ impl Client {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         (host, port)
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .map_err(|e| unreachable(format!("cannot resolve {host}: {e}")))?
             .next()
-            .ok_or_else(|| format!("{host} has no address"))
+            .ok_or_else(|| unreachable(format!("{host} has no address")))
     }
 
-    fn connector(&self, verify: bool) -> Result<SslConnector, String> {
-        let mut builder = SslConnector::builder(SslMethod::tls()).map_err(|e| e.to_string())?;
+    fn connector(&self, verify: bool) -> Result<SslConnector, FederationError> {
+        let mut builder = SslConnector::builder(SslMethod::tls()).map_err(|e| unreachable(e.to_string()))?;
         if let Some(ca) = &self.ca {
-            builder.cert_store_mut().add_cert(ca.clone()).map_err(|e| e.to_string())?;
+            builder.cert_store_mut().add_cert(ca.clone()).map_err(|e| unreachable(e.to_string()))?;
         }
         builder.set_verify(if verify { SslVerifyMode::PEER } else { SslVerifyMode::NONE });
-        builder.set_alpn_protos(b"\x08http/1.1").map_err(|e| e.to_string())?;
+        builder.set_alpn_protos(b"\x08http/1.1").map_err(|e| unreachable(e.to_string()))?;
         Ok(builder.build())
     }
 
     /// `GET https://host:port/target` with extra headers. A certificate that
     /// does not verify is reported and the request made anyway, so the
     /// other checks still run.
-    pub fn get(&self, host: &str, port: u16, target: &str, headers: &[(&str, String)]) -> Result<Fetched, String> {
+    pub fn get(
+        &self,
+        host: &str,
+        port: u16,
+        target: &str,
+        headers: &[(&str, String)],
+    ) -> Result<Fetched, FederationError> {
         let address = self.address(host, port)?;
         let mut certificate_problem = None;
         let attempts: &[bool] = if self.strict { &[true] } else { &[true, false] };
         for &verify in attempts {
             let tcp = TcpStream::connect_timeout(&address, self.timeout)
-                .map_err(|e| format!("cannot connect to {host}:{port} ({address}): {e}"))?;
-            tcp.set_read_timeout(Some(self.timeout)).map_err(|e| e.to_string())?;
-            tcp.set_write_timeout(Some(self.timeout)).map_err(|e| e.to_string())?;
-            let mut configuration = self.connector(verify)?.configure().map_err(|e| e.to_string())?;
+                .map_err(|e| unreachable(format!("cannot connect to {host}:{port} ({address}): {e}")))?;
+            tcp.set_read_timeout(Some(self.timeout)).map_err(|e| unreachable(e.to_string()))?;
+            tcp.set_write_timeout(Some(self.timeout)).map_err(|e| unreachable(e.to_string()))?;
+            let mut configuration = self.connector(verify)?.configure().map_err(|e| unreachable(e.to_string()))?;
             if host.parse::<std::net::IpAddr>().is_ok() {
                 configuration.set_use_server_name_indication(false);
             }
@@ -168,9 +180,9 @@ impl Client {
                         request.push_str(&format!("{name}: {value}\r\n"));
                     }
                     request.push_str("\r\n");
-                    stream.write_all(request.as_bytes()).map_err(|e| format!("{host}:{port}: {e}"))?;
+                    stream.write_all(request.as_bytes()).map_err(|e| unreachable(format!("{host}:{port}: {e}")))?;
                     let (status, headers, body) =
-                        read_response(stream).map_err(|e| format!("{host}:{port}{target}: {e}"))?;
+                        read_response(stream).map_err(|e| unreachable(format!("{host}:{port}{target}: {e}")))?;
                     return Ok(Fetched { status, headers, body, chain, certificate_problem });
                 }
                 Err(error) if verify && !self.strict => {
@@ -178,37 +190,37 @@ impl Client {
                         openssl::ssl::HandshakeError::Failure(mid) => {
                             let result = mid.ssl().verify_result();
                             if result.as_raw() == 0 {
-                                return Err(format!("TLS with {host}:{port} failed: {}", mid.error()));
+                                return Err(unreachable(format!("TLS with {host}:{port} failed: {}", mid.error())));
                             }
                             result.error_string().to_string()
                         }
-                        other => return Err(format!("TLS with {host}:{port} failed: {other}")),
+                        other => return Err(unreachable(format!("TLS with {host}:{port} failed: {other}"))),
                     };
                     certificate_problem = Some(reason);
                 }
-                Err(error) => return Err(format!("TLS with {host}:{port} failed: {error}")),
+                Err(error) => return Err(unreachable(format!("TLS with {host}:{port} failed: {error}"))),
             }
         }
-        Err(format!("TLS with {host}:{port} failed"))
+        Err(unreachable(format!("TLS with {host}:{port} failed")))
     }
 }
 
 /// Status, headers and body.
 type Response = (u16, Vec<(String, String)>, Vec<u8>);
 
-fn read_response(stream: impl Read) -> Result<Response, String> {
+fn read_response(stream: impl Read) -> Result<Response, FederationError> {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    reader.read_line(&mut line).map_err(|e| e.to_string())?;
+    reader.read_line(&mut line).map_err(|e| bad_answer(e.to_string()))?;
     let status = line
         .split(' ')
         .nth(1)
         .and_then(|code| code.parse::<u16>().ok())
-        .ok_or_else(|| format!("not an HTTP response: {:?}", line.trim_end()))?;
+        .ok_or_else(|| bad_answer(format!("not an HTTP response: {:?}", line.trim_end())))?;
     let mut headers = Vec::new();
     loop {
         line.clear();
-        reader.read_line(&mut line).map_err(|e| e.to_string())?;
+        reader.read_line(&mut line).map_err(|e| bad_answer(e.to_string()))?;
         let trimmed = line.trim_end();
         if trimmed.is_empty() {
             break;
@@ -224,23 +236,23 @@ fn read_response(stream: impl Read) -> Result<Response, String> {
     if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         loop {
             line.clear();
-            reader.read_line(&mut line).map_err(|e| e.to_string())?;
-            let size =
-                usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16).map_err(|_| "bad chunk size")?;
+            reader.read_line(&mut line).map_err(|e| bad_answer(e.to_string()))?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| bad_answer("bad chunk size"))?;
             if size == 0 || body.len() + size > MAX_BODY {
                 break;
             }
             let start = body.len();
             body.resize(start + size, 0);
-            reader.read_exact(&mut body[start..]).map_err(|e| e.to_string())?;
+            reader.read_exact(&mut body[start..]).map_err(|e| bad_answer(e.to_string()))?;
             line.clear();
-            reader.read_line(&mut line).map_err(|e| e.to_string())?;
+            reader.read_line(&mut line).map_err(|e| bad_answer(e.to_string()))?;
         }
     } else if let Some(length) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
         body.resize(length.min(MAX_BODY), 0);
-        reader.read_exact(&mut body).map_err(|e| e.to_string())?;
+        reader.read_exact(&mut body).map_err(|e| bad_answer(e.to_string()))?;
     } else {
-        reader.take(MAX_BODY as u64).read_to_end(&mut body).map_err(|e| e.to_string())?;
+        reader.take(MAX_BODY as u64).read_to_end(&mut body).map_err(|e| bad_answer(e.to_string()))?;
     }
     Ok((status, headers, body))
 }

@@ -140,7 +140,7 @@ pub struct ServerList {
 }
 
 impl ServerList {
-    pub fn new(patterns: &[String]) -> Result<ServerList, String> {
+    pub fn new(patterns: &[String]) -> Result<ServerList, super::FederationError> {
         let mut list = ServerList::default();
         for pattern in patterns {
             let lower = pattern.trim().to_ascii_lowercase();
@@ -148,13 +148,13 @@ impl ServerList {
                 list.suffixes.push(String::new());
             } else if let Some(suffix) = lower.strip_prefix("*.") {
                 if !header::is_server_name(suffix) {
-                    return Err(format!("{pattern:?} is not a server name or *.name glob"));
+                    return Err(super::bad_config(format!("{pattern:?} is not a server name or *.name glob")));
                 }
                 list.suffixes.push(format!(".{suffix}"));
             } else if header::is_server_name(&lower) {
                 list.exact.push(lower);
             } else {
-                return Err(format!("{pattern:?} is not a server name or *.name glob"));
+                return Err(super::bad_config(format!("{pattern:?} is not a server name or *.name glob")));
             }
         }
         Ok(list)
@@ -389,6 +389,6 @@ mod tests {
             assert!(!list.contains(other), "{other}");
         }
         assert!(ServerList::new(&["*".into()]).expect("all").contains("anything.example"));
-        assert!(ServerList::new(&["bad name".into()]).unwrap_err().contains("\"bad name\""));
+        assert!(ServerList::new(&["bad name".into()]).unwrap_err().to_string().contains("\"bad name\""));
     }
 }

@@ -16,6 +16,7 @@
 use crate::federation::discover;
 use crate::federation::fetch::Client;
 use crate::federation::signing::{self, public_key, ServerKeys};
+use crate::federation::{bad_answer, bad_keys, FederationError};
 use crate::observe::metrics::METRICS;
 use openssl::pkey::{PKey, Public};
 use std::collections::HashMap;
@@ -57,38 +58,38 @@ impl KeyFetcher {
     }
 
     /// The server's current keys: from itself, else from a notary. Blocking.
-    pub fn fetch(&self, server_name: &str) -> Result<ServerKeys, String> {
+    pub fn fetch(&self, server_name: &str) -> Result<ServerKeys, FederationError> {
         let direct = self.fetch_direct(server_name);
         if direct.is_ok() || self.notaries.is_empty() {
             return direct;
         }
-        let mut errors = vec![direct.err().unwrap_or_default()];
+        let mut errors = vec![direct.err().map(|error| error.to_string()).unwrap_or_default()];
         for notary in &self.notaries {
             match self.fetch_from_notary(notary, server_name) {
                 Ok(keys) => return Ok(keys),
                 Err(error) => errors.push(format!("notary {}: {error}", notary.server_name)),
             }
         }
-        Err(errors.join("; "))
+        Err(bad_keys(errors.join("; ")))
     }
 
-    fn fetch_direct(&self, server_name: &str) -> Result<ServerKeys, String> {
+    fn fetch_direct(&self, server_name: &str) -> Result<ServerKeys, FederationError> {
         let located = discover::locate(&self.client, server_name, self.dns)?;
         let fetched = located.get(&self.client, "/_matrix/key/v2/server")?;
         if fetched.status != 200 {
-            return Err(format!("/_matrix/key/v2/server answered {}", fetched.status));
+            return Err(bad_answer(format!("/_matrix/key/v2/server answered {}", fetched.status)));
         }
         signing::verify_server_keys(&fetched.json()?, server_name)
     }
 
-    fn fetch_from_notary(&self, notary: &Notary, server_name: &str) -> Result<ServerKeys, String> {
+    fn fetch_from_notary(&self, notary: &Notary, server_name: &str) -> Result<ServerKeys, FederationError> {
         let located = discover::locate(&self.client, &notary.server_name, self.dns)?;
         let fetched = located.get(&self.client, &format!("/_matrix/key/v2/query/{server_name}"))?;
         if fetched.status != 200 {
-            return Err(format!("the key query answered {}", fetched.status));
+            return Err(bad_answer(format!("the key query answered {}", fetched.status)));
         }
         let answer = fetched.json()?;
-        let documents = answer["server_keys"].as_array().ok_or("no server_keys")?;
+        let documents = answer["server_keys"].as_array().ok_or_else(|| bad_keys("no server_keys"))?;
         let mut last_error = format!("no keys for {server_name}");
         for document in documents.iter().filter(|d| d["server_name"] == server_name) {
             let countersigned = signing::signed_bytes(document).ok().is_some_and(|message| {
@@ -104,10 +105,10 @@ impl KeyFetcher {
             }
             match signing::verify_server_keys(document, server_name) {
                 Ok(keys) => return Ok(keys),
-                Err(error) => last_error = error,
+                Err(error) => last_error = error.to_string(),
             }
         }
-        Err(last_error)
+        Err(bad_keys(last_error))
     }
 }
 
@@ -168,7 +169,7 @@ impl Known {
         Lookup::Fetch
     }
 
-    fn record(&mut self, result: Result<ServerKeys, String>, now: u64) {
+    fn record(&mut self, result: Result<ServerKeys, FederationError>, now: u64) {
         match result {
             Ok(fetched) => {
                 let until = fetched.valid_until_ts.min(now + MAX_KEY_LIFETIME_MS);
@@ -181,7 +182,7 @@ impl Known {
             Err(error) => {
                 self.backoff = (self.backoff * 2).clamp(FIRST_BACKOFF_MS, LAST_BACKOFF_MS);
                 self.retry_at = now + self.backoff;
-                self.error = error;
+                self.error = error.to_string();
             }
         }
     }
@@ -257,11 +258,11 @@ impl KeyCache {
                     .await
                 {
                     Ok(Ok(result)) => result,
-                    Ok(Err(join)) => Err(format!("the fetch failed: {join}")),
-                    Err(_) => Err(format!("no answer within {} ms", FETCH_DEADLINE.as_millis())),
+                    Ok(Err(join)) => Err(bad_keys(format!("the fetch failed: {join}"))),
+                    Err(_) => Err(bad_keys(format!("no answer within {} ms", FETCH_DEADLINE.as_millis()))),
                 }
             }
-            _ => Err("too many key fetches at once".into()),
+            _ => Err(bad_keys("too many key fetches at once")),
         };
         let outcome = FETCH_RESULTS[usize::from(result.is_err())];
         METRICS.federation.key_fetches.with_label_values(&[outcome]).inc();
@@ -341,14 +342,14 @@ mod tests {
         let mut now = 0;
         let mut waits = Vec::new();
         for _ in 0..8 {
-            known.record(Err("down".into()), now);
+            known.record(Err(bad_keys("down")), now);
             assert!(matches!(known.lookup("ed25519:a", now + 1), Lookup::Failed(ref e) if e == "down"));
             waits.push(known.retry_at - now);
             now = known.retry_at;
         }
         assert_eq!(waits, [60_000, 120_000, 240_000, 480_000, 960_000, 1_920_000, 3_600_000, 3_600_000]);
         known.record(Ok(keys(u64::MAX)), now);
-        known.record(Err("down again".into()), now + 1);
+        known.record(Err(bad_keys("down again")), now + 1);
         assert!(matches!(known.lookup("ed25519:a", now + 2), Lookup::Found(_)));
         assert_eq!(known.backoff, FIRST_BACKOFF_MS);
     }

@@ -19,3 +19,36 @@ pub mod header;
 pub mod keys;
 pub mod recent;
 pub mod signing;
+
+/// Why a request to another server, a key document or a signature failed:
+/// the server could not be reached (DNS, TCP, TLS, a local file), it
+/// answered outside the protocol (status, framing, JSON), or its keys do
+/// not hold. The message names what and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FederationError {
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    BadAnswer(String),
+    #[error("{0}")]
+    BadKeys(String),
+    /// A rule given to the client (`--connect-to`, `connect_to:`) that does not parse.
+    #[error("{0}")]
+    BadConfig(String),
+}
+
+pub(crate) fn bad_config(message: impl std::fmt::Display) -> FederationError {
+    FederationError::BadConfig(message.to_string())
+}
+
+pub(crate) fn unreachable(message: impl std::fmt::Display) -> FederationError {
+    FederationError::Unreachable(message.to_string())
+}
+
+pub(crate) fn bad_answer(message: impl std::fmt::Display) -> FederationError {
+    FederationError::BadAnswer(message.to_string())
+}
+
+pub(crate) fn bad_keys(message: impl std::fmt::Display) -> FederationError {
+    FederationError::BadKeys(message.to_string())
+}

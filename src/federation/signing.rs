@@ -4,6 +4,7 @@
 //! linked for TLS), so no second crypto library comes in.
 
 use crate::federation::canonical;
+use crate::federation::{bad_keys, FederationError};
 use openssl::pkey::{Id, PKey, Private, Public};
 use serde_json::Value;
 
@@ -66,12 +67,12 @@ pub struct ServerKeys {
     pub valid_until_ts: u64,
 }
 
-pub fn verify_server_keys(document: &Value, server_name: &str) -> Result<ServerKeys, String> {
+pub fn verify_server_keys(document: &Value, server_name: &str) -> Result<ServerKeys, FederationError> {
     let named = document["server_name"].as_str().unwrap_or("");
     if named != server_name {
-        return Err(format!("the keys are for {named:?}, not {server_name:?}"));
+        return Err(bad_keys(format!("the keys are for {named:?}, not {server_name:?}")));
     }
-    let listed = document["verify_keys"].as_object().ok_or("no verify_keys")?;
+    let listed = document["verify_keys"].as_object().ok_or_else(|| bad_keys("no verify_keys"))?;
     let mut keys = Vec::new();
     for (key_id, entry) in listed {
         if let Some(key) = key_id.starts_with("ed25519:").then(|| entry["key"].as_str().and_then(public_key)).flatten()
@@ -79,40 +80,43 @@ pub fn verify_server_keys(document: &Value, server_name: &str) -> Result<ServerK
             keys.push((key_id.clone(), key));
         }
     }
-    let signatures =
-        document["signatures"][server_name].as_object().ok_or("the document is not signed by the server")?;
-    let message = signed_bytes(document).map_err(|e| format!("the document is not canonical JSON ({})", e.reason()))?;
+    let signatures = document["signatures"][server_name]
+        .as_object()
+        .ok_or_else(|| bad_keys("the document is not signed by the server"))?;
+    let message =
+        signed_bytes(document).map_err(|e| bad_keys(format!("the document is not canonical JSON ({})", e.reason())))?;
     let mut checked = false;
     for (key_id, signature) in signatures {
         let Some((_, key)) = keys.iter().find(|(id, _)| id == key_id) else { continue };
         if !verifies(key, signature.as_str().unwrap_or(""), &message) {
-            return Err(format!("the signature by {key_id} does not verify"));
+            return Err(bad_keys(format!("the signature by {key_id} does not verify")));
         }
         checked = true;
     }
     if !checked {
-        return Err("no signature by a listed key".into());
+        return Err(bad_keys("no signature by a listed key"));
     }
-    let valid_until_ts = document["valid_until_ts"].as_u64().ok_or("no valid_until_ts")?;
+    let valid_until_ts = document["valid_until_ts"].as_u64().ok_or_else(|| bad_keys("no valid_until_ts"))?;
     Ok(ServerKeys { keys, valid_until_ts })
 }
 
 /// Synapse's signing key file: `ed25519 <version> <base64 seed>`.
-pub fn read_signing_key(path: &std::path::Path) -> Result<(String, PKey<Private>), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+pub fn read_signing_key(path: &std::path::Path) -> Result<(String, PKey<Private>), FederationError> {
+    let text = std::fs::read_to_string(path).map_err(|e| bad_keys(format!("cannot read {}: {e}", path.display())))?;
     let mut parts = text.split_whitespace();
     let (Some("ed25519"), Some(version), Some(seed)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(format!("{} is not a Synapse signing key (ed25519 <version> <key>)", path.display()));
+        return Err(bad_keys(format!("{} is not a Synapse signing key (ed25519 <version> <key>)", path.display())));
     };
-    let seed = decode_unpadded(seed).ok_or_else(|| format!("{}: the key is not base64", path.display()))?;
-    let key = PKey::private_key_from_raw_bytes(&seed, Id::ED25519).map_err(|e| format!("{}: {e}", path.display()))?;
+    let seed = decode_unpadded(seed).ok_or_else(|| bad_keys(format!("{}: the key is not base64", path.display())))?;
+    let key = PKey::private_key_from_raw_bytes(&seed, Id::ED25519)
+        .map_err(|e| bad_keys(format!("{}: {e}", path.display())))?;
     Ok((format!("ed25519:{version}"), key))
 }
 
 /// Signs canonical bytes; unpadded base64.
-pub fn sign(key: &PKey<Private>, message: &[u8]) -> Result<String, String> {
-    let mut signer = openssl::sign::Signer::new_without_digest(key).map_err(|e| e.to_string())?;
-    let signature = signer.sign_oneshot_to_vec(message).map_err(|e| e.to_string())?;
+pub fn sign(key: &PKey<Private>, message: &[u8]) -> Result<String, FederationError> {
+    let mut signer = openssl::sign::Signer::new_without_digest(key).map_err(|e| bad_keys(e.to_string()))?;
+    let signature = signer.sign_oneshot_to_vec(message).map_err(|e| bad_keys(e.to_string()))?;
     Ok(encode_unpadded(&signature))
 }
 
@@ -126,12 +130,12 @@ pub fn x_matrix(
     content: Option<&Value>,
     key_id: &str,
     key: &PKey<Private>,
-) -> Result<String, String> {
+) -> Result<String, FederationError> {
     let mut request = serde_json::json!({ "method": method, "uri": uri, "origin": origin, "destination": destination });
     if let Some(content) = content {
         request["content"] = content.clone();
     }
-    let message = canonical::encode(&request).map_err(|e| format!("not canonical JSON ({})", e.reason()))?;
+    let message = canonical::encode(&request).map_err(|e| bad_keys(format!("not canonical JSON ({})", e.reason())))?;
     Ok(format!(
         "X-Matrix origin=\"{origin}\",destination=\"{destination}\",key=\"{key_id}\",sig=\"{}\"",
         sign(key, &message)?
@@ -163,13 +167,13 @@ mod tests {
         let keys = verify_server_keys(&document, "example.org").expect("verifies");
         assert_eq!(keys.keys.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["ed25519:a_1"]);
         assert_eq!(keys.valid_until_ts, 4_000_000_000_000);
-        assert!(verify_server_keys(&document, "other.org").unwrap_err().contains("not \"other.org\""));
+        assert!(verify_server_keys(&document, "other.org").unwrap_err().to_string().contains("not \"other.org\""));
         let mut tampered = document.clone();
         tampered["valid_until_ts"] = json!(5_000_000_000_000u64);
-        assert!(verify_server_keys(&tampered, "example.org").unwrap_err().contains("does not verify"));
+        assert!(verify_server_keys(&tampered, "example.org").unwrap_err().to_string().contains("does not verify"));
         let mut unsigned = document;
         unsigned["signatures"] = json!({ "example.org": { "ed25519:unknown": "AAAA" } });
-        assert!(verify_server_keys(&unsigned, "example.org").unwrap_err().contains("no signature"));
+        assert!(verify_server_keys(&unsigned, "example.org").unwrap_err().to_string().contains("no signature"));
     }
 
     #[test]

@@ -11,13 +11,16 @@ pub struct Redirect {
     pub keep_path: bool,
 }
 
+use crate::config::values::InvalidValue;
+
 impl Redirect {
-    pub fn new(to: &str, status: u16, keep_path: bool) -> Result<Redirect, String> {
+    pub fn new(to: &str, status: u16, keep_path: bool) -> Result<Redirect, InvalidValue> {
+        let invalid = |what, text: String, expected: &str| InvalidValue { what, text, expected: expected.into() };
         if !matches!(status, 301 | 302 | 303 | 307 | 308) {
-            return Err(format!("status {status} is not a redirect (301, 302, 303, 307 or 308)"));
+            return Err(invalid("redirect status", status.to_string(), "expected 301, 302, 303, 307 or 308"));
         }
         if http::HeaderValue::from_str(to).is_err() {
-            return Err(format!("{to:?} cannot be sent as a Location header"));
+            return Err(invalid("redirect", to.to_string(), "it cannot be sent as a Location header"));
         }
         Ok(Redirect { to: to.trim_end_matches('/').to_string(), status, keep_path })
     }

@@ -246,6 +246,16 @@ impl std::fmt::Display for MatrixError {
     }
 }
 
+impl std::error::Error for MatrixError {}
+
+impl MatrixError {
+    /// As Pingora's error, with this as its cause: answered as it is by
+    /// [`for_proxy_error`].
+    pub fn into_error(self) -> Box<pingora::Error> {
+        pingora::Error::because(pingora::ErrorType::HTTPStatus(self.status), self.message.to_string(), self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +282,9 @@ pub fn for_proxy_error(e: &pingora::Error, body_limit: u64) -> Option<MatrixErro
     use pingora::{ErrorSource, ErrorType::*};
     if let Some(refused) = e.root_cause().downcast_ref::<Refused>() {
         return Some(refused.to_matrix());
+    }
+    if let Some(error) = e.root_cause().downcast_ref::<MatrixError>() {
+        return Some(error.clone());
     }
     let by_status = |code: u16| match code {
         413 => MatrixError::too_large(body_limit),

@@ -1,5 +1,7 @@
 pub mod admission;
 pub mod errors;
 pub mod forward;
+pub mod hold;
+pub mod id;
 pub mod ratelimit;
 pub mod response;

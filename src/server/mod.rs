@@ -3,9 +3,11 @@
 
 pub mod connections;
 pub mod framing;
+pub mod gate;
 pub mod http2;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod respond;
 
 use crate::edge::Edge;
 use crate::server::connections::{CapFilter, ConnectionCounts, GuardedApp};

@@ -171,7 +171,8 @@ fn build_routes(
                 None => return Err(error("upstream", format!("no upstream named {name:?} under `upstreams`"))),
             },
             (None, Some(redirect), None) => Action::Redirect(
-                Redirect::new(&redirect.to.0, redirect.status, redirect.keep_path).map_err(|e| error("redirect", e))?,
+                Redirect::new(&redirect.to.0, redirect.status, redirect.keep_path)
+                    .map_err(|e| error("redirect", e.to_string()))?,
             ),
             (None, None, Some(files)) => Action::Static(StaticRoot::from_config(files, base).map_err(|(key, e)| {
                 let mut path = at("static");

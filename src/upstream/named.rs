@@ -2,7 +2,7 @@
 //! anything HTTP, each a pool with the same machinery as Synapse's workers.
 
 use crate::config::sites::{Balance, NamedUpstreamConfig};
-use crate::config::values::{Lookups, UpstreamTarget};
+use crate::config::values::{InvalidValue, Lookups, ResolveError, UpstreamTarget};
 use crate::upstream::balance::{Balancing, Choice, SettingError};
 use crate::upstream::peer::Upstream;
 use crate::upstream::pool::{Member, Pool};
@@ -42,7 +42,7 @@ impl NamedUpstream {
             Balance::LeastOutstanding | Balance::ClientIp => Choice::LeastOutstanding,
         };
         let balancing = Balancing::from_config(&config.balancing, choice).map_err(NamedUpstreamError::Balancing)?;
-        Self::build(name, config, balancing, lookups).map_err(NamedUpstreamError::Other)
+        Self::build(name, config, balancing, lookups)
     }
 
     fn build(
@@ -50,17 +50,19 @@ impl NamedUpstream {
         config: &NamedUpstreamConfig,
         balancing: Balancing,
         lookups: &Lookups,
-    ) -> Result<NamedUpstream, String> {
+    ) -> Result<NamedUpstream, NamedUpstreamError> {
         let addresses: Vec<&UpstreamTarget> = match (&config.address, config.members.as_slice()) {
             (Some(address), []) => vec![address],
             (None, members) if !members.is_empty() => members.iter().collect(),
-            (Some(_), _) => return Err("give either `address` or `members`, not both".into()),
-            (None, _) => return Err("give the upstream's `address` (or a list of `members`)".into()),
+            (Some(_), _) => return Err(NamedUpstreamError::Shape("give either `address` or `members`, not both")),
+            (None, _) => {
+                return Err(NamedUpstreamError::Shape("give the upstream's `address` (or a list of `members`)"))
+            }
         };
         let mut members = Vec::with_capacity(addresses.len());
         for target in addresses {
-            let address = lookups.address(target)?;
-            let upstream = Upstream::new(&address, &config.timeouts)?;
+            let address = lookups.address(target).map_err(NamedUpstreamError::Resolve)?;
+            let upstream = Upstream::new(&address, &config.timeouts).map_err(NamedUpstreamError::Invalid)?;
             members.push(Member::new(name, upstream, address, 1));
         }
         let health = config
@@ -71,7 +73,11 @@ impl NamedUpstream {
             if !check.path.starts_with('/')
                 || check.path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
             {
-                return Err(format!("health_check.path {:?} must be a path starting with /", check.path));
+                return Err(NamedUpstreamError::Invalid(InvalidValue {
+                    what: "health_check.path",
+                    text: check.path.clone(),
+                    expected: "it must be a path starting with /".into(),
+                }));
             }
         }
         Ok(NamedUpstream {
@@ -83,10 +89,18 @@ impl NamedUpstream {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
 pub enum NamedUpstreamError {
     /// A `balancing` key and why.
+    #[error("{}: {}", .0.0, .0.1)]
     Balancing(SettingError),
-    Other(String),
+    /// Neither or both of `address` and `members`.
+    #[error("{0}")]
+    Shape(&'static str),
+    #[error("{0}")]
+    Resolve(ResolveError),
+    #[error("{0}")]
+    Invalid(InvalidValue),
 }
 
 /// Every named upstream, addressed by its index (`UpstreamId`).

@@ -11,15 +11,21 @@ pub struct Upstream {
     template: HttpPeer,
 }
 
+use crate::config::values::InvalidValue;
+
 impl Upstream {
-    pub fn new(address: &UpstreamAddr, timeouts: &UpstreamTimeoutsConfig) -> Result<Upstream, String> {
+    pub fn new(address: &UpstreamAddr, timeouts: &UpstreamTimeoutsConfig) -> Result<Upstream, InvalidValue> {
+        let invalid = |path: &std::path::Path, expected: String| InvalidValue {
+            what: "unix socket path",
+            text: path.display().to_string(),
+            expected,
+        };
         let mut peer = match address {
             UpstreamAddr::Tcp(addr) => HttpPeer::new(*addr, false, String::new()),
             UpstreamAddr::Tls(addr, host) => HttpPeer::new(*addr, true, host.clone()),
             UpstreamAddr::Unix(path) => {
-                let path = path.to_str().ok_or_else(|| format!("socket path {} is not UTF-8", path.display()))?;
-                HttpPeer::new_uds(path, false, String::new())
-                    .map_err(|e| format!("bad unix socket path {path}: {e}"))?
+                let utf8 = path.to_str().ok_or_else(|| invalid(path, "it is not UTF-8".into()))?;
+                HttpPeer::new_uds(utf8, false, String::new()).map_err(|e| invalid(path, e.to_string()))?
             }
         };
         let options = &mut peer.options;

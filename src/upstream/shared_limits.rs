@@ -68,13 +68,30 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A Redis URL as it may be shown: a password in it (`redis://:secret@host`) left out.
+fn without_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://…@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
 impl SharedCounters {
     /// Checks the URL; connects on first use, never here (so `check` and
     /// reloads do no network IO).
-    pub fn new(config: &SharedLimitsConfig) -> Result<SharedCounters, String> {
-        let client = redis::Client::open(config.redis.as_str()).map_err(|e| format!("{:?}: {e}", config.redis))?;
+    pub fn new(config: &SharedLimitsConfig) -> Result<SharedCounters, crate::config::values::InvalidValue> {
+        use crate::config::values::InvalidValue;
+        let client = redis::Client::open(config.redis.as_str()).map_err(|e| InvalidValue {
+            what: "Redis URL",
+            text: without_password(&config.redis),
+            expected: e.to_string(),
+        })?;
         if config.timeout.0.is_zero() || config.timeout.0 > Duration::from_secs(5) {
-            return Err("timeout must be between 1ms and 5s".into());
+            return Err(InvalidValue {
+                what: "timeout",
+                text: format!("{:?}", config.timeout.0),
+                expected: "it must be between 1ms and 5s".into(),
+            });
         }
         Ok(SharedCounters {
             config: config.clone(),

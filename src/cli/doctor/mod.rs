@@ -118,7 +118,7 @@ pub fn run(options: &Options) -> Vec<Finding> {
     let client = match Client::new(options.connect_to.clone(), options.ca.as_deref()) {
         Ok(client) => client,
         Err(error) => {
-            report.fail("options", error, "fix the --ca file");
+            report.fail("options", error.to_string(), "fix the --ca file");
             return report.findings;
         }
     };
@@ -161,7 +161,7 @@ pub fn run(options: &Options) -> Vec<Finding> {
         }
     }
     match client.get(&target_host, target_port, "/_matrix/key/v2/server", &[]) {
-        Err(error) => report.fail("signing keys", error, "forward /_matrix/key/ to Synapse"),
+        Err(error) => report.fail("signing keys", error.to_string(), "forward /_matrix/key/ to Synapse"),
         Ok(fetched) => match fetched.json().and_then(|document| verify_server_keys(&document, &server_name)) {
             Ok(keys) => {
                 let ids: Vec<&str> = keys.keys.iter().map(|(id, _)| id.as_str()).collect();
@@ -172,7 +172,7 @@ pub fn run(options: &Options) -> Vec<Finding> {
             }
             Err(error) => report.fail(
                 "signing keys",
-                error,
+                error.to_string(),
                 "Synapse's server_name must equal the name other servers use, and its keys must come through unchanged",
             ),
         },
@@ -379,7 +379,11 @@ fn signed_request(
     let (key_id, key) = match read_signing_key(key) {
         Ok(key) => key,
         Err(error) => {
-            report.fail(check, error, "pass Synapse's signing key file (signing_key_path in homeserver.yaml)");
+            report.fail(
+                check,
+                error.to_string(),
+                "pass Synapse's signing key file (signing_key_path in homeserver.yaml)",
+            );
             return;
         }
     };
@@ -389,7 +393,7 @@ fn signed_request(
         let authorization = match x_matrix(server_name, server_name, "GET", &probe.target, None, &key_id, &key) {
             Ok(header) => header,
             Err(error) => {
-                report.fail(check, error, "check the signing key");
+                report.fail(check, error.to_string(), "check the signing key");
                 return;
             }
         };
