@@ -34,12 +34,9 @@ pub struct Discovery {
     pub installs: crate::services::install::Installs,
 }
 
-fn resolver(servers: &[SocketAddr]) -> Result<TokioResolver, String> {
+fn resolver(servers: &[SocketAddr]) -> Result<TokioResolver, hickory_resolver::net::NetError> {
     if servers.is_empty() {
-        return TokioResolver::builder_tokio()
-            .map(|b| b.build())
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string());
+        return TokioResolver::builder_tokio()?.build();
     }
     let mut config = ResolverConfig::from_name_servers(Vec::new());
     for server in servers {
@@ -54,25 +51,39 @@ fn resolver(servers: &[SocketAddr]) -> Result<TokioResolver, String> {
     // a dead server must not hold a round for the default 2 x 5 s.
     builder.options_mut().timeout = Duration::from_secs(2);
     builder.options_mut().attempts = 1;
-    builder.build().map_err(|e| e.to_string())
+    builder.build()
+}
+
+/// Why a discovery round learned nothing new about a name.
+#[derive(Debug, thiserror::Error)]
+enum LookupError {
+    #[error("{0}")]
+    Dns(#[from] hickory_resolver::net::NetError),
+    #[error("{host}: {error}")]
+    Target { host: String, error: hickory_resolver::net::NetError },
+    #[error("no addresses in the answer")]
+    Empty,
 }
 
 /// The addresses a name lists now, and how long the answer holds.
-async fn lookup(resolver: &TokioResolver, name: &DiscoverName) -> Result<(Vec<SocketAddr>, Instant), String> {
+async fn lookup(resolver: &TokioResolver, name: &DiscoverName) -> Result<(Vec<SocketAddr>, Instant), LookupError> {
     let mut found = Vec::new();
     let valid_until = match name {
         DiscoverName::Host { host, port } => {
-            let answer = resolver.lookup_ip(format!("{host}.")).await.map_err(|e| e.to_string())?;
+            let answer = resolver.lookup_ip(format!("{host}.")).await?;
             found.extend(answer.iter().map(|ip| SocketAddr::new(ip, *port)));
             answer.valid_until()
         }
         DiscoverName::Srv(srv) => {
-            let answer = resolver.srv_lookup(format!("{srv}.")).await.map_err(|e| e.to_string())?;
+            let answer = resolver.srv_lookup(format!("{srv}.")).await?;
             let mut valid_until = answer.valid_until();
             for record in answer.answers() {
                 let RData::SRV(target) = &record.data else { continue };
                 let host = target.target.to_string();
-                let ips = resolver.lookup_ip(host.as_str()).await.map_err(|e| format!("{host}: {e}"))?;
+                let ips = resolver
+                    .lookup_ip(host.as_str())
+                    .await
+                    .map_err(|error| LookupError::Target { host: host.clone(), error })?;
                 valid_until = valid_until.min(ips.valid_until());
                 found.extend(ips.iter().map(|ip| SocketAddr::new(ip, target.port)));
             }
@@ -82,7 +93,7 @@ async fn lookup(resolver: &TokioResolver, name: &DiscoverName) -> Result<(Vec<So
     found.sort();
     found.dedup();
     if found.is_empty() {
-        return Err("no addresses in the answer".into());
+        return Err(LookupError::Empty);
     }
     Ok((found, valid_until))
 }
@@ -120,7 +131,7 @@ impl BackgroundService for Discovery {
                             }
                             outcome => {
                                 let why = match outcome {
-                                    Ok(Err(error)) => error,
+                                    Ok(Err(error)) => error.to_string(),
                                     _ => format!("no answer within {LOOKUP_TIMEOUT:?}"),
                                 };
                                 crate::observe::metrics::METRICS.operations.discovery_failures.inc();
