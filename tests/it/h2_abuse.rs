@@ -65,7 +65,10 @@ fn get_head() -> Vec<u8> {
 /// reads and drops whatever the edge answers, and reports how it ended.
 fn attack(s: &Setup, bytes: Vec<u8>, hold: Duration, read_back: bool) -> &'static str {
     let stream = client::tls_connect(s.public, HOST, &s.pki.root_pem, &["h2"]);
-    stream.get_ref().set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    // Reads wait briefly: the writer needs the same lock, and a reader
+    // holding it 200 ms at a time let a loaded machine send too little of
+    // the flood within the hold for the edge to see it.
+    stream.get_ref().set_read_timeout(Some(Duration::from_millis(20))).unwrap();
     let stream = std::sync::Arc::new(std::sync::Mutex::new(stream));
     let writer = std::sync::Arc::clone(&stream);
     let sent = std::thread::spawn(move || {
