@@ -34,7 +34,9 @@ RATE = 50
 SECONDS = 6
 READS = {"read", "recvfrom", "recvmsg", "readv"}
 WRITES = {"write", "writev", "sendto", "sendmsg"}
-LINE = re.compile(r"^\s*([\d.]+) \(\s*([\d.]+) ms\): (\S+?)/(\d+) (\w+)\((.*)\) = (-?\d+)")
+# "  12.345 ( 0.010 ms): thread name/tid call(args) = result"; thread names
+# hold spaces, and a process with one thread has none.
+LINE = re.compile(r"^\s*([\d.]+) \(\s*([\d.]+) ms\): (?:(.+?)/(\d+) )?(\w+)\((.*)\)\s+= (-?\d+)")
 
 
 def start(setup, proxy):
@@ -63,33 +65,44 @@ def calls(path):
             m = LINE.match(line)
             if not m:
                 continue
+            # Not stdio: a log line to stderr is not the request going on.
             fd = re.match(r"fd: (\d+)", m.group(6))
-            out.append((float(m.group(1)), float(m.group(2)), int(m.group(4)), m.group(5),
-                        int(fd.group(1)) if fd else None, int(m.group(7))))
+            fd = int(fd.group(1)) if fd and int(fd.group(1)) > 2 else None
+            out.append((float(m.group(1)), float(m.group(2)), int(m.group(4) or 0), m.group(5), fd, int(m.group(7))))
     return out
 
 
 def per_request(trace):
-    """Splits the trace at each request read after a quiet gap."""
+    """Splits each thread's calls at a request read after a quiet gap; a
+    request's calls are every thread's between its read and its answer
+    (timer ticks left out)."""
     requests = []
-    current = None
-    last_end = -1e9
+    by_thread = {}
     for call in trace:
-        at, took, tid, name, fd, result = call
-        if name in READS and result > 0 and at - last_end > 5 and current is None:
-            current = {"client": fd, "in": at + took, "calls": [], "upstream": None}
-        if current is not None:
-            current["calls"].append(call)
-            if current["upstream"] is None and name in WRITES and fd != current["client"] and result > 0:
-                current["upstream"], current["up_write"] = fd, at
-            elif current["upstream"] is not None and "up_read" not in current and name in READS \
-                    and fd == current["upstream"] and result > 0:
-                current["up_read"] = at + took
-            elif "up_read" in current and name in WRITES and fd == current["client"] and result > 0:
-                current["out"] = at
-                requests.append(current)
-                current = None
-        last_end = at + took
+        by_thread.setdefault(call[2], []).append(call)
+    for calls_of_thread in by_thread.values():
+        current, last_end = None, -1e9
+        for at, took, _tid, name, fd, result in calls_of_thread:
+            if fd is None and name in READS | WRITES:
+                last_end = at + took
+                continue
+            if current is None and name in READS and result > 0 and at - last_end > 5:
+                current = {"client": fd, "start": at, "in": at + took, "upstream": None}
+            elif current is not None:
+                if current["upstream"] is None and name in WRITES and fd != current["client"] and result > 0:
+                    current["upstream"], current["up_write"] = fd, at
+                elif current["upstream"] is not None and "up_read" not in current and name in READS \
+                        and fd == current["upstream"] and result > 0:
+                    current["up_read"] = at + took
+                elif "up_read" in current and name in WRITES and fd == current["client"] and result > 0:
+                    current["out"] = at
+                    requests.append(current)
+                    current = None
+            # Waiting for events is the quiet itself.
+            if not name.startswith("epoll"):
+                last_end = at + took
+    for request in requests:
+        request["calls"] = [c for c in trace if request["start"] <= c[0] <= request["out"] and c[3] != "clock_nanosleep"]
     return [r for r in requests if "up_write" in r]
 
 
@@ -127,6 +140,27 @@ def measure(setup, proxy):
     }
 
 
+def bursts(setup, proxy):
+    """p50 and p99 at 500 requests/s in all, from 1, 5 and 20 connections:
+    h2load starts every connection's rate timer together, so N connections
+    send N requests at once, and a proxy with one thread answers them one
+    after another."""
+    process, plain = start(setup, proxy)
+    try:
+        urls = [f"http://127.0.0.1:{plain}{p}" for p in setup.paths]
+        bench.h2load(["--h1", "-c", "20", "-t", "1", "-n", "2000"], urls)
+        out = {}
+        for clients in (1, 5, 20):
+            log = os.path.join(setup.work, f"bursts-{clients}.log")
+            bench.h2load(["--h1", "-c", str(clients), "-t", "1", "--rps", str(500 // clients), "-D", "5",
+                          "--log-file", log], urls)
+            out[clients] = bench.percentiles(log)
+        return out
+    finally:
+        process.terminate()
+        process.wait()
+
+
 def main():
     proxies = sys.argv[1:] or [os.path.join(bench.ROOT, "target/release/matrix-edge"), "nginx"]
     if not shutil.which("perf"):
@@ -137,6 +171,7 @@ def main():
     try:
         setup.start_stub()
         rows = [(proxy, measure(setup, proxy)) for proxy in proxies]
+        burst_rows = [(proxy, bursts(setup, proxy)) for proxy in proxies]
     finally:
         setup.stop()
     print("| proxy | requests | client p50 ms | in µs | upstream µs | out µs | calls | epoll waits | threads | µs inside calls |")
@@ -144,6 +179,11 @@ def main():
     for proxy, r in rows:
         print(f"| {os.path.basename(proxy)} | {r['requests']} | {r['p50_ms']:.2f} | {r['in_us']:.0f} | {r['up_us']:.0f} | "
               f"{r['out_us']:.0f} | {r['calls']:.0f} | {r['epoll_waits']:.0f} | {r['threads']:.0f} | {r['in_call_us']:.0f} |")
+    print()
+    print("| proxy | p50 / p99 ms, 1 connection at 500/s | 5 at 100/s | 20 at 25/s |")
+    print("|---|---|---|---|")
+    for proxy, r in burst_rows:
+        print(f"| {os.path.basename(proxy)} | " + " | ".join(f"{r[n][0]:.2f} / {r[n][1]:.2f}" for n in (1, 5, 20)) + " |")
     shutil.rmtree(work, ignore_errors=True)
 
 

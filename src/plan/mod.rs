@@ -172,17 +172,32 @@ impl Destination {
 }
 
 /// A sticky key, owned: the plan outlives the request header it came from.
+/// Keys (a user's localpart, a room ID, a server name, an address) are
+/// short, so they are kept inline and the request path allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StickyKey {
-    Bytes(Box<[u8]>),
-    Ip { octets: [u8; 16], len: usize },
+    Inline { bytes: [u8; INLINE_KEY], len: u8 },
+    Heap(Box<[u8]>),
 }
 
+const INLINE_KEY: usize = 64;
+
 impl StickyKey {
+    pub fn new(key: &[u8]) -> StickyKey {
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= INLINE_KEY => {
+                let mut bytes = [0u8; INLINE_KEY];
+                bytes[..key.len()].copy_from_slice(key);
+                StickyKey::Inline { bytes, len }
+            }
+            _ => StickyKey::Heap(key.into()),
+        }
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         match self {
-            StickyKey::Bytes(bytes) => bytes,
-            StickyKey::Ip { octets, len } => &octets[..*len],
+            StickyKey::Inline { bytes, len } => &bytes[..usize::from(*len)],
+            StickyKey::Heap(bytes) => bytes,
         }
     }
 }
@@ -234,7 +249,7 @@ fn matrix<'a>(edge: &Edge, admission: Admission, view: &RequestView<'a>) -> Plan
                 let source =
                     KeySource { target: view.target, authorization: view.authorization, client_ip: view.client };
                 let key = sticky::key(decision.sticky, &source)?;
-                Some(StickyKey::Bytes(key.as_bytes().into()))
+                Some(StickyKey::new(key.as_bytes()))
             });
             let policy = &edge.policy;
             Plan::Forward(Forward {
@@ -295,13 +310,9 @@ fn route<'a>(edge: &'a Edge, at: RouteRef, view: &RequestView<'a>) -> Plan<'a> {
 
 /// A named upstream balanced by client address hashes the address's own octets.
 fn client_ip_key(balance: Balance, client: Option<IpAddr>) -> Option<StickyKey> {
-    let mut octets = [0u8; 16];
     match (balance, client?) {
-        (Balance::ClientIp, IpAddr::V4(ip)) => {
-            octets[..4].copy_from_slice(&ip.octets());
-            Some(StickyKey::Ip { octets, len: 4 })
-        }
-        (Balance::ClientIp, IpAddr::V6(ip)) => Some(StickyKey::Ip { octets: ip.octets(), len: 16 }),
+        (Balance::ClientIp, IpAddr::V4(ip)) => Some(StickyKey::new(&ip.octets())),
+        (Balance::ClientIp, IpAddr::V6(ip)) => Some(StickyKey::new(&ip.octets())),
         _ => None,
     }
 }
@@ -443,6 +454,15 @@ sites:
         assert!(matches!(plan_of(&edge, &old), Plan::Answer(response) if response.status == 301));
         let socket = request("GET", "/rtc/", &[("Host", "app.example.com"), ("Upgrade", "websocket")]);
         assert_eq!(forward_or_none(plan_of(&edge, &socket)).map(|f| f.read_idle), Some(Duration::from_secs(120)));
+    }
+
+    #[test]
+    fn sticky_keys_are_kept_inline_unless_long() {
+        assert!(matches!(StickyKey::new(b"alice"), StickyKey::Inline { .. }));
+        assert_eq!(StickyKey::new(b"alice").as_bytes(), b"alice");
+        let long = vec![b'x'; 300];
+        assert!(matches!(StickyKey::new(&long), StickyKey::Heap(_)));
+        assert_eq!(StickyKey::new(&long).as_bytes(), &long[..]);
     }
 
     #[test]
