@@ -93,5 +93,31 @@ fn site_selection(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, route_selection, site_selection);
+/// One federation request's signature check: OpenSSL's ed25519 (lenient:
+/// any key) against ed25519-dalek's strict verification (what the gate
+/// uses), on a signed transaction-sized message.
+fn signature_verification(c: &mut Criterion) {
+    use matrix_edge::federation::signing::{decode_unpadded, encode_unpadded, public_key, sign, verifies};
+    let Ok(private) = openssl::pkey::PKey::generate_ed25519() else { return };
+    let message = vec![b'x'; 2048];
+    let (Ok(raw), Ok(signature)) = (private.raw_public_key(), sign(&private, &message)) else { return };
+    let Some(Ok(strict)) = public_key(&encode_unpadded(&raw)) else { return };
+    let (Ok(lenient), Some(signature_bytes)) =
+        (openssl::pkey::PKey::public_key_from_raw_bytes(&raw, openssl::pkey::Id::ED25519), decode_unpadded(&signature))
+    else {
+        return;
+    };
+    let mut group = c.benchmark_group("ed25519_verify");
+    group.bench_function("openssl", |b| {
+        b.iter(|| {
+            openssl::sign::Verifier::new_without_digest(&lenient)
+                .and_then(|mut verifier| verifier.verify_oneshot(black_box(&signature_bytes), black_box(&message)))
+                .unwrap_or(false)
+        })
+    });
+    group.bench_function("dalek_strict", |b| b.iter(|| verifies(&strict, black_box(&signature), black_box(&message))));
+    group.finish();
+}
+
+criterion_group!(benches, route_selection, site_selection, signature_verification);
 criterion_main!(benches);

@@ -65,6 +65,7 @@ impl Refusal {
             Refusal::MixedOrigins => "bad_header",
             Refusal::NoKey(KeyError::Unavailable(_)) => "key_unavailable",
             Refusal::NoKey(KeyError::Unknown) => "unknown_key",
+            Refusal::NoKey(KeyError::Refused(refusal)) => refusal.reason(),
             Refusal::BadSignature => "bad_signature",
             Refusal::NotJson => "not_json",
             Refusal::Denied(_) => "denied",
@@ -72,12 +73,14 @@ impl Refusal {
     }
 
     /// Every reason, so the metric shows each at 0 from the start.
-    pub const REASONS: [&'static str; 8] = [
+    pub const REASONS: [&'static str; 10] = [
         "unsigned",
         "bad_header",
         "misdirected",
         "key_unavailable",
         "unknown_key",
+        "weak_key",
+        "banned_key",
         "bad_signature",
         "not_json",
         "denied",

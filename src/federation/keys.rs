@@ -15,10 +15,9 @@
 
 use crate::federation::discover;
 use crate::federation::fetch::Client;
-use crate::federation::signing::{self, public_key, ServerKeys};
+use crate::federation::signing::{self, public_key, KeyRefusal, PublicKey, ServerKeys};
 use crate::federation::{bad_answer, bad_keys, FederationError};
 use crate::observe::metrics::METRICS;
-use openssl::pkey::{PKey, Public};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,7 +39,7 @@ fn now_ms() -> u64 {
 /// A notary (`trusted_key_servers`) and its pinned keys.
 pub struct Notary {
     pub server_name: String,
-    pub keys: Vec<(String, PKey<Public>)>,
+    pub keys: Vec<(String, PublicKey)>,
 }
 
 /// How keys are fetched: part of the configuration snapshot.
@@ -112,9 +111,9 @@ impl KeyFetcher {
     }
 }
 
-/// Parses a pinned key given in the configuration.
-pub fn pinned_key(text: &str) -> Option<PKey<Public>> {
-    public_key(text)
+/// Parses a pinned key given in the configuration; a weak or banned one is none.
+pub fn pinned_key(text: &str) -> Option<PublicKey> {
+    public_key(text)?.ok()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +123,8 @@ pub enum KeyError {
     Unavailable(String),
     /// The server's keys are known and this key id is not among them.
     Unknown,
+    /// The server lists this key, and it is one no signature by may count.
+    Refused(KeyRefusal),
 }
 
 impl std::fmt::Display for KeyError {
@@ -131,6 +132,7 @@ impl std::fmt::Display for KeyError {
         match self {
             KeyError::Unavailable(reason) => write!(f, "the origin's keys could not be fetched: {reason}"),
             KeyError::Unknown => f.write_str("the origin does not list that key"),
+            KeyError::Refused(refusal) => write!(f, "{refusal}"),
         }
     }
 }
@@ -141,7 +143,7 @@ pub const FETCH_RESULTS: [&str; 2] = ["fetched", "failed"];
 #[derive(Default)]
 struct Known {
     /// Key id, key, usable until (ms since the epoch).
-    keys: Vec<(String, PKey<Public>, u64)>,
+    keys: Vec<(String, Result<PublicKey, KeyRefusal>, u64)>,
     fetched_at: u64,
     retry_at: u64,
     backoff: u64,
@@ -149,7 +151,7 @@ struct Known {
 }
 
 enum Lookup {
-    Found(PKey<Public>),
+    Found(Result<PublicKey, KeyRefusal>),
     Failed(String),
     Unknown,
     Fetch,
@@ -233,12 +235,7 @@ impl KeyCache {
 
     /// The key `key_id` of `server_name`, fetching the server's keys if
     /// they are not known (or no longer valid) and may be asked for.
-    pub async fn key(
-        &self,
-        server_name: &str,
-        key_id: &str,
-        fetcher: &Arc<KeyFetcher>,
-    ) -> Result<PKey<Public>, KeyError> {
+    pub async fn key(&self, server_name: &str, key_id: &str, fetcher: &Arc<KeyFetcher>) -> Result<PublicKey, KeyError> {
         let entry = self.entry(server_name);
         if let Some(answer) = Self::answer(Self::lookup(&entry, key_id)) {
             return answer;
@@ -276,7 +273,7 @@ impl KeyCache {
     }
 
     /// The key if the cache can answer without fetching.
-    pub fn cached(&self, server_name: &str, key_id: &str) -> Option<Result<PKey<Public>, KeyError>> {
+    pub fn cached(&self, server_name: &str, key_id: &str) -> Option<Result<PublicKey, KeyError>> {
         Self::answer(Self::lookup(&self.entry(server_name), key_id))
     }
 
@@ -289,9 +286,9 @@ impl KeyCache {
         });
     }
 
-    fn answer(lookup: Lookup) -> Option<Result<PKey<Public>, KeyError>> {
+    fn answer(lookup: Lookup) -> Option<Result<PublicKey, KeyError>> {
         match lookup {
-            Lookup::Found(key) => Some(Ok(key)),
+            Lookup::Found(key) => Some(key.map_err(KeyError::Refused)),
             Lookup::Failed(reason) => Some(Err(KeyError::Unavailable(reason))),
             Lookup::Unknown => Some(Err(KeyError::Unknown)),
             Lookup::Fetch => None,
@@ -311,9 +308,9 @@ mod tests {
     use super::*;
 
     fn keys(valid_until_ts: u64) -> ServerKeys {
-        let key = PKey::generate_ed25519().expect("key");
-        let public = PKey::public_key_from_raw_bytes(&key.raw_public_key().expect("raw"), openssl::pkey::Id::ED25519);
-        ServerKeys { keys: vec![("ed25519:a".into(), public.expect("public"))], valid_until_ts }
+        let key = openssl::pkey::PKey::generate_ed25519().expect("key");
+        let public = signing::encode_unpadded(&key.raw_public_key().expect("raw"));
+        ServerKeys { keys: vec![("ed25519:a".into(), public_key(&public).expect("a key"))], valid_until_ts }
     }
 
     #[test]

@@ -29,7 +29,45 @@ type Published = Arc<Mutex<Vec<(String, String, PKey<Private>)>>>;
 struct KeyServer {
     address: SocketAddr,
     published: Published,
+    /// Origins that publish the weak key (and its forged self-signature).
+    weak: Arc<Mutex<Vec<String>>>,
     fetches: Arc<AtomicUsize>,
+}
+
+/// The identity point as an ed25519 public key, and the "signature"
+/// (R = identity, S = 0) that a lenient verifier (OpenSSL's) accepts from
+/// it for any message at all.
+fn weak_key() -> String {
+    let mut key = [0u8; 32];
+    key[0] = 1;
+    encode_unpadded(&key)
+}
+
+fn weak_forgery() -> String {
+    let mut signature = [0u8; 64];
+    signature[0] = 1;
+    encode_unpadded(&signature)
+}
+
+/// A key document listing a good key, which signs it, and the weak key
+/// beside it (a server whose keys were tampered with): the document
+/// verifies, and a request "signed" by the weak key must still be refused.
+fn weak_key_document(origin: &str) -> Value {
+    let good = PKey::generate_ed25519().unwrap();
+    let valid_until =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 + 3_600_000;
+    let mut document = json!({
+        "server_name": origin,
+        "valid_until_ts": valid_until,
+        "verify_keys": {
+            "ed25519:good": { "key": encode_unpadded(&good.raw_public_key().unwrap()) },
+            "ed25519:w": { "key": weak_key() },
+        },
+        "old_verify_keys": {},
+    });
+    let message = signed_bytes(&document).unwrap();
+    document["signatures"] = json!({ origin: { "ed25519:good": sign(&good, &message).unwrap() } });
+    document
 }
 
 impl KeyServer {
@@ -44,11 +82,13 @@ impl KeyServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         let published: Published = Arc::default();
+        let weak: Arc<Mutex<Vec<String>>> = Arc::default();
         let fetches = Arc::new(AtomicUsize::new(0));
-        let (keys, count) = (Arc::clone(&published), Arc::clone(&fetches));
+        let (keys, weak_origins, count) = (Arc::clone(&published), Arc::clone(&weak), Arc::clone(&fetches));
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let (acceptor, keys, count) = (Arc::clone(&acceptor), Arc::clone(&keys), Arc::clone(&count));
+                let weak_origins = Arc::clone(&weak_origins);
                 std::thread::spawn(move || {
                     let Ok(stream) = acceptor.accept(stream) else { return };
                     let mut reader = BufReader::new(stream);
@@ -64,7 +104,11 @@ impl KeyServer {
                         }
                     }
                     count.fetch_add(1, Ordering::SeqCst);
-                    let document = key_document(&keys.lock().unwrap(), &host);
+                    let document = if weak_origins.lock().unwrap().contains(&host) {
+                        weak_key_document(&host)
+                    } else {
+                        key_document(&keys.lock().unwrap(), &host)
+                    };
                     let body = document.to_string();
                     let answer = format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -74,7 +118,11 @@ impl KeyServer {
                 });
             }
         });
-        KeyServer { address, published, fetches }
+        KeyServer { address, published, weak, fetches }
+    }
+
+    fn publish_weak(&self, origin: &str) {
+        self.weak.lock().unwrap().push(origin.into());
     }
 
     fn publish(&self, origin: &str, key_id: &str) -> PKey<Private> {
@@ -149,6 +197,7 @@ federation:
       - "other.test:8448:127.0.0.1:{keys_port}"
       - "x.denied.test:8448:127.0.0.1:{keys_port}"
       - "dead.test:8448:127.0.0.1:{dead_port}"
+      - "weak.test:8448:127.0.0.1:{keys_port}"
   deny: ["*.denied.test"]
 metrics: {{ address: "{metrics}" }}
 process: {{ threads: 2 }}
@@ -229,11 +278,13 @@ fn transaction(origin: &str, pdus: usize) -> Value {
 
 #[test]
 fn enforce_forwards_good_signatures_unchanged_and_refuses_the_rest_before_synapse() {
-    let pki = TestPki::new(&[&["edge.test"], &["origin.test", "other.test", "x.denied.test", "dead.test"]]);
+    let pki =
+        TestPki::new(&[&["edge.test"], &["origin.test", "other.test", "x.denied.test", "dead.test", "weak.test"]]);
     let scratch = tempfile::tempdir().unwrap();
     let keys = KeyServer::start(scratch.path(), &pki);
     let origin = "origin.test:8448";
     let key = keys.publish(origin, "ed25519:a1");
+    keys.publish_weak("weak.test:8448");
     let denied_key = keys.publish("x.denied.test:8448", "ed25519:d");
     let upstream = RecordingUpstream::start();
     let (listen, metrics) =
@@ -367,6 +418,17 @@ fn enforce_forwards_good_signatures_unchanged_and_refuses_the_rest_before_synaps
             "unknown_key",
         ),
         ("not JSON", send_target.into(), vec![good("PUT", send_target, None)], b"{not json".to_vec(), "not_json"),
+        (
+            // OpenSSL verifies this forgery of any request; the weak key is refused.
+            "weak key",
+            "/_matrix/federation/v1/event/$w".into(),
+            vec![format!(
+                "X-Matrix origin=\"weak.test:8448\",destination=\"{SERVER_NAME}\",key=\"ed25519:w\",sig=\"{}\"",
+                weak_forgery()
+            )],
+            vec![],
+            "weak_key",
+        ),
     ];
     for (what, target, authorization, body, reason) in &cases {
         let method = if body.is_empty() { "GET" } else { "PUT" };
@@ -383,7 +445,8 @@ fn enforce_forwards_good_signatures_unchanged_and_refuses_the_rest_before_synaps
     assert!(complete.is_empty(), "refused requests reached the upstream: {complete:?}");
     // Only the large body's head may have gone out (its body was held); the rest sent nothing.
     assert!(upstream.heads().len() <= 1, "{:?}", upstream.heads());
-    assert!(keys.fetches() <= 2, "the unknown key was asked for more than once: {}", keys.fetches());
+    // The unknown key's origin at most once more, the weak key's origin once.
+    assert!(keys.fetches() <= 3, "keys were asked for again: {} fetches", keys.fetches());
 
     // Endpoints without signatures pass.
     for target in [
