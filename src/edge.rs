@@ -62,6 +62,8 @@ pub struct Policy {
     pub hold_limit: usize,
     /// The federation gate; `None` when `federation.verify.mode` is `off`.
     pub federation_gate: Option<std::sync::Arc<crate::federation::gate::Gate>>,
+    /// How Synapse's JSON is compressed for clients; `None`: it is not.
+    pub compression: Option<crate::request::compress::Compression>,
 }
 
 /// The certificates a snapshot serves and where they come from.
@@ -271,6 +273,7 @@ impl Edge {
             trusted_proxies: _,
             request_id_header: _,
             federation: _,
+            compression: _,
         } = &config;
         let mut warnings = Vec::new();
         let listeners = build_listeners(&config, source, &mut warnings)?;
@@ -632,7 +635,28 @@ fn build_policy(config: &EdgeConfig, listeners: &[Listener], source: &Source) ->
         hold: config.synapse.hold.0,
         hold_limit: config.synapse.hold_limit,
         federation_gate: build_federation_gate(config, source)?,
+        compression: build_compression(&config.compression, source)?,
     })
+}
+
+/// `compression`: each level within its coding's range.
+fn build_compression(
+    config: &crate::config::CompressionConfig,
+    source: &Source,
+) -> Result<Option<crate::request::compress::Compression>, ConfigError> {
+    for (key, level, most) in [("gzip", config.gzip, 9), ("brotli", config.brotli, 11), ("zstd", config.zstd, 19)] {
+        if level > most {
+            let at = [Seg::Key("compression"), Seg::Key(key)];
+            return Err(source.error_at(&at, format!("{level} is not a {key} level: 1 to {most}, or 0 for none")));
+        }
+    }
+    let any = config.gzip + config.brotli + config.zstd > 0;
+    Ok((config.enabled && any).then_some(crate::request::compress::Compression {
+        gzip: config.gzip,
+        brotli: config.brotli,
+        zstd: config.zstd,
+        min_length: config.min_length.0,
+    }))
 }
 
 /// `federation`: the gate's mode, how it fetches keys, the deny and allow lists.

@@ -64,6 +64,58 @@ pub struct EdgeConfig {
     /// and the servers refused outright.
     #[serde(default)]
     pub federation: FederationConfig,
+    /// Synapse's JSON answers compressed for clients that ask.
+    #[serde(default)]
+    pub compression: CompressionConfig,
+}
+
+/// `compression:`: levels per coding (0 turns one off), and the shortest
+/// answer compressed. On by default: Synapse leaves compression to the proxy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_gzip_level")]
+    pub gzip: u32,
+    #[serde(default = "default_brotli_level")]
+    pub brotli: u32,
+    #[serde(default = "default_zstd_level")]
+    pub zstd: u32,
+    #[serde(default = "default_compress_min_length")]
+    pub min_length: ByteSize,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig {
+            enabled: true,
+            gzip: default_gzip_level(),
+            brotli: default_brotli_level(),
+            zstd: default_zstd_level(),
+            min_length: default_compress_min_length(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_gzip_level() -> u32 {
+    5
+}
+
+fn default_brotli_level() -> u32 {
+    4
+}
+
+fn default_zstd_level() -> u32 {
+    3
+}
+
+fn default_compress_min_length() -> ByteSize {
+    ByteSize(1024)
 }
 
 /// `federation:`: the gate and the deny and allow lists.

@@ -139,6 +139,9 @@ pub struct Forward {
     pub rate_limited: bool,
     /// Held while Synapse does not accept connections (`synapse.hold`).
     pub hold: Option<HoldPolicy>,
+    /// The answer may be compressed for the client (JSON, long enough:
+    /// judged again on the answer's header).
+    pub compress: Option<crate::request::compress::Compression>,
 }
 
 /// How long a request may wait for its upstream to come back, and how
@@ -261,6 +264,7 @@ fn matrix<'a>(edge: &Edge, admission: Admission, view: &RequestView<'a>) -> Plan
                 gate: policy.federation_gate.is_some() && crate::federation::gate::is_signed_endpoint(view.path),
                 rate_limited: !policy.rate_limits.is_empty(),
                 hold: (!policy.hold.is_zero()).then_some(HoldPolicy { limit: policy.hold, most: policy.hold_limit }),
+                compress: policy.compression.filter(|_| crate::request::compress::path_allows(view.path)),
             })
         }
         Admission::WellKnown(document) => answer(edge.well_known.respond(document, view.method)),
@@ -295,6 +299,7 @@ fn route<'a>(edge: &'a Edge, at: RouteRef, view: &RequestView<'a>) -> Plan<'a> {
             gate: false,
             rate_limited: false,
             hold: None,
+            compress: None,
         }),
         Action::Redirect(redirect) => {
             let mut response = redirect.respond(view.target);
@@ -396,6 +401,9 @@ sites:
         assert_eq!(forward.long_poll, Some(Duration::from_secs(30)));
         assert_eq!(forward.sticky_key.as_ref().map(StickyKey::as_bytes), Some(&b"alice"[..]));
         assert!(!forward.gate, "client requests are not signed");
+        assert!(forward.compress.is_some(), "sync answers are compressed");
+        let login = request("POST", "/_matrix/client/v3/login", &[HOST]);
+        assert!(forward_or_none(plan_of(&edge, &login)).is_some_and(|f| f.compress.is_none()), "login carries a token");
         assert_eq!(forward.hold, Some(HoldPolicy { limit: Duration::from_secs(10), most: 5 }));
         assert!(forward.rate_limited);
     }

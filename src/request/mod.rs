@@ -1,4 +1,5 @@
 pub mod admission;
+pub mod compress;
 pub mod errors;
 pub mod forward;
 pub mod hold;

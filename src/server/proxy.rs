@@ -135,6 +135,21 @@ async fn refuse(session: &mut Session, ctx: &mut RequestCtx, error: MatrixError)
     Ok(true)
 }
 
+/// Sets the response compression for this request: the plan's levels, or none.
+fn compress(session: &mut Session, compression: Option<crate::request::compress::Compression>) {
+    use pingora::modules::http::compression::ResponseCompression;
+    use pingora::protocols::http::compression::Algorithm;
+    let Some(module) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() else { return };
+    match compression {
+        Some(levels) => {
+            module.adjust_algorithm_level(Algorithm::Gzip, levels.gzip);
+            module.adjust_algorithm_level(Algorithm::Brotli, levels.brotli);
+            module.adjust_algorithm_level(Algorithm::Zstd, levels.zstd);
+        }
+        None => module.adjust_level(0),
+    }
+}
+
 /// The two addresses of a TCP connection to an upstream, to recognise its
 /// descriptor later.
 fn tcp_connection(
@@ -224,6 +239,7 @@ impl EdgeProxy {
             }
         }
         session.set_read_timeout(Some(forward.read_idle));
+        compress(session, forward.compress);
         let (to_synapse, unchecked) = match forward.destination {
             Destination::Named(_, id) => (false, edge.upstreams.get(id).health.is_none()),
             _ => (true, false),
@@ -240,10 +256,11 @@ impl EdgeProxy {
 impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
 
-    /// No downstream modules: Pingora's default adds a disabled compression
-    /// module, which still costs an allocation and calls on every request.
-    /// Synapse compresses what it wants compressed.
-    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+    /// Response compression only (Pingora's; off for each request until
+    /// its plan allows it): Synapse leaves compression to the proxy.
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        modules.add_module(pingora::modules::http::compression::ResponseCompressionBuilder::enable(1));
+    }
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
@@ -267,6 +284,7 @@ impl ProxyHttp for EdgeProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let edge = Arc::clone(&ctx.edge);
         crate::server::connections::head_complete(session);
+        compress(session, None);
         ctx.client = Self::client(session, &edge, ctx);
         // Framing first: a request framed two ways is refused whatever its
         // site or path.
@@ -460,6 +478,7 @@ impl ProxyHttp for EdgeProxy {
             log::debug!("request {} refused: {e}", ctx.request_id);
         }
         if let Some(error) = error {
+            compress(session, None);
             if session.response_written().is_none() {
                 let response = error.to_response().closing();
                 if let Err(write_error) = write_local(session, &response).await {
@@ -481,6 +500,11 @@ impl ProxyHttp for EdgeProxy {
         let pool = ctx.destination.pool(&ctx.edge);
         if let Some(attempt) = &mut ctx.attempt {
             attempt.answered(pool, upstream_response.status.as_u16());
+        }
+        if let Some(compression) = ctx.forward.as_ref().and_then(|forward| forward.compress) {
+            if !crate::request::compress::answer_allows(upstream_response, compression.min_length) {
+                compress(session, None);
+            }
         }
         if session.as_downstream().is_http2() {
             crate::server::http2::own_header_values(upstream_response);

@@ -9,6 +9,7 @@ mod acme;
 mod balancing;
 mod canonical_json;
 mod cli;
+mod compression;
 mod edge;
 mod federation_gate;
 mod fuzz_corpus;

@@ -193,6 +193,15 @@ fn serve(stream: TcpStream, records: Arc<Mutex<Vec<Recorded>>>, heads: Arc<Mutex
     }
 }
 
+/// `/json/N` and `/json-gzipped/N` anywhere in the target: (labelled gzip, N).
+fn json_route(target: &str) -> Option<(bool, usize)> {
+    let (encoded, rest) = match target.split_once("/json-gzipped/") {
+        Some((_, rest)) => (true, rest),
+        None => (false, target.split_once("/json/")?.1),
+    };
+    Some((encoded, rest.split(['?', '/']).next()?.parse().ok()?))
+}
+
 /// Reads up to `length` body bytes, keeping the first 64 KiB; returns how many arrived.
 fn read_counted(reader: &mut impl Read, length: u64, buf: &mut [u8], body_start: &mut Vec<u8>) -> u64 {
     let mut read = 0;
@@ -211,7 +220,9 @@ fn read_counted(reader: &mut impl Read, length: u64, buf: &mut [u8], body_start:
 }
 
 /// Answers by path: `/slow-stream` sends half its body, waits, then the
-/// rest; `/big-download/N` sends N bytes; anything else echoes a small JSON,
+/// rest; `/big-download/N` sends N bytes; `/json/N` a JSON document of
+/// about N bytes (`/json-gzipped/N`: labelled gzip already, as a server
+/// that compressed it would); anything else echoes a small JSON,
 /// after `hold_ms=N` milliseconds when the query says so (a long-poll).
 fn respond(writer: &mut TcpStream, target: &str, body_len: u64, name: &str) -> std::io::Result<()> {
     let hold = target.split("hold_ms=").nth(1).and_then(|rest| rest.split('&').next()?.parse::<u64>().ok());
@@ -238,6 +249,17 @@ fn respond(writer: &mut TcpStream, target: &str, body_len: u64, name: &str) -> s
             left -= n;
         }
         return writer.flush();
+    }
+    if let Some((encoded, size)) = json_route(target) {
+        let events: Vec<String> =
+            (0..size / 60 + 1).map(|i| format!("{{\"type\":\"m.room.message\",\"event\":{i}}}")).collect();
+        let body = format!("{{\"events\":[{}]}}", events.join(","));
+        let encoding = if encoded { "Content-Encoding: gzip\r\n" } else { "" };
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{encoding}Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        return writer.write_all([head.as_bytes(), body.as_bytes()].concat().as_slice());
     }
     let body = format!("{{\"upstream\":\"{name}\",\"body_len\":{body_len}}}");
     // One write: `write!` on a socket sends each piece of the format string
