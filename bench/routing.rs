@@ -119,5 +119,74 @@ fn signature_verification(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, route_selection, site_selection, signature_verification);
+/// A /sync-shaped answer: rooms of timeline events with random IDs (the
+/// part no coding shrinks), senders, timestamps and message text from a
+/// vocabulary; deterministic.
+fn sync_body(events: usize) -> Vec<u8> {
+    const WORDS: [&str; 24] = [
+        "the", "meeting", "is", "at", "noon", "can", "you", "send", "me", "link", "thanks", "see", "deploy", "synapse",
+        "worker", "restart", "ok", "done", "lunch", "tomorrow", "matrix", "room", "call", "later",
+    ];
+    const ID: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut rooms = Vec::new();
+    for room in 0..events / 50 {
+        let mut timeline = Vec::new();
+        for _ in 0..50 {
+            let id: String = (0..43).map(|_| ID[(next() % 64) as usize] as char).collect();
+            let text: Vec<&str> = (0..(4 + next() % 20)).map(|_| WORDS[(next() % 24) as usize]).collect();
+            timeline.push(format!(
+                r#"{{"content":{{"body":"{}","msgtype":"m.text"}},"event_id":"${id}","origin_server_ts":{},"sender":"@user{}:example.org","type":"m.room.message","unsigned":{{"age":{}}}}}"#,
+                text.join(" "),
+                1_700_000_000_000u64 + next() % 1_000_000_000,
+                next() % 500,
+                next() % 100_000
+            ));
+        }
+        rooms.push(format!(
+            r#""!room{room}:example.org":{{"timeline":{{"events":[{}],"limited":true,"prev_batch":"t{room}_1_2_3"}},"state":{{"events":[]}},"unread_notifications":{{"highlight_count":0,"notification_count":{}}}}}"#,
+            timeline.join(","),
+            next() % 50
+        ));
+    }
+    format!(r#"{{"next_batch":"s1_2_3_4","rooms":{{"join":{{{}}}}}}}"#, rooms.join(",")).into_bytes()
+}
+
+/// Each coding and level the edge might use, on a 2 MB sync-shaped answer:
+/// time per byte here, the size each gives printed once.
+fn compression_levels(c: &mut Criterion) {
+    use pingora::protocols::http::compression::Algorithm;
+    let body = sync_body(10_000);
+    let mut group = c.benchmark_group("compress_sync");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.sample_size(10);
+    for (algorithm, name, levels) in [
+        (Algorithm::Gzip, "gzip", &[1u32, 3, 5, 6, 9][..]),
+        (Algorithm::Brotli, "brotli", &[1, 3, 4, 5, 6][..]),
+        (Algorithm::Zstd, "zstd", &[1, 3, 6, 9][..]),
+    ] {
+        for &level in levels {
+            let compress = || {
+                let mut encoder = algorithm.compressor(level)?;
+                // As the edge streams it: 16 KiB at a time.
+                let mut out = 0;
+                for (at, chunk) in body.chunks(16 << 10).enumerate() {
+                    out += encoder.encode(chunk, (at + 1) * (16 << 10) >= body.len()).ok()?.len();
+                }
+                Some(out)
+            };
+            eprintln!("{name} {level}: {} of {} bytes", compress().unwrap_or(0), body.len());
+            group.bench_function(format!("{name}_{level}"), |b| b.iter(compress));
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, route_selection, site_selection, signature_verification, compression_levels);
 criterion_main!(benches);
