@@ -358,6 +358,20 @@ frontend tls
                 p.kill()
 
 
+def proxy_command(setup, proxy, plain, tls, tag):
+    """The command line that runs `proxy` ("nginx" or a matrix-edge binary)
+    alone in the foreground on the bench's routes, its config written under `tag`."""
+    if proxy == "nginx":
+        conf = os.path.join(setup.work, f"nginx-{tag}.conf")
+        with open(conf, "w") as f:
+            f.write(setup.nginx_proxy_config(plain, tls))
+        return ["nginx", "-c", conf, "-p", setup.work, "-g", "master_process off;"]
+    config = os.path.join(setup.work, f"edge-{tag}.yaml")
+    with open(config, "w") as f:
+        f.write(setup.edge_config(plain, tls))
+    return [proxy, "-c", config, "--pid-file", f"{setup.work}/{tag}.pid", "--upgrade-socket", f"{setup.work}/{tag}.sock"]
+
+
 def h2load(args, urls):
     out = run(["h2load"] + args + urls).stdout
     done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out).group(2))

@@ -35,16 +35,7 @@ CLIENTS = 32
 def count(setup, index, proxy, kind, n):
     plain, tls = bench.free_port(), bench.free_port()
     out = os.path.join(setup.work, f"callgrind.{index}")
-    if proxy == "nginx":
-        conf = os.path.join(setup.work, "nginx-cg.conf")
-        with open(conf, "w") as f:
-            f.write(setup.nginx_proxy_config(plain, tls))
-        command = ["nginx", "-c", conf, "-p", setup.work, "-g", "master_process off;"]
-    else:
-        config = os.path.join(setup.work, "edge-cg.yaml")
-        with open(config, "w") as f:
-            f.write(setup.edge_config(plain, tls))
-        command = [proxy, "-c", config, "--pid-file", f"{setup.work}/cg.pid", "--upgrade-socket", f"{setup.work}/cg.sock"]
+    command = bench.proxy_command(setup, proxy, plain, tls, "cg")
     process = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"] + command,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -41,17 +41,7 @@ LINE = re.compile(r"^\s*([\d.]+) \(\s*([\d.]+) ms\): (?:(.+?)/(\d+) )?(\w+)\((.*
 
 def start(setup, proxy):
     plain, tls = bench.free_port(), bench.free_port()
-    if proxy == "nginx":
-        conf = os.path.join(setup.work, "nginx-trace.conf")
-        with open(conf, "w") as f:
-            f.write(setup.nginx_proxy_config(plain, tls))
-        command = ["nginx", "-c", conf, "-p", setup.work, "-g", "master_process off;"]
-    else:
-        config = os.path.join(setup.work, "edge-trace.yaml")
-        with open(config, "w") as f:
-            f.write(setup.edge_config(plain, tls))
-        command = [proxy, "-c", config, "--pid-file", f"{setup.work}/trace.pid",
-                   "--upgrade-socket", f"{setup.work}/trace.sock"]
+    command = bench.proxy_command(setup, proxy, plain, tls, "trace")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     bench.wait_port(plain)
     return process, plain

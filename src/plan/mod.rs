@@ -142,6 +142,8 @@ pub struct Forward {
     /// The answer may be compressed for the client (JSON, long enough:
     /// judged again on the answer's header).
     pub compress: Option<crate::request::compress::Compression>,
+    /// The request announces a body (read once, with the view).
+    pub has_body: bool,
 }
 
 /// How long a request may wait for its upstream to come back, and how
@@ -265,6 +267,7 @@ fn matrix<'a>(edge: &Edge, admission: Admission, view: &RequestView<'a>) -> Plan
                 rate_limited: !policy.rate_limits.is_empty(),
                 hold: (!policy.hold.is_zero()).then_some(HoldPolicy { limit: policy.hold, most: policy.hold_limit }),
                 compress: policy.compression.filter(|_| crate::request::compress::path_allows(view.path)),
+                has_body: view.has_body,
             })
         }
         Admission::WellKnown(document) => answer(edge.well_known.respond(document, view.method)),
@@ -300,6 +303,7 @@ fn route<'a>(edge: &'a Edge, at: RouteRef, view: &RequestView<'a>) -> Plan<'a> {
             rate_limited: false,
             hold: None,
             compress: None,
+            has_body: view.has_body,
         }),
         Action::Redirect(redirect) => {
             let mut response = redirect.respond(view.target);

@@ -130,6 +130,7 @@ async fn rate_limit(
 async fn refuse(session: &mut Session, ctx: &mut RequestCtx, error: MatrixError) -> Result<bool> {
     let request = session.req_header();
     let response = refusal(&error, has_body(request, content_length(request)));
+    compress(session, None);
     ctx.local_error = Some(error);
     write_local(session, &response).await?;
     Ok(true)
@@ -239,7 +240,6 @@ impl EdgeProxy {
             }
         }
         session.set_read_timeout(Some(forward.read_idle));
-        compress(session, forward.compress);
         let (to_synapse, unchecked) = match forward.destination {
             Destination::Named(_, id) => (false, edge.upstreams.get(id).health.is_none()),
             _ => (true, false),
@@ -284,7 +284,6 @@ impl ProxyHttp for EdgeProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let edge = Arc::clone(&ctx.edge);
         crate::server::connections::head_complete(session);
-        compress(session, None);
         ctx.client = Self::client(session, &edge, ctx);
         // Framing first: a request framed two ways is refused whatever its
         // site or path.
@@ -295,7 +294,10 @@ impl ProxyHttp for EdgeProxy {
         if let Err(reason) = framing {
             return refuse(session, ctx, MatrixError::bad_request(reason)).await;
         }
-        match self.step(&edge, session.req_header(), ctx.client) {
+        let step = self.step(&edge, session.req_header(), ctx.client);
+        // Only a forward the plan allows is compressed, never a local answer.
+        compress(session, if let Step::Forward(forward) = &step { forward.compress } else { None });
+        match step {
             Step::Forward(forward) => self.forward(session, ctx, forward).await,
             Step::Answer(response) => write_local(session, &response).await.map(|()| true),
             Step::Refuse(error) => refuse(session, ctx, error).await,
@@ -400,11 +402,11 @@ impl ProxyHttp for EdgeProxy {
         digest: Option<&pingora::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let has_body = ctx.forward.as_ref().is_none_or(|forward| forward.has_body);
         if let Some(attempt) = ctx.attempt.as_mut().filter(|attempt| attempt.member().is_some()) {
             // Only a request that is harmless to repeat, and has no body to
             // replay, may be cut and sent elsewhere if the member stalls.
-            let request = session.req_header();
-            let repeatable = request.method.is_idempotent() && !has_body(request, content_length(request));
+            let repeatable = session.req_header().method.is_idempotent() && !has_body;
             attempt.sent(if repeatable { tcp_connection(fd, digest) } else { None });
         }
         Ok(())
