@@ -173,8 +173,10 @@ fn a_stalled_worker_does_not_stall_its_clients() {
     let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     // Health checks every second bring the worker back soon after it
-    // resumes; finding the stall is the stall watch's work. A short slow
-    // start lets the test see it serve again.
+    // resumes; finding the stall is the stall watch's work (after 2 s), so
+    // a check waits 5 s for its answer: with the default 2 s the two raced,
+    // and on a loaded machine the check sometimes took the worker out
+    // first. A short slow start lets the test see it serve again.
     let config = format!(
         r#"server_name: example.com
 listeners: [{{ address: "{edge_addr}", serves: [client] }}]
@@ -182,7 +184,7 @@ synapse:
   main: "{}"
   workers:
     client_reader: ["{}", "{}"]
-  health_check: {{ interval: 1s }}
+  health_check: {{ interval: 1s, timeout: 5s }}
   balancing: {{ slow_start: 2s }}
 process: {{ threads: 2 }}
 metrics: {{ address: "{metrics_addr}" }}
