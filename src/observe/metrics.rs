@@ -83,6 +83,8 @@ pub struct ConnectionMetrics {
     pub tls_handshakes: IntCounterVec,
     /// Connections refused because their address had `connections_per_ip` open.
     pub connections_refused: IntCounter,
+    /// Client connections open, as counted against `connections_per_ip`.
+    pub connections_open: IntGauge,
     /// HTTP/1 requests refused because their connection's guard (which
     /// checks the request line as received) could not be found.
     pub guard_missing: IntCounter,
@@ -177,6 +179,10 @@ impl ConnectionMetrics {
             connections_refused: IntCounter::new(
                 "connections_refused_total",
                 "Connections refused because their address reached connections_per_ip",
+            )?,
+            connections_open: IntGauge::new(
+                "connections_open",
+                "Client connections open (those counted against connections_per_ip)",
             )?,
             guard_missing: IntCounter::new(
                 "connection_guard_missing_total",
@@ -290,7 +296,7 @@ impl FederationMetrics {
 
 /// Every metric into the registry, so `/metrics` renders it.
 fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
-    let collectors: [Box<dyn prometheus::core::Collector>; 33] = [
+    let collectors: [Box<dyn prometheus::core::Collector>; 34] = [
         Box::new(metrics.traffic.requests.clone()),
         Box::new(metrics.traffic.latency.clone()),
         Box::new(metrics.traffic.upstream_latency.clone()),
@@ -303,6 +309,7 @@ fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
         Box::new(metrics.operations.reloads.clone()),
         Box::new(metrics.operations.config_loaded_at.clone()),
         Box::new(metrics.connections.connections_refused.clone()),
+        Box::new(metrics.connections.connections_open.clone()),
         Box::new(metrics.connections.guard_missing.clone()),
         Box::new(metrics.traffic.rate_limited.clone()),
         Box::new(metrics.traffic.websocket_upgrades.clone()),

@@ -65,6 +65,7 @@ impl ConnectionCounts {
             return None;
         }
         *count += 1;
+        METRICS.connections.connections_open.inc();
         Some(Slot { counts: Arc::clone(self), ip })
     }
 
@@ -77,6 +78,7 @@ impl ConnectionCounts {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        METRICS.connections.connections_open.dec();
         let mut open = self.counts.shard(self.ip).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(count) = open.get_mut(&self.ip) {
             *count -= 1;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::certs::TestPki;
-use support::client::{get, h1_plain, h1_tls, read_response};
+use support::client::{get, h1_plain, h1_tls, metric, read_response};
 use support::{free_port, wait_listening, ChildGuard, EdgeProcess};
 
 fn require(program: &str) -> &str {
@@ -185,12 +185,6 @@ fn renew(edge: &EdgeProcess, names: &[&str]) {
         .output()
         .unwrap();
     assert!(output.status.success(), "renew failed: {}", String::from_utf8_lossy(&output.stderr));
-}
-
-fn metric(metrics: SocketAddr, line_prefix: &str) -> Option<f64> {
-    let (response, _) = h1_plain(metrics, &get("/metrics", "localhost"));
-    let text = String::from_utf8(response.body).unwrap();
-    text.lines().find(|l| l.starts_with(line_prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 fn edge_config(tls: u16, plain: u16, metrics: u16, directory: &str) -> String {

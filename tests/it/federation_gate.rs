@@ -249,12 +249,7 @@ fn private_page(metrics: SocketAddr, path: &str) -> String {
 }
 
 fn metric(metrics: SocketAddr, line_start: &str) -> u64 {
-    private_page(metrics, "/metrics")
-        .lines()
-        .find(|line| line.starts_with(line_start))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0)
+    support::client::metric(metrics, line_start).map_or(0, |value| value as u64)
 }
 
 fn refused(metrics: SocketAddr, reason: &str) -> u64 {

@@ -27,6 +27,7 @@ struct Setup {
     plain: SocketAddr,
     /// TLS, federation role only (the "8448").
     federation: SocketAddr,
+    metrics: SocketAddr,
 }
 
 fn setup(extra: &str) -> Setup {
@@ -38,6 +39,7 @@ fn setup_limits(limits: &str, extra: &str) -> Setup {
     let upstream = RecordingUpstream::start();
     let plain: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let federation: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let config = format!(
         r#"server_name: example.com
 listeners:
@@ -51,11 +53,12 @@ synapse:
 admin_api: {{ allow: [127.0.0.3/32] }}
 limits: {{ {limits} }}
 process: {{ threads: 2 }}
+metrics: {{ address: "{metrics}" }}
 {extra}"#,
         upstream.addr
     );
     let edge = EdgeProcess::start(&config, Some(&pki), &[plain, federation]);
-    Setup { pki, upstream, edge, plain, federation }
+    Setup { pki, upstream, edge, plain, federation, metrics }
 }
 
 /// What one connection saw: the statuses in order and whether the edge closed it.
@@ -549,9 +552,13 @@ fn keepalive_request_limit_closes_after_the_last_request() {
 fn connections_per_address_are_capped() {
     let s = setup_limits("connections_per_ip: 4, header_timeout: 10s", "");
     let held: Vec<TcpStream> = (0..4).map(|_| open_with(s.plain, b"GET ")).collect();
-    // Time for the edge to accept and count all four, even on a loaded
-    // machine (600 ms was once too short while Synapse's workers ran beside).
-    std::thread::sleep(Duration::from_secs(2));
+    // Counted once accepted: on a loaded machine that once took more than
+    // the 2 s this test used to wait, and the fifth was let in.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client::metric(s.metrics, "matrix_edge_connections_open ") != Some(4.0) {
+        assert!(Instant::now() < deadline, "the edge never counted the four connections");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut refused = open_with(s.plain, get_line(T).as_bytes());
     let (after, received) = wait_closed(&mut refused);
     assert!(received.is_empty() && after < Duration::from_secs(2), "fifth connection served: {received:?}");

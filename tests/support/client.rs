@@ -143,6 +143,14 @@ pub fn h1_plain(addr: SocketAddr, raw: &[u8]) -> (Response, bool) {
     (response, closed)
 }
 
+/// One value from the edge's Prometheus page: the first line starting with
+/// `line_start` (a name, with its labels if any).
+pub fn metric(metrics: SocketAddr, line_start: &str) -> Option<f64> {
+    let (response, _) = h1_plain(metrics, &get("/metrics", "localhost"));
+    let text = String::from_utf8(response.body).unwrap();
+    text.lines().find(|line| line.starts_with(line_start)).and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
 /// A simple GET request head for a target, with a Host header.
 pub fn get(target: &str, host: &str) -> Vec<u8> {
     format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes()
