@@ -448,6 +448,15 @@ fn open_with(addr: SocketAddr, first: &[u8]) -> TcpStream {
     stream
 }
 
+/// Waits until the edge counts `count` client connections open.
+fn wait_for_open(s: &Setup, count: u32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client::metric(s.metrics, "matrix_edge_connections_open ") != Some(f64::from(count)) {
+        assert!(Instant::now() < deadline, "the edge never counted {count} connections open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits for the edge to close `stream`; returns how long that took and any bytes it sent.
 fn wait_closed(stream: &mut TcpStream) -> (Duration, Vec<u8>) {
     let started = Instant::now();
@@ -554,11 +563,7 @@ fn connections_per_address_are_capped() {
     let held: Vec<TcpStream> = (0..4).map(|_| open_with(s.plain, b"GET ")).collect();
     // Counted once accepted: on a loaded machine that once took more than
     // the 2 s this test used to wait, and the fifth was let in.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client::metric(s.metrics, "matrix_edge_connections_open ") != Some(4.0) {
-        assert!(Instant::now() < deadline, "the edge never counted the four connections");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_open(&s, 4);
     let mut refused = open_with(s.plain, get_line(T).as_bytes());
     let (after, received) = wait_closed(&mut refused);
     assert!(received.is_empty() && after < Duration::from_secs(2), "fifth connection served: {received:?}");
@@ -567,9 +572,9 @@ fn connections_per_address_are_capped() {
     other.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     other.write_all(get_line(T).as_bytes()).unwrap();
     assert_eq!(read_response(&mut BufReader::new(&other), false).unwrap().status, 200);
-    // Closing one frees its place.
-    drop(held);
-    std::thread::sleep(Duration::from_millis(300));
+    // Closing them frees their places.
+    drop((held, other));
+    wait_for_open(&s, 0);
     let again = open_with(s.plain, get_line(T).as_bytes());
     assert_eq!(read_response(&mut BufReader::new(&again), false).unwrap().status, 200);
     // The refused connection's request never reached Synapse; the two served ones did.
