@@ -64,6 +64,8 @@ pub struct Policy {
     pub federation_gate: Option<std::sync::Arc<crate::federation::gate::Gate>>,
     /// How Synapse's JSON is compressed for clients; `None`: it is not.
     pub compression: Option<crate::request::compress::Compression>,
+    /// Each origin's share of Synapse; `None`: no per-origin turns.
+    pub turns: Option<crate::federation::turns::TurnSettings>,
 }
 
 /// The certificates a snapshot serves and where they come from.
@@ -636,6 +638,7 @@ fn build_policy(config: &EdgeConfig, listeners: &[Listener], source: &Source) ->
         hold_limit: config.synapse.hold_limit,
         federation_gate: build_federation_gate(config, source)?,
         compression: build_compression(&config.compression, source)?,
+        turns: build_turns(&config.federation, source)?,
     })
 }
 
@@ -656,6 +659,40 @@ fn build_compression(
         brotli: config.brotli,
         zstd: config.zstd,
         min_length: config.min_length.0,
+    }))
+}
+
+/// `federation.per_origin`: on with the gate unless said otherwise; weights by the cost table's names.
+fn build_turns(
+    federation: &crate::config::FederationConfig,
+    source: &Source,
+) -> Result<Option<crate::federation::turns::TurnSettings>, ConfigError> {
+    use crate::synapse::federation_cost::{names, Weights};
+    let config = &federation.per_origin;
+    let at = |key: &'static str| [Seg::Key("federation"), Seg::Key("per_origin"), Seg::Key(key)];
+    let mut weights = Weights::default();
+    for (name, weight) in &config.weights {
+        if *weight == 0 || !weights.set(name, *weight) {
+            let known = names().join(", ");
+            return Err(source.error_at(
+                &at("weights"),
+                format!("{name}: {weight}: weigh one of {known}, with a whole number from 1"),
+            ));
+        }
+    }
+    if config.max_in_flight == 0 {
+        return Err(source.error_at(&at("max_in_flight"), "0 would let no origin in: at least 1"));
+    }
+    if config.queue_timeout.0.is_zero() && config.queue > 0 {
+        return Err(source.error_at(&at("queue_timeout"), "a queue needs a timeout above 0 (or set queue: 0)"));
+    }
+    let gate_on = federation.verify.mode != crate::config::VerifyMode::Off;
+    Ok(config.enabled.unwrap_or(gate_on).then_some(crate::federation::turns::TurnSettings {
+        max_in_flight: config.max_in_flight,
+        total_in_flight: config.total_in_flight,
+        queue: config.queue,
+        queue_timeout: config.queue_timeout.0,
+        weights,
     }))
 }
 

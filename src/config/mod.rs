@@ -132,6 +132,63 @@ pub struct FederationConfig {
     /// When given, only these servers (names and `*.name` globs) are let in.
     #[serde(default)]
     pub allow: Option<Vec<String>>,
+    /// Each origin's share of Synapse: a cap, a queue, turns.
+    #[serde(default)]
+    pub per_origin: PerOriginConfig,
+}
+
+/// `federation.per_origin`: how much of Synapse one origin may take, in
+/// cost units (a small `/send` is 1; `weights` overrides the table's).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerOriginConfig {
+    /// Default: on whenever the gate is (`verify.mode` not `off`).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    #[serde(default = "default_origin_in_flight")]
+    pub max_in_flight: u32,
+    /// All origins together; 0: no total.
+    #[serde(default = "default_origins_in_flight")]
+    pub total_in_flight: u32,
+    #[serde(default = "default_origin_queue")]
+    pub queue: usize,
+    #[serde(default = "default_origin_queue_timeout")]
+    pub queue_timeout: Span,
+    #[serde(default)]
+    pub weights: std::collections::BTreeMap<String, u32>,
+}
+
+impl Default for PerOriginConfig {
+    fn default() -> Self {
+        PerOriginConfig {
+            enabled: None,
+            max_in_flight: default_origin_in_flight(),
+            total_in_flight: default_origins_in_flight(),
+            queue: default_origin_queue(),
+            queue_timeout: default_origin_queue_timeout(),
+            weights: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// Synapse's own `rc_federation.concurrent` is 3 requests per origin; 8
+/// units lets a server's transactions through beside two backfills.
+fn default_origin_in_flight() -> u32 {
+    8
+}
+
+fn default_origins_in_flight() -> u32 {
+    64
+}
+
+fn default_origin_queue() -> usize {
+    100
+}
+
+/// Under Synapse's federation `client_timeout` (60 s), so a sender hears
+/// the edge's 429 rather than its own timeout (both put us in its backoff).
+fn default_origin_queue_timeout() -> Span {
+    Span(std::time::Duration::from_secs(50))
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -8,7 +8,8 @@
 //! - [`discover`], [`fetch`]: where a server answers, and one HTTPS GET;
 //! - [`keys`]: origins' keys, fetched once and kept (outlives reloads);
 //! - [`gate`]: the verdict on one request, counted by [`counters`];
-//! - [`recent`]: the latest refusals, for the status page.
+//! - [`recent`]: the latest refusals, for the status page;
+//! - [`turns`]: each origin's share of Synapse, served in turn.
 
 pub mod canonical;
 pub mod counters;
@@ -52,3 +53,4 @@ pub(crate) fn bad_answer(message: impl std::fmt::Display) -> FederationError {
 pub(crate) fn bad_keys(message: impl std::fmt::Display) -> FederationError {
     FederationError::BadKeys(message.to_string())
 }
+pub mod turns;

@@ -5,7 +5,8 @@
 
 use once_cell::sync::Lazy;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -29,6 +30,26 @@ pub struct FederationMetrics {
     pub requests: IntCounterVec,
     /// Fetches of origins' keys by result (`fetched`, `failed`).
     pub key_fetches: IntCounterVec,
+    /// Requests waiting for their origin's turn (`federation.per_origin`).
+    pub origin_queued: IntGauge,
+    /// How long requests that got their origin's turn waited for it.
+    pub origin_queue_wait: Histogram,
+}
+
+/// One unit of a gauge, given back when dropped.
+pub struct GaugeGuard(&'static IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: &'static IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Pool members' load, queues, shedding, ejections.
@@ -290,13 +311,24 @@ impl FederationMetrics {
                 Opts::new("federation_key_fetches_total", "Fetches of origin servers' signing keys, by result"),
                 &["result"],
             )?,
+            origin_queued: IntGauge::new(
+                "federation_origin_queued",
+                "Federation requests waiting for their origin's turn at Synapse",
+            )?,
+            origin_queue_wait: Histogram::with_opts(
+                HistogramOpts::new(
+                    "federation_origin_queue_wait_seconds",
+                    "How long federation requests waited for their origin's turn",
+                )
+                .buckets(vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            )?,
         })
     }
 }
 
 /// Every metric into the registry, so `/metrics` renders it.
 fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
-    let collectors: [Box<dyn prometheus::core::Collector>; 34] = [
+    let collectors: [Box<dyn prometheus::core::Collector>; 36] = [
         Box::new(metrics.traffic.requests.clone()),
         Box::new(metrics.traffic.latency.clone()),
         Box::new(metrics.traffic.upstream_latency.clone()),
@@ -331,6 +363,8 @@ fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
         Box::new(metrics.balancing.retries_denied.clone()),
         Box::new(metrics.federation.requests.clone()),
         Box::new(metrics.federation.key_fetches.clone()),
+        Box::new(metrics.federation.origin_queued.clone()),
+        Box::new(metrics.federation.origin_queue_wait.clone()),
     ];
     for collector in collectors {
         metrics.registry.register(collector)?;

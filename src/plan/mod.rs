@@ -144,6 +144,9 @@ pub struct Forward {
     pub compress: Option<crate::request::compress::Compression>,
     /// The request announces a body (read once, with the view).
     pub has_body: bool,
+    /// A federation request's cost in its origin's share of Synapse
+    /// (`federation.per_origin`); `None`: not counted there.
+    pub turn_cost: Option<u32>,
 }
 
 /// How long a request may wait for its upstream to come back, and how
@@ -268,6 +271,11 @@ fn matrix<'a>(edge: &Edge, admission: Admission, view: &RequestView<'a>) -> Plan
                 hold: (!policy.hold.is_zero()).then_some(HoldPolicy { limit: policy.hold, most: policy.hold_limit }),
                 compress: policy.compression.filter(|_| crate::request::compress::path_allows(view.path)),
                 has_body: view.has_body,
+                turn_cost: policy
+                    .turns
+                    .as_ref()
+                    .filter(|_| crate::federation::gate::is_signed_endpoint(view.path))
+                    .map(|turns| turns.weights.of(view.path)),
             })
         }
         Admission::WellKnown(document) => answer(edge.well_known.respond(document, view.method)),
@@ -304,6 +312,7 @@ fn route<'a>(edge: &'a Edge, at: RouteRef, view: &RequestView<'a>) -> Plan<'a> {
             hold: None,
             compress: None,
             has_body: view.has_body,
+            turn_cost: None,
         }),
         Action::Redirect(redirect) => {
             let mut response = redirect.respond(view.target);
@@ -421,8 +430,14 @@ sites:
         assert_eq!(group(&forward), Group::FederationInbound);
         assert!(forward.gate);
         assert_eq!(forward.sticky_key.as_ref().map(StickyKey::as_bytes), Some(&b"other.example"[..]));
+        assert_eq!(forward.turn_cost, Some(1), "a transaction counts one unit of its origin's share");
+        let backfill =
+            request("GET", "/_matrix/federation/v1/backfill/!r:a?v=%24e&limit=100", &[HOST, ("Authorization", auth)]);
+        assert_eq!(forward_or_none(plan_of(&edge, &backfill)).and_then(|f| f.turn_cost), Some(4));
         let keys = request("GET", "/_matrix/key/v2/server", &[HOST]);
-        assert!(!forward_or_none(plan_of(&edge, &keys)).is_some_and(|f| f.gate), "key requests are unsigned");
+        let keys = forward_or_none(plan_of(&edge, &keys));
+        assert!(!keys.as_ref().is_some_and(|f| f.gate), "key requests are unsigned");
+        assert!(keys.is_some_and(|f| f.turn_cost.is_none()), "nor counted in a share");
     }
 
     fn forward_or_none(plan: Plan<'_>) -> Option<Forward> {

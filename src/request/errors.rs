@@ -85,12 +85,29 @@ pub enum Refused {
     /// A named upstream (a site route) has no live member.
     #[error("no live member of upstream {name}")]
     NoLiveMember { name: String },
+    /// The federation origin's queue for its turn at Synapse was full.
+    #[error("{origin} has its share of Synapse in use and its queue full")]
+    OriginQueueFull { origin: String },
+    /// The federation origin's request waited the queue's whole timeout.
+    #[error("{origin}'s request waited its queue's whole timeout for a turn at Synapse")]
+    OriginQueueTimeout { origin: String },
 }
 
 impl Refused {
     /// Every reason, for metrics made at 0 and the docs.
-    pub const REASONS: [&'static str; 6] =
-        ["queue_full", "queue_timeout", "no_usable_worker", "hold_expired", "hold_full", "no_live_member"];
+    pub const REASONS: [&'static str; 8] = [
+        "queue_full",
+        "queue_timeout",
+        "no_usable_worker",
+        "hold_expired",
+        "hold_full",
+        "no_live_member",
+        "origin_queue_full",
+        "origin_queue_timeout",
+    ];
+
+    /// When a federation origin over its share may try again.
+    const ORIGIN_RETRY_MS: u64 = 10_000;
 
     pub fn reason(&self) -> &'static str {
         match self {
@@ -100,6 +117,8 @@ impl Refused {
             Refused::HoldExpired { .. } => Self::REASONS[3],
             Refused::HoldFull => Self::REASONS[4],
             Refused::NoLiveMember { .. } => Self::REASONS[5],
+            Refused::OriginQueueFull { .. } => Self::REASONS[6],
+            Refused::OriginQueueTimeout { .. } => Self::REASONS[7],
         }
     }
 
@@ -115,6 +134,16 @@ impl Refused {
             }
             Refused::HoldExpired { .. } | Refused::HoldFull => (503, "The homeserver is restarting; try again shortly"),
             Refused::NoLiveMember { .. } => (502, "The service behind this address could not be reached"),
+            // Not 5xx: a sender's client counts those as the server failing.
+            Refused::OriginQueueFull { .. } | Refused::OriginQueueTimeout { .. } => {
+                let error = MatrixError::rate_limited(Self::ORIGIN_RETRY_MS);
+                return MatrixError {
+                    reason: Some(self.reason()),
+                    message: "This server's requests already take their share of the homeserver; try again later"
+                        .into(),
+                    ..error
+                };
+            }
         };
         MatrixError { reason: Some(self.reason()), ..MatrixError::new(status, ErrCode::Unknown, message) }
     }
@@ -345,6 +374,8 @@ mod proxy_error_tests {
             (Refused::HoldExpired { waited_ms: 15_000 }, 503, "restarting"),
             (Refused::HoldFull, 503, "restarting"),
             (Refused::NoLiveMember { name: "livekit".into() }, 502, "could not be reached"),
+            (Refused::OriginQueueFull { origin: "noisy.test".into() }, 429, "their share"),
+            (Refused::OriginQueueTimeout { origin: "noisy.test".into() }, 429, "their share"),
         ];
         let mut reasons = Vec::new();
         for (refused, status, words) in cases {

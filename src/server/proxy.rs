@@ -4,9 +4,10 @@
 //! and which answers whether to go again. Nothing here decides policy.
 
 use crate::edge::{Edge, Listener};
+use crate::federation::turns::TurnRefusal;
 use crate::local::static_files::StaticAnswer;
 use crate::observe::access_log;
-use crate::observe::metrics::METRICS;
+use crate::observe::metrics::{GaugeGuard, METRICS};
 use crate::observe::request_metrics::{GroupMetrics, WorkerCounters};
 use crate::plan::attempt::{Attempt, ConnectFailure, ProxyFailure};
 use crate::plan::{content_length, has_body, plan, Destination, Forward, Plan, RequestView, StickyKey};
@@ -68,6 +69,10 @@ pub struct RequestCtx {
     /// held here chunk by chunk and judged when complete, before any of it
     /// is sent on.
     gate_pending: Option<Vec<u8>>,
+    /// The origin's share this federation request counts in, until its turn is taken.
+    share: Option<String>,
+    /// Its turn at Synapse, held until the request ends (retries included).
+    _turn: Option<crate::federation::turns::Turn>,
 }
 
 /// What `request_filter` does once the plan no longer borrows the request.
@@ -76,22 +81,6 @@ enum Step {
     Refuse(MatrixError),
     File { file: crate::local::static_files::FileAnswer, head_only: bool, close: bool },
     Forward(Forward),
-}
-
-/// One unit of a gauge, given back when dropped.
-struct GaugeGuard(&'static prometheus::IntGauge);
-
-impl GaugeGuard {
-    fn new(gauge: &'static prometheus::IntGauge) -> GaugeGuard {
-        gauge.inc();
-        GaugeGuard(gauge)
-    }
-}
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 /// The connection's peer: the PROXY header's client when a balancer sent one.
@@ -239,6 +228,14 @@ impl EdgeProxy {
                 return refuse(session, ctx, error).await;
             }
         }
+        if forward.turn_cost.is_some() {
+            let authorization = session.req_header().headers.get(http::header::AUTHORIZATION);
+            ctx.share = Some(crate::federation::turns::share_of(
+                origin.as_deref(),
+                authorization.map(http::HeaderValue::as_bytes),
+                ctx.client,
+            ));
+        }
         session.set_read_timeout(Some(forward.read_idle));
         let (to_synapse, unchecked) = match forward.destination {
             Destination::Named(_, id) => (false, edge.upstreams.get(id).health.is_none()),
@@ -278,6 +275,8 @@ impl ProxyHttp for EdgeProxy {
             request_id: RequestId::next(),
             client: None,
             gate_pending: None,
+            share: None,
+            _turn: None,
         }
     }
 
@@ -336,6 +335,15 @@ impl ProxyHttp for EdgeProxy {
             }
             Destination::Edge => return Error::e_explain(ErrorType::InternalError, "no upstream was decided"),
         };
+        if let (Some(share), Some(cost), Some(settings)) = (ctx.share.take(), forward.turn_cost, &edge.policy.turns) {
+            ctx._turn = Some(self.runtime.federation_turns.take(&share, cost, settings).await.map_err(|refusal| {
+                let refused = match refusal {
+                    TurnRefusal::QueueFull => Refused::OriginQueueFull { origin: share },
+                    TurnRefusal::QueueTimeout => Refused::OriginQueueTimeout { origin: share },
+                };
+                refused.into_error()
+            })?);
+        }
         let Some(pool) = edge.pools.get(decision.group) else { return Ok(edge.main.peer()) };
         let long_poll = forward.long_poll.is_some() || upgrading;
         loop {

@@ -55,10 +55,33 @@ fn counts_by_label(counter: &prometheus::IntCounterVec) -> serde_json::Map<Strin
     counts
 }
 
+/// How many origins the status page lists by their share of Synapse.
+const BUSIEST_ORIGINS: usize = 10;
+
+/// Each origin's share: the settings, and the origins using most of it.
+fn per_origin(edge: &Edge, runtime: &Runtime) -> Value {
+    let Some(settings) = &edge.policy.turns else { return Value::Null };
+    let busiest: Vec<Value> = runtime
+        .federation_turns
+        .busiest(BUSIEST_ORIGINS)
+        .into_iter()
+        .map(|load| json!({ "origin": load.origin, "in_flight": load.in_flight, "queued": load.queued, "refused": load.refused }))
+        .collect();
+    json!({
+        "max_in_flight": settings.max_in_flight,
+        "total_in_flight": settings.total_in_flight,
+        "queue": settings.queue,
+        "queued": METRICS.federation.origin_queued.get(),
+        "busiest": busiest,
+    })
+}
+
 /// The federation gate: its mode, verdicts and key fetches since start,
-/// and the latest refusals with the origin each claimed.
+/// and the latest refusals with the origin each claimed; each origin's share.
 fn federation(edge: &Edge, runtime: &Runtime) -> Value {
-    let Some(gate) = &edge.policy.federation_gate else { return json!({ "mode": "off" }) };
+    let Some(gate) = &edge.policy.federation_gate else {
+        return json!({ "mode": "off", "per_origin": per_origin(edge, runtime) });
+    };
     let refusals: Vec<Value> = runtime
         .federation_refusals
         .latest()
@@ -71,6 +94,7 @@ fn federation(edge: &Edge, runtime: &Runtime) -> Value {
         "key_fetches": counts_by_label(&METRICS.federation.key_fetches),
         "servers_with_keys": runtime.federation_keys.servers_known(),
         "latest_refusals": refusals,
+        "per_origin": per_origin(edge, runtime),
     })
 }
 
@@ -342,7 +366,43 @@ pub fn html(status: &Value) -> String {
     out
 }
 
+/// The origins taking most of Synapse, by requests there, waiting, refused.
+fn per_origin_html(out: &mut String, shares: &Value) {
+    if shares.is_null() {
+        out.push_str("<p>Federation origins are not given shares (<code>federation.per_origin</code> off).</p>");
+        return;
+    }
+    out.push_str(&format!(
+        "<h3>Busiest origins</h3><p>Each may have {} cost units at Synapse, all together {}; {} requests wait now.</p>",
+        text(&shares["max_in_flight"]),
+        if shares["total_in_flight"] == 0 { "unbounded".to_string() } else { text(&shares["total_in_flight"]) },
+        text(&shares["queued"]),
+    ));
+    let busiest = shares["busiest"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if busiest.is_empty() {
+        out.push_str("<p>No origin has a request at Synapse or waiting.</p>");
+        return;
+    }
+    out.push_str("<table><tr><th>origin</th><th>at Synapse</th><th>waiting</th><th>refused</th></tr>");
+    for load in busiest {
+        let refused = if load["refused"] == 0 { "" } else { " class=\"error\"" };
+        out.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td{refused}>{}</td></tr>",
+            text(&load["origin"]),
+            text(&load["in_flight"]),
+            text(&load["queued"]),
+            text(&load["refused"]),
+        ));
+    }
+    out.push_str("</table>");
+}
+
 fn federation_html(out: &mut String, federation: &Value) {
+    gate_html(out, federation);
+    per_origin_html(out, &federation["per_origin"]);
+}
+
+fn gate_html(out: &mut String, federation: &Value) {
     out.push_str(&format!("<h2>Federation gate</h2><p>Mode: <b>{}</b>.", text(&federation["mode"])));
     if federation["mode"] == "off" {
         out.push_str(" Signatures are left to Synapse.</p>");

@@ -497,13 +497,14 @@ sites:
       - { prefix: /x/, upstream: web }
 rate_limits:
   login: { requests: 5, per: 1m }
+federation: { per_origin: { max_in_flight: 8, weights: { backfill: 4 } } }
 "#;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("deep.yaml");
     std::fs::write(&file, base).unwrap();
     let (code, _, stderr) = check(&file);
     assert_eq!(code, 0, "the base config must pass: {stderr}");
-    let cases: [(&str, &str, &str, &str); 11] = [
+    let cases: [(&str, &str, &str, &str); 14] = [
         ("weight: 2", "wieght: 2", "synapse.workers.synchrotron[1]", "unknown field `wieght`"),
         ("weight: 2", "weight: -2", "synapse.workers.synchrotron[1].weight", "invalid type"),
         (
@@ -540,6 +541,9 @@ rate_limits:
             "upstreams.web.balancing.queue",
             "a queue needs max_in_flight",
         ),
+        ("backfill: 4", "backfil: 4", "federation.per_origin.weights", "backfil: 4: weigh one of send, backfill"),
+        ("backfill: 4", "backfill: 0", "federation.per_origin.weights", "backfill: 0: weigh one of"),
+        ("max_in_flight: 8,", "max_in_flight: 0,", "federation.per_origin.max_in_flight", "0 would let no origin in"),
     ];
     for (from, to, key, message) in cases {
         let edited = base.replacen(from, to, 1);

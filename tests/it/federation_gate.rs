@@ -606,3 +606,175 @@ fn observe_forwards_everything_and_counts_what_it_would_refuse() {
     let html = private_page(metrics, "/status");
     assert!(html.contains("<td>other.test:8448</td>") && html.contains("forwarded (observe)"), "{html}");
 }
+
+/// A stand-in Synapse that works one request at a time, `work` each, and
+/// records how many of each origin's requests it holds at once (the origin
+/// read from the X-Matrix header the edge forwards unchanged).
+struct SerialSynapse {
+    address: SocketAddr,
+    /// Origin to (held now, most held at once).
+    held: Arc<Mutex<std::collections::HashMap<String, (usize, usize)>>>,
+}
+
+impl SerialSynapse {
+    fn start(work: Duration) -> SerialSynapse {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let held: Arc<Mutex<std::collections::HashMap<String, (usize, usize)>>> = Arc::default();
+        let worker = Arc::new(Mutex::new(()));
+        let counts = Arc::clone(&held);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (counts, worker) = (Arc::clone(&counts), Arc::clone(&worker));
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream);
+                    loop {
+                        let (mut origin, mut length) = (String::from("-"), 0usize);
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        loop {
+                            let mut header = String::new();
+                            if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
+                                break;
+                            }
+                            let lower = header.to_ascii_lowercase();
+                            if let Some(value) = lower.strip_prefix("content-length:") {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                            if let Some(at) = header.find("origin=\"") {
+                                origin = header[at + 8..].split('"').next().unwrap_or("-").to_string();
+                            }
+                        }
+                        let mut body = vec![0u8; length];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        {
+                            let mut counts = counts.lock().unwrap();
+                            let entry = counts.entry(origin.clone()).or_default();
+                            entry.0 += 1;
+                            entry.1 = entry.1.max(entry.0);
+                        }
+                        {
+                            let _busy = worker.lock().unwrap();
+                            std::thread::sleep(work);
+                        }
+                        counts.lock().unwrap().entry(origin).or_default().0 -= 1;
+                        let answer = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+                        if reader.get_mut().write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        SerialSynapse { address, held }
+    }
+
+    fn most_held(&self, origin: &str) -> usize {
+        self.held.lock().unwrap().get(origin).map_or(0, |(_, most)| *most)
+    }
+}
+
+/// The flood of issue 36: noisy.test keeps 32 signed `/backfill` requests
+/// going at a Synapse that works one request at a time (50 ms each), while
+/// quiet.test sends its transactions one after another. Without shares,
+/// quiet waited 1.66 s at p99 and Synapse held all 32 of noisy's.
+#[test]
+fn one_busy_origin_cannot_take_every_other_origins_turn() {
+    let pki = TestPki::new(&[&["edge.test"], &["noisy.test", "quiet.test"]]);
+    let scratch = tempfile::tempdir().unwrap();
+    let keys = KeyServer::start(scratch.path(), &pki);
+    let (noisy, quiet) = ("noisy.test:8448", "quiet.test:8448");
+    let noisy_key = keys.publish(noisy, "ed25519:n");
+    let quiet_key = keys.publish(quiet, "ed25519:q");
+    let synapse = SerialSynapse::start(Duration::from_millis(50));
+    let (listen, metrics) =
+        (SocketAddr::from(([127, 0, 0, 1], free_port())), SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let config = format!(
+        r#"server_name: {SERVER_NAME}
+listeners:
+  - {{ address: "{listen}", tls: false, serves: [federation] }}
+synapse:
+  main: "{main}"
+federation:
+  verify:
+    mode: enforce
+    ca_file: certs/ca.pem
+    connect_to:
+      - "noisy.test:8448:127.0.0.1:{keys_port}"
+      - "quiet.test:8448:127.0.0.1:{keys_port}"
+  per_origin: {{ max_in_flight: 8, queue: 16, queue_timeout: 30s }}
+metrics: {{ address: "{metrics}" }}
+process: {{ threads: 2 }}
+"#,
+        main = synapse.address,
+        keys_port = keys.address.port(),
+    );
+    let _edge = EdgeProcess::start(&config, Some(&pki), &[listen, metrics]);
+    // Both origins' keys fetched before the clock starts.
+    for (origin, key_id, key) in [(noisy, "ed25519:n", &noisy_key), (quiet, "ed25519:q", &quiet_key)] {
+        let target = "/_matrix/federation/v1/query/profile?user_id=%40a%3Aedge.test";
+        assert_eq!(send(listen, "GET", target, &[signed(origin, key_id, key, "GET", target, None)], b"").status, 200);
+    }
+
+    let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let statuses: Arc<Mutex<Vec<(u16, bool)>>> = Arc::default();
+    let flood: Vec<_> = (0..32)
+        .map(|i| {
+            let (flooding, statuses, key) = (Arc::clone(&flooding), Arc::clone(&statuses), noisy_key.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while flooding.load(Ordering::SeqCst) {
+                    n += 1;
+                    let target = format!("/_matrix/federation/v1/backfill/!r:edge.test?v=%24e{i}x{n}&limit=100");
+                    let authorization = signed(noisy, "ed25519:n", &key, "GET", &target, None);
+                    let sent = send(listen, "GET", &target, &[authorization], b"");
+                    let retry_after = sent.body["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0);
+                    statuses.lock().unwrap().push((sent.status, retry_after));
+                    if sent.status == 429 {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut waits = Vec::new();
+    for n in 0..30 {
+        let target = format!("/_matrix/federation/v1/send/q{n}");
+        let content = transaction(quiet, 1);
+        let body = serde_json::to_vec(&content).unwrap();
+        let authorization = signed(quiet, "ed25519:q", &quiet_key, "PUT", &target, Some(&content));
+        let sent = send(listen, "PUT", &target, &[authorization], &body);
+        assert_eq!(sent.status, 200, "quiet's transaction {n} refused: {}", sent.body);
+        waits.push(sent.took);
+    }
+    flooding.store(false, Ordering::SeqCst);
+    for thread in flood {
+        thread.join().unwrap();
+    }
+    waits.sort();
+    let p99 = waits[waits.len() * 99 / 100];
+    let statuses = statuses.lock().unwrap();
+    let (served, limited) = (
+        statuses.iter().filter(|(status, _)| *status == 200).count(),
+        statuses.iter().filter(|(status, _)| *status == 429).count(),
+    );
+    eprintln!("quiet p99 {p99:?}, median {:?}; noisy served {served}, 429 {limited}", waits[waits.len() / 2]);
+    assert!(p99 < Duration::from_millis(500), "quiet waited {p99:?} at p99 behind noisy's flood");
+    assert!(statuses.iter().all(|(status, _)| matches!(status, 200 | 429)), "noisy got a 5xx: {statuses:?}");
+    assert!(limited > 0 && served > 0, "noisy's excess was not refused: {served} served, {limited} refused");
+    assert!(statuses.iter().filter(|(status, _)| *status == 429).all(|(_, retry)| *retry), "a 429 without retry_after");
+    // backfill weighs 4 of noisy's 8: two at Synapse at once, never more.
+    assert_eq!(synapse.most_held(noisy), 2, "Synapse held more of noisy's than its share");
+    assert_eq!(synapse.most_held(quiet), 1);
+    let refused = metric(metrics, "matrix_edge_refused_total{reason=\"origin_queue_full\"}");
+    assert_eq!(refused as usize, limited);
+    let page = private_page(metrics, "/status.json");
+    let status: Value = serde_json::from_str(page.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let busiest = &status["federation"]["per_origin"]["busiest"][0];
+    assert_eq!((&busiest["origin"], busiest["refused"].as_u64()), (&json!(noisy), Some(limited as u64)), "{page}");
+}
