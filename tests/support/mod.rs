@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod client;
 pub mod h2frames;
+pub mod key_server;
 pub mod matrix;
 pub mod synapse;
 pub mod upstream;
