@@ -271,6 +271,8 @@ impl Turns {
                     }
                     left
                 });
+                // A turn dropped below takes the lock to give itself back.
+                drop(state);
                 // Not in the queue any more: granted while the timer fired.
                 match (left, granted.try_recv()) {
                     (false, Ok(turn)) => Ok(turn),
