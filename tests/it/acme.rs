@@ -312,7 +312,7 @@ fn certificates_come_from_a_real_acme_server_and_renew_under_load() {
     assert_ne!(renewed, first);
     assert!(served.load(Ordering::Relaxed) > 20, "too little load to prove anything");
     // The other name was not renewed.
-    let other = fingerprint(&served_certificate(public, "acme.test"));
+    let mut other = fingerprint(&served_certificate(public, "acme.test"));
 
     // 5. A challenge that fails: the CA cannot reach the edge for acme.test.
     let add = serde_json::json!({ "host": "acme.test.", "addresses": ["127.0.0.2"] }).to_string();
@@ -322,10 +322,25 @@ fn certificates_come_from_a_real_acme_server_and_renew_under_load() {
     );
     let (answer, _) = h1_plain(dns_management, request.as_bytes());
     assert_eq!(answer.status, 200);
-    renew(&edge, &["acme.test"]);
-    wait_for("the failed renewal logged", &edge, Duration::from_secs(60), || {
-        edge.log_text().contains("order for acme.test failed")
-    });
+    // Pebble 2.4 still reuses a valid authorization about once in a hundred
+    // orders with PEBBLE_AUTHZREUSE=0 (it reuses unless `rand.Intn(100) >
+    // percent`, and 0 > 0 is false); then the order succeeds without a
+    // challenge, and the renewal is asked again.
+    let issued_for = |log: &str| log.matches("new certificate for acme.test ").count();
+    for attempt in 1..=3 {
+        let issued_before = issued_for(&edge.log_text());
+        renew(&edge, &["acme.test"]);
+        wait_for("the renewal's outcome logged", &edge, Duration::from_secs(60), || {
+            let log = edge.log_text();
+            log.contains("order for acme.test failed") || issued_for(&log) > issued_before
+        });
+        if edge.log_text().contains("order for acme.test failed") {
+            break;
+        }
+        assert!(attempt < 3, "pebble reused acme.test's authorization three times running");
+        eprintln!("pebble reused acme.test's authorization: renewing again");
+        other = fingerprint(&served_certificate(public, "acme.test"));
+    }
     let log = edge.log_text();
     let line = log.lines().find(|l| l.contains("order for acme.test failed")).unwrap();
     assert!(line.contains("127.0.0.2"), "the CA's reason is not in the log: {line}");
