@@ -8,6 +8,7 @@ pub mod h2frames;
 pub mod key_server;
 pub mod matrix;
 pub mod synapse;
+pub mod tee;
 pub mod upstream;
 
 use std::io::Read;

@@ -1,6 +1,7 @@
 //! A real Synapse (from PyPI, SQLite) behind the real edge, driven over TLS
 //! like a client would: register, log in, create a room, send, sync
-//! (initial and long-poll), upload and download 20 MB, and check that
+//! (initial and long-poll), a sync compressed that decompresses to exactly
+//! what Synapse sent, upload and download 20 MB, and check that
 //! Synapse recorded the client's real address despite a forged
 //! `X-Forwarded-For`.
 //!
@@ -42,6 +43,8 @@ async fn a_real_client_flow_through_the_edge() {
     let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let public_baseurl = format!("https://{HOST}:{}/", edge_addr.port());
     let synapse = Synapse::start(&work.path().join("synapse"), synapse_port, SERVER_NAME, &public_baseurl);
+    // The edge reaches Synapse through a relay that can record its answers.
+    let tee = support::tee::Tee::start(format!("127.0.0.1:{synapse_port}").parse().unwrap());
     let config = format!(
         r#"server_name: {SERVER_NAME}
 listeners:
@@ -54,10 +57,11 @@ well_known:
   server: {HOST}:{port}
   client: {{ homeserver: "https://{HOST}:{port}" }}
 synapse:
-  main: 127.0.0.1:{synapse_port}
+  main: "{tee}"
 limits: {{ max_upload_size: 50M }}
 "#,
-        port = edge_addr.port()
+        port = edge_addr.port(),
+        tee = tee.address
     );
     let edge = EdgeProcess::start(&config, Some(&pki), &[edge_addr]);
 
@@ -113,6 +117,25 @@ limits: {{ max_upload_size: 50M }}
     assert_eq!(status, 200);
     let incremental = tokio::time::timeout(Duration::from_secs(30), long_poll).await.unwrap().unwrap();
     assert_eq!(room_messages(&incremental, &room_id), ["second, over http/1.1"], "{incremental}");
+
+    // Compressed for the client: an initial sync through the edge, asked
+    // for with gzip, decompresses to exactly the bytes Synapse sent for it
+    // (recorded between the two), which Synapse sent uncompressed.
+    tee.record();
+    let gzipped = alice
+        .request(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0")
+        .header("Accept-Encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gzipped.headers().get("content-encoding").map(|v| v.as_bytes()), Some(&b"gzip"[..]));
+    let compressed = gzipped.bytes().await.unwrap();
+    let from_synapse = tee.recorded_body().expect("Synapse's whole answer was not recorded");
+    let mut through_edge = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&compressed[..]), &mut through_edge).unwrap();
+    assert!(through_edge == from_synapse, "the decompressed sync differs from what Synapse sent");
+    assert!(compressed.len() < from_synapse.len(), "gzip made the sync larger");
+    eprintln!("initial sync: {} bytes from Synapse, {} gzipped to the client", from_synapse.len(), compressed.len());
 
     // 20 MB up and down, streamed through the edge.
     let blob: Vec<u8> = (0..20 * 1024 * 1024).map(|i: usize| (i % 251) as u8).collect();
