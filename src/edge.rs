@@ -276,6 +276,7 @@ impl Edge {
             request_id_header: _,
             federation: _,
             compression: _,
+            cluster: _,
         } = &config;
         let mut warnings = Vec::new();
         let listeners = build_listeners(&config, source, &mut warnings)?;
@@ -602,13 +603,38 @@ fn undelegated_federation_warning(
 fn build_policy(config: &EdgeConfig, listeners: &[Listener], source: &Source) -> Result<Policy, ConfigError> {
     let (limits, rate_limits) = (&config.limits, &config.rate_limits);
     check_limits(limits, rate_limits, source)?;
-    let shared_limits = match &rate_limits.shared {
-        Some(shared) => Some(std::sync::Arc::new(
-            crate::upstream::shared_limits::SharedCounters::new(shared)
-                .map_err(|e| source.error_at(&[Seg::Key("rate_limits"), Seg::Key("shared")], e))?,
+    let shared = match (&rate_limits.shared, &config.cluster) {
+        (Some(_), Some(_)) => {
+            return Err(source.error_at(
+                &[Seg::Key("rate_limits"), Seg::Key("shared")],
+                "cluster.redis replaces rate_limits.shared: remove this, the rate limits are shared through cluster's Redis",
+            ))
+        }
+        (Some(shared), None) => Some((shared.clone(), [Seg::Key("rate_limits"), Seg::Key("shared")])),
+        (None, Some(cluster)) => Some((
+            crate::config::SharedLimitsConfig {
+                redis: cluster.redis.clone(),
+                prefix: cluster.prefix.clone(),
+                timeout: cluster.timeout,
+            },
+            [Seg::Key("cluster"), Seg::Key("redis")],
+        )),
+        (None, None) => None,
+    };
+    let shared_limits = match shared {
+        Some((shared, at)) => Some(std::sync::Arc::new(
+            crate::upstream::shared_limits::SharedCounters::new(&shared).map_err(|e| source.error_at(&at, e))?,
         )),
         None => None,
     };
+    if let Some(name) = config.cluster.as_ref().and_then(|cluster| cluster.name.as_deref()) {
+        if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(source.error_at(
+                &[Seg::Key("cluster"), Seg::Key("name")],
+                format!("1 to 64 visible ASCII characters, not {name:?}"),
+            ));
+        }
+    }
     let request_id_header = match &config.request_id_header {
         Some(name) => Some(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
             source.error_at(&[Seg::Key("request_id_header")], format!("{name:?} is not a header name"))

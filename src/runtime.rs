@@ -1,7 +1,8 @@
 //! What outlives a snapshot, made once at start and shared by every
 //! service and listener: the federation key cache and its latest
-//! refusals, each origin's turns at Synapse, the probes' readiness, the
-//! requests held, the last reload's outcome. A reload
+//! refusals, each origin's turns at Synapse, the operator states shared
+//! with other edges, the probes' readiness, the requests held, the last
+//! reload's outcome. A reload
 //! builds a new `Edge`; none of this is rebuilt or handed over.
 //!
 //! (Members' health and load, pool queues and rate limiters still travel
@@ -34,6 +35,8 @@ pub struct Runtime {
     pub held: Arc<Held>,
     /// Each federation origin's requests at Synapse, and its queue.
     pub federation_turns: Arc<crate::federation::turns::Turns>,
+    /// Operators' states shared with the other edges (`cluster`).
+    pub shared_admin: crate::upstream::shared_admin::SharedAdmin,
     last_reload: Mutex<Option<ReloadOutcome>>,
 }
 

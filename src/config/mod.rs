@@ -67,6 +67,27 @@ pub struct EdgeConfig {
     /// Synapse's JSON answers compressed for clients that ask.
     #[serde(default)]
     pub compression: CompressionConfig,
+    /// What several edges in front of one deployment share, through one Redis.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `cluster:`: one Redis for everything edges share: operators' drains,
+/// maintenance and ready, and the rate limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://[:password@]host:port/db` (or `redis+unix:///path`).
+    pub redis: String,
+    /// This edge, as the others and the status page name it; default: the host name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Prepended to every key, so several deployments can share a Redis.
+    #[serde(default = "default_shared_prefix")]
+    pub prefix: String,
+    /// How long a request waits for Redis before counting its rate locally.
+    #[serde(default = "default_shared_timeout")]
+    pub timeout: Span,
 }
 
 /// `compression:`: levels per coding (0 turns one off), and the shortest

@@ -117,6 +117,8 @@ pub struct ConnectionMetrics {
 
 /// Workers, certificates, reloads, discovery, shared limits, ACME.
 pub struct OperationMetrics {
+    /// 1 while the cluster's Redis answers, 0 when not (absent without `cluster`).
+    pub cluster_redis_up: IntGauge,
     /// 1 when a worker passes its health check, 0 when down.
     pub worker_up: IntGaugeVec,
     /// Certificate expiry (Unix seconds) by first name.
@@ -224,6 +226,10 @@ impl ConnectionMetrics {
 impl OperationMetrics {
     fn new() -> Result<Self, prometheus::Error> {
         Ok(OperationMetrics {
+            cluster_redis_up: IntGauge::new(
+                "cluster_redis_up",
+                "1 while the Redis shared with the other edges (cluster) answers, 0 when it does not",
+            )?,
             worker_up: IntGaugeVec::new(
                 Opts::new("worker_up", "1 when a worker passes its health check"),
                 &["group", "worker"],
@@ -328,7 +334,7 @@ impl FederationMetrics {
 
 /// Every metric into the registry, so `/metrics` renders it.
 fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
-    let collectors: [Box<dyn prometheus::core::Collector>; 36] = [
+    let collectors: [Box<dyn prometheus::core::Collector>; 37] = [
         Box::new(metrics.traffic.requests.clone()),
         Box::new(metrics.traffic.latency.clone()),
         Box::new(metrics.traffic.upstream_latency.clone()),
@@ -342,6 +348,7 @@ fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
         Box::new(metrics.operations.config_loaded_at.clone()),
         Box::new(metrics.connections.connections_refused.clone()),
         Box::new(metrics.connections.connections_open.clone()),
+        Box::new(metrics.operations.cluster_redis_up.clone()),
         Box::new(metrics.connections.guard_missing.clone()),
         Box::new(metrics.traffic.rate_limited.clone()),
         Box::new(metrics.traffic.websocket_upgrades.clone()),

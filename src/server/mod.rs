@@ -187,9 +187,16 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     let checker = crate::services::health::HealthChecker { edge: Arc::clone(&edge) };
     server.add_service(pingora::services::background::background_service("worker health", checker));
     if let Some(path) = &options.control_socket {
-        let control = crate::services::control::ControlSocket { path: path.clone(), edge: Arc::clone(&edge) };
+        let control = crate::services::control::ControlSocket {
+            path: path.clone(),
+            edge: Arc::clone(&edge),
+            runtime: Arc::clone(&runtime),
+        };
         server.add_service(pingora::services::background::background_service("control socket", control));
     }
+    // Always running: idle without `cluster`, and a reload may add it.
+    let cluster = crate::services::cluster::ClusterService { edge: Arc::clone(&edge), runtime: Arc::clone(&runtime) };
+    server.add_service(pingora::services::background::background_service("cluster", cluster));
     let stalls = crate::services::health::StallWatch { edge: Arc::clone(&edge) };
     server.add_service(pingora::services::background::background_service("stall watch", stalls));
     let discovery = crate::services::discovery::Discovery { edge: Arc::clone(&edge), installs };

@@ -23,6 +23,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 pub struct ControlSocket {
     pub path: PathBuf,
     pub edge: Arc<ArcSwap<Edge>>,
+    pub runtime: Arc<crate::runtime::Runtime>,
 }
 
 /// One member as `workers list` shows it.
@@ -75,8 +76,9 @@ pub fn list(edge: &Edge) -> Vec<MemberView> {
     members
 }
 
-/// The answer to one request line.
-pub fn answer(edge: &Edge, line: &str) -> serde_json::Value {
+/// The answer to one request line; a state set is queued for the other
+/// edges too when they share one (`cluster`).
+pub fn answer(edge: &Edge, shared: &crate::upstream::shared_admin::SharedAdmin, line: &str) -> serde_json::Value {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         ["list"] => serde_json::json!({ "members": list(edge) }),
@@ -89,7 +91,11 @@ pub fn answer(edge: &Edge, line: &str) -> serde_json::Value {
                 return serde_json::json!({ "error": format!("no worker or upstream member at {address}") });
             }
             let members: Vec<MemberView> = list(edge).into_iter().filter(|m| m.address == *address).collect();
-            serde_json::json!({ "changed": changed, "members": members })
+            let cluster = edge.ops.config.cluster.is_some();
+            if cluster {
+                shared.queue(address, admin);
+            }
+            serde_json::json!({ "changed": changed, "members": members, "shared": cluster })
         }
         _ => {
             serde_json::json!({ "error": format!("unknown request {line:?}: list, or set ready|drain|maintenance ADDRESS") })
@@ -124,6 +130,7 @@ impl BackgroundService for ControlSocket {
                 accepted = listener.accept() => {
                     let Ok((stream, _)) = accepted else { continue };
                     let edge = self.edge.load_full();
+                    let runtime = Arc::clone(&self.runtime);
                     tokio::spawn(async move {
                         let (reader, mut writer) = stream.into_split();
                         let mut line = String::new();
@@ -132,7 +139,7 @@ impl BackgroundService for ControlSocket {
                         if !matches!(tokio::time::timeout(Duration::from_secs(5), read).await, Ok(Ok(_))) {
                             return;
                         }
-                        let mut body = answer(&edge, line.trim()).to_string();
+                        let mut body = answer(&edge, &runtime.shared_admin, line.trim()).to_string();
                         body.push('\n');
                         let _ = writer.write_all(body.as_bytes()).await;
                     });
@@ -166,18 +173,23 @@ synapse:
     #[test]
     fn drain_and_ready_change_one_member_and_list_shows_it() {
         let edge = edge();
-        let drained = answer(&edge, "set drain 127.0.0.1:8084");
+        let shared = crate::upstream::shared_admin::SharedAdmin::default();
+        let drained = answer(&edge, &shared, "set drain 127.0.0.1:8084");
         assert_eq!(drained["changed"], 1, "{drained}");
         assert_eq!(drained["members"][0]["state"], "draining");
-        let listed = answer(&edge, "list");
+        let listed = answer(&edge, &shared, "list");
         let states: Vec<&str> =
             listed["members"].as_array().unwrap().iter().map(|m| m["state"].as_str().unwrap()).collect();
         assert_eq!(states, ["up", "draining"]);
         let pool = edge.pools.all().first().unwrap();
         assert!((0..50).all(|_| pool.pick(None, &[]) == Some(0)), "a draining member got a request");
-        assert_eq!(answer(&edge, "set ready 127.0.0.1:8084")["members"][0]["state"], "slow_start");
-        assert!(answer(&edge, "set drain 127.0.0.1:9999")["error"].as_str().unwrap().contains("no worker"));
-        assert!(answer(&edge, "set sleep 127.0.0.1:8084")["error"].as_str().unwrap().contains("unknown state"));
-        assert!(answer(&edge, "reboot")["error"].is_string());
+        assert_eq!(answer(&edge, &shared, "set ready 127.0.0.1:8084")["members"][0]["state"], "slow_start");
+        assert!(answer(&edge, &shared, "set drain 127.0.0.1:9999")["error"].as_str().unwrap().contains("no worker"));
+        assert!(!shared.has_pending(), "without cluster nothing is queued for other edges");
+        assert!(answer(&edge, &shared, "set sleep 127.0.0.1:8084")["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown state"));
+        assert!(answer(&edge, &shared, "reboot")["error"].is_string());
     }
 }

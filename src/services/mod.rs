@@ -1,4 +1,5 @@
 pub mod acme;
+pub mod cluster;
 pub mod control;
 pub mod discovery;
 pub mod health;

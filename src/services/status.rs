@@ -226,7 +226,69 @@ pub fn snapshot(edge: &Edge, runtime: &Runtime) -> Value {
         "requests_in_flight": METRICS.traffic.in_flight.get(),
         "rate_limited": rate_limited,
         "federation": federation(edge, runtime),
+        "cluster": cluster(edge, runtime),
     })
+}
+
+/// The edges this one shares operator states with: Redis reachable or not,
+/// the records applied here, those for members it does not have, those skipped.
+fn cluster(edge: &Edge, runtime: &Runtime) -> Value {
+    let Some(config) = &edge.ops.config.cluster else { return Value::Null };
+    let view = runtime.shared_admin.view();
+    let records = |records: &[(String, crate::upstream::shared_admin::Record)]| -> Vec<Value> {
+        records
+            .iter()
+            .map(|(address, record)| json!({ "address": address, "state": record.state, "edge": record.edge, "at": record.at }))
+            .collect()
+    };
+    json!({
+        "name": crate::services::cluster::edge_name(config.name.as_deref()),
+        "redis_reachable": view.reachable,
+        "last_error": view.last_error,
+        "records": records(&view.applied),
+        "unknown_members": records(&view.unknown),
+        "skipped": view.skipped,
+    })
+}
+
+fn cluster_html(out: &mut String, cluster: &Value) {
+    if cluster.is_null() {
+        return;
+    }
+    let redis = match cluster["redis_reachable"].as_bool() {
+        Some(true) => "reachable".to_string(),
+        Some(false) => format!(
+            "<span class=\"error\">unreachable</span> ({}): states last read are kept",
+            text(&cluster["last_error"])
+        ),
+        None => "not asked yet".to_string(),
+    };
+    out.push_str(&format!("<h2>Cluster</h2><p>This edge: <b>{}</b>. Redis: {redis}.</p>", text(&cluster["name"])));
+    for (key, title) in [
+        ("records", "Operator states shared"),
+        ("unknown_members", "Records for members this edge does not have (ignored)"),
+    ] {
+        let rows = cluster[key].as_array().map(Vec::as_slice).unwrap_or_default();
+        if rows.is_empty() {
+            continue;
+        }
+        out.push_str(&format!(
+            "<h3>{title}</h3><table><tr><th>member</th><th>state</th><th>set on</th><th>when</th></tr>"
+        ));
+        for row in rows {
+            out.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                text(&row["address"]),
+                text(&row["state"]),
+                text(&row["edge"]),
+                when(&row["at"]),
+            ));
+        }
+        out.push_str("</table>");
+    }
+    for skipped in cluster["skipped"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        out.push_str(&format!("<p class=\"error\">Skipped record: {}</p>", text(skipped)));
+    }
 }
 
 fn escape(text: &str) -> String {
@@ -360,6 +422,7 @@ pub fn html(status: &Value) -> String {
     }
     out.push_str("</table>");
     federation_html(&mut out, &status["federation"]);
+    cluster_html(&mut out, &status["cluster"]);
     out.push_str(
         "<p><a href=\"/status.json\">status.json</a> &middot; <a href=\"/metrics\">metrics</a></p></body></html>\n",
     );

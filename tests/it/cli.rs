@@ -498,13 +498,14 @@ sites:
 rate_limits:
   login: { requests: 5, per: 1m }
 federation: { per_origin: { max_in_flight: 8, weights: { backfill: 4 } } }
+cluster: { redis: "redis://127.0.0.1:6379/0", name: edge1 }
 "#;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("deep.yaml");
     std::fs::write(&file, base).unwrap();
     let (code, _, stderr) = check(&file);
     assert_eq!(code, 0, "the base config must pass: {stderr}");
-    let cases: [(&str, &str, &str, &str); 14] = [
+    let cases: [(&str, &str, &str, &str); 16] = [
         ("weight: 2", "wieght: 2", "synapse.workers.synchrotron[1]", "unknown field `wieght`"),
         ("weight: 2", "weight: -2", "synapse.workers.synchrotron[1].weight", "invalid type"),
         (
@@ -544,6 +545,13 @@ federation: { per_origin: { max_in_flight: 8, weights: { backfill: 4 } } }
         ("backfill: 4", "backfil: 4", "federation.per_origin.weights", "backfil: 4: weigh one of send, backfill"),
         ("backfill: 4", "backfill: 0", "federation.per_origin.weights", "backfill: 0: weigh one of"),
         ("max_in_flight: 8,", "max_in_flight: 0,", "federation.per_origin.max_in_flight", "0 would let no origin in"),
+        ("name: edge1", "name: \"edge one\"", "cluster.name", "1 to 64 visible ASCII characters"),
+        (
+            "  login: { requests: 5, per: 1m }",
+            "  shared: { redis: \"redis://127.0.0.1:6379/1\" }",
+            "rate_limits.shared",
+            "cluster.redis replaces rate_limits.shared",
+        ),
     ];
     for (from, to, key, message) in cases {
         let edited = base.replacen(from, to, 1);

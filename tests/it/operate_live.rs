@@ -16,7 +16,7 @@ use std::time::Duration;
 use support::certs::TestPki;
 use support::client::{h1_plain, read_response};
 use support::upstream::RecordingUpstream;
-use support::{free_port, EdgeProcess};
+use support::{free_port, workers_cli, EdgeProcess};
 
 /// A worker answering `{"worker": name}` after `delay` ms (from the query),
 /// counting the requests it took.
@@ -88,21 +88,6 @@ fn sync(stream: &mut TcpStream, user: usize, delay_ms: u64) -> (u16, String) {
 fn placement(edge: SocketAddr, users: usize) -> BTreeMap<usize, String> {
     let mut stream = TcpStream::connect(edge).unwrap();
     (0..users).map(|user| (user, sync(&mut stream, user, 0).1)).collect()
-}
-
-fn workers_cli(edge: &EdgeProcess, args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(support::binary())
-        .arg("workers")
-        .arg("--control-socket")
-        .arg(edge.control_socket())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -462,3 +462,181 @@ rate_limits:
     assert_eq!(main_syncs(), main_syncs_before, "sync fell back to main while members changed");
     let _ = sync3;
 }
+
+/// A Redis on `port` keeping its data in `dir` across a restart (append-only file).
+fn start_redis(dir: &Path, port: u16) -> ChildGuard {
+    let redis = ChildGuard(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/install-deps installs it)"),
+    );
+    wait_listening(format!("127.0.0.1:{port}").parse().unwrap(), "redis");
+    redis
+}
+
+/// An edge of a cluster sharing `redis`, with two client_reader workers.
+fn cluster_edge(name: &str, redis_port: u16, main: SocketAddr, readers: [SocketAddr; 2]) -> Member {
+    let (port, metrics) = (free_port(), free_port());
+    let config = format!(
+        r#"server_name: example.com
+listeners:
+  - {{ address: "127.0.0.1:{port}", serves: [client] }}
+synapse:
+  main: "{main}"
+  workers:
+    client_reader: ["{}", "{}"]
+cluster: {{ redis: "redis://127.0.0.1:{redis_port}/0", name: {name}, prefix: shared-test }}
+metrics: {{ address: "127.0.0.1:{metrics}" }}
+"#,
+        readers[0], readers[1]
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let edge = EdgeProcess::start(&config, None, &[addr]);
+    Member { edge, addr, metrics: format!("127.0.0.1:{metrics}").parse().unwrap() }
+}
+
+/// One edge of a cluster: the process, its client listener, its private one.
+struct Member {
+    edge: EdgeProcess,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+}
+
+/// Which client_reader answered each of `count` requests through `member`.
+fn readers_used(member: &Member, count: usize) -> Vec<String> {
+    let addr = member.addr;
+    (0..count)
+        .map(|_| {
+            let answer =
+                exchange(TcpStream::connect(addr).unwrap(), &request("/_matrix/client/v3/publicRooms")).unwrap();
+            assert_eq!(answer.status, 200);
+            served_by(&answer)
+        })
+        .collect()
+}
+
+/// How long until `member`'s control socket shows `address` in `state`
+/// (one word, or several as `a|b`).
+fn time_until_state(member: &Member, address: &str, state: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (_, listed, _) = support::workers_cli(&member.edge, &["list"]);
+        let row = |line: &str| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            words.contains(&address) && state.split('|').any(|wanted| words.contains(&wanted))
+        };
+        if listed.lines().any(row) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "{address} never {state}:\n{listed}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn cluster_status(metrics: SocketAddr) -> serde_json::Value {
+    let (page, _) = support::client::h1_plain(metrics, b"GET /status.json HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    serde_json::from_slice::<serde_json::Value>(&page.body).unwrap()["cluster"].clone()
+}
+
+/// Issue 35's operator states: a drain typed on one edge reaches the
+/// other within a second, ready on the other brings the worker back on
+/// both, an edge started later learns the records, an outage of Redis
+/// keeps what each knew and a drain typed meanwhile is shared once Redis
+/// is back, and a record nobody can read is skipped.
+#[test]
+fn operator_states_are_shared_between_edges_through_redis() {
+    let work = tempfile::tempdir().unwrap();
+    let redis_port = free_port();
+    let mut redis = start_redis(work.path(), redis_port);
+    let main = support::upstream::RecordingUpstream::start_named("main", free_port());
+    let first = support::upstream::RecordingUpstream::start_named("first", free_port());
+    let second = support::upstream::RecordingUpstream::start_named("second", free_port());
+    let readers = [first.addr, second.addr];
+    let a = cluster_edge("edge-a", redis_port, main.addr, readers);
+    let b = cluster_edge("edge-b", redis_port, main.addr, readers);
+    let a_metrics = a.metrics;
+    let second_address = second.addr.to_string();
+    assert!(readers_used(&b, 10).contains(&"second".to_string()), "B does not use both readers to begin with");
+
+    // Drained on A; B follows within a second and sends it nothing new.
+    let (code, out, err) = support::workers_cli(&a.edge, &["drain", &second_address]);
+    assert_eq!(code, 0, "{out}{err}");
+    let took = time_until_state(&b, &second_address, "draining");
+    eprintln!("a drain on A reached B after {took:?}");
+    assert!(took < Duration::from_secs(3), "B took {took:?} to learn A's drain");
+    assert!(readers_used(&b, 20).iter().all(|reader| reader == "first"), "B still sends to the drained reader");
+
+    // Ready on B brings it back on A too.
+    let (code, out, err) = support::workers_cli(&b.edge, &["ready", &second_address]);
+    assert_eq!(code, 0, "{out}{err}");
+    time_until_state(&a, &second_address, "up|slow_start");
+    // Back gradually (slow start): it gets requests again within seconds.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !readers_used(&a, 10).contains(&"second".to_string()) {
+        assert!(Instant::now() < deadline, "A does not send to the reader made ready on B");
+    }
+
+    // Maintenance on A; an edge started afterwards learns it at start.
+    support::workers_cli(&a.edge, &["maintenance", &second_address]);
+    time_until_state(&b, &second_address, "maintenance");
+    let c = cluster_edge("edge-c", redis_port, main.addr, readers);
+    let took = time_until_state(&c, &second_address, "maintenance");
+    eprintln!("an edge started later learned the maintenance after {took:?}");
+
+    // Redis gone: each keeps what it knew and keeps serving.
+    drop(redis);
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(readers_used(&b, 10).iter().all(|reader| reader == "first"), "B forgot the maintenance without Redis");
+    assert_eq!(metric_value(a_metrics, "matrix_edge_cluster_redis_up"), Some(0.0));
+    assert_eq!(cluster_status(a_metrics)["redis_reachable"], false);
+    assert!(a.edge.log_text().contains("cluster: Redis unreachable"), "{}", a.edge.log_text());
+    // Typed while Redis is away: applied here, shared once it is back.
+    let first_address = first.addr.to_string();
+    let (code, out, err) = support::workers_cli(&a.edge, &["drain", &first_address]);
+    assert_eq!(code, 0, "{out}{err}");
+    redis = start_redis(work.path(), redis_port);
+    time_until_state(&b, &first_address, "draining");
+    time_until_state(&c, &first_address, "draining");
+    let (_, listed, _) = support::workers_cli(&b.edge, &["list"]);
+    assert!(listed.lines().any(|l| l.contains(&second_address) && l.contains("maintenance")), "{listed}");
+    assert_eq!(metric_value(a_metrics, "matrix_edge_cluster_redis_up"), Some(1.0));
+
+    // A record nobody can read, and one for a member these edges lack.
+    let mut connection =
+        redis::Client::open(format!("redis://127.0.0.1:{redis_port}/0")).unwrap().get_connection().unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("shared-test:admin")
+        .arg(&second_address)
+        .arg("\u{1}garbage")
+        .query(&mut connection)
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("shared-test:admin")
+        .arg("127.0.0.1:1")
+        .arg(r#"{"state":"drain","edge":"elsewhere","at":1}"#)
+        .query(&mut connection)
+        .unwrap();
+    let _: () = redis::cmd("INCR").arg("shared-test:admin:version").query(&mut connection).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = cluster_status(a_metrics);
+        if status["skipped"].as_array().is_some_and(|skipped| !skipped.is_empty()) {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the garbage record was never reported: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status["skipped"][0].as_str().unwrap().starts_with(&second_address), "{status}");
+    assert_eq!(status["unknown_members"][0]["address"], "127.0.0.1:1", "{status}");
+    assert_eq!(status["redis_reachable"], true);
+    assert!(a.edge.log_text().contains("cluster: a record in Redis was skipped"), "{}", a.edge.log_text());
+    // The unreadable record changes nothing: the reader it names stays as it was.
+    let (_, listed, _) = support::workers_cli(&a.edge, &["list"]);
+    assert!(listed.lines().any(|l| l.contains(&second_address) && l.contains("maintenance")), "{listed}");
+    assert_eq!(readers_used(&a, 4).len(), 4, "A stopped serving");
+    drop(redis);
+}

@@ -232,3 +232,19 @@ impl Drop for EdgeProcess {
         let _ = self.child.wait();
     }
 }
+
+/// `matrix-edge workers ARGS` against `edge`'s control socket: exit code, stdout, stderr.
+pub fn workers_cli(edge: &EdgeProcess, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(binary())
+        .arg("workers")
+        .arg("--control-socket")
+        .arg(edge.control_socket())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,228 @@
+//! Several edges as one: operators' drains, maintenance and ready, typed
+//! on any edge, written to the Redis in `cluster` and read back by every
+//! edge within a second (`upstream::shared_admin` has the records).
+//!
+//! Each edge asks Redis every 250 ms for a counter that every write bumps,
+//! and reads the records again when it moved (and every 10 s regardless).
+//! A counter read each tick rather than a notification: an edge that was
+//! cut off from Redis would have missed notifications and must read the
+//! records again anyway, and one small read per tick is cheap. An edge
+//! started later reads the records at its first tick. While Redis cannot
+//! be reached, every edge keeps what it last knew (a drain stays a drain),
+//! says so (log line, `matrix_edge_cluster_redis_up`, status page) and
+//! writes what was typed meanwhile once Redis is back.
+
+use crate::edge::Edge;
+use crate::observe::metrics::METRICS;
+use crate::runtime::Runtime;
+use crate::services::control::pools;
+use crate::upstream::shared_admin::{decode_all, Record};
+use crate::upstream::state::Admin;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+const TICK: Duration = Duration::from_millis(250);
+/// Records read again even when the counter did not move.
+const FULL_READ: Duration = Duration::from_secs(10);
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct ClusterService {
+    pub edge: Arc<ArcSwap<Edge>>,
+    pub runtime: Arc<Runtime>,
+}
+
+/// The keys of one cluster.
+struct Keys {
+    records: String,
+    version: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Keys {
+        Keys { records: format!("{prefix}:admin"), version: format!("{prefix}:admin:version") }
+    }
+}
+
+/// This edge's name in the cluster: the configured one, else the host name.
+pub fn edge_name(configured: Option<&str>) -> String {
+    configured.map(str::to_string).unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_string())
+            .ok()
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "edge".into())
+    })
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// One connection to the cluster's Redis, made again after a failure.
+struct Link {
+    url: String,
+    connection: Option<redis::aio::MultiplexedConnection>,
+    version: Option<i64>,
+    read_at: Option<Instant>,
+}
+
+impl Link {
+    async fn connection(&mut self) -> Result<redis::aio::MultiplexedConnection, String> {
+        if let Some(connection) = &self.connection {
+            return Ok(connection.clone());
+        }
+        let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
+        let connection = tokio::time::timeout(REDIS_TIMEOUT, client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| format!("no connection within {REDIS_TIMEOUT:?}"))?
+            .map_err(|e| e.to_string())?;
+        self.connection = Some(connection.clone());
+        Ok(connection)
+    }
+}
+
+async fn timed<T>(work: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+    match tokio::time::timeout(REDIS_TIMEOUT, work).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {REDIS_TIMEOUT:?}")),
+    }
+}
+
+/// Writes this edge's pending changes, then reads the records if they
+/// moved; returns the records read, if any.
+async fn exchange(
+    link: &mut Link,
+    keys: &Keys,
+    name: &str,
+    runtime: &Runtime,
+) -> Result<Option<BTreeMap<String, String>>, String> {
+    let mut connection = link.connection().await?;
+    let pending = runtime.shared_admin.take_pending();
+    if !pending.is_empty() {
+        let mut write = redis::pipe();
+        write.atomic();
+        for (address, admin) in &pending {
+            match Record::new(*admin, name, unix_now()) {
+                Some(record) => write.hset(&keys.records, address, record.encode()).ignore(),
+                None => write.hdel(&keys.records, address).ignore(),
+            };
+        }
+        write.incr(&keys.version, 1).ignore();
+        if let Err(e) = timed(write.query_async::<()>(&mut connection)).await {
+            runtime.shared_admin.requeue(pending);
+            return Err(e);
+        }
+    }
+    let version: Option<i64> = timed(redis::cmd("GET").arg(&keys.version).query_async(&mut connection)).await?;
+    let stale = link.read_at.is_none_or(|at| at.elapsed() >= FULL_READ);
+    if version == link.version && !stale {
+        return Ok(None);
+    }
+    let records: BTreeMap<String, String> =
+        timed(redis::cmd("HGETALL").arg(&keys.records).query_async(&mut connection)).await?;
+    link.version = version;
+    link.read_at = Some(Instant::now());
+    Ok(Some(records))
+}
+
+/// Makes every member's operator state what the records say (absent:
+/// ready), unless a change typed here is still waiting to be written.
+fn apply(edge: &Edge, runtime: &Runtime, fields: &BTreeMap<String, String>) {
+    let (records, skipped) = decode_all(fields);
+    let mut known = std::collections::BTreeSet::new();
+    let waiting = runtime.shared_admin.has_pending();
+    for (_, pool) in pools(edge) {
+        for member in &pool.members {
+            known.insert(member.label.clone());
+            if waiting {
+                continue;
+            }
+            // An unreadable record (garbage, a newer state) leaves its member as it is.
+            if skipped.iter().any(|(address, _)| *address == member.label) {
+                continue;
+            }
+            let wanted = records.get(&member.label).map_or(Admin::Ready, |(admin, _)| *admin);
+            if member.state.admin() != wanted {
+                pool.set_admin(&member.label, wanted);
+            }
+        }
+    }
+    let skipped: Vec<String> = skipped.iter().map(|(address, why)| format!("{address}: {why}")).collect();
+    let before = runtime.shared_admin.view();
+    for reason in skipped.iter().filter(|reason| !before.skipped.contains(reason)) {
+        log::warn!("cluster: a record in Redis was skipped: {reason}");
+    }
+    let (applied, unknown): (Vec<_>, Vec<_>) = records
+        .into_iter()
+        .map(|(address, (_, record))| (address, record))
+        .partition(|(address, _)| known.contains(address));
+    runtime.shared_admin.update_view(|view| {
+        view.applied = applied;
+        view.unknown = unknown;
+        view.skipped = skipped;
+    });
+}
+
+fn set_reachable(runtime: &Runtime, result: Result<(), String>) {
+    let reachable = result.is_ok();
+    let before = runtime.shared_admin.view();
+    match (&result, before.reachable) {
+        (Err(e), Some(true) | None) => {
+            log::warn!("cluster: Redis unreachable ({e}); keeping the operator states last read, retrying")
+        }
+        (Ok(()), Some(false)) => log::warn!("cluster: Redis reachable again; operator states shared again"),
+        _ => {}
+    }
+    METRICS.operations.cluster_redis_up.set(i64::from(reachable));
+    runtime.shared_admin.update_view(|view| {
+        view.reachable = Some(reachable);
+        view.last_error = result.err();
+    });
+}
+
+#[async_trait]
+impl BackgroundService for ClusterService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut link: Option<(Link, Keys)> = None;
+        let mut snapshot = 0usize;
+        loop {
+            let edge = self.edge.load_full();
+            if let Some(cluster) = &edge.ops.config.cluster {
+                let same = link.as_ref().is_some_and(|(link, keys)| {
+                    link.url == cluster.redis && keys.records == Keys::new(&cluster.prefix).records
+                });
+                if !same {
+                    let fresh = Link { url: cluster.redis.clone(), connection: None, version: None, read_at: None };
+                    link = Some((fresh, Keys::new(&cluster.prefix)));
+                }
+                if let Some((link, keys)) = link.as_mut() {
+                    // A reload may have brought members the records name: read them again.
+                    let current = Arc::as_ptr(&edge) as usize;
+                    if current != snapshot {
+                        link.read_at = None;
+                        snapshot = current;
+                    }
+                    let name = edge_name(cluster.name.as_deref());
+                    let outcome = exchange(link, keys, &name, &self.runtime).await;
+                    match &outcome {
+                        Ok(Some(records)) => apply(&edge, &self.runtime, records),
+                        Ok(None) => {}
+                        Err(_) => link.connection = None,
+                    }
+                    set_reachable(&self.runtime, outcome.map(|_| ()));
+                }
+            } else {
+                link = None;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
