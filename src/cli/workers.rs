@@ -49,7 +49,34 @@ pub fn render(members: &[MemberView]) -> String {
 }
 
 pub fn list(socket: &Path) -> Result<String, CliError> {
-    Ok(render(&members(&ask(socket, "list")?)?))
+    let answer = ask(socket, "list")?;
+    let mut out = render(&members(&answer)?);
+    let edges = answer["edges"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !edges.is_empty() {
+        out.push_str(&format!("\n{:<24} {:<10} {:<14} {:>12}  {}\n", "edge", "version", "config", "heard", "notes"));
+        for edge in edges {
+            let mut notes = Vec::new();
+            if edge["config_drift"] == true {
+                notes.push("config differs from this edge's".to_string());
+            }
+            if edge["silent"] == true {
+                notes.push("not heard from".to_string());
+            }
+            if let Some(error) = edge["reload_error"].as_str() {
+                notes.push(format!("last reload failed: {error}"));
+            }
+            let heard = format!("{:.1} s ago", edge["heard_ms_ago"].as_f64().unwrap_or(0.0) / 1000.0);
+            out.push_str(&format!(
+                "{:<24} {:<10} {:<14} {:>12}  {}\n",
+                edge["name"].as_str().unwrap_or("?"),
+                edge["version"].as_str().unwrap_or("?"),
+                edge["config"].as_str().unwrap_or("?"),
+                heard,
+                notes.join("; ")
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// Sets a member's state; with `wait` (draining or maintenance), returns

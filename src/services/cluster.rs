@@ -16,7 +16,7 @@ use crate::edge::Edge;
 use crate::observe::metrics::METRICS;
 use crate::runtime::Runtime;
 use crate::services::control::pools;
-use crate::upstream::shared_admin::{decode_all, Record};
+use crate::upstream::shared_admin::{decode_all, fleet, Beat, Record};
 use crate::upstream::state::Admin;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -40,12 +40,89 @@ pub struct ClusterService {
 struct Keys {
     records: String,
     version: String,
+    edges: String,
 }
 
 impl Keys {
     fn new(prefix: &str) -> Keys {
-        Keys { records: format!("{prefix}:admin"), version: format!("{prefix}:admin:version") }
+        Keys {
+            records: format!("{prefix}:admin"),
+            version: format!("{prefix}:admin:version"),
+            edges: format!("{prefix}:edges"),
+        }
     }
+}
+
+/// Heartbeats go out every this many ticks (a second).
+const BEAT_EVERY: u64 = 4;
+
+/// The first 12 hex digits of the SHA-256 of a config, without what each
+/// edge may set for itself (its listeners, metrics address and cluster
+/// name): equal on edges that route and limit alike, whatever their
+/// comments, key order within a line or addresses.
+pub fn config_digest(text: &str) -> String {
+    let shared = match serde_yaml::from_str::<serde_yaml::Value>(text) {
+        Ok(mut config) => {
+            if let Some(map) = config.as_mapping_mut() {
+                map.remove("listeners");
+                map.remove("metrics");
+                if let Some(cluster) = map.get_mut("cluster").and_then(serde_yaml::Value::as_mapping_mut) {
+                    cluster.remove("name");
+                }
+            }
+            serde_yaml::to_string(&config).unwrap_or_else(|_| text.to_string())
+        }
+        Err(_) => text.to_string(),
+    };
+    openssl::sha::sha256(shared.as_bytes()).iter().take(6).map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config_digest;
+
+    #[test]
+    fn the_digest_ignores_what_each_edge_sets_for_itself() {
+        let a = "server_name: x\nlisteners: [{ address: '10.0.0.1:443' }]\ncluster: { redis: r, name: a }\n";
+        let b = "# edge b\nserver_name: x\nlisteners: [{ address: '10.0.0.2:443' }]\ncluster: { redis: r, name: b }\n";
+        let c = "server_name: y\nlisteners: [{ address: '10.0.0.1:443' }]\ncluster: { redis: r, name: a }\n";
+        assert_eq!(config_digest(a), config_digest(b));
+        assert_ne!(config_digest(a), config_digest(c));
+        assert_eq!(config_digest(a).len(), 12);
+    }
+}
+
+fn beat(edge: &Edge, runtime: &Runtime, name: &str, started: i64) -> Beat {
+    let reload = runtime.last_reload();
+    Beat {
+        name: name.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        config: config_digest(&edge.ops.source.text),
+        listeners: edge.ops.listeners.iter().map(|listener| listener.address.to_string()).collect(),
+        started,
+        reloaded: reload.as_ref().map(|reload| reload.at),
+        reload_error: reload.and_then(|reload| reload.error),
+        at: unix_now_ms(),
+    }
+}
+
+fn unix_now_ms() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Writes this edge's heartbeat and reads everyone's.
+async fn heartbeat(link: &mut Link, keys: &Keys, beat: &Beat, runtime: &Runtime) -> Result<(), String> {
+    let mut connection = link.connection().await?;
+    let text = serde_json::to_string(beat).map_err(|e| e.to_string())?;
+    timed(redis::cmd("HSET").arg(&keys.edges).arg(&beat.name).arg(text).query_async::<()>(&mut connection)).await?;
+    let fields: BTreeMap<String, String> =
+        timed(redis::cmd("HGETALL").arg(&keys.edges).query_async(&mut connection)).await?;
+    let (rows, forget) = fleet(&fields, &beat.config, unix_now_ms());
+    if !forget.is_empty() {
+        timed(redis::cmd("HDEL").arg(&keys.edges).arg(&forget).query_async::<()>(&mut connection)).await?;
+    }
+    runtime.shared_admin.update_view(|view| view.fleet = rows);
+    Ok(())
 }
 
 /// This edge's name in the cluster: the configured one, else the host name.
@@ -190,7 +267,10 @@ impl BackgroundService for ClusterService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut link: Option<(Link, Keys)> = None;
         let mut snapshot = 0usize;
+        let started = unix_now();
+        let mut tick = 0u64;
         loop {
+            tick += 1;
             let edge = self.edge.load_full();
             if let Some(cluster) = &edge.ops.config.cluster {
                 let same = link.as_ref().is_some_and(|(link, keys)| {
@@ -208,11 +288,16 @@ impl BackgroundService for ClusterService {
                         snapshot = current;
                     }
                     let name = edge_name(cluster.name.as_deref());
-                    let outcome = exchange(link, keys, &name, &self.runtime).await;
-                    match &outcome {
-                        Ok(Some(records)) => apply(&edge, &self.runtime, records),
-                        Ok(None) => {}
-                        Err(_) => link.connection = None,
+                    let mut outcome = exchange(link, keys, &name, &self.runtime).await;
+                    if let Ok(Some(records)) = &outcome {
+                        apply(&edge, &self.runtime, records);
+                    }
+                    if outcome.is_ok() && tick % BEAT_EVERY == 1 {
+                        let beat = beat(&edge, &self.runtime, &name, started);
+                        outcome = heartbeat(link, keys, &beat, &self.runtime).await.map(|()| None);
+                    }
+                    if outcome.is_err() {
+                        link.connection = None;
                     }
                     set_reachable(&self.runtime, outcome.map(|_| ()));
                 }

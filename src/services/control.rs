@@ -81,7 +81,10 @@ pub fn list(edge: &Edge) -> Vec<MemberView> {
 pub fn answer(edge: &Edge, shared: &crate::upstream::shared_admin::SharedAdmin, line: &str) -> serde_json::Value {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
-        ["list"] => serde_json::json!({ "members": list(edge) }),
+        ["list"] => serde_json::json!({
+            "members": list(edge),
+            "edges": crate::services::status::fleet_json(&shared.view().fleet),
+        }),
         ["set", word, address] => {
             let Some(admin) = Admin::parse(word) else {
                 return serde_json::json!({ "error": format!("unknown state {word:?}: ready, drain or maintenance") });

@@ -248,7 +248,30 @@ fn cluster(edge: &Edge, runtime: &Runtime) -> Value {
         "records": records(&view.applied),
         "unknown_members": records(&view.unknown),
         "skipped": view.skipped,
+        "edges": fleet_json(&view.fleet),
     })
+}
+
+/// The edges heard from, as the status page and `workers list` show them.
+pub fn fleet_json(fleet: &[crate::upstream::shared_admin::FleetRow]) -> Vec<Value> {
+    fleet
+        .iter()
+        .map(|row| {
+            let beat = &row.beat;
+            json!({
+                "name": beat.name,
+                "version": beat.version,
+                "config": beat.config,
+                "config_drift": row.drift,
+                "listeners": beat.listeners,
+                "started": beat.started,
+                "last_reload": beat.reloaded,
+                "reload_error": beat.reload_error,
+                "heard_ms_ago": (SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64) - beat.at).max(0),
+                "silent": row.silent,
+            })
+        })
+        .collect()
 }
 
 fn cluster_html(out: &mut String, cluster: &Value) {
@@ -264,6 +287,38 @@ fn cluster_html(out: &mut String, cluster: &Value) {
         None => "not asked yet".to_string(),
     };
     out.push_str(&format!("<h2>Cluster</h2><p>This edge: <b>{}</b>. Redis: {redis}.</p>", text(&cluster["name"])));
+    let edges = cluster["edges"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !edges.is_empty() {
+        out.push_str("<h3>Edges</h3><table><tr><th>edge</th><th>version</th><th>config</th><th>listeners</th><th>started</th><th>last reload</th><th>heard</th></tr>");
+        for edge in edges {
+            let config = if edge["config_drift"] == true {
+                format!("<span class=\"error\">{} (differs from this edge's)</span>", text(&edge["config"]))
+            } else {
+                text(&edge["config"])
+            };
+            let reload = match (&edge["last_reload"], &edge["reload_error"]) {
+                (Value::Null, _) => "-".to_string(),
+                (at, Value::Null) => format!("{} ok", when(at)),
+                (at, error) => format!("{} <span class=\"error\">failed: {}</span>", when(at), text(error)),
+            };
+            let heard = format!("{:.1} s ago", edge["heard_ms_ago"].as_f64().unwrap_or(0.0) / 1000.0);
+            let heard = if edge["silent"] == true {
+                format!("<span class=\"error\">{heard}: not heard from</span>")
+            } else {
+                heard
+            };
+            let listeners: Vec<String> =
+                edge["listeners"].as_array().map(Vec::as_slice).unwrap_or_default().iter().map(text).collect();
+            out.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{config}</td><td>{}</td><td>{}</td><td>{reload}</td><td>{heard}</td></tr>",
+                text(&edge["name"]),
+                text(&edge["version"]),
+                listeners.join(", "),
+                when(&edge["started"]),
+            ));
+        }
+        out.push_str("</table>");
+    }
     for (key, title) in [
         ("records", "Operator states shared"),
         ("unknown_members", "Records for members this edge does not have (ignored)"),

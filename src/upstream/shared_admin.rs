@@ -63,6 +63,58 @@ pub fn decode_all(fields: &BTreeMap<String, String>) -> (Records, Skipped) {
     (good, skipped)
 }
 
+/// One edge's heartbeat, written every second to `PREFIX:edges`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Beat {
+    pub name: String,
+    pub version: String,
+    /// The first 12 hex digits of the SHA-256 of its config file's text.
+    pub config: String,
+    pub listeners: Vec<String>,
+    /// Unix seconds.
+    pub started: i64,
+    /// The last reload: when (Unix seconds) and its error, if it failed.
+    pub reloaded: Option<i64>,
+    pub reload_error: Option<String>,
+    /// When it wrote this, Unix milliseconds.
+    pub at: i64,
+}
+
+/// An edge as another sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetRow {
+    pub beat: Beat,
+    /// Its config differs from the reader's.
+    pub drift: bool,
+    /// Not heard from for `SILENT_AFTER_MS`.
+    pub silent: bool,
+}
+
+/// An edge not heard from for this long is flagged.
+pub const SILENT_AFTER_MS: i64 = 5_000;
+/// An edge not heard from for this long is removed from the fleet.
+pub const FORGOTTEN_AFTER_MS: i64 = 600_000;
+
+/// The fleet from the heartbeats read, by name; the reader's own config
+/// digest marks drift. Returns the rows and the names to forget.
+pub fn fleet(fields: &BTreeMap<String, String>, own_config: &str, now_ms: i64) -> (Vec<FleetRow>, Vec<String>) {
+    let mut rows = Vec::new();
+    let mut forget = Vec::new();
+    for (name, text) in fields {
+        let Ok(beat) = serde_json::from_str::<Beat>(text) else {
+            forget.push(name.clone());
+            continue;
+        };
+        let age = now_ms - beat.at;
+        if age > FORGOTTEN_AFTER_MS {
+            forget.push(name.clone());
+            continue;
+        }
+        rows.push(FleetRow { drift: beat.config != own_config, silent: age > SILENT_AFTER_MS, beat });
+    }
+    (rows, forget)
+}
+
 /// What the status page shows of the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterView {
@@ -74,6 +126,8 @@ pub struct ClusterView {
     /// Records for addresses no pool of this edge has.
     pub unknown: Vec<(String, Record)>,
     pub skipped: Vec<String>,
+    /// Every edge heard from, this one included.
+    pub fleet: Vec<FleetRow>,
 }
 
 /// This edge's side of the shared records; lives in the runtime.
@@ -151,6 +205,38 @@ mod tests {
         assert_eq!(skipped[0].0, "127.0.0.1:8082");
         assert!(skipped[0].1.starts_with("not a record"), "{skipped:?}");
         assert!(skipped[1].1.contains("\"hibernate\" is not drain or maintenance"), "{skipped:?}");
+    }
+
+    #[test]
+    fn the_fleet_flags_config_drift_and_silence_and_forgets_the_long_gone() {
+        let beat = |name: &str, config: &str, at: i64| {
+            let beat = Beat {
+                name: name.into(),
+                version: "0.1.0".into(),
+                config: config.into(),
+                listeners: vec!["[::]:443".into()],
+                started: 1,
+                reloaded: None,
+                reload_error: None,
+                at,
+            };
+            (name.to_string(), serde_json::to_string(&beat).unwrap())
+        };
+        let now = 1_000_000_000;
+        let fields: BTreeMap<String, String> = [
+            beat("a", "abc", now - 100),
+            beat("b", "def", now - 1_000),
+            beat("c", "abc", now - 6_000),
+            beat("d", "abc", now - 700_000),
+            ("e".to_string(), "garbage".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let (rows, forget) = fleet(&fields, "abc", now);
+        let flags: Vec<(&str, bool, bool)> =
+            rows.iter().map(|row| (row.beat.name.as_str(), row.drift, row.silent)).collect();
+        assert_eq!(flags, [("a", false, false), ("b", true, false), ("c", false, true)]);
+        assert_eq!(forget, ["d", "e"]);
     }
 
     #[test]

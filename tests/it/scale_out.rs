@@ -587,6 +587,47 @@ fn operator_states_are_shared_between_edges_through_redis() {
     let took = time_until_state(&c, &second_address, "maintenance");
     eprintln!("an edge started later learned the maintenance after {took:?}");
 
+    // The fleet: every edge heard from, with its config digest (listeners,
+    // metrics and name are each edge's own); A's config changes and is
+    // reloaded, B's and C's do not.
+    let config = std::fs::read_to_string(&a.edge.config).unwrap();
+    std::fs::write(&a.edge.config, format!("{config}request_id_header: X-Edited-On-A\n")).unwrap();
+    EdgeProcess::signal(a.edge.pid(), "HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let edges = loop {
+        let edges = cluster_status(b.metrics)["edges"].clone();
+        let drifted: Vec<&str> = edges
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|edge| edge["config_drift"] == true)
+            .filter_map(|edge| edge["name"].as_str())
+            .collect();
+        if edges.as_array().unwrap().len() == 3 && drifted == ["edge-a"] {
+            break edges;
+        }
+        assert!(Instant::now() < deadline, "B never showed three edges with A's config drifted: {edges}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(edges.as_array().unwrap().iter().all(|edge| edge["silent"] == false), "{edges}");
+    let (_, listed, _) = support::workers_cli(&b.edge, &["list"]);
+    assert!(
+        listed.lines().any(|l| l.starts_with("edge-a ") && l.contains("config differs from this edge's")),
+        "{listed}"
+    );
+    assert!(listed.lines().any(|l| l.starts_with("edge-c ")), "{listed}");
+    // C stops: after five silent seconds the others flag it.
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let edges = cluster_status(b.metrics)["edges"].clone();
+        if edges.as_array().unwrap().iter().any(|edge| edge["name"] == "edge-c" && edge["silent"] == true) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "C was never flagged as not heard from: {edges}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // Redis gone: each keeps what it knew and keeps serving.
     drop(redis);
     std::thread::sleep(Duration::from_millis(600));
@@ -600,7 +641,6 @@ fn operator_states_are_shared_between_edges_through_redis() {
     assert_eq!(code, 0, "{out}{err}");
     redis = start_redis(work.path(), redis_port);
     time_until_state(&b, &first_address, "draining");
-    time_until_state(&c, &first_address, "draining");
     let (_, listed, _) = support::workers_cli(&b.edge, &["list"]);
     assert!(listed.lines().any(|l| l.contains(&second_address) && l.contains("maintenance")), "{listed}");
     assert_eq!(metric_value(a_metrics, "matrix_edge_cluster_redis_up"), Some(1.0));
