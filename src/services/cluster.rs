@@ -77,21 +77,6 @@ pub fn config_digest(text: &str) -> String {
     openssl::sha::sha256(shared.as_bytes()).iter().take(6).map(|byte| format!("{byte:02x}")).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::config_digest;
-
-    #[test]
-    fn the_digest_ignores_what_each_edge_sets_for_itself() {
-        let a = "server_name: x\nlisteners: [{ address: '10.0.0.1:443' }]\ncluster: { redis: r, name: a }\n";
-        let b = "# edge b\nserver_name: x\nlisteners: [{ address: '10.0.0.2:443' }]\ncluster: { redis: r, name: b }\n";
-        let c = "server_name: y\nlisteners: [{ address: '10.0.0.1:443' }]\ncluster: { redis: r, name: a }\n";
-        assert_eq!(config_digest(a), config_digest(b));
-        assert_ne!(config_digest(a), config_digest(c));
-        assert_eq!(config_digest(a).len(), 12);
-    }
-}
-
 fn beat(edge: &Edge, runtime: &Runtime, name: &str, started: i64) -> Beat {
     let reload = runtime.last_reload();
     Beat {
@@ -309,5 +294,20 @@ impl BackgroundService for ClusterService {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config_digest;
+
+    #[test]
+    fn the_digest_ignores_what_each_edge_sets_for_itself() {
+        let a = "server_name: x\nlisteners: [{ address: '10.0.0.1:443' }]\ncluster: { redis: r, name: a }\n";
+        let b = "# edge b\nserver_name: x\nlisteners: [{ address: '10.0.0.2:443' }]\ncluster: { redis: r, name: b }\n";
+        let c = "server_name: y\nlisteners: [{ address: '10.0.0.1:443' }]\ncluster: { redis: r, name: a }\n";
+        assert_eq!(config_digest(a), config_digest(b));
+        assert_ne!(config_digest(a), config_digest(c));
+        assert_eq!(config_digest(a).len(), 12);
     }
 }
