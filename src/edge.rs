@@ -783,7 +783,14 @@ fn build_federation_gate(
         notaries.push(crate::federation::keys::Notary { server_name: notary.server_name.clone(), keys });
     }
     crate::federation::counters::create_all();
-    let fetcher = crate::federation::keys::KeyFetcher::new(client, federation.verify.dns, notaries);
+    let shared = match &config.cluster {
+        Some(cluster) => Some(
+            crate::federation::keys::SharedKeys::new(&cluster.redis, &cluster.prefix)
+                .map_err(|e| source.error_at(&[Seg::Key("cluster"), Seg::Key("redis")], e))?,
+        ),
+        None => None,
+    };
+    let fetcher = crate::federation::keys::KeyFetcher::new(client, federation.verify.dns, notaries, shared);
     Ok(Some(std::sync::Arc::new(Gate {
         mode,
         server_name: config.server_name.0.clone(),

@@ -42,22 +42,115 @@ pub struct Notary {
     pub keys: Vec<(String, PublicKey)>,
 }
 
+/// Key documents shared by the edges of a cluster (`cluster`), in its
+/// Redis: the document as the origin signed it, kept until it expires, so
+/// one edge's fetch serves them all. A reader checks the self-signature
+/// itself, as for a document it fetched; one that does not verify (or a
+/// Redis that does not answer within `SHARED_TIMEOUT`) means a fetch of
+/// its own.
+pub struct SharedKeys {
+    client: redis::Client,
+    prefix: String,
+}
+
+const SHARED_TIMEOUT: Duration = Duration::from_millis(300);
+
+impl SharedKeys {
+    pub fn new(url: &str, prefix: &str) -> Result<SharedKeys, String> {
+        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        Ok(SharedKeys { client, prefix: prefix.to_string() })
+    }
+
+    fn key(&self, server_name: &str) -> String {
+        format!("{}:keys:{server_name}", self.prefix)
+    }
+
+    fn connection(&self) -> redis::RedisResult<redis::Connection> {
+        let connection = self.client.get_connection_with_timeout(SHARED_TIMEOUT)?;
+        connection.set_read_timeout(Some(SHARED_TIMEOUT))?;
+        connection.set_write_timeout(Some(SHARED_TIMEOUT))?;
+        Ok(connection)
+    }
+
+    /// Another edge's document for `server_name`, if one is stored and verifies.
+    fn get(&self, server_name: &str, now: u64) -> Option<ServerKeys> {
+        let text: Option<String> = self
+            .connection()
+            .and_then(|mut connection| redis::cmd("GET").arg(self.key(server_name)).query(&mut connection))
+            .map_err(|e| log::debug!("federation gate: shared keys of {server_name} not read: {e}"))
+            .ok()?;
+        let document: serde_json::Value = serde_json::from_str(&text?).ok()?;
+        match signing::verify_server_keys(&document, server_name) {
+            Ok(keys) if keys.valid_until_ts > now => Some(keys),
+            Ok(_) => None,
+            Err(error) => {
+                log::warn!("federation gate: the shared keys of {server_name} do not verify ({error}); fetching them");
+                None
+            }
+        }
+    }
+
+    fn put(&self, server_name: &str, document: &serde_json::Value, valid_until_ts: u64, now: u64) {
+        let lifetime = valid_until_ts.min(now + MAX_KEY_LIFETIME_MS).saturating_sub(now);
+        if lifetime == 0 {
+            return;
+        }
+        let stored = self.connection().and_then(|mut connection| {
+            redis::cmd("SET")
+                .arg(self.key(server_name))
+                .arg(document.to_string())
+                .arg("PX")
+                .arg(lifetime)
+                .query::<()>(&mut connection)
+        });
+        if let Err(e) = stored {
+            log::debug!("federation gate: the keys of {server_name} not shared: {e}");
+        }
+    }
+}
+
+/// Keys as a fetch found them.
+pub struct Fetched {
+    pub keys: ServerKeys,
+    /// Another edge of the cluster had fetched them.
+    pub shared: bool,
+}
+
 /// How keys are fetched: part of the configuration snapshot.
 pub struct KeyFetcher {
     client: Client,
     dns: Option<std::net::SocketAddr>,
     notaries: Vec<Notary>,
+    shared: Option<SharedKeys>,
 }
 
 impl KeyFetcher {
-    pub fn new(mut client: Client, dns: Option<std::net::SocketAddr>, notaries: Vec<Notary>) -> KeyFetcher {
+    pub fn new(
+        mut client: Client,
+        dns: Option<std::net::SocketAddr>,
+        notaries: Vec<Notary>,
+        shared: Option<SharedKeys>,
+    ) -> KeyFetcher {
         client.timeout = CONNECT_TIMEOUT;
         client.strict = true;
-        KeyFetcher { client, dns, notaries }
+        KeyFetcher { client, dns, notaries, shared }
     }
 
-    /// The server's current keys: from itself, else from a notary. Blocking.
-    pub fn fetch(&self, server_name: &str) -> Result<ServerKeys, FederationError> {
+    /// The server's current keys: from another edge of the cluster, from
+    /// itself, else from a notary. Blocking.
+    pub fn fetch(&self, server_name: &str) -> Result<Fetched, FederationError> {
+        let now = now_ms();
+        if let Some(keys) = self.shared.as_ref().and_then(|shared| shared.get(server_name, now)) {
+            return Ok(Fetched { keys, shared: true });
+        }
+        let (keys, document) = self.fetch_own(server_name)?;
+        if let Some(shared) = &self.shared {
+            shared.put(server_name, &document, keys.valid_until_ts, now);
+        }
+        Ok(Fetched { keys, shared: false })
+    }
+
+    fn fetch_own(&self, server_name: &str) -> Result<(ServerKeys, serde_json::Value), FederationError> {
         let direct = self.fetch_direct(server_name);
         if direct.is_ok() || self.notaries.is_empty() {
             return direct;
@@ -72,16 +165,21 @@ impl KeyFetcher {
         Err(bad_keys(errors.join("; ")))
     }
 
-    fn fetch_direct(&self, server_name: &str) -> Result<ServerKeys, FederationError> {
+    fn fetch_direct(&self, server_name: &str) -> Result<(ServerKeys, serde_json::Value), FederationError> {
         let located = discover::locate(&self.client, server_name, self.dns)?;
         let fetched = located.get(&self.client, "/_matrix/key/v2/server")?;
         if fetched.status != 200 {
             return Err(bad_answer(format!("/_matrix/key/v2/server answered {}", fetched.status)));
         }
-        signing::verify_server_keys(&fetched.json()?, server_name)
+        let document = fetched.json()?;
+        Ok((signing::verify_server_keys(&document, server_name)?, document))
     }
 
-    fn fetch_from_notary(&self, notary: &Notary, server_name: &str) -> Result<ServerKeys, FederationError> {
+    fn fetch_from_notary(
+        &self,
+        notary: &Notary,
+        server_name: &str,
+    ) -> Result<(ServerKeys, serde_json::Value), FederationError> {
         let located = discover::locate(&self.client, &notary.server_name, self.dns)?;
         let fetched = located.get(&self.client, &format!("/_matrix/key/v2/query/{server_name}"))?;
         if fetched.status != 200 {
@@ -103,7 +201,7 @@ impl KeyFetcher {
                 continue;
             }
             match signing::verify_server_keys(document, server_name) {
-                Ok(keys) => return Ok(keys),
+                Ok(keys) => return Ok((keys, document.clone())),
                 Err(error) => last_error = error.to_string(),
             }
         }
@@ -138,7 +236,8 @@ impl std::fmt::Display for KeyError {
 }
 
 /// The `result` label of the key fetch counter: success, then failure.
-pub const FETCH_RESULTS: [&str; 2] = ["fetched", "failed"];
+/// `fetched` by this edge, `failed`, or `shared` by another edge of the cluster.
+pub const FETCH_RESULTS: [&str; 3] = ["fetched", "failed", "shared"];
 
 #[derive(Default)]
 struct Known {
@@ -261,8 +360,13 @@ impl KeyCache {
             }
             _ => Err(bad_keys("too many key fetches at once")),
         };
-        let outcome = FETCH_RESULTS[usize::from(result.is_err())];
+        let outcome = match &result {
+            Ok(Fetched { shared: false, .. }) => FETCH_RESULTS[0],
+            Err(_) => FETCH_RESULTS[1],
+            Ok(Fetched { shared: true, .. }) => FETCH_RESULTS[2],
+        };
         METRICS.federation.key_fetches.with_label_values(&[outcome]).inc();
+        let result = result.map(|fetched| fetched.keys);
         if let Err(error) = &result {
             log::info!("federation gate: cannot fetch the keys of {server_name}: {error}");
         }

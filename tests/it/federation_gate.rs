@@ -639,3 +639,70 @@ process: {{ threads: 2 }}
     let busiest = &status["federation"]["per_origin"]["busiest"][0];
     assert_eq!((&busiest["origin"], busiest["refused"].as_u64()), (&json!(noisy), Some(limited as u64)), "{page}");
 }
+
+/// Issue 35's shared keys: two enforcing edges of one cluster, one origin
+/// sending through both; the origin's key server is asked once. A document
+/// in Redis that does not verify is never used: the edge fetches its own.
+#[test]
+fn edges_of_a_cluster_fetch_an_origins_keys_once_between_them() {
+    let pki = TestPki::new(&[&["edge.test"], &["origin.test"]]);
+    let scratch = tempfile::tempdir().unwrap();
+    let keys = KeyServer::start(scratch.path(), &pki.leaves[1]);
+    let origin = "origin.test:8448";
+    let key = keys.publish(origin, "ed25519:a1");
+    let redis_port = free_port();
+    let _redis = support::start_redis(scratch.path(), redis_port);
+    let upstream = RecordingUpstream::start();
+    let edges: Vec<(EdgeProcess, SocketAddr, SocketAddr)> = ["a", "b", "c"]
+        .iter()
+        .map(|name| {
+            let (listen, metrics) =
+                (SocketAddr::from(([127, 0, 0, 1], free_port())), SocketAddr::from(([127, 0, 0, 1], free_port())));
+            let mut config = config(listen, upstream.addr, keys.address, silent_server(), metrics, "enforce");
+            config.push_str(&format!(
+                "cluster: {{ redis: \"redis://127.0.0.1:{redis_port}/0\", name: edge-{name}, prefix: keys-test }}\n"
+            ));
+            (EdgeProcess::start(&config, Some(&pki), &[listen, metrics]), listen, metrics)
+        })
+        .collect();
+    let target = "/_matrix/federation/v1/query/profile?user_id=%40a%3Aedge.test";
+    let authorization = signed(origin, "ed25519:a1", &key, "GET", target, None);
+    for (_, listen, _) in &edges[..2] {
+        let sent = send(*listen, "GET", target, std::slice::from_ref(&authorization), b"");
+        assert_eq!(sent.status, 200, "{}", sent.body);
+    }
+    assert_eq!(keys.fetches(), 1, "the second edge fetched the keys again");
+    let fetches = |metrics: SocketAddr, result: &str| {
+        metric(metrics, &format!("matrix_edge_federation_key_fetches_total{{result=\"{result}\"}}"))
+    };
+    assert_eq!((fetches(edges[0].2, "fetched"), fetches(edges[0].2, "shared")), (1, 0));
+    assert_eq!((fetches(edges[1].2, "fetched"), fetches(edges[1].2, "shared")), (0, 1));
+
+    // A forged document in Redis (another key, "signed" by it): the third
+    // edge does not take it, fetches the origin's own and stores that.
+    let forger = openssl::pkey::PKey::generate_ed25519().unwrap();
+    let mut forged = serde_json::json!({
+        "server_name": origin,
+        "valid_until_ts": 4_000_000_000_000u64,
+        "verify_keys": { "ed25519:a1": { "key": matrix_edge::federation::signing::encode_unpadded(&forger.raw_public_key().unwrap()) } },
+        "old_verify_keys": {},
+    });
+    let message = matrix_edge::federation::signing::signed_bytes(&forged).unwrap();
+    let forged_signature = matrix_edge::federation::signing::sign(&forger, &message).unwrap();
+    forged["signatures"] = serde_json::json!({ origin: { "ed25519:b9": forged_signature } });
+    let mut connection =
+        redis::Client::open(format!("redis://127.0.0.1:{redis_port}/0")).unwrap().get_connection().unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("keys-test:keys:{origin}"))
+        .arg(forged.to_string())
+        .query(&mut connection)
+        .unwrap();
+    let sent = send(edges[2].1, "GET", target, std::slice::from_ref(&authorization), b"");
+    assert_eq!(sent.status, 200, "the third edge took the forged keys: {}", sent.body);
+    assert_eq!(keys.fetches(), 2);
+    assert!(edges[2].0.log_text().contains("do not verify"), "{}", edges[2].0.log_text());
+    // A request signed with the forger's key is refused.
+    let forged_authorization = signed(origin, "ed25519:a1", &forger, "GET", target, None);
+    let sent = send(edges[2].1, "GET", target, &[forged_authorization], b"");
+    assert_eq!(sent.status, 401, "{}", sent.body);
+}

@@ -463,21 +463,6 @@ rate_limits:
     let _ = sync3;
 }
 
-/// A Redis on `port` keeping its data in `dir` across a restart (append-only file).
-fn start_redis(dir: &Path, port: u16) -> ChildGuard {
-    let redis = ChildGuard(
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/install-deps installs it)"),
-    );
-    wait_listening(format!("127.0.0.1:{port}").parse().unwrap(), "redis");
-    redis
-}
-
 /// An edge of a cluster sharing `redis`, with two client_reader workers.
 fn cluster_edge(name: &str, redis_port: u16, main: SocketAddr, readers: [SocketAddr; 2]) -> Member {
     let (port, metrics) = (free_port(), free_port());
@@ -551,7 +536,7 @@ fn cluster_status(metrics: SocketAddr) -> serde_json::Value {
 fn operator_states_are_shared_between_edges_through_redis() {
     let work = tempfile::tempdir().unwrap();
     let redis_port = free_port();
-    let mut redis = start_redis(work.path(), redis_port);
+    let mut redis = support::start_redis(work.path(), redis_port);
     let main = support::upstream::RecordingUpstream::start_named("main", free_port());
     let first = support::upstream::RecordingUpstream::start_named("first", free_port());
     let second = support::upstream::RecordingUpstream::start_named("second", free_port());
@@ -639,7 +624,7 @@ fn operator_states_are_shared_between_edges_through_redis() {
     let first_address = first.addr.to_string();
     let (code, out, err) = support::workers_cli(&a.edge, &["drain", &first_address]);
     assert_eq!(code, 0, "{out}{err}");
-    redis = start_redis(work.path(), redis_port);
+    redis = support::start_redis(work.path(), redis_port);
     time_until_state(&b, &first_address, "draining");
     let (_, listed, _) = support::workers_cli(&b.edge, &["list"]);
     assert!(listed.lines().any(|l| l.contains(&second_address) && l.contains("maintenance")), "{listed}");

@@ -248,3 +248,18 @@ pub fn workers_cli(edge: &EdgeProcess, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// A Redis on `port` keeping its data in `dir` across a restart (append-only file).
+pub fn start_redis(dir: &Path, port: u16) -> ChildGuard {
+    let redis = ChildGuard(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/install-deps installs it)"),
+    );
+    wait_listening(format!("127.0.0.1:{port}").parse().unwrap(), "redis");
+    redis
+}
