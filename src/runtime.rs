@@ -37,6 +37,8 @@ pub struct Runtime {
     pub federation_turns: Arc<crate::federation::turns::Turns>,
     /// Operators' states shared with the other edges (`cluster`).
     pub shared_admin: crate::upstream::shared_admin::SharedAdmin,
+    /// Wakes the health checks for a round now (another edge saw a member fail).
+    pub health_now: tokio::sync::Notify,
     last_reload: Mutex<Option<ReloadOutcome>>,
 }
 

@@ -184,7 +184,7 @@ pub fn build(edge: Edge, config_path: &std::path::Path, options: &RunOptions) ->
     let stop = crate::services::shutdown::StopWhenDrained { runtime: Arc::clone(&runtime) };
     server.add_service(pingora::services::background::background_service("stop when drained", stop));
     // Always running: a reload may add workers or upstreams with checks.
-    let checker = crate::services::health::HealthChecker { edge: Arc::clone(&edge) };
+    let checker = crate::services::health::HealthChecker { edge: Arc::clone(&edge), runtime: Arc::clone(&runtime) };
     server.add_service(pingora::services::background::background_service("worker health", checker));
     if let Some(path) = &options.control_socket {
         let control = crate::services::control::ControlSocket {

@@ -41,6 +41,8 @@ struct Keys {
     records: String,
     version: String,
     edges: String,
+    hints: String,
+    hints_version: String,
 }
 
 impl Keys {
@@ -49,8 +51,102 @@ impl Keys {
             records: format!("{prefix}:admin"),
             version: format!("{prefix}:admin:version"),
             edges: format!("{prefix}:edges"),
+            hints: format!("{prefix}:hints"),
+            hints_version: format!("{prefix}:hints:version"),
         }
     }
+}
+
+/// A member seen failing by one edge: the others check it at once (each
+/// still decides by its own probe).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Hint {
+    edge: String,
+    /// `down` (a failed check or connection) or `ejected` (failures, a stall).
+    reason: String,
+    /// Unix milliseconds.
+    at: i64,
+}
+
+/// A hint older than this is not acted on (an edge starting reads old ones).
+const HINT_FRESH_MS: i64 = 10_000;
+
+/// What this edge knows of members' health, from one tick to the next.
+#[derive(Default)]
+struct Hints {
+    /// Whether each member was usable (healthy, not ejected) last tick.
+    usable: std::collections::HashMap<String, bool>,
+    /// Members that went out here, to publish.
+    outgoing: Vec<(String, &'static str)>,
+    /// The newest hint acted on, by member.
+    seen: std::collections::HashMap<String, i64>,
+    version: Option<i64>,
+}
+
+impl Hints {
+    /// Notes the members that stopped being usable since the last tick.
+    fn observe(&mut self, edge: &Edge) {
+        let now = crate::upstream::state::now_ms();
+        for (_, pool) in pools(edge) {
+            for member in &pool.members {
+                let (healthy, ejected) = (member.state.is_healthy(), member.state.is_ejected(now));
+                let usable = healthy && !ejected;
+                let before = self.usable.insert(member.label.clone(), usable);
+                if before == Some(true) && !usable {
+                    let reason = if healthy { "ejected" } else { "down" };
+                    self.outgoing.push((member.label.clone(), reason));
+                }
+            }
+        }
+    }
+}
+
+/// Publishes what went out here; reads what went out elsewhere, and wakes
+/// the health checks when another edge saw a member fail that this edge
+/// still uses.
+async fn share_hints(
+    link: &mut Link,
+    keys: &Keys,
+    name: &str,
+    hints: &mut Hints,
+    runtime: &Runtime,
+) -> Result<(), String> {
+    let mut connection = link.connection().await?;
+    if !hints.outgoing.is_empty() {
+        let mut write = redis::pipe();
+        write.atomic();
+        for (address, reason) in &hints.outgoing {
+            let hint = Hint { edge: name.to_string(), reason: (*reason).to_string(), at: unix_now_ms() };
+            write.hset(&keys.hints, address, serde_json::to_string(&hint).unwrap_or_default()).ignore();
+        }
+        write.incr(&keys.hints_version, 1).ignore();
+        timed(write.query_async::<()>(&mut connection)).await?;
+        hints.outgoing.clear();
+    }
+    let version: Option<i64> = timed(redis::cmd("GET").arg(&keys.hints_version).query_async(&mut connection)).await?;
+    if version == hints.version {
+        return Ok(());
+    }
+    let fields: BTreeMap<String, String> =
+        timed(redis::cmd("HGETALL").arg(&keys.hints).query_async(&mut connection)).await?;
+    hints.version = version;
+    let now = unix_now_ms();
+    let mut wake = false;
+    for (address, text) in fields {
+        let Ok(hint) = serde_json::from_str::<Hint>(&text) else { continue };
+        if hint.edge == name || hints.seen.get(&address).is_some_and(|seen| *seen >= hint.at) {
+            continue;
+        }
+        hints.seen.insert(address.clone(), hint.at);
+        if now - hint.at <= HINT_FRESH_MS && hints.usable.get(&address) == Some(&true) {
+            log::warn!("cluster: edge {} saw {address} {}; checking it now", hint.edge, hint.reason);
+            wake = true;
+        }
+    }
+    if wake {
+        runtime.health_now.notify_one();
+    }
+    Ok(())
 }
 
 /// Heartbeats go out every this many ticks (a second).
@@ -254,6 +350,7 @@ impl BackgroundService for ClusterService {
         let mut snapshot = 0usize;
         let started = unix_now();
         let mut tick = 0u64;
+        let mut hints = Hints::default();
         loop {
             tick += 1;
             let edge = self.edge.load_full();
@@ -276,6 +373,10 @@ impl BackgroundService for ClusterService {
                     let mut outcome = exchange(link, keys, &name, &self.runtime).await;
                     if let Ok(Some(records)) = &outcome {
                         apply(&edge, &self.runtime, records);
+                    }
+                    hints.observe(&edge);
+                    if outcome.is_ok() {
+                        outcome = share_hints(link, keys, &name, &mut hints, &self.runtime).await.map(|()| None);
                     }
                     if outcome.is_ok() && tick % BEAT_EVERY == 1 {
                         let beat = beat(&edge, &self.runtime, &name, started);

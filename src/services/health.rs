@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub struct HealthChecker {
     pub edge: Arc<ArcSwap<Edge>>,
+    pub runtime: Arc<crate::runtime::Runtime>,
 }
 
 #[async_trait]
@@ -62,6 +63,8 @@ impl BackgroundService for HealthChecker {
             }
             tokio::select! {
                 _ = tokio::time::sleep(settings.interval) => {}
+                // Another edge of the cluster saw a member fail: check now.
+                _ = self.runtime.health_now.notified() => {}
                 _ = shutdown.changed() => return,
             }
         }

@@ -474,6 +474,7 @@ synapse:
   main: "{main}"
   workers:
     client_reader: ["{}", "{}"]
+  health_check: {{ interval: 60s }}
 cluster: {{ redis: "redis://127.0.0.1:{redis_port}/0", name: {name}, prefix: shared-test }}
 metrics: {{ address: "127.0.0.1:{metrics}" }}
 "#,
@@ -664,4 +665,34 @@ fn operator_states_are_shared_between_edges_through_redis() {
     assert!(listed.lines().any(|l| l.contains(&second_address) && l.contains("maintenance")), "{listed}");
     assert_eq!(readers_used(&a, 4).len(), 4, "A stopped serving");
     drop(redis);
+}
+
+/// Issue 35's health hints: a worker one edge finds dead is checked at once
+/// by the others (each still decides by its own probe), long before their
+/// own checks (every 60 s here) would have found it.
+#[test]
+fn a_worker_one_edge_finds_dead_is_checked_at_once_by_the_others() {
+    let work = tempfile::tempdir().unwrap();
+    let redis_port = free_port();
+    let _redis = support::start_redis(work.path(), redis_port);
+    let main = support::upstream::RecordingUpstream::start_named("main", free_port());
+    let first = support::upstream::RecordingUpstream::start_named("first", free_port());
+    let second = support::upstream::RecordingUpstream::start_named("second", free_port());
+    let second_address = second.addr.to_string();
+    let readers = [first.addr, second.addr];
+    let a = cluster_edge("edge-a", redis_port, main.addr, readers);
+    let b = cluster_edge("edge-b", redis_port, main.addr, readers);
+    time_until_state(&a, &second_address, "up|slow_start");
+    time_until_state(&b, &second_address, "up|slow_start");
+    // Give both a tick to note the member usable before it dies.
+    std::thread::sleep(Duration::from_millis(600));
+    drop(second);
+    // A meets the dead worker through its traffic (answered by the other
+    // one); B has no traffic at all.
+    assert!(readers_used(&a, 6).iter().all(|reader| reader == "first"));
+    time_until_state(&a, &second_address, "down");
+    let took = time_until_state(&b, &second_address, "down");
+    eprintln!("B found the worker down {took:?} after A did");
+    assert!(took < Duration::from_secs(5), "B took {took:?}: it waited for its own check");
+    assert!(b.edge.log_text().contains("cluster: edge edge-a saw"), "{}", b.edge.log_text());
 }
