@@ -696,3 +696,104 @@ fn a_worker_one_edge_finds_dead_is_checked_at_once_by_the_others() {
     assert!(took < Duration::from_secs(5), "B took {took:?}: it waited for its own check");
     assert!(b.edge.log_text().contains("cluster: edge edge-a saw"), "{}", b.edge.log_text());
 }
+
+/// Who answered a request through `addr`.
+fn answered_by(addr: SocketAddr, raw: &str) -> String {
+    let answer = exchange(TcpStream::connect(addr).unwrap(), raw).unwrap();
+    assert_eq!(answer.status, 200);
+    served_by(&answer)
+}
+
+/// Sticky choices agree across edges without sharing anything: both hash
+/// the same members the same way. 200 users' syncs and 200 rooms' sends
+/// reach the same worker through either edge, and again after one
+/// member went down and came back on both.
+#[test]
+fn sticky_choices_agree_across_edges() {
+    let main = support::upstream::RecordingUpstream::start_named("main", free_port());
+    let mut synchrotrons: Vec<_> =
+        (0..3).map(|n| support::upstream::RecordingUpstream::start_named(&format!("sync{n}"), free_port())).collect();
+    let mut creators: Vec<_> = (0..3)
+        .map(|n| support::upstream::RecordingUpstream::start_named(&format!("creator{n}"), free_port()))
+        .collect();
+    let list = |members: &[support::upstream::RecordingUpstream]| {
+        members.iter().map(|m| format!("\"{}\"", m.addr)).collect::<Vec<_>>().join(", ")
+    };
+    let edges: Vec<(EdgeProcess, SocketAddr)> = (0..2)
+        .map(|n| {
+            let port = free_port();
+            // The members listed in another order on the second edge: the
+            // ring does not depend on it.
+            let (syncs, creates) = if n == 0 {
+                (list(&synchrotrons), list(&creators))
+            } else {
+                let reversed = |members: &[support::upstream::RecordingUpstream]| {
+                    members.iter().rev().map(|m| format!("\"{}\"", m.addr)).collect::<Vec<_>>().join(", ")
+                };
+                (reversed(&synchrotrons), reversed(&creators))
+            };
+            let config = format!(
+                r#"server_name: example.com
+listeners:
+  - {{ address: "127.0.0.1:{port}", serves: [client] }}
+synapse:
+  main: "{}"
+  workers:
+    synchrotron: [{syncs}]
+    event_creator: [{creates}]
+  health_check: {{ interval: 1s }}
+  balancing: {{ groups: {{ synchrotron: {{ slow_start: 0s }}, event_creator: {{ slow_start: 0s }} }} }}
+"#,
+                main.addr
+            );
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            (EdgeProcess::start(&config, None, &[addr]), addr)
+        })
+        .collect();
+    let sync = |user: usize| {
+        format!(
+            "GET /_matrix/client/v3/sync?timeout=0 HTTP/1.1\r\nHost: matrix.example.com\r\nAuthorization: Bearer syt_user{user}_token\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let send = |room: usize| {
+        format!(
+            "PUT /_matrix/client/v3/rooms/!room{room}:example.com/send/m.room.message/t{room} HTTP/1.1\r\nHost: matrix.example.com\r\nAuthorization: Bearer syt_u_token\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        )
+    };
+    let placements = |edge: SocketAddr| -> (Vec<String>, Vec<String>) {
+        (
+            (0..200).map(|user| answered_by(edge, &sync(user))).collect(),
+            (0..200).map(|room| answered_by(edge, &send(room))).collect(),
+        )
+    };
+    let before = placements(edges[0].1);
+    assert_eq!(placements(edges[1].1), before, "the two edges placed users or rooms differently");
+    for (name, spread) in [("sync", &before.0), ("creator", &before.1)] {
+        let used: std::collections::BTreeSet<&String> = spread.iter().collect();
+        assert_eq!(used.len(), 3, "{name}: 200 keys on fewer than three members: {used:?}");
+    }
+    // sync1 and creator1 down and back: each edge finds it down through its
+    // traffic, then up again by its check; both place everyone as before.
+    let (sync1, creator1) = (synchrotrons[1].addr, creators[1].addr);
+    drop(synchrotrons.remove(1));
+    drop(creators.remove(1));
+    for (_, edge) in &edges {
+        let during = placements(*edge);
+        assert!(during.0.iter().all(|w| w != "sync1") && during.1.iter().all(|w| w != "creator1"));
+    }
+    let _sync1 = support::upstream::RecordingUpstream::start_at("sync1", sync1);
+    let _creator1 = support::upstream::RecordingUpstream::start_at("creator1", creator1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now: Vec<_> = edges.iter().map(|(_, edge)| placements(*edge)).collect();
+        if now.iter().all(|placed| *placed == before) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the keys did not come back to the member that returned: {:?}",
+            edges.iter().map(|(edge, _)| support::workers_cli(edge, &["list"]).1).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
