@@ -36,13 +36,14 @@ fn members(value: &serde_json::Value) -> Result<Vec<MemberView>, CliError> {
 
 pub fn render(members: &[MemberView]) -> String {
     let mut out = format!(
-        "{:<9} {:<26} {:<40} {:<12} {:>9} {:>10}\n",
-        "kind", "pool", "address", "state", "in_flight", "long_polls"
+        "{:<9} {:<26} {:<40} {:<12} {:>9} {:>10} {:>8} {:>8} {:>9}\n",
+        "kind", "pool", "address", "state", "in_flight", "long_polls", "req/s", "errors", "p99"
     );
     for m in members {
+        let p99 = m.p99_ms.map_or("-".to_string(), |ms| format!("<={ms}ms"));
         out.push_str(&format!(
-            "{:<9} {:<26} {:<40} {:<12} {:>9} {:>10}\n",
-            m.kind, m.pool, m.address, m.state, m.in_flight, m.long_polls
+            "{:<9} {:<26} {:<40} {:<12} {:>9} {:>10} {:>8.2} {:>8} {:>9}\n",
+            m.kind, m.pool, m.address, m.state, m.in_flight, m.long_polls, m.per_second, m.errors, p99
         ));
     }
     out

@@ -1,4 +1,5 @@
 pub mod access_log;
+pub mod last_minute;
 pub mod metrics;
 pub mod probes;
 pub mod redact;

@@ -534,6 +534,7 @@ impl ProxyHttp for EdgeProxy {
         let request = session.req_header();
         worker_metrics.count(&request.method, status);
         group_metrics.observe(elapsed, ctx.upstream_time);
+        record_last_minute(ctx, status, elapsed);
         if let Some(error) = error {
             log::debug!("request {} failed: {error}", ctx.request_id);
         }
@@ -568,6 +569,16 @@ impl ProxyHttp for EdgeProxy {
             log::info!(target: "access", "{line}");
         }
     }
+}
+
+/// The member's last minute: every request counted, an error when it got
+/// a 5xx or no answer, timed unless it was a long-poll or a WebSocket.
+fn record_last_minute(ctx: &RequestCtx, status: u16, elapsed: std::time::Duration) {
+    let Some(index) = ctx.attempt.as_ref().and_then(Attempt::member) else { return };
+    let Some(member) = ctx.destination.pool(&ctx.edge).and_then(|pool| pool.members.get(index)) else { return };
+    let waits = ctx.forward.as_ref().is_some_and(|forward| forward.long_poll.is_some()) || ctx.websocket_open.is_some();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    member.state.last_minute.record(now, status == 0 || status >= 500, (!waits).then_some(elapsed));
 }
 
 /// The metric handles for this request's group and worker (also the

@@ -37,6 +37,13 @@ pub struct MemberView {
     pub state: String,
     pub in_flight: u32,
     pub long_polls: u32,
+    /// Over the last minute: requests per second, errors, p99 (ms, a bucket's bound).
+    #[serde(default)]
+    pub per_second: f64,
+    #[serde(default)]
+    pub errors: u64,
+    #[serde(default)]
+    pub p99_ms: Option<u32>,
 }
 
 /// Every pool of a snapshot, Synapse's groups first.
@@ -60,9 +67,11 @@ pub fn state_word(pool: &Pool, index: usize, now: u64) -> &'static str {
 
 pub fn list(edge: &Edge) -> Vec<MemberView> {
     let now = now_ms();
+    let second = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut members = Vec::new();
     for (kind, pool) in pools(edge) {
         for (index, member) in pool.members.iter().enumerate() {
+            let minute = member.state.last_minute.summary(second);
             members.push(MemberView {
                 kind: kind.to_string(),
                 pool: pool.label.clone(),
@@ -70,6 +79,9 @@ pub fn list(edge: &Edge) -> Vec<MemberView> {
                 state: state_word(pool, index, now).to_string(),
                 in_flight: member.state.in_flight(),
                 long_polls: member.state.long_polls(),
+                per_second: minute.per_second,
+                errors: minute.errors,
+                p99_ms: minute.p99_ms,
             });
         }
     }

@@ -108,12 +108,18 @@ fn pool_views(edge: &Edge, now: u64) -> Vec<Value> {
                 .enumerate()
                 .map(|(index, member)| {
                     let state = &member.state;
+                    let minute = state.last_minute.summary(unix_now() as u64);
                     let mut view = json!({
                         "address": member.label,
                         "state": state_word(pool, index, now),
                         "weight": member.weight,
                         "in_flight": state.in_flight(),
                         "long_polls": state.long_polls(),
+                        "last_minute": {
+                            "per_second": (minute.per_second * 100.0).round() / 100.0,
+                            "errors": minute.errors,
+                            "p99_ms": minute.p99_ms,
+                        },
                     });
                     if let Some((since, why)) = state.last_out() {
                         view["last_out"] = json!({ "at": wall_time(since), "why": why });
@@ -370,7 +376,7 @@ fn pools_html(out: &mut String, status: &Value) {
     out.push_str("<h2>Workers and upstreams</h2>");
     for pool in status["pools"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "<h3>{} {}</h3><p>{}; {} queued.</p><table><tr><th>address</th><th>state</th><th>in flight</th><th>long-polls</th><th>weight</th><th>last out of rotation</th></tr>",
+            "<h3>{} {}</h3><p>{}; {} queued.</p><table><tr><th>address</th><th>state</th><th>in flight</th><th>long-polls</th><th>req/s (1 min)</th><th>errors (1 min)</th><th>p99 (1 min)</th><th>weight</th><th>last out of rotation</th></tr>",
             text(&pool["kind"]),
             text(&pool["name"]),
             text(&pool["balancing"]),
@@ -382,13 +388,18 @@ fn pools_html(out: &mut String, status: &Value) {
                 Some(last) => format!("{} ({})", when(&last["at"]), text(&last["why"])),
                 None => "never".to_string(),
             };
+            let minute = &member["last_minute"];
+            let p99 = minute["p99_ms"].as_u64().map_or("-".to_string(), |ms| format!("&le; {ms} ms"));
+            let errors = if minute["errors"] == 0 { "" } else { " class=\"error\"" };
             out.push_str(&format!(
-                "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{out_line}</td></tr>",
+                "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td{errors}>{}</td><td>{p99}</td><td>{}</td><td>{out_line}</td></tr>",
                 text(&member["address"]),
                 escape(state),
                 escape(&state.replace('_', " ")),
                 text(&member["in_flight"]),
                 text(&member["long_polls"]),
+                text(&minute["per_second"]),
+                text(&minute["errors"]),
                 text(&member["weight"]),
             ));
         }

@@ -120,6 +120,8 @@ pub struct MemberState {
     outstanding: Mutex<HashMap<u64, Outstanding>>,
     in_flight_gauge: IntGauge,
     long_poll_gauge: IntGauge,
+    /// Requests, errors and latency over the last minute, for the status page.
+    pub last_minute: crate::observe::last_minute::LastMinute,
 }
 
 impl MemberState {
@@ -141,6 +143,7 @@ impl MemberState {
             outstanding: Mutex::new(HashMap::new()),
             in_flight_gauge: METRICS.balancing.in_flight.with_label_values(&[pool, member]),
             long_poll_gauge: METRICS.balancing.long_polls.with_label_values(&[pool, member]),
+            last_minute: crate::observe::last_minute::LastMinute::default(),
         }
     }
 

@@ -796,4 +796,14 @@ synapse:
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    // The last minute per member, as `workers list` shows it: each
+    // synchrotron answered about a third of the syncs, none failed.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (_, listed, _) = support::workers_cli(&edges[0].0, &["list"]);
+    let row = listed.lines().find(|l| l.contains(&synchrotrons[0].addr.to_string())).unwrap();
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    let per_second: f64 = fields[6].parse().unwrap();
+    assert!(per_second > 0.5, "{listed}");
+    assert_eq!(fields[7], "0", "{listed}");
+    assert!(fields[8].starts_with("<=") && fields[8].ends_with("ms"), "{listed}");
 }
