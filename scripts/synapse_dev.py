@@ -302,7 +302,8 @@ def cmd_workers(args) -> None:
     for name, group, _, _ in WORKERS:
         groups.setdefault(group, []).append({"name": name, "address": f"127.0.0.1:{ports[name]}",
                                              "pid": pids[name]})
-    print(json.dumps({"main": f"127.0.0.1:{main_port}", "groups": groups, "logs": logs}), flush=True)
+    print(json.dumps({"main": f"127.0.0.1:{main_port}", "groups": groups, "logs": logs,
+                      "redis": f"127.0.0.1:{redis_port}"}), flush=True)
     # `restart NAME` on stdin stops that process (SIGTERM, Synapse's own
     # graceful stop), starts it again and answers once it is healthy;
     # end of input stops everything.

@@ -49,6 +49,26 @@ pub fn render(members: &[MemberView]) -> String {
     out
 }
 
+/// With a cluster: what the other edges heard from still hold on
+/// `address`, and those that have not yet said so since `typed_ms`
+/// (silent ones and those without the member are not waited for).
+fn held_elsewhere(answer: &serde_json::Value, address: &str, typed_ms: i64) -> (u32, Vec<String>) {
+    let own = answer["edge"].as_str();
+    let (mut busy, mut waiting_on) = (0, Vec::new());
+    for edge in answer["edges"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let name = edge["name"].as_str().unwrap_or("?");
+        let has_member = edge["members"].as_array().is_some_and(|members| members.iter().any(|m| m == address));
+        if Some(name) == own || edge["silent"] == true || !has_member {
+            continue;
+        }
+        match edge["held"][address].as_u64() {
+            Some(held) if edge["at"].as_i64().is_some_and(|at| at > typed_ms) => busy += held as u32,
+            _ => waiting_on.push(name.to_string()),
+        }
+    }
+    (busy, waiting_on)
+}
+
 pub fn list(socket: &Path) -> Result<String, CliError> {
     let answer = ask(socket, "list")?;
     let mut out = render(&members(&answer)?);
@@ -87,22 +107,65 @@ pub fn set(socket: &Path, state: &str, address: &str, wait: Option<Duration>) ->
     let mut out = render(&members(&answer)?);
     let Some(limit) = wait else { return Ok(out) };
     let started = Instant::now();
+    let typed_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     let mut last = None;
     loop {
-        let current: Vec<MemberView> =
-            members(&ask(socket, "list")?)?.into_iter().filter(|m| m.address == address).collect();
-        let busy: u32 = current.iter().map(|m| m.in_flight + m.long_polls).sum();
-        if last != Some(busy) {
-            println!("{address}: {busy} requests in flight");
-            last = Some(busy);
+        let answer = ask(socket, "list")?;
+        let current: Vec<MemberView> = members(&answer)?.into_iter().filter(|m| m.address == address).collect();
+        let (elsewhere, waiting_on) = held_elsewhere(&answer, address, typed_ms);
+        let busy: u32 = current.iter().map(|m| m.in_flight + m.long_polls).sum::<u32>() + elsewhere;
+        let report = (busy, waiting_on.clone());
+        if last.as_ref() != Some(&report) {
+            match waiting_on.is_empty() {
+                true => println!("{address}: {busy} requests in flight"),
+                false => {
+                    println!("{address}: {busy} requests in flight; waiting to hear from {}", waiting_on.join(", "))
+                }
+            }
+            last = Some(report);
         }
-        if busy == 0 {
-            out.push_str(&format!("{address}: nothing in flight after {:.1} s\n", started.elapsed().as_secs_f64()));
+        if busy == 0 && waiting_on.is_empty() {
+            let edges = if answer["edge"].is_string() { " on every edge" } else { "" };
+            out.push_str(&format!(
+                "{address}: nothing in flight{edges} after {:.1} s\n",
+                started.elapsed().as_secs_f64()
+            ));
             return Ok(out);
         }
         if started.elapsed() >= limit {
             return Err(edge(format!("{address} still has {busy} requests in flight after {limit:?}")));
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_elsewhere;
+    use serde_json::json;
+
+    #[test]
+    fn a_drain_waits_for_every_other_edge_that_has_the_member() {
+        let w = "10.0.0.1:8083";
+        let answer = |b_at: i64, b_held: serde_json::Value| {
+            json!({
+                "edge": "a",
+                "edges": [
+                    { "name": "a", "at": 5000, "silent": false, "members": [w], "held": {} },
+                    { "name": "b", "at": b_at, "silent": false, "members": [w], "held": b_held },
+                    { "name": "c", "at": 5000, "silent": true, "members": [w], "held": {} },
+                    { "name": "d", "at": 5000, "silent": false, "members": ["10.0.0.2:8083"], "held": {} },
+                ]
+            })
+        };
+        // B has not heard of the drain yet (an old heartbeat, or none held).
+        assert_eq!(held_elsewhere(&answer(900, json!({ w: 0 })), w, 1000), (0, vec!["b".to_string()]));
+        assert_eq!(held_elsewhere(&answer(2000, json!({})), w, 1000), (0, vec!["b".to_string()]));
+        // B applied it and still holds two; then none.
+        assert_eq!(held_elsewhere(&answer(2000, json!({ w: 2 })), w, 1000), (2, vec![]));
+        assert_eq!(held_elsewhere(&answer(3000, json!({ w: 0 })), w, 1000), (0, vec![]));
+        // Without a cluster there is nobody else.
+        assert_eq!(held_elsewhere(&json!({ "members": [] }), w, 1000), (0, vec![]));
     }
 }

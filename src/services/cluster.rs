@@ -175,6 +175,16 @@ pub fn config_digest(text: &str) -> String {
 
 fn beat(edge: &Edge, runtime: &Runtime, name: &str, started: i64) -> Beat {
     let reload = runtime.last_reload();
+    let mut members = Vec::new();
+    let mut held = BTreeMap::new();
+    for (_, pool) in pools(edge) {
+        for member in &pool.members {
+            members.push(member.label.clone());
+            if member.state.admin() != Admin::Ready {
+                *held.entry(member.label.clone()).or_insert(0) += member.state.in_flight() + member.state.long_polls();
+            }
+        }
+    }
     Beat {
         name: name.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -184,6 +194,8 @@ fn beat(edge: &Edge, runtime: &Runtime, name: &str, started: i64) -> Beat {
         reloaded: reload.as_ref().map(|reload| reload.at),
         reload_error: reload.and_then(|reload| reload.error),
         at: unix_now_ms(),
+        members,
+        held,
     }
 }
 

@@ -95,6 +95,7 @@ pub fn answer(edge: &Edge, shared: &crate::upstream::shared_admin::SharedAdmin, 
     match words.as_slice() {
         ["list"] => serde_json::json!({
             "members": list(edge),
+            "edge": edge.ops.config.cluster.as_ref().map(|c| crate::services::cluster::edge_name(c.name.as_deref())),
             "edges": crate::services::status::fleet_json(&shared.view().fleet),
         }),
         ["set", word, address] => {

@@ -274,7 +274,10 @@ pub fn fleet_json(fleet: &[crate::upstream::shared_admin::FleetRow]) -> Vec<Valu
                 "last_reload": beat.reloaded,
                 "reload_error": beat.reload_error,
                 "heard_ms_ago": (SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64) - beat.at).max(0),
+                "at": beat.at,
                 "silent": row.silent,
+                "members": beat.members,
+                "held": beat.held,
             })
         })
         .collect()

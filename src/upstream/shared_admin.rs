@@ -78,6 +78,13 @@ pub struct Beat {
     pub reload_error: Option<String>,
     /// When it wrote this, Unix milliseconds.
     pub at: i64,
+    /// Every member it has, by address.
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// Its members in drain or maintenance, with the requests they still
+    /// hold there (what `workers drain --wait` waits for on every edge).
+    #[serde(default)]
+    pub held: BTreeMap<String, u32>,
 }
 
 /// An edge as another sees it.
@@ -219,6 +226,8 @@ mod tests {
                 reloaded: None,
                 reload_error: None,
                 at,
+                members: Vec::new(),
+                held: BTreeMap::new(),
             };
             (name.to_string(), serde_json::to_string(&beat).unwrap())
         };

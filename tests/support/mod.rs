@@ -263,3 +263,28 @@ pub fn start_redis(dir: &Path, port: u16) -> ChildGuard {
     wait_listening(format!("127.0.0.1:{port}").parse().unwrap(), "redis");
     redis
 }
+
+/// Debian's HAProxy in TCP mode on `front`, balancing connections round
+/// robin over `backs` (TLS passes through), as in front of several edges.
+pub fn haproxy_round_robin(dir: &Path, front: SocketAddr, backs: &[SocketAddr]) -> ChildGuard {
+    assert!(Path::new("/usr/sbin/haproxy").exists(), "haproxy is missing: scripts/install-deps installs it");
+    let mut config = format!(
+        "global\n  maxconn 500\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 90s\n  timeout server 90s\nfrontend in\n  bind {front}\n  default_backend edges\nbackend edges\n  balance roundrobin\n"
+    );
+    for (index, back) in backs.iter().enumerate() {
+        config.push_str(&format!("  server edge{index} {back}\n"));
+    }
+    let file = dir.join("haproxy-edges.cfg");
+    std::fs::write(&file, config).unwrap();
+    let child = Command::new("/usr/sbin/haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("haproxy-edges.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let helper = ChildGuard(child);
+    wait_listening(front, "haproxy");
+    helper
+}

@@ -409,6 +409,50 @@ synapse:
         nothing_repeated_that_synapse_answered(&deployment, &mut judged, how);
     }
 
+    // Two edges of one cluster (sharing Synapse's own Redis) behind HAProxy
+    // (round robin, TLS passed through), the drains typed on the first
+    // edge's CLI only: the second must stop sending to each worker too, and
+    // `drain --wait` must wait for the second's requests as well.
+    let redis = deployment.info["redis"].as_str().unwrap().to_string();
+    let cluster = |name: &str| format!("cluster: {{ redis: \"redis://{redis}/0\", name: {name}, prefix: rolling }}\n");
+    let second_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    std::fs::write(&edge_process.config, format!("{served_config}{}", cluster("edge-a"))).unwrap();
+    EdgeProcess::signal(edge_process.pid(), "HUP");
+    let second_config =
+        format!("{}{}", served_config.replace(&edge_addr.to_string(), &second_addr.to_string()), cluster("edge-b"));
+    let second = EdgeProcess::start(&second_config, Some(&pki), &[second_addr]);
+    let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _haproxy = support::haproxy_round_robin(work.path(), front, &[edge_addr, second_addr]);
+    // Both edges in the fleet before the first drain.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = Command::new(support::binary())
+            .args(["workers", "--control-socket"])
+            .arg(edge_process.control_socket())
+            .arg("list")
+            .output()
+            .unwrap();
+        let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+        if listed.lines().any(|l| l.starts_with("edge-b ")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "edge-b never joined the fleet:\n{listed}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let outcome = rolling_restart(&mut deployment, &edge_process, front, &pki.root_pem, true, "h").await;
+    let through_second = second.log_text().lines().filter(|l| l.contains("request_id=")).count();
+    eprintln!(
+        "rolling restart through two edges behind HAProxy, drained on one: {} of {} requests failed {:?}; longest {:?}; {through_second} through the second edge",
+        outcome.failed.len(),
+        outcome.total,
+        tally(&outcome.failed),
+        outcome.longest
+    );
+    assert!(outcome.total > 200, "too little traffic to judge: {}", outcome.total);
+    assert!(through_second > 50, "HAProxy sent the second edge too little: {through_second}");
+    assert!(outcome.failed.is_empty(), "requests failed through two edges: {:?}", outcome.failed);
+    nothing_repeated_that_synapse_answered(&deployment, &mut judged, "through two edges");
+
     // The same restarts through nginx configured by Synapse's table (one
     // regex location per rule, round robin, its default retries), for
     // comparison: a measurement of nginx, not a check of the edge, so only
