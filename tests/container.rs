@@ -265,7 +265,10 @@ fn kube_play(podman: &Podman, work: &Path, pki: &TestPki, synapse: SocketAddr) {
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let leaf = &pki.leaves[0];
     let base64 = |pem: &str| openssl::base64::encode_block(pem.as_bytes());
+    let redis_port = free_port();
+    let _redis = support::start_redis(work, redis_port);
     let manifest = text
+        .replace("redis://redis:6379/0", &format!("redis://127.0.0.1:{redis_port}/0"))
         .replace("\"[::]:8443\"", &format!("\"{tls}\""))
         .replace("\"0.0.0.0:9090\"", &format!("\"{metrics}\""))
         .replace("\"synapse:8008\"", &format!("\"{synapse}\""))
@@ -277,6 +280,7 @@ fn kube_play(podman: &Podman, work: &Path, pki: &TestPki, synapse: SocketAddr) {
         .replace("tls.crt: \"\"", &format!("tls.crt: {}", base64(&leaf.fullchain_pem)))
         .replace("tls.key: \"\"", &format!("tls.key: {}", base64(&leaf.key_pem)));
     assert!(text.contains(PORTS), "the example's port list changed; update PORTS");
+    assert!(manifest.contains(&format!("127.0.0.1:{redis_port}")), "the example no longer has the cluster's Redis");
     for (what, changed) in [("listener", &tls), ("metrics", &metrics), ("synapse", &synapse)] {
         assert!(manifest.contains(&changed.to_string()), "the example no longer has the {what} address the test swaps");
     }
@@ -294,6 +298,12 @@ fn kube_play(podman: &Podman, work: &Path, pki: &TestPki, synapse: SocketAddr) {
     podman.run(&["pod", "start", "matrix-edge-pod-0"]);
     wait_ready(metrics, podman, "matrix-edge-pod-0-edge");
     assert_serves(tls, pki, "matrix.example.org:443");
+    // The replica joined the cluster through the example's Redis setting.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while support::client::metric(metrics, "matrix_edge_cluster_redis_up ") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the pod's edge never reached the cluster's Redis");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(uid_of(podman, "matrix-edge-pod-0-edge"), "991", "runAsUser");
     podman.run(&["kube", "down", path.to_str().unwrap()]);
 }

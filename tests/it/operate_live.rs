@@ -230,17 +230,7 @@ metrics: {{ address: "{metrics}" }}
     let (page, _) = h1_plain(metrics, &support::client::get("/status", "localhost"));
     let html = String::from_utf8_lossy(&page.body).to_string();
     assert!(!html.contains("<script") && !html.contains("src=") && html.contains("http-equiv=\"refresh\""), "{html}");
-    let work = tempfile::tempdir().unwrap();
-    let output = Command::new("chromium")
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        .args(["--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"])
-        .arg(format!("--user-data-dir={}", work.path().join("profile").display()))
-        .arg("--timeout=30000")
-        .arg("--dump-dom")
-        .arg(format!("http://{metrics}/status"))
-        .output()
-        .unwrap();
-    let dom = String::from_utf8_lossy(&output.stdout);
+    let (dom, stderr) = support::chromium_dump(&format!("http://{metrics}/status"));
     for expected in [
         live.addr.to_string().as_str(),
         dead.to_string().as_str(),
@@ -250,10 +240,6 @@ metrics: {{ address: "{metrics}" }}
         "client_raeder",
         "client_reader",
     ] {
-        assert!(
-            dom.contains(expected),
-            "{expected} missing from the page: {dom}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(dom.contains(expected), "{expected} missing from the page: {dom}\n{stderr}");
     }
 }

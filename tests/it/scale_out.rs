@@ -613,6 +613,21 @@ fn operator_states_are_shared_between_edges_through_redis() {
         assert!(Instant::now() < deadline, "C was never flagged as not heard from: {edges}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // B's status page in a real browser shows the fleet and the shared states.
+    let (dom, stderr) = support::chromium_dump(&format!("http://{}/status", b.metrics));
+    for expected in [
+        "<h2>Cluster</h2>",
+        "edge-a",
+        "differs from this edge's",
+        "edge-c",
+        "not heard from",
+        "Operator states shared",
+        second_address.as_str(),
+        "maintenance",
+        "req/s (1 min)",
+    ] {
+        assert!(dom.contains(expected), "{expected} missing from B's status page: {dom}\n{stderr}");
+    }
 
     // Redis gone: each keeps what it knew and keeps serving.
     drop(redis);

@@ -288,3 +288,19 @@ pub fn haproxy_round_robin(dir: &Path, front: SocketAddr, backs: &[SocketAddr]) 
     wait_listening(front, "haproxy");
     helper
 }
+
+/// The DOM of `url` as headless Chromium renders it (Debian's `chromium`),
+/// and its stderr.
+pub fn chromium_dump(url: &str) -> (String, String) {
+    let work = tempfile::tempdir().unwrap();
+    let output = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        .args(["--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"])
+        .arg(format!("--user-data-dir={}", work.path().join("profile").display()))
+        .arg("--timeout=30000")
+        .arg("--dump-dom")
+        .arg(url)
+        .output()
+        .unwrap();
+    (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
