@@ -621,6 +621,14 @@ fn build_policy(config: &EdgeConfig, listeners: &[Listener], source: &Source) ->
         )),
         (None, None) => None,
     };
+    if let Some((shared, at)) = &shared {
+        if shared.redis.starts_with("rediss://") || shared.redis.starts_with("valkeys://") {
+            return Err(source.error_at(
+                at,
+                "TLS to Redis (rediss://) is not built in: reach Redis over a private network, or through a TLS tunnel (stunnel, spiped) listening on loopback",
+            ));
+        }
+    }
     let shared_limits = match shared {
         Some((shared, at)) => Some(std::sync::Arc::new(
             crate::upstream::shared_limits::SharedCounters::new(&shared).map_err(|e| source.error_at(&at, e))?,

@@ -505,7 +505,7 @@ cluster: { redis: "redis://127.0.0.1:6379/0", name: edge1 }
     std::fs::write(&file, base).unwrap();
     let (code, _, stderr) = check(&file);
     assert_eq!(code, 0, "the base config must pass: {stderr}");
-    let cases: [(&str, &str, &str, &str); 16] = [
+    let cases: [(&str, &str, &str, &str); 17] = [
         ("weight: 2", "wieght: 2", "synapse.workers.synchrotron[1]", "unknown field `wieght`"),
         ("weight: 2", "weight: -2", "synapse.workers.synchrotron[1].weight", "invalid type"),
         (
@@ -546,6 +546,12 @@ cluster: { redis: "redis://127.0.0.1:6379/0", name: edge1 }
         ("backfill: 4", "backfill: 0", "federation.per_origin.weights", "backfill: 0: weigh one of"),
         ("max_in_flight: 8,", "max_in_flight: 0,", "federation.per_origin.max_in_flight", "0 would let no origin in"),
         ("name: edge1", "name: \"edge one\"", "cluster.name", "1 to 64 visible ASCII characters"),
+        (
+            "redis: \"redis://127.0.0.1:6379/0\"",
+            "redis: \"rediss://127.0.0.1:6379/0\"",
+            "cluster.redis",
+            "TLS to Redis (rediss://) is not built in",
+        ),
         (
             "  login: { requests: 5, per: 1m }",
             "  shared: { redis: \"redis://127.0.0.1:6379/1\" }",

@@ -242,16 +242,7 @@ fn metric_value(metrics: SocketAddr, name: &str) -> Option<f64> {
 fn two_edges_share_one_budget_through_redis_and_keep_serving_without_it() {
     let work = tempfile::tempdir().unwrap();
     let redis_port = free_port();
-    let redis = ChildGuard(
-        Command::new("redis-server")
-            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(work.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/install-deps installs it)"),
-    );
-    wait_listening(format!("127.0.0.1:{redis_port}").parse().unwrap(), "redis");
+    let redis = support::start_redis(work.path(), redis_port);
     let synapse = support::upstream::RecordingUpstream::start();
     let edges: Vec<(EdgeProcess, SocketAddr, SocketAddr)> = (0..2)
         .map(|_| {

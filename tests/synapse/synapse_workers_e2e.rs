@@ -426,13 +426,7 @@ synapse:
     // Both edges in the fleet before the first drain.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let listed = Command::new(support::binary())
-            .args(["workers", "--control-socket"])
-            .arg(edge_process.control_socket())
-            .arg("list")
-            .output()
-            .unwrap();
-        let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+        let (_, listed, _) = support::workers_cli(&edge_process, &["list"]);
         if listed.lines().any(|l| l.starts_with("edge-b ")) {
             break;
         }
@@ -689,14 +683,8 @@ async fn rolling_restart(
         .map(|m| (m["name"].as_str().unwrap().to_string(), m["address"].as_str().unwrap().to_string()))
         .collect();
     let workers_cli = |args: &[&str]| {
-        let output = Command::new(support::binary())
-            .arg("workers")
-            .arg("--control-socket")
-            .arg(edge.control_socket())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "workers {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        let (code, _, stderr) = support::workers_cli(edge, args);
+        assert_eq!(code, 0, "workers {args:?}: {stderr}");
     };
     for (name, address) in &workers {
         tokio::task::block_in_place(|| {
