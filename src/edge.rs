@@ -66,6 +66,15 @@ pub struct Policy {
     pub compression: Option<crate::request::compress::Compression>,
     /// Each origin's share of Synapse; `None`: no per-origin turns.
     pub turns: Option<crate::federation::turns::TurnSettings>,
+    /// The media cache's sizes; `None`: media is not cached.
+    pub media_cache: Option<MediaCacheSettings>,
+}
+
+/// `synapse.media_cache`, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MediaCacheSettings {
+    pub memory: usize,
+    pub max_object: usize,
 }
 
 /// The certificates a snapshot serves and where they come from.
@@ -673,6 +682,7 @@ fn build_policy(config: &EdgeConfig, listeners: &[Listener], source: &Source) ->
         federation_gate: build_federation_gate(config, source)?,
         compression: build_compression(&config.compression, source)?,
         turns: build_turns(&config.federation, source)?,
+        media_cache: build_media_cache(config, source)?,
     })
 }
 
@@ -694,6 +704,20 @@ fn build_compression(
         zstd: config.zstd,
         min_length: config.min_length.0,
     }))
+}
+
+/// `synapse.media_cache`: a file must fit in the memory given.
+fn build_media_cache(config: &EdgeConfig, source: &Source) -> Result<Option<MediaCacheSettings>, ConfigError> {
+    let Some(cache) = &config.synapse.media_cache else { return Ok(None) };
+    let at = |key: &'static str| [Seg::Key("synapse"), Seg::Key("media_cache"), Seg::Key(key)];
+    if cache.memory.0 < 1024 * 1024 {
+        return Err(source.error_at(&at("memory"), "at least 1M"));
+    }
+    if cache.max_object.0 == 0 || cache.max_object.0 > cache.memory.0 {
+        return Err(source.error_at(&at("max_object"), "above 0 and no more than memory"));
+    }
+    let size = |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX);
+    Ok(Some(MediaCacheSettings { memory: size(cache.memory.0), max_object: size(cache.max_object.0) }))
 }
 
 /// `federation.per_origin`: on with the gate unless said otherwise; weights by the cost table's names.

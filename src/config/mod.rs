@@ -72,6 +72,27 @@ pub struct EdgeConfig {
     pub cluster: Option<ClusterConfig>,
 }
 
+/// `synapse.media_cache`: in memory (disk storage is not built yet).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaCacheConfig {
+    /// Memory for cached media; least recently used files go first. Set at
+    /// start: a reload does not resize it.
+    #[serde(default = "default_media_memory")]
+    pub memory: ByteSize,
+    /// Larger files stream through uncached.
+    #[serde(default = "default_media_max_object")]
+    pub max_object: ByteSize,
+}
+
+fn default_media_memory() -> ByteSize {
+    ByteSize(256 * 1024 * 1024)
+}
+
+fn default_media_max_object() -> ByteSize {
+    ByteSize(20 * 1024 * 1024)
+}
+
 /// `cluster:`: one Redis for everything edges share: operators' drains,
 /// maintenance and ready, and the rate limits.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -491,6 +512,9 @@ pub struct SynapseConfig {
     pub stream_writers: GroupLists<StreamWriterGroups>,
     #[serde(default)]
     pub health_check: HealthCheckConfig,
+    /// Synapse's media kept by the edge, revalidated on every request.
+    #[serde(default)]
+    pub media_cache: Option<MediaCacheConfig>,
     /// Caps, queues, ejection and slow start for the worker groups.
     #[serde(default)]
     pub balancing: balancing::BalancingConfig,

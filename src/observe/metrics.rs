@@ -119,6 +119,8 @@ pub struct ConnectionMetrics {
 pub struct OperationMetrics {
     /// 1 while the cluster's Redis answers, 0 when not (absent without `cluster`).
     pub cluster_redis_up: IntGauge,
+    /// Media requests the cache handled, by outcome.
+    pub media_cache: IntCounterVec,
     /// 1 when a worker passes its health check, 0 when down.
     pub worker_up: IntGaugeVec,
     /// Certificate expiry (Unix seconds) by first name.
@@ -226,6 +228,13 @@ impl ConnectionMetrics {
 impl OperationMetrics {
     fn new() -> Result<Self, prometheus::Error> {
         Ok(OperationMetrics {
+            media_cache: IntCounterVec::new(
+                Opts::new(
+                    "media_cache_requests_total",
+                    "Media requests through the media cache: miss, revalidated (Synapse said 304, the bytes came from the edge), replaced (Synapse sent new bytes), passed (Synapse's answer passed on, not stored)",
+                ),
+                &["outcome"],
+            )?,
             cluster_redis_up: IntGauge::new(
                 "cluster_redis_up",
                 "1 while the Redis shared with the other edges (cluster) answers, 0 when it does not",
@@ -334,7 +343,7 @@ impl FederationMetrics {
 
 /// Every metric into the registry, so `/metrics` renders it.
 fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
-    let collectors: [Box<dyn prometheus::core::Collector>; 37] = [
+    let collectors: [Box<dyn prometheus::core::Collector>; 38] = [
         Box::new(metrics.traffic.requests.clone()),
         Box::new(metrics.traffic.latency.clone()),
         Box::new(metrics.traffic.upstream_latency.clone()),
@@ -349,6 +358,7 @@ fn register(metrics: &Metrics) -> Result<(), prometheus::Error> {
         Box::new(metrics.connections.connections_refused.clone()),
         Box::new(metrics.connections.connections_open.clone()),
         Box::new(metrics.operations.cluster_redis_up.clone()),
+        Box::new(metrics.operations.media_cache.clone()),
         Box::new(metrics.connections.guard_missing.clone()),
         Box::new(metrics.traffic.rate_limited.clone()),
         Box::new(metrics.traffic.websocket_upgrades.clone()),

@@ -147,6 +147,8 @@ pub struct Forward {
     /// A federation request's cost in its origin's share of Synapse
     /// (`federation.per_origin`); `None`: not counted there.
     pub turn_cost: Option<u32>,
+    /// The media cache's key for this file; `None`: not cached.
+    pub media_key: Option<String>,
 }
 
 /// How long a request may wait for its upstream to come back, and how
@@ -276,6 +278,9 @@ fn matrix<'a>(edge: &Edge, admission: Admission, view: &RequestView<'a>) -> Plan
                     .as_ref()
                     .filter(|_| crate::federation::gate::is_signed_endpoint(view.path))
                     .map(|turns| turns.weights.of(view.path)),
+                media_key: policy
+                    .media_cache
+                    .and_then(|_| crate::request::media::key(view.method, view.path, query_of(view.target))),
             })
         }
         Admission::WellKnown(document) => answer(edge.well_known.respond(document, view.method)),
@@ -313,6 +318,7 @@ fn route<'a>(edge: &'a Edge, at: RouteRef, view: &RequestView<'a>) -> Plan<'a> {
             compress: None,
             has_body: view.has_body,
             turn_cost: None,
+            media_key: None,
         }),
         Action::Redirect(redirect) => {
             let mut response = redirect.respond(view.target);
@@ -335,6 +341,11 @@ fn client_ip_key(balance: Balance, client: Option<IpAddr>) -> Option<StickyKey> 
     }
 }
 
+/// The target's query (after `?`), if any.
+fn query_of(target: &[u8]) -> Option<&[u8]> {
+    target.iter().position(|&b| b == b'?').map(|at| &target[at + 1..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,6 +363,7 @@ synapse:
   workers:
     synchrotron: [127.0.0.1:8083, 127.0.0.1:8084]
     federation_inbound: [127.0.0.1:8089]
+  media_cache: { memory: 16M, max_object: 1M }
 upstreams:
   app: { address: 127.0.0.1:8070, balance: client_ip }
   livekit: { address: 127.0.0.1:7880 }
@@ -438,6 +450,21 @@ sites:
         let keys = forward_or_none(plan_of(&edge, &keys));
         assert!(!keys.as_ref().is_some_and(|f| f.gate), "key requests are unsigned");
         assert!(keys.is_some_and(|f| f.turn_cost.is_none()), "nor counted in a share");
+    }
+
+    #[test]
+    fn media_downloads_get_a_cache_key_and_nothing_else_does() {
+        let edge = edge();
+        let download =
+            request("GET", "/_matrix/client/v1/media/thumbnail/a.org/x?height=8&width=8&timeout_ms=1", &[HOST]);
+        assert_eq!(
+            forward(plan_of(&edge, &download)).media_key.as_deref(),
+            Some("/_matrix/client/v1/media/thumbnail/a.org/x&height=8&width=8")
+        );
+        let upload = request("POST", "/_matrix/media/v3/upload", &[HOST, ("Content-Length", "0")]);
+        assert_eq!(forward(plan_of(&edge, &upload)).media_key, None);
+        let sync = request("GET", "/_matrix/client/v3/sync", &[HOST]);
+        assert_eq!(forward(plan_of(&edge, &sync)).media_key, None);
     }
 
     fn forward_or_none(plan: Plan<'_>) -> Option<Forward> {

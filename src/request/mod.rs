@@ -4,5 +4,6 @@ pub mod errors;
 pub mod forward;
 pub mod hold;
 pub mod id;
+pub mod media;
 pub mod ratelimit;
 pub mod response;

@@ -420,6 +420,50 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
+    /// Media the plan gave a key is looked up in the media cache (Pingora's
+    /// cache: one fetch per missed file, single ranges, the requester's own
+    /// headers on every revalidation).
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let keyed = ctx.forward.as_ref().is_some_and(|forward| forward.media_key.is_some());
+        let Some(settings) = ctx.edge.policy.media_cache.filter(|_| keyed) else { return Ok(()) };
+        let store = self.runtime.media_store(settings.memory);
+        session.cache.enable(store.storage, Some(store.eviction), None, Some(store.lock), None);
+        session.cache.set_max_file_size_bytes(settings.max_object);
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, _session: &Session, ctx: &mut RequestCtx) -> Result<pingora_cache::CacheKey> {
+        let key = ctx.forward.as_ref().and_then(|forward| forward.media_key.clone()).unwrap_or_default();
+        Ok(pingora_cache::CacheKey::new(key, ""))
+    }
+
+    /// Never a body without this request's own revalidation: every hit
+    /// goes to Synapse with the requester's credentials and the validator.
+    async fn cache_hit_filter(
+        &self,
+        _session: &mut Session,
+        _meta: &pingora_cache::CacheMeta,
+        _hit_handler: &mut pingora_cache::storage::HitHandler,
+        _is_fresh: bool,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Option<pingora_cache::ForcedFreshness>> {
+        Ok(Some(pingora_cache::ForcedFreshness::ForceExpired))
+    }
+
+    fn response_cache_filter(
+        &self,
+        _session: &Session,
+        response: &pingora::http::ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<pingora_cache::RespCacheable> {
+        use pingora_cache::{CacheMeta, NoCacheReason, RespCacheable};
+        if !crate::request::media::storable(response) {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::OriginNotCache));
+        }
+        let now = std::time::SystemTime::now();
+        Ok(RespCacheable::Cacheable(CacheMeta::new(now, now, 0, 0, response.clone())))
+    }
+
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,
@@ -535,6 +579,20 @@ impl ProxyHttp for EdgeProxy {
         worker_metrics.count(&request.method, status);
         group_metrics.observe(elapsed, ctx.upstream_time);
         record_last_minute(ctx, status, elapsed);
+        if session.cache.enabled() || ctx.forward.as_ref().is_some_and(|forward| forward.media_key.is_some()) {
+            use pingora_cache::CachePhase;
+            let outcome = match session.cache.phase() {
+                CachePhase::Miss => Some("miss"),
+                CachePhase::Revalidated => Some("revalidated"),
+                CachePhase::Expired if status == 200 => Some("replaced"),
+                CachePhase::Expired => Some("passed"),
+                CachePhase::RevalidatedNoCache(_) => Some("passed"),
+                _ => None,
+            };
+            if let Some(outcome) = outcome {
+                METRICS.operations.media_cache.with_label_values(&[outcome]).inc();
+            }
+        }
         if let Some(error) = error {
             log::debug!("request {} failed: {error}", ctx.request_id);
         }

@@ -41,6 +41,7 @@ async fn a_real_client_flow_through_the_edge() {
     let pki = TestPki::new(&[&[HOST], &[SERVER_NAME]]);
     let synapse_port = free_port();
     let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let public_baseurl = format!("https://{HOST}:{}/", edge_addr.port());
     let synapse = Synapse::start(&work.path().join("synapse"), synapse_port, SERVER_NAME, &public_baseurl);
     // The edge reaches Synapse through a relay that can record its answers.
@@ -58,10 +59,13 @@ well_known:
   client: {{ homeserver: "https://{HOST}:{port}" }}
 synapse:
   main: "{tee}"
+  media_cache: {{ memory: 64M, max_object: 8M }}
 limits: {{ max_upload_size: 50M }}
+metrics: {{ address: "{metrics}" }}
 "#,
         port = edge_addr.port(),
-        tee = tee.address
+        tee = tee.address,
+        metrics = metrics_addr
     );
     let edge = EdgeProcess::start(&config, Some(&pki), &[edge_addr]);
 
@@ -136,6 +140,57 @@ limits: {{ max_upload_size: 50M }}
     assert!(through_edge == from_synapse, "the decompressed sync differs from what Synapse sent");
     assert!(compressed.len() < from_synapse.len(), "gzip made the sync larger");
     eprintln!("initial sync: {} bytes from Synapse, {} gzipped to the client", from_synapse.len(), compressed.len());
+
+    // The media cache: a 1 MB file downloaded ten times by two devices is
+    // sent by Synapse once; every other download is revalidated with its
+    // own token and answered 304 by Synapse, the bytes from the edge.
+    let small: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let upload = alice
+        .request(reqwest::Method::POST, "/_matrix/media/v3/upload?filename=small.bin")
+        .header("Content-Type", "application/octet-stream")
+        .body(small.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 200);
+    let small_uri = upload.json::<Value>().await.unwrap()["content_uri"].as_str().unwrap().to_string();
+    let small_id = small_uri.rsplit('/').next().unwrap().to_string();
+    let small_path = format!("/_matrix/client/v1/media/download/{SERVER_NAME}/{small_id}");
+    for n in 0..10 {
+        let client = if n % 2 == 0 { &alice } else { &bob_device };
+        let download = client.request(reqwest::Method::GET, &small_path).send().await.unwrap();
+        assert_eq!(download.status(), 200, "download {n}");
+        assert!(download.bytes().await.unwrap() == small[..], "download {n} came back different");
+    }
+    // A range in the middle, after the same revalidation.
+    let ranged =
+        alice.request(reqwest::Method::GET, &small_path).header("Range", "bytes=500000-500099").send().await.unwrap();
+    assert_eq!(ranged.status(), 206);
+    assert!(ranged.bytes().await.unwrap() == small[500_000..500_100], "the range's bytes differ");
+    // A bad token gets Synapse's 401, never the bytes.
+    let mut stranger = Client::new(edge_addr, &pki.root_pem, false);
+    stranger.token = Some("syt_not_a_token".into());
+    let refused = stranger.request(reqwest::Method::GET, &small_path).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(refused.bytes().await.unwrap().len() < 1000, "a bad token got the file");
+    let log = std::fs::read_to_string(synapse.dir.join("homeserver.log")).unwrap();
+    let statuses: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains("synapse.access.http") && l.contains(&format!("\"GET {small_path} ")))
+        .filter_map(|l| l.split('"').next()?.split_whitespace().last().map(str::to_string))
+        .collect();
+    let full = statuses.iter().filter(|s| s.starts_with("200")).count();
+    let revalidated = statuses.iter().filter(|s| s.starts_with("304")).count();
+    eprintln!("media cache: Synapse answered {statuses:?}");
+    assert_eq!((full, revalidated), (1, 10), "Synapse's answers for the cached file: {statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| s.starts_with("401")).count(), 1, "{statuses:?}");
+    let counted = |outcome: &str| {
+        support::client::metric(
+            metrics_addr,
+            &format!("matrix_edge_media_cache_requests_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!((counted("miss"), counted("revalidated")), (Some(1.0), Some(10.0)));
 
     // 20 MB up and down, streamed through the edge.
     let blob: Vec<u8> = (0..20 * 1024 * 1024).map(|i: usize| (i % 251) as u8).collect();
