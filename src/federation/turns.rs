@@ -70,6 +70,13 @@ struct Origin {
     refused: u64,
 }
 
+impl Origin {
+    fn charge(&mut self, cost: u32) {
+        self.in_flight += cost;
+        self.requests += 1;
+    }
+}
+
 struct Waiter {
     id: u64,
     cost: u32,
@@ -119,8 +126,7 @@ impl State {
     fn charge(&mut self, name: &Arc<str>, cost: u32) {
         self.total += cost;
         if let Some(origin) = self.origins.get_mut(name) {
-            origin.in_flight += cost;
-            origin.requests += 1;
+            origin.charge(cost);
         }
     }
 
@@ -180,8 +186,7 @@ impl State {
         match waiter.grant.send(turn) {
             Ok(()) => {
                 self.total += waiter.cost;
-                origin.in_flight += waiter.cost;
-                origin.requests += 1;
+                origin.charge(waiter.cost);
             }
             // The waiter left just now: the turn was never charged.
             Err(mut turn) => turn.armed = false,

@@ -579,7 +579,8 @@ impl ProxyHttp for EdgeProxy {
         worker_metrics.count(&request.method, status);
         group_metrics.observe(elapsed, ctx.upstream_time);
         record_last_minute(ctx, status, elapsed);
-        if session.cache.enabled() || ctx.forward.as_ref().is_some_and(|forward| forward.media_key.is_some()) {
+        // The cache is enabled exactly for the requests the plan gave a media key.
+        if ctx.forward.as_ref().is_some_and(|forward| forward.media_key.is_some()) {
             use pingora_cache::CachePhase;
             let outcome = match session.cache.phase() {
                 CachePhase::Miss => Some("miss"),

@@ -38,6 +38,7 @@ pub struct ClusterService {
 
 /// The keys of one cluster.
 struct Keys {
+    prefix: String,
     records: String,
     version: String,
     edges: String,
@@ -48,6 +49,7 @@ struct Keys {
 impl Keys {
     fn new(prefix: &str) -> Keys {
         Keys {
+            prefix: prefix.to_string(),
             records: format!("{prefix}:admin"),
             version: format!("{prefix}:admin:version"),
             edges: format!("{prefix}:edges"),
@@ -173,7 +175,7 @@ pub fn config_digest(text: &str) -> String {
     openssl::sha::sha256(shared.as_bytes()).iter().take(6).map(|byte| format!("{byte:02x}")).collect()
 }
 
-fn beat(edge: &Edge, runtime: &Runtime, name: &str, started: i64) -> Beat {
+fn beat(edge: &Edge, runtime: &Runtime, name: &str, digest: &str, started: i64) -> Beat {
     let reload = runtime.last_reload();
     let mut members = Vec::new();
     let mut held = BTreeMap::new();
@@ -188,7 +190,7 @@ fn beat(edge: &Edge, runtime: &Runtime, name: &str, started: i64) -> Beat {
     Beat {
         name: name.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        config: config_digest(&edge.ops.source.text),
+        config: digest.to_string(),
         listeners: edge.ops.listeners.iter().map(|listener| listener.address.to_string()).collect(),
         started,
         reloaded: reload.as_ref().map(|reload| reload.at),
@@ -360,6 +362,7 @@ impl BackgroundService for ClusterService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut link: Option<(Link, Keys)> = None;
         let mut snapshot = 0usize;
+        let mut identity = (String::new(), String::new());
         let started = unix_now();
         let mut tick = 0u64;
         let mut hints = Hints::default();
@@ -367,31 +370,34 @@ impl BackgroundService for ClusterService {
             tick += 1;
             let edge = self.edge.load_full();
             if let Some(cluster) = &edge.ops.config.cluster {
-                let same = link.as_ref().is_some_and(|(link, keys)| {
-                    link.url == cluster.redis && keys.records == Keys::new(&cluster.prefix).records
-                });
+                let same = link
+                    .as_ref()
+                    .is_some_and(|(link, keys)| link.url == cluster.redis && keys.prefix == cluster.prefix);
                 if !same {
                     let fresh = Link { url: cluster.redis.clone(), connection: None, version: None, read_at: None };
                     link = Some((fresh, Keys::new(&cluster.prefix)));
                 }
                 if let Some((link, keys)) = link.as_mut() {
-                    // A reload may have brought members the records name: read them again.
+                    // A reload may have brought members the records name: read
+                    // them again; and this edge's name and config digest may
+                    // have changed (worked out once per snapshot, not per tick).
                     let current = Arc::as_ptr(&edge) as usize;
                     if current != snapshot {
                         link.read_at = None;
                         snapshot = current;
+                        identity = (edge_name(cluster.name.as_deref()), config_digest(&edge.ops.source.text));
                     }
-                    let name = edge_name(cluster.name.as_deref());
-                    let mut outcome = exchange(link, keys, &name, &self.runtime).await;
+                    let (name, digest) = &identity;
+                    let mut outcome = exchange(link, keys, name, &self.runtime).await;
                     if let Ok(Some(records)) = &outcome {
                         apply(&edge, &self.runtime, records);
                     }
                     hints.observe(&edge);
                     if outcome.is_ok() {
-                        outcome = share_hints(link, keys, &name, &mut hints, &self.runtime).await.map(|()| None);
+                        outcome = share_hints(link, keys, name, &mut hints, &self.runtime).await.map(|()| None);
                     }
                     if outcome.is_ok() && tick % BEAT_EVERY == 1 {
-                        let beat = beat(&edge, &self.runtime, &name, started);
+                        let beat = beat(&edge, &self.runtime, name, digest, started);
                         outcome = heartbeat(link, keys, &beat, &self.runtime).await.map(|()| None);
                     }
                     if outcome.is_err() {

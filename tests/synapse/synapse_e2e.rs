@@ -34,6 +34,20 @@ fn room_messages(sync: &Value, room: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Uploads `bytes` through the edge; returns the media ID Synapse gave.
+async fn upload(client: &Client, name: &str, bytes: &[u8]) -> String {
+    let upload = client
+        .request(reqwest::Method::POST, &format!("/_matrix/media/v3/upload?filename={name}"))
+        .header("Content-Type", "application/octet-stream")
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 200);
+    let uri = upload.json::<Value>().await.unwrap()["content_uri"].as_str().unwrap().to_string();
+    uri.rsplit('/').next().unwrap().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Synapse from PyPI: run scripts/test"]
 async fn a_real_client_flow_through_the_edge() {
@@ -145,16 +159,7 @@ metrics: {{ address: "{metrics}" }}
     // sent by Synapse once; every other download is revalidated with its
     // own token and answered 304 by Synapse, the bytes from the edge.
     let small: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let upload = alice
-        .request(reqwest::Method::POST, "/_matrix/media/v3/upload?filename=small.bin")
-        .header("Content-Type", "application/octet-stream")
-        .body(small.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(upload.status(), 200);
-    let small_uri = upload.json::<Value>().await.unwrap()["content_uri"].as_str().unwrap().to_string();
-    let small_id = small_uri.rsplit('/').next().unwrap().to_string();
+    let small_id = upload(&alice, "small.bin", &small).await;
     let small_path = format!("/_matrix/client/v1/media/download/{SERVER_NAME}/{small_id}");
     for n in 0..10 {
         let client = if n % 2 == 0 { &alice } else { &bob_device };
@@ -194,16 +199,7 @@ metrics: {{ address: "{metrics}" }}
 
     // 20 MB up and down, streamed through the edge.
     let blob: Vec<u8> = (0..20 * 1024 * 1024).map(|i: usize| (i % 251) as u8).collect();
-    let upload = alice
-        .request(reqwest::Method::POST, "/_matrix/media/v3/upload?filename=blob.bin")
-        .header("Content-Type", "application/octet-stream")
-        .body(blob.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(upload.status(), 200);
-    let content_uri = upload.json::<Value>().await.unwrap()["content_uri"].as_str().unwrap().to_string();
-    let media_id = content_uri.rsplit('/').next().unwrap().to_string();
+    let media_id = upload(&alice, "blob.bin", &blob).await;
     for client in [&alice, &bob_device] {
         let download = client
             .request(reqwest::Method::GET, &format!("/_matrix/client/v1/media/download/{SERVER_NAME}/{media_id}"))
